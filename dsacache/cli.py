@@ -1,0 +1,257 @@
+"""The ``dsacache`` command line. Every error a user can cause ends as one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from dsacache.errors import DsacacheError
+from dsacache.units import format_size, parse_size
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DsacacheError as e:
+            click.echo(f"dsacache: error: {e}", err=True)
+            sys.exit(2)
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value)
+        except DsacacheError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def _trace(path: str):
+    from dsacache.traces import open_trace
+
+    return open_trace(path)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dsacache")
+def main() -> None:
+    """dsacache: replay DSA decode traces through GPU last-level-cache models.
+
+    \b
+    Example:
+      dsacache synth --preset smollm2-135m --steps 32 --out t.dsatrace
+      dsacache replay t.dsatrace --gpu h100 --policy lru --policy fifo
+    """
+
+
+@main.command()
+@click.option("--preset", "preset_name", default=None, help="deepseek-v3.2 or smollm2-135m.")
+@click.option("--layers", type=int, help="Transformer layers.")
+@click.option("--groups", type=int, help="KV groups with their own selection (1 for MLA).")
+@click.option("--requests", type=int, help="Requests (sequences) decoded.")
+@click.option("--context", type=int, help="Context length at the first decode step.")
+@click.option("--steps", type=int, help="Decode steps.")
+@click.option("-k", "--k", "k", type=int, help="Tokens selected per step, layer and group.")
+@click.option("--keep", type=float, help="Share of the previous step's picks kept (0..1).")
+@click.option("--recency-window", type=int, help="Tokens counted as the recent window.")
+@click.option("--recency-weight", type=float, help="Share of fresh picks from the window.")
+@click.option("--return-weight", type=float, help="Share of fresh picks re-selected from history.")
+@click.option("--history", type=int, help="Steps of history that returning picks come from.")
+@click.option("--sinks", type=int, help="Attention-sink tokens always selected.")
+@click.option("--layer-variation", type=float, help="Per-layer spread of --keep (0..1).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace).")
+@click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def synth(preset_name, out, force, quiet, **knobs) -> None:
+    """Generate a synthetic DSA trace with explicit statistical knobs.
+
+    \b
+    Example:
+      dsacache synth --preset smollm2-135m --steps 32 --out t.dsatrace
+      dsacache synth --layers 4 --k 64 --context 1024 --keep 0.6 --out small.dsatrace
+    """
+    from dsacache.tracer.synth import SynthConfig, preset, synthesize
+
+    if preset_name:
+        cfg = preset(preset_name, **knobs)
+    else:
+        cfg = SynthConfig(**{k: v for k, v in knobs.items() if v is not None})
+    synthesize(cfg, out, overwrite=force, progress=not quiet)
+    _print_info(_trace(out).validate())
+
+
+def _print_info(info: dict) -> None:
+    click.echo(f"trace            {info['path']}")
+    click.echo(f"complete         {'yes' if info['complete'] else 'no (writer did not finish)'}")
+    for key in ("parts", "rows", "requests", "steps", "layers", "groups", "k", "indices"):
+        click.echo(f"{key:<16} {info[key]:,}")
+    click.echo(f"stored           {format_size(info['bytes'])}")
+    click.echo(f"bytes per index  {info['bytes_per_index']:.3f}")
+
+
+@main.command()
+@click.argument("trace", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(trace, as_json) -> None:
+    """Summarize a trace: rows, steps, layers, groups, k, bytes per stored index.
+
+    \b
+    Example:
+      dsacache info t.dsatrace
+    """
+    tr = _trace(trace)
+    summary = tr.validate()
+    if as_json:
+        click.echo(json.dumps({**summary, "model": tr.model, "indexer": tr.indexer}, indent=1))
+        return
+    _print_info(summary)
+    click.echo(f"model            {tr.model.get('name', '?')} ({tr.model.get('attention', '?')})")
+    click.echo(f"indexer          {tr.indexer.get('kind', '?')}, k={tr.indexer.get('k', '?')}")
+
+
+@main.command()
+@click.argument("trace", type=click.Path())
+def validate(trace) -> None:
+    """Check every part of a trace (checksums, schema, index ranges); exit 2 on a problem.
+
+    \b
+    Example:
+      dsacache validate t.dsatrace
+    """
+    summary = _trace(trace).validate()
+    state = "complete" if summary["complete"] else "incomplete (all finished parts are valid)"
+    click.echo(f"ok: {summary['parts']} part(s), {summary['rows']:,} rows, {state}")
+
+
+def _workload(layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token):
+    from dsacache.simulator import Workload
+
+    return Workload(
+        layout=layout or "",
+        batch=batch,
+        page_tokens=page_tokens,
+        page_order=page_order,
+        seed=seed,
+        classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
+        weight_bytes=weight_bytes,
+        reads_per_token=reads_per_token,
+    )
+
+
+def _replay_options(f):
+    options = [
+        click.option("--gpu", default="h100", show_default=True, help="GPU preset (h100, h200, a100)."),
+        click.option("--cache-size", type=SIZE, default=None, help="L2 size (default: the GPU's), e.g. 24MiB."),
+        click.option("--ways", type=int, default=None, help="Associativity (default: the GPU preset's)."),
+        click.option("--set-hash", type=click.Choice(["mod", "xor"]), default="mod", show_default=True),
+        click.option("--layout", default=None, help="KV layout spec (default: from the trace's model), e.g. mla-fp8."),
+        click.option("--batch", type=int, default=1, show_default=True, help="Requests decoded together."),
+        click.option("--page-tokens", type=int, default=64, show_default=True),
+        click.option("--page-order", type=click.Choice(["contiguous", "shuffled"]), default="contiguous", show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffled page order."),
+        click.option("--classes", default="index,kv,append", show_default=True, help="Traffic classes: weights,index,kv,append."),
+        click.option("--weight-bytes", type=SIZE, default=0, help="Weights read per layer per step (class 'weights')."),
+        click.option("--reads-per-token", type=int, default=1, show_default=True, help="CTAs reading each selected token (kernel tiling)."),
+        click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering extra policies."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("trace", type=click.Path())
+@click.option("--policy", "policies", multiple=True, default=["lru"], show_default=True, help="Policy spec; repeat for several (one pass).")
+@_replay_options
+@click.option("--out", type=click.Path(), default=None, help="Save per (policy, step, layer, class) counters (.parquet or .csv).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet, **wl) -> None:
+    """Replay a trace through a GPU L2 model under one or more policies.
+
+    \b
+    Example:
+      dsacache replay t.dsatrace --gpu h100 --layout mla-fp8 --batch 8 --policy lru --policy fifo --out r.parquet
+    """
+    from dsacache.policies import load_plugin
+    from dsacache.simulator import replay as run_replay
+    from dsacache.simulator import summarize
+
+    for plugin in plugins:
+        load_plugin(plugin)
+    tr = _trace(trace)
+    df = run_replay(
+        tr, policies=list(policies), gpu=gpu, cache_size=cache_size, ways=ways,
+        set_hash=set_hash, workload=_workload(**wl), progress=not quiet,
+    )
+    if out:
+        _save(df, out)
+    click.echo(f"cache {format_size(df.attrs['cache_bytes'])}, {df.attrs['ways']}-way; layout {df.attrs['layout']}; batch {df.attrs['batch']}")
+    click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
+
+
+def _save(df, out: str) -> None:
+    path = Path(out)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        raise DsacacheError(f"--out {out}: use a .parquet or .csv file name")
+
+
+@main.command()
+def policies() -> None:
+    """List the registered cache policies with their parameters.
+
+    \b
+    Example:
+      dsacache policies
+    """
+    from dsacache.policies import registered
+
+    for name, p in sorted(registered().items()):
+        params = ", ".join(x.describe() for x in p.params) or "no parameters"
+        click.echo(f"{name:<12} {p.description}\n{'':<12} {params}")
+
+
+@main.command()
+@click.option("--steps", type=int, default=24, show_default=True, help="Decode steps of the synthetic trace.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo(steps, quiet) -> None:
+    """Replay the bundled trace (or a synthetic one) with a few policies and print a table.
+
+    \b
+    Example:
+      dsacache demo
+    """
+    from dsacache.simulator import Workload, replay as run_replay, summarize
+    from dsacache.traces import bundled, bundled_path
+    from dsacache.tracer.synth import preset, synthesize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if bundled():
+            path = bundled_path(bundled()[0])
+            click.echo(f"bundled trace: {path.name}")
+        else:
+            path = Path(tmp) / "demo.dsatrace"
+            click.echo("no bundled trace yet: synthesizing a DeepSeek-V3.2-shaped one (61 layers, k=2048)")
+            synthesize(preset("deepseek-v3.2", steps=steps, context=16384), path, progress=not quiet)
+        tr = _trace(path)
+        _print_info(tr.validate())
+        for size in ("50MiB", "24MiB"):
+            df = run_replay(
+                tr, policies=["lru", "fifo", "random"], gpu="h100", cache_size=size,
+                workload=Workload(), progress=not quiet,
+            )
+            click.echo(f"\nH100 L2 model, {size}, layout {df.attrs['layout']}:")
+            click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))

@@ -1,0 +1,175 @@
+"""The policy plug-in API and registry.
+
+A line-granularity policy is four Numba-compiled hooks over preallocated state arrays, which
+the engine's replay loop calls (and Numba inlines; no first-class functions in the loop):
+
+- ``init(line_state, set_state, glob, n_sets, ways, params)``: fill the state once;
+- ``on_hit(line_state, set_state, glob, s, way, ways, clock, params)``: a read or write hit
+  line ``way`` of set ``s``;
+- ``on_fill(line_state, set_state, glob, s, way, ways, clock, params)``: a line was just
+  placed in ``way`` (an empty way, or the victim's);
+- ``victim(line_state, set_state, glob, s, ways, clock, params) -> way``: the set is full;
+  choose the way to evict.
+
+``line_state`` is int64[n_sets * ways] (index ``s * ways + way``), ``set_state`` is
+int64[n_sets * set_words], ``glob`` int64[16] (global counters, RNG state) and ``params`` a
+float64 array of the policy's numeric parameters in declaration order. Register a policy with
+``register``; users add their own from a Python file (``dsacache replay --plugin FILE``)
+without editing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsacache.errors import DsacacheError
+from dsacache.units import format_size, parse_size, parse_spec
+
+
+@dataclass(frozen=True)
+class Param:
+    """A typed policy parameter: ``kind`` is int, float, size or choice."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+
+    def parse(self, raw: str, policy: str) -> Any:
+        """Convert the user's string, or raise naming the value and what is allowed."""
+        try:
+            if self.kind == "size":
+                value: Any = parse_size(raw)
+            elif self.kind == "int":
+                value = int(raw)
+            elif self.kind == "float":
+                value = float(raw)
+            else:
+                if raw not in self.choices:
+                    raise ValueError
+                return raw
+        except (ValueError, DsacacheError):
+            allowed = {
+                "size": "a size such as 16MiB",
+                "int": "an integer",
+                "float": "a number",
+                "choice": "one of " + ", ".join(self.choices),
+            }[self.kind]
+            raise DsacacheError(f"policy {policy}: {self.name}={raw!r} is not {allowed}") from None
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise DsacacheError(
+                f"policy {policy}: {self.name}={raw} is outside [{self.low}, {self.high}]"
+            )
+        return value
+
+    def describe(self) -> str:
+        default = format_size(self.default) if self.kind == "size" else self.default
+        return f"{self.name}={default} ({self.help})"
+
+
+@dataclass(frozen=True)
+class PolicyType:
+    """A registered policy: its hooks, state sizes and parameters."""
+
+    name: str
+    description: str
+    init: Callable
+    on_hit: Callable
+    on_fill: Callable
+    victim: Callable
+    params: tuple[Param, ...] = ()
+    set_words: int = 1
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A policy with its parameters bound, as parsed from ``name:key=value,...``."""
+
+    type: PolicyType
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.type.name
+
+    @property
+    def label(self) -> str:
+        """The canonical spec string, e.g. ``srrip:bits=2``."""
+        changed = {
+            p.name: self.values[p.name] for p in self.type.params if self.values[p.name] != p.default
+        }
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
+
+    def param_array(self) -> np.ndarray:
+        """Numeric parameters in declaration order (choices as their index)."""
+        out = []
+        for p in self.type.params:
+            v = self.values[p.name]
+            out.append(float(p.choices.index(v)) if p.kind == "choice" else float(v))
+        return np.array(out or [0.0], dtype=np.float64)
+
+
+_REGISTRY: dict[str, PolicyType] = {}
+
+
+def register(policy: PolicyType) -> PolicyType:
+    """Add a policy to the registry (a later registration of the same name replaces it)."""
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def registered() -> dict[str, PolicyType]:
+    """All registered policies by name."""
+    _load_builtin()
+    return dict(_REGISTRY)
+
+
+def make_policy(spec: str | Policy) -> Policy:
+    """Parse ``name:key=value,...`` into a bound ``Policy``."""
+    if isinstance(spec, Policy):
+        return spec
+    _load_builtin()
+    parsed = parse_spec(spec, "policy")
+    if parsed.name not in _REGISTRY:
+        raise DsacacheError(
+            f"unknown policy {parsed.name!r}; choose one of: {', '.join(sorted(_REGISTRY))} "
+            "(see `dsacache policies`)"
+        )
+    ptype = _REGISTRY[parsed.name]
+    known = {p.name: p for p in ptype.params}
+    unknown = [k for k in parsed.params if k not in known]
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise DsacacheError(
+            f"policy {parsed.name}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}"
+        )
+    values = {p.name: p.default for p in ptype.params}
+    for key, raw in parsed.params.items():
+        values[key] = known[key].parse(raw, parsed.name)
+    return Policy(ptype, values)
+
+
+def load_plugin(path: str | Path) -> None:
+    """Import a Python file that calls ``register(...)`` for its own policies."""
+    path = Path(path)
+    if not path.is_file():
+        raise DsacacheError(f"policy plug-in {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"dsacache_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a user's file: report it on one line
+        raise DsacacheError(f"policy plug-in {path} failed to load: {type(e).__name__}: {e}") from None
+
+
+def _load_builtin() -> None:
+    from dsacache.policies import builtin  # noqa: F401  (registers on import)

@@ -1,0 +1,23 @@
+"""FIFO: evict the line filled first (hits do not change the order)."""
+
+from numba import njit
+
+from dsacache.policies.base import PolicyType, register
+from dsacache.policies.lru import init, touch, victim
+
+
+@njit(inline="always")
+def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
+    pass
+
+
+FIFO = register(
+    PolicyType(
+        name="fifo",
+        description="first-in first-out per set; hits do not reorder",
+        init=init,
+        on_hit=on_hit,
+        on_fill=touch,
+        victim=victim,
+    )
+)

@@ -1,0 +1,167 @@
+"""Slow, plain-Python reference models: the oracle the Numba engine is tested against.
+
+Everything here is written for obviousness, not speed: a set is an ``OrderedDict`` from tag to
+its valid-sector bitmask kept in LRU order, and the stream is built token by token with scalar
+address arithmetic. Do not optimise this file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from dsacache.simulator.workload import CLASS_ID, CLASSES, WRITE_CLASSES, AddressMap, page_tier
+from dsacache.traces import SelectionBatch
+
+COUNTERS = (
+    "accesses",  # line-granular read accesses
+    "line_hits",  # reads whose line was present with every requested sector valid
+    "sectors",  # sectors read
+    "sector_hits",
+    "sector_misses",  # sectors fetched from the next level
+    "write_sectors",  # sectors written (appends)
+    "bytes",  # bytes requested by the stream (reads and writes)
+)
+
+
+def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) -> int:
+    """Which set a line maps to. ``mod``: line mod sets; ``xor``: fold higher line bits in first.
+
+    With ``partitions`` > 1 consecutive lines alternate between partitions (each with
+    ``n_sets / partitions`` sets), then map into their partition's sets.
+    """
+    part = line % partitions
+    rest = line // partitions
+    per = n_sets // partitions
+    if set_hash == "xor":
+        rest = rest ^ (rest >> 17) ^ (rest >> 29)
+    return part * per + rest % per
+
+
+class ReferenceCache:
+    """Sectored set-associative LRU cache, one Python object per line (slow on purpose)."""
+
+    def __init__(
+        self,
+        size: int,
+        ways: int,
+        line: int = 128,
+        sector: int = 32,
+        set_hash: str = "mod",
+        partitions: int = 1,
+        write_allocate: bool = True,
+    ) -> None:
+        self.line, self.sector, self.ways = line, sector, ways
+        self.n_sets = size // (ways * line)
+        self.set_hash, self.partitions = set_hash, partitions
+        self.write_allocate = write_allocate
+        self.sets = [OrderedDict() for _ in range(self.n_sets)]
+        self.counts: dict[tuple, dict[str, int]] = {}
+
+    def _bucket(self, key: tuple) -> dict[str, int]:
+        if key not in self.counts:
+            self.counts[key] = dict.fromkeys(COUNTERS, 0)
+        return self.counts[key]
+
+    def access(self, addr: int, nbytes: int, write: bool = False, key: tuple = ()) -> None:
+        """Read (or write) ``nbytes`` bytes at ``addr``; counters go to bucket ``key``."""
+        c = self._bucket(key)
+        c["bytes"] += nbytes
+        end = addr + nbytes  # exclusive
+        for line_no in range(addr // self.line, (end - 1) // self.line + 1):
+            lo = max(addr, line_no * self.line) - line_no * self.line
+            hi = min(end, (line_no + 1) * self.line) - line_no * self.line
+            wanted = 0
+            for s in range(lo // self.sector, (hi - 1) // self.sector + 1):
+                wanted |= 1 << s
+            n_wanted = bin(wanted).count("1")
+            cache_set = self.sets[
+                reference_set_index(line_no, self.n_sets, self.set_hash, self.partitions)
+            ]
+            present = line_no in cache_set
+            if write:
+                c["write_sectors"] += n_wanted
+                if present:
+                    cache_set[line_no] |= wanted
+                    cache_set.move_to_end(line_no)
+                elif self.write_allocate:
+                    self._insert(cache_set, line_no, wanted)
+                continue
+            c["accesses"] += 1
+            c["sectors"] += n_wanted
+            if present:
+                valid = cache_set[line_no]
+                missing = bin(wanted & ~valid).count("1")
+                cache_set[line_no] = valid | wanted
+                cache_set.move_to_end(line_no)
+            else:
+                missing = n_wanted
+                self._insert(cache_set, line_no, wanted)
+            c["sector_hits"] += n_wanted - missing
+            c["sector_misses"] += missing
+            c["line_hits"] += int(present and missing == 0)
+
+    def _insert(self, cache_set: OrderedDict, line_no: int, sectors: int) -> None:
+        if len(cache_set) >= self.ways:
+            cache_set.popitem(last=False)  # least recently used
+        cache_set[line_no] = sectors
+
+
+def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
+    """Yield ``(addr, nbytes, class, step, layer, tier)`` for one decode step, one by one."""
+    wl, layout = amap.workload, amap.layout
+    pt = wl.page_tokens
+    step = int(rows.step[0])
+    for layer in sorted(set(rows.layer.tolist())):
+        mine = [i for i in range(len(rows)) if rows.layer[i] == layer]
+        mine.sort(key=lambda i: (int(rows.request[i]), int(rows.group[i])))
+        positions: dict[int, int] = {}
+        for i in mine:
+            positions.setdefault(int(rows.request[i]), int(rows.position[i]))
+        if "weights" in wl.classes and wl.weight_bytes:
+            yield amap.weights_base + layer * wl.weight_bytes, wl.weight_bytes, "weights", step, layer, 0
+        if "index" in wl.classes:
+            for request, position in positions.items():
+                for page in range((position + pt - 1) // pt):
+                    tokens = min(pt, position - page * pt)
+                    phys = int(amap.page_table[request, page])
+                    addr = int(amap.index_base[layer]) + phys * pt * amap.index_bytes
+                    yield addr, tokens * amap.index_bytes, "index", step, layer, 0
+        if "kv" in wl.classes:
+            for i in mine:
+                request, group = int(rows.request[i]), int(rows.group[i])
+                tokens = [int(t) for t in rows.row(i)]
+                for start in range(0, len(tokens), wl.block_tokens):
+                    block = tokens[start : start + wl.block_tokens]
+                    for _cta in range(wl.reads_per_token):
+                        for p, plane in enumerate(layout.planes):
+                            size = layout.read_bytes(plane, amap.groups)
+                            for t in block:
+                                addr = amap.kv_address(layer, p, request, t, group)
+                                phys = amap.page_table[request, t // pt]
+                                tier = int(page_tier(phys, wl.peer_share, wl.remote_share))
+                                yield addr, size, "kv", step, layer, tier
+        if "append" in wl.classes:
+            for request, position in positions.items():
+                for p, plane in enumerate(layout.planes):
+                    addr = amap.kv_address(layer, p, request, position, 0)
+                    yield addr, plane.bytes_per_token, "append", step, layer, 0
+                if "index" in wl.classes:
+                    phys = int(amap.page_table[request, position // pt])
+                    slot = phys * pt + position % pt
+                    yield int(amap.index_base[layer]) + slot * amap.index_bytes, amap.index_bytes, "append", step, layer, 0
+
+
+def reference_replay(cache: ReferenceCache, amap: AddressMap, steps) -> dict[tuple, dict[str, int]]:
+    """Replay trace steps (``SelectionBatch`` per step) through ``cache``; counters keyed by
+    ``(step, layer, class, tier)``."""
+    for rows in steps:
+        rows = rows.take(rows.request < amap.workload.batch)
+        if not len(rows):
+            continue
+        for addr, nbytes, cls, step, layer, tier in reference_stream(amap, rows):
+            cache.access(addr, nbytes, cls in WRITE_CLASSES, (step, layer, cls, tier))
+    return cache.counts
+
+
+__all__ = ["CLASSES", "CLASS_ID", "COUNTERS", "ReferenceCache", "reference_replay", "reference_stream"]

@@ -1,0 +1,169 @@
+"""Replay a trace through one or more caches in a single pass over its access stream."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from dsacache.errors import DsacacheError
+from dsacache.policies import make_policy
+from dsacache.simulator.engine import Cache, CacheConfig
+from dsacache.simulator.presets import GPUPreset, gpu_preset
+from dsacache.simulator.reference import COUNTERS
+from dsacache.simulator.stream import build_step, plan_replay
+from dsacache.simulator.workload import CLASSES, TIERS, WRITE_CLASSES, Workload
+from dsacache.traces import Trace
+
+RESULT_COLUMNS = (
+    "policy", "step", "layer", "class", "tier", *COUNTERS,
+    "line_misses", "bytes_from_memory", "time_s",
+)
+
+
+@dataclass(frozen=True)
+class Level:
+    """A memory level behind the cache: a fixed latency plus bytes over a bandwidth."""
+
+    latency_s: float
+    bandwidth: float  # bytes/s
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """Cost coefficients of the L2 and the levels behind it (measured by ``calibrate``).
+
+    The time of one (step, layer, class) row is: L2-served bytes / L2 bandwidth, plus for the
+    tier that serves its misses, that tier's latency (once, if anything missed) plus missed
+    bytes / its bandwidth. Kernels of a step run one after another, so rows add up.
+    """
+
+    l2_bandwidth: float
+    levels: dict[str, Level] = field(default_factory=dict)
+
+    @classmethod
+    def for_gpu(cls, gpu: GPUPreset) -> Hierarchy:
+        return cls(
+            gpu.l2_bandwidth,
+            {
+                "hbm": Level(gpu.hbm_latency, gpu.hbm_bandwidth),
+                "peer": Level(3e-6, 150e9),  # NVLink small transfers are issue-limited (Ma et al.)
+                "remote": Level(16e-6, 25e9),  # InfiniBand probe ~16 us, ~25 GB/s (Ma et al.)
+            },
+        )
+
+    def time(self, df: pd.DataFrame, sector: int) -> np.ndarray:
+        """Estimated seconds of each result row."""
+        hit_bytes = df["sector_hits"].to_numpy() * sector
+        miss_bytes = df["sector_misses"].to_numpy() * sector
+        t = hit_bytes / self.l2_bandwidth
+        tiers = df["tier"].to_numpy()
+        for name, level in self.levels.items():
+            mine = tiers == name
+            t = t + np.where(mine, miss_bytes / level.bandwidth + (miss_bytes > 0) * level.latency_s, 0)
+        return t
+
+
+def replay(
+    trace: Trace,
+    *,
+    policies: Sequence[str] = ("lru",),
+    gpu: str = "h100",
+    cache_size: int | str | None = None,
+    ways: int | None = None,
+    set_hash: str = "mod",
+    workload: Workload | None = None,
+    hierarchy: Hierarchy | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Replay ``trace`` through the GPU's L2 under each policy; one row per (policy, step,
+    layer, class, tier) with the counters of ``RESULT_COLUMNS``."""
+    if not policies:
+        raise DsacacheError("replay needs at least one policy")
+    preset = gpu_preset(gpu)
+    overrides = {"set_hash": set_hash}
+    if ways is not None:
+        overrides["ways"] = ways
+    config: CacheConfig = preset.cache(cache_size, **overrides)
+    workload = workload or Workload()
+    amap = plan_replay(trace, workload)
+    caches = [Cache(config, make_policy(p)) for p in policies]
+    labels = [c.policy.label for c in caches]
+    if len(set(labels)) != len(labels):
+        raise DsacacheError(f"policies given twice: {', '.join(labels)}")
+    hierarchy = hierarchy or Hierarchy.for_gpu(preset)
+    n_cls, n_tier = len(CLASSES), len(TIERS)
+    n_buckets = amap.layers * n_cls * n_tier
+    write_cls = np.array([c in WRITE_CLASSES for c in CLASSES])
+    frames: list[dict[str, np.ndarray]] = []
+    steps = trace.iter_steps()
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="replay", unit="step")
+    for rows in steps:
+        rows = rows.take(rows.request < workload.batch)
+        if not len(rows):
+            continue
+        chunk = build_step(amap, rows)
+        bucket = (chunk.layer.astype(np.int64) * n_cls + chunk.cls) * n_tier + chunk.tier
+        is_write = write_cls[chunk.cls]
+        for cache, label in zip(caches, labels, strict=True):
+            counters = np.zeros((n_buckets, len(COUNTERS)), np.int64)
+            cache.run(chunk.addr, chunk.nbytes, is_write, bucket, counters)
+            used = np.flatnonzero(counters.any(axis=1))
+            layer, rest = np.divmod(used, n_cls * n_tier)
+            cls, tier = np.divmod(rest, n_tier)
+            frame = {name: counters[used, i] for i, name in enumerate(COUNTERS)}
+            frame.update(
+                policy=np.full(len(used), label, object),
+                step=np.full(len(used), int(rows.step[0]), np.int32),
+                layer=layer.astype(np.int16),
+                cls=cls,
+                tier=tier,
+            )
+            frames.append(frame)
+    if not frames:
+        raise DsacacheError(f"{trace.path}: no rows for requests 0..{workload.batch - 1}")
+    cat = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}
+    df = pd.DataFrame(
+        {
+            "policy": pd.Categorical(cat["policy"], categories=labels),
+            "step": cat["step"],
+            "layer": cat["layer"],
+            "class": pd.Categorical.from_codes(cat["cls"], categories=list(CLASSES)),
+            "tier": pd.Categorical.from_codes(cat["tier"], categories=list(TIERS)),
+            **{name: cat[name] for name in COUNTERS},
+        }
+    )
+    df["line_misses"] = df["accesses"] - df["line_hits"]
+    df["bytes_from_memory"] = df["sector_misses"] * config.sector
+    df["time_s"] = hierarchy.time(df, config.sector)
+    df.attrs.update(
+        cache_bytes=config.size, ways=config.ways, gpu=gpu, layout=amap.layout.spec,
+        batch=workload.batch, trace=str(trace.path),
+    )
+    return df
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per policy: sector hit rates (all reads and KV gathers only), bytes from memory
+    and estimated memory time per decode step."""
+    reads = df[df["class"] != "append"]
+    kv = df[df["class"] == "kv"]
+    steps = df.groupby("policy", observed=True)["step"].nunique()
+    g = reads.groupby("policy", observed=True)
+    gk = kv.groupby("policy", observed=True)
+    out = pd.DataFrame(
+        {
+            "hit_rate": g["sector_hits"].sum() / g["sectors"].sum(),
+            "kv_hit_rate": gk["sector_hits"].sum() / gk["sectors"].sum(),
+            "kv_line_hit_rate": gk["line_hits"].sum() / gk["accesses"].sum(),
+            "MB_from_memory_per_step": g["bytes_from_memory"].sum() / steps / 1e6,
+            "memory_ms_per_step": df.groupby("policy", observed=True)["time_s"].sum() / steps * 1e3,
+        }
+    )
+    out.index.name = "policy"
+    return out

@@ -1,0 +1,138 @@
+"""What a decode step touches: the workload description and the KV cache's address map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dsacache.errors import DsacacheError
+from dsacache.simulator.layouts import KVLayout, default_layout, make_layout
+
+# Traffic classes, in the order one decode layer issues them; counters are kept per class.
+CLASSES = ("weights", "index", "kv", "append")
+CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
+WRITE_CLASSES = frozenset({"append"})
+DEFAULT_CLASSES = ("index", "kv", "append")
+PAGE_ORDERS = ("contiguous", "shuffled")
+POOL_ALIGN = 4096
+# Where a missed byte is served from: the GPU's own HBM, a peer GPU, a remote node.
+TIERS = ("hbm", "peer", "remote")
+
+
+def page_tier(phys_page: np.ndarray, peer_share: float, remote_share: float) -> np.ndarray:
+    """Tier (index into ``TIERS``) homing each physical KV page: a hash of the page id picks
+    ``peer_share`` of the pages for the peer GPU and ``remote_share`` for the remote node."""
+    h = (np.asarray(phys_page, np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
+    u = h.astype(np.float64) / float(1 << 53)
+    return np.where(u < peer_share, 1, np.where(u < peer_share + remote_share, 2, 0)).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A batched DSA decode workload replayed from a trace.
+
+    ``batch`` requests (trace requests 0..batch-1) decode together; their KV lives in a paged
+    cache of ``page_tokens``-token pages allocated ``contiguous`` or from a ``shuffled`` free
+    list (seeded). ``reads_per_token`` and ``block_tokens`` describe the attention kernel's
+    tiling: how many CTAs read each selected token per step, and how many tokens a CTA
+    loads per stage.
+    """
+
+    layout: str = ""
+    batch: int = 1
+    page_tokens: int = 64
+    page_order: str = "contiguous"
+    seed: int = 0
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    indexer_dim: int = 128
+    weight_bytes: int = 0
+    reads_per_token: int = 1
+    block_tokens: int = 64
+    peer_share: float = 0.0
+    remote_share: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def check(self) -> None:
+        """Raise ``DsacacheError`` naming the first field out of range."""
+        for name in ("batch", "page_tokens", "indexer_dim", "reads_per_token", "block_tokens"):
+            if getattr(self, name) < 1:
+                raise DsacacheError(f"workload: {name} must be >= 1, got {getattr(self, name)}")
+        if self.weight_bytes < 0:
+            raise DsacacheError(f"workload: weight_bytes must be >= 0, got {self.weight_bytes}")
+        for name in ("peer_share", "remote_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise DsacacheError(f"workload: {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.peer_share + self.remote_share > 1.0:
+            raise DsacacheError("workload: peer_share + remote_share must be <= 1")
+        if self.page_order not in PAGE_ORDERS:
+            raise DsacacheError(
+                f"workload: page order {self.page_order!r} unknown; choose one of: "
+                + ", ".join(PAGE_ORDERS)
+            )
+        bad = [c for c in self.classes if c not in CLASS_ID]
+        if bad or not self.classes:
+            raise DsacacheError(
+                f"workload: traffic class(es) {', '.join(bad) or '(none)'} unknown; choose from: "
+                + ", ".join(CLASSES)
+            )
+
+
+@dataclass
+class AddressMap:
+    """Byte addresses of every KV pool: per layer, one pool per layout plane plus the
+    indexer-key pool, then the weights. Pages are mapped through a per-request page table."""
+
+    workload: Workload
+    layout: KVLayout
+    layers: int
+    groups: int
+    pages_per_request: int
+    page_table: np.ndarray  # [batch, pages_per_request] physical page ids
+    plane_base: np.ndarray  # [layers, planes] byte address of each plane's pool
+    index_base: np.ndarray  # [layers]
+    weights_base: int
+    index_bytes: int  # bytes of one indexer key
+
+    @classmethod
+    def build(
+        cls, workload: Workload, model: dict[str, Any], layers: int, groups: int, max_position: int
+    ) -> AddressMap:
+        """Lay out the pools for ``layers`` layers and tokens up to ``max_position`` (inclusive)."""
+        workload.check()
+        layout = make_layout(workload.layout or default_layout(model), model)
+        layout.check_groups(groups)
+        pt = workload.page_tokens
+        pages = -(-(max_position + 1) // pt)
+        total_pages = pages * workload.batch
+        if workload.page_order == "contiguous":
+            table = np.arange(total_pages, dtype=np.int64)
+        else:
+            table = np.random.default_rng(workload.seed).permutation(total_pages).astype(np.int64)
+        table = table.reshape(workload.batch, pages)
+
+        def align(x: int) -> int:
+            return -(-x // POOL_ALIGN) * POOL_ALIGN
+
+        plane_base = np.zeros((layers, len(layout.planes)), np.int64)
+        index_base = np.zeros(layers, np.int64)
+        index_bytes = workload.indexer_dim + 4
+        addr = 0
+        for layer in range(layers):
+            for p, plane in enumerate(layout.planes):
+                plane_base[layer, p] = addr
+                addr = align(addr + total_pages * pt * plane.bytes_per_token)
+            index_base[layer] = addr
+            addr = align(addr + total_pages * pt * index_bytes)
+        return cls(
+            workload, layout, layers, groups, pages, table, plane_base, index_base, addr, index_bytes
+        )
+
+    def kv_address(self, layer: int, plane: int, request: int, token: int, group: int) -> int:
+        """Byte address of a token's record (its group's slice) in one plane; scalar helper."""
+        pt = self.workload.page_tokens
+        p = self.layout.planes[plane]
+        page = int(self.page_table[request, token // pt])
+        base = int(self.plane_base[layer, plane]) + (page * pt + token % pt) * p.bytes_per_token
+        return base + group * self.layout.read_bytes(p, self.groups) * (p.grouped and self.groups > 1)
