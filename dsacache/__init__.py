@@ -20,8 +20,8 @@ from dsacache.simulator import (
     simulate_addresses,
     summarize,
 )
-from dsacache.traces import TraceWriter, open_trace
 from dsacache.tracer import SynthConfig, preset, synthesize
+from dsacache.traces import TraceWriter, open_trace
 from dsacache.units import parse_size
 
 __version__ = "0.1.0"

@@ -69,7 +69,9 @@ def main() -> None:
 @click.option("--sinks", type=int, help="Attention-sink tokens always selected.")
 @click.option("--layer-variation", type=float, help="Per-layer spread of --keep (0..1).")
 @click.option("--seed", type=int, help="Random seed.")
-@click.option("--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace).")
+@click.option(
+    "--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace)."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def synth(preset_name, out, force, quiet, **knobs) -> None:
@@ -150,19 +152,69 @@ def _workload(layout, batch, page_tokens, page_order, seed, classes, weight_byte
 
 def _replay_options(f):
     options = [
-        click.option("--gpu", default="h100", show_default=True, help="GPU preset (h100, h200, a100)."),
-        click.option("--cache-size", type=SIZE, default=None, help="L2 size (default: the GPU's), e.g. 24MiB."),
-        click.option("--ways", type=int, default=None, help="Associativity (default: the GPU preset's)."),
-        click.option("--set-hash", type=click.Choice(["mod", "xor"]), default="mod", show_default=True),
-        click.option("--layout", default=None, help="KV layout spec (default: from the trace's model), e.g. mla-fp8."),
-        click.option("--batch", type=int, default=1, show_default=True, help="Requests decoded together."),
+        click.option(
+            "--gpu", default="h100", show_default=True, help="GPU preset (h100, h200, a100)."
+        ),
+        click.option(
+            "--cache-size",
+            type=SIZE,
+            default=None,
+            help="L2 size (default: the GPU's), e.g. 24MiB.",
+        ),
+        click.option(
+            "--ways", type=int, default=None, help="Associativity (default: the GPU preset's)."
+        ),
+        click.option(
+            "--set-hash", type=click.Choice(["mod", "xor"]), default="mod", show_default=True
+        ),
+        click.option(
+            "--layout",
+            default=None,
+            help="KV layout spec (default: from the trace's model), e.g. mla-fp8.",
+        ),
+        click.option(
+            "--batch", type=int, default=1, show_default=True, help="Requests decoded together."
+        ),
         click.option("--page-tokens", type=int, default=64, show_default=True),
-        click.option("--page-order", type=click.Choice(["contiguous", "shuffled"]), default="contiguous", show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shuffled page order."),
-        click.option("--classes", default="index,kv,append", show_default=True, help="Traffic classes: weights,index,kv,append."),
-        click.option("--weight-bytes", type=SIZE, default=0, help="Weights read per layer per step (class 'weights')."),
-        click.option("--reads-per-token", type=int, default=1, show_default=True, help="CTAs reading each selected token (kernel tiling)."),
-        click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering extra policies."),
+        click.option(
+            "--page-order",
+            type=click.Choice(["contiguous", "shuffled"]),
+            default="contiguous",
+            show_default=True,
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed of the shuffled page order.",
+        ),
+        click.option(
+            "--classes",
+            default="index,kv,append",
+            show_default=True,
+            help="Traffic classes: weights,index,kv,append.",
+        ),
+        click.option(
+            "--weight-bytes",
+            type=SIZE,
+            default=0,
+            help="Weights read per layer per step (class 'weights').",
+        ),
+        click.option(
+            "--reads-per-token",
+            type=int,
+            default=1,
+            show_default=True,
+            help="CTAs reading each selected token (kernel tiling).",
+        ),
+        click.option(
+            "--plugin",
+            "plugins",
+            multiple=True,
+            type=click.Path(),
+            help="Python file registering extra policies.",
+        ),
     ]
     for opt in reversed(options):
         f = opt(f)
@@ -171,9 +223,21 @@ def _replay_options(f):
 
 @main.command()
 @click.argument("trace", type=click.Path())
-@click.option("--policy", "policies", multiple=True, default=["lru"], show_default=True, help="Policy spec; repeat for several (one pass).")
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    default=["lru"],
+    show_default=True,
+    help="Policy spec; repeat for several (one pass).",
+)
 @_replay_options
-@click.option("--out", type=click.Path(), default=None, help="Save per (policy, step, layer, class) counters (.parquet or .csv).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default=None,
+    help="Save per (policy, step, layer, class) counters (.parquet or .csv).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet, **wl) -> None:
     """Replay a trace through a GPU L2 model under one or more policies.
@@ -190,12 +254,20 @@ def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet
         load_plugin(plugin)
     tr = _trace(trace)
     df = run_replay(
-        tr, policies=list(policies), gpu=gpu, cache_size=cache_size, ways=ways,
-        set_hash=set_hash, workload=_workload(**wl), progress=not quiet,
+        tr,
+        policies=list(policies),
+        gpu=gpu,
+        cache_size=cache_size,
+        ways=ways,
+        set_hash=set_hash,
+        workload=_workload(**wl),
+        progress=not quiet,
     )
     if out:
         _save(df, out)
-    click.echo(f"cache {format_size(df.attrs['cache_bytes'])}, {df.attrs['ways']}-way; layout {df.attrs['layout']}; batch {df.attrs['batch']}")
+    click.echo(
+        f"cache {format_size(df.attrs['cache_bytes'])}, {df.attrs['ways']}-way; layout {df.attrs['layout']}; batch {df.attrs['batch']}"
+    )
     click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
 
 
@@ -225,7 +297,9 @@ def policies() -> None:
 
 
 @main.command()
-@click.option("--steps", type=int, default=24, show_default=True, help="Decode steps of the synthetic trace.")
+@click.option(
+    "--steps", type=int, default=24, show_default=True, help="Decode steps of the synthetic trace."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo(steps, quiet) -> None:
     """Replay the bundled trace (or a synthetic one) with a few policies and print a table.
@@ -234,9 +308,10 @@ def demo(steps, quiet) -> None:
     Example:
       dsacache demo
     """
-    from dsacache.simulator import Workload, replay as run_replay, summarize
-    from dsacache.traces import bundled, bundled_path
+    from dsacache.simulator import Workload, summarize
+    from dsacache.simulator import replay as run_replay
     from dsacache.tracer.synth import preset, synthesize
+    from dsacache.traces import bundled, bundled_path
 
     with tempfile.TemporaryDirectory() as tmp:
         if bundled():
@@ -244,14 +319,26 @@ def demo(steps, quiet) -> None:
             click.echo(f"bundled trace: {path.name}")
         else:
             path = Path(tmp) / "demo.dsatrace"
-            click.echo("no bundled trace yet: synthesizing a DeepSeek-V3.2-shaped one (61 layers, k=2048)")
-            synthesize(preset("deepseek-v3.2", steps=steps, context=16384), path, progress=not quiet)
+            click.echo(
+                "no bundled trace yet: synthesizing a DeepSeek-V3.2-shaped one (61 layers, k=2048)"
+            )
+            synthesize(
+                preset("deepseek-v3.2", steps=steps, context=16384), path, progress=not quiet
+            )
         tr = _trace(path)
         _print_info(tr.validate())
         for size in ("50MiB", "24MiB"):
             df = run_replay(
-                tr, policies=["lru", "fifo", "random"], gpu="h100", cache_size=size,
-                workload=Workload(), progress=not quiet,
+                tr,
+                policies=["lru", "fifo", "random"],
+                gpu="h100",
+                cache_size=size,
+                workload=Workload(),
+                progress=not quiet,
             )
             click.echo(f"\nH100 L2 model, {size}, layout {df.attrs['layout']}:")
             click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
+
+
+if __name__ == "__main__":
+    main()

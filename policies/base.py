@@ -65,7 +65,9 @@ class Param:
                 "choice": "one of " + ", ".join(self.choices),
             }[self.kind]
             raise DsacacheError(f"policy {policy}: {self.name}={raw!r} is not {allowed}") from None
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
             raise DsacacheError(
                 f"policy {policy}: {self.name}={raw} is outside [{self.low}, {self.high}]"
             )
@@ -105,9 +107,13 @@ class Policy:
     def label(self) -> str:
         """The canonical spec string, e.g. ``srrip:bits=2``."""
         changed = {
-            p.name: self.values[p.name] for p in self.type.params if self.values[p.name] != p.default
+            p.name: self.values[p.name]
+            for p in self.type.params
+            if self.values[p.name] != p.default
         }
-        return self.name + (":" + ",".join(f"{k}={v}" for k, v in changed.items()) if changed else "")
+        return self.name + (
+            ":" + ",".join(f"{k}={v}" for k, v in changed.items()) if changed else ""
+        )
 
     def param_array(self) -> np.ndarray:
         """Numeric parameters in declaration order (choices as their index)."""
@@ -168,7 +174,9 @@ def load_plugin(path: str | Path) -> None:
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # a user's file: report it on one line
-        raise DsacacheError(f"policy plug-in {path} failed to load: {type(e).__name__}: {e}") from None
+        raise DsacacheError(
+            f"policy plug-in {path} failed to load: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _load_builtin() -> None:

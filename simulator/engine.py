@@ -85,9 +85,28 @@ def _kernel(policy: Policy):
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
 
     @njit(cache=False, nogil=True)
-    def run(addr, nbytes, is_write, bucket, counters, tags, valid, line_state, set_state, glob,
-            params, clock, n_sets, ways, line_shift, sector_shift, partitions, xor_hash,
-            write_allocate, popcount8):
+    def run(
+        addr,
+        nbytes,
+        is_write,
+        bucket,
+        counters,
+        tags,
+        valid,
+        line_state,
+        set_state,
+        glob,
+        params,
+        clock,
+        n_sets,
+        ways,
+        line_shift,
+        sector_shift,
+        partitions,
+        xor_hash,
+        write_allocate,
+        popcount8,
+    ):
         per = n_sets // partitions
         line_bytes = 1 << line_shift
         for i in range(addr.shape[0]):
@@ -177,7 +196,9 @@ class Cache:
         self.params = self.policy.param_array()
         self.clock = 0
         init = self.policy.type.init
-        _run_init(init, self.line_state, self.set_state, self.glob, cfg.n_sets, cfg.ways, self.params)
+        _run_init(
+            init, self.line_state, self.set_state, self.glob, cfg.n_sets, cfg.ways, self.params
+        )
 
     def run(
         self,
@@ -245,15 +266,21 @@ def simulate_addresses(
     ``sector_hits``, ``sector_misses``, ``bytes``."""
     addrs = np.asarray(addrs)
     if addrs.ndim != 1 or not np.issubdtype(addrs.dtype, np.integer):
-        raise DsacacheError(f"addresses must be a 1-D integer array, got {addrs.dtype} {addrs.shape}")
+        raise DsacacheError(
+            f"addresses must be a 1-D integer array, got {addrs.dtype} {addrs.shape}"
+        )
     if len(addrs) and addrs.min() < 0:
         raise DsacacheError("addresses must be >= 0")
-    cache = Cache(CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash), policy)
+    cache = Cache(
+        CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash), policy
+    )
     sizes = np.broadcast_to(np.asarray(sector if nbytes is None else nbytes, np.int64), addrs.shape)
     if len(sizes) and sizes.min() < 1:
         raise DsacacheError("access sizes (nbytes) must be >= 1")
     counters = np.zeros((1, len(COUNTERS)), np.int64)
-    cache.run(addrs, sizes, np.zeros(len(addrs), np.bool_), np.zeros(len(addrs), np.int64), counters)
+    cache.run(
+        addrs, sizes, np.zeros(len(addrs), np.bool_), np.zeros(len(addrs), np.int64), counters
+    )
     out = dict(zip(COUNTERS, counters[0].tolist(), strict=True))
     out.pop("write_sectors")
     out["line_misses"] = out["accesses"] - out["line_hits"]

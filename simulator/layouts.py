@@ -55,16 +55,15 @@ class KVLayout:
         """Raise unless a trace with ``selection_groups`` groups can be replayed on this layout."""
         if selection_groups <= 1:
             return
-        for p in self.planes:
-            if p.grouped and p.bytes_per_token % selection_groups:
-                raise DsacacheError(
-                    f"layout {self.spec or self.name}: plane {p.name!r} ({p.bytes_per_token} B) "
-                    f"does not split into the trace's {selection_groups} KV groups"
-                )
         if not any(p.grouped for p in self.planes):
             raise DsacacheError(
                 f"layout {self.spec or self.name} has no per-group planes, but the trace selects "
                 f"per KV group ({selection_groups} groups); use gqa, gta or gla"
+            )
+        if self.groups != selection_groups:
+            raise DsacacheError(
+                f"layout {self.spec or self.name} has {self.groups} KV group(s), but the trace "
+                f"selects per KV group with {selection_groups}; set kv_heads={selection_groups}"
             )
 
 
@@ -92,7 +91,9 @@ def _mla_fp8(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     rope = _int(p, "rope", int(model.get("rope_dim", 64)), "mla-fp8")
     tile = _int(p, "scale_tile", 128, "mla-fp8")
     # fp8 latent, one fp32 scale per 128-wide tile, bf16 RoPE part (DeepSeek-V3.2 FlashMLA).
-    return KVLayout("mla-fp8", (Plane("latent+scales+rope", latent + 4 * (latent // tile) + rope * 2),))
+    return KVLayout(
+        "mla-fp8", (Plane("latent+scales+rope", latent + 4 * (latent // tile) + rope * 2),)
+    )
 
 
 def _indexer(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
@@ -124,7 +125,9 @@ def _gla(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     dtype = _int(p, "dtype_bytes", 2, "gla")
     devices = _int(p, "devices", 1, "gla")
     if groups % devices:
-        raise DsacacheError(f"layout gla: groups ({groups}) must be a multiple of devices ({devices})")
+        raise DsacacheError(
+            f"layout gla: groups ({groups}) must be a multiple of devices ({devices})"
+        )
     local = groups // devices  # latent groups held by one device; the RoPE key is on every one
     planes = (Plane("latent", local * latent * dtype, True), Plane("rope", rope * dtype))
     return KVLayout("gla", planes, groups=local)
@@ -132,7 +135,10 @@ def _gla(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
 
 LAYOUTS = {
     "mla-bf16": (_mla_bf16, "MLA latent + RoPE in bf16 (DeepSeek-V3): 1152 B/token"),
-    "mla-fp8": (_mla_fp8, "DeepSeek-V3.2 sparse FP8 cache: 512 fp8 + 16 B scales + 64 bf16 = 656 B"),
+    "mla-fp8": (
+        _mla_fp8,
+        "DeepSeek-V3.2 sparse FP8 cache: 512 fp8 + 16 B scales + 64 bf16 = 656 B",
+    ),
     "indexer": (_indexer, "DSA lightning-indexer keys, fp8 + fp32 scale: 132 B/token"),
     "gqa": (_gqa, "K and V planes, kv_heads x head_dim x dtype each"),
     "gta": (_gta, "grouped-tied attention: tied K/V per group + shared RoPE key"),
@@ -144,15 +150,11 @@ def make_layout(spec: str, model: dict[str, Any] | None = None) -> KVLayout:
     """Build a layout from ``name:key=value,...``; unspecified sizes come from the trace's model."""
     parsed = parse_spec(spec, "layout")
     if parsed.name not in LAYOUTS:
-        raise DsacacheError(
-            f"unknown layout {parsed.name!r}; choose one of: {', '.join(LAYOUTS)}"
-        )
+        raise DsacacheError(f"unknown layout {parsed.name!r}; choose one of: {', '.join(LAYOUTS)}")
     params = dict(parsed.params)
     layout = LAYOUTS[parsed.name][0](params, dict(model or {}))
     if params:
-        raise DsacacheError(
-            f"layout {parsed.name}: unknown parameter(s) {', '.join(params)}"
-        )
+        raise DsacacheError(f"layout {parsed.name}: unknown parameter(s) {', '.join(params)}")
     return KVLayout(layout.name, layout.planes, layout.groups, str(parsed))
 
 

@@ -119,7 +119,14 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
         for i in mine:
             positions.setdefault(int(rows.request[i]), int(rows.position[i]))
         if "weights" in wl.classes and wl.weight_bytes:
-            yield amap.weights_base + layer * wl.weight_bytes, wl.weight_bytes, "weights", step, layer, 0
+            yield (
+                amap.weights_base + layer * wl.weight_bytes,
+                wl.weight_bytes,
+                "weights",
+                step,
+                layer,
+                0,
+            )
         if "index" in wl.classes:
             for request, position in positions.items():
                 for page in range((position + pt - 1) // pt):
@@ -149,7 +156,14 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                 if "index" in wl.classes:
                     phys = int(amap.page_table[request, position // pt])
                     slot = phys * pt + position % pt
-                    yield int(amap.index_base[layer]) + slot * amap.index_bytes, amap.index_bytes, "append", step, layer, 0
+                    yield (
+                        int(amap.index_base[layer]) + slot * amap.index_bytes,
+                        amap.index_bytes,
+                        "append",
+                        step,
+                        layer,
+                        0,
+                    )
 
 
 def reference_replay(cache: ReferenceCache, amap: AddressMap, steps) -> dict[tuple, dict[str, int]]:
@@ -164,4 +178,11 @@ def reference_replay(cache: ReferenceCache, amap: AddressMap, steps) -> dict[tup
     return cache.counts
 
 
-__all__ = ["CLASSES", "CLASS_ID", "COUNTERS", "ReferenceCache", "reference_replay", "reference_stream"]
+__all__ = [
+    "CLASSES",
+    "CLASS_ID",
+    "COUNTERS",
+    "ReferenceCache",
+    "reference_replay",
+    "reference_stream",
+]

@@ -18,8 +18,15 @@ from dsacache.simulator.workload import CLASSES, TIERS, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
 
 RESULT_COLUMNS = (
-    "policy", "step", "layer", "class", "tier", *COUNTERS,
-    "line_misses", "bytes_from_memory", "time_s",
+    "policy",
+    "step",
+    "layer",
+    "class",
+    "tier",
+    *COUNTERS,
+    "line_misses",
+    "bytes_from_memory",
+    "time_s",
 )
 
 
@@ -62,7 +69,9 @@ class Hierarchy:
         tiers = df["tier"].to_numpy()
         for name, level in self.levels.items():
             mine = tiers == name
-            t = t + np.where(mine, miss_bytes / level.bandwidth + (miss_bytes > 0) * level.latency_s, 0)
+            t = t + np.where(
+                mine, miss_bytes / level.bandwidth + (miss_bytes > 0) * level.latency_s, 0
+            )
         return t
 
 
@@ -142,8 +151,12 @@ def replay(
     df["bytes_from_memory"] = df["sector_misses"] * config.sector
     df["time_s"] = hierarchy.time(df, config.sector)
     df.attrs.update(
-        cache_bytes=config.size, ways=config.ways, gpu=gpu, layout=amap.layout.spec,
-        batch=workload.batch, trace=str(trace.path),
+        cache_bytes=config.size,
+        ways=config.ways,
+        gpu=gpu,
+        layout=amap.layout.spec,
+        batch=workload.batch,
+        trace=str(trace.path),
     )
     return df
 

@@ -43,7 +43,10 @@ class AccessChunk:
                 z, z, z.astype(np.int8), z.astype(np.int32), z.astype(np.int16), z.astype(np.int8)
             )
         return AccessChunk(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in AccessChunk.__dataclass_fields__)
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in AccessChunk.__dataclass_fields__
+            )
         )
 
 
@@ -100,7 +103,9 @@ def _kv_gathers(amap: AddressMap, layer: int, rows: SelectionBatch):
     return np.concatenate(addrs)[order], np.concatenate(sizes)[order], tiers[order]
 
 
-def _appends(amap: AddressMap, layer: int, requests: np.ndarray, positions: np.ndarray, with_index: bool):
+def _appends(
+    amap: AddressMap, layer: int, requests: np.ndarray, positions: np.ndarray, with_index: bool
+):
     pt = amap.workload.page_tokens
     slot_global = amap.page_table[requests, positions // pt] * pt + positions % pt
     addrs, sizes = [], []
@@ -128,19 +133,38 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
         lrows = rows.take(np.arange(lo, hi))
         layer = int(lrows.layer[0])
         if layer >= amap.layers:
-            raise DsacacheError(f"trace has layer {layer}, but the workload was built for {amap.layers}")
+            raise DsacacheError(
+                f"trace has layer {layer}, but the workload was built for {amap.layers}"
+            )
         first = np.flatnonzero(np.r_[True, np.diff(lrows.request) != 0])
         requests = lrows.request[first].astype(np.int64)
         positions = lrows.position[first].astype(np.int64)
         if "weights" in wl.classes and wl.weight_bytes:
-            pieces.append(_piece(np.array([amap.weights_base + layer * wl.weight_bytes]), wl.weight_bytes, "weights", step, layer))
+            pieces.append(
+                _piece(
+                    np.array([amap.weights_base + layer * wl.weight_bytes]),
+                    wl.weight_bytes,
+                    "weights",
+                    step,
+                    layer,
+                )
+            )
         if "index" in wl.classes:
-            pieces.append(_piece(*_index_reads(amap, layer, requests, positions), "index", step, layer))
+            pieces.append(
+                _piece(*_index_reads(amap, layer, requests, positions), "index", step, layer)
+            )
         if "kv" in wl.classes:
             addr, size, tier = _kv_gathers(amap, layer, lrows)
             pieces.append(_piece(addr, size, "kv", step, layer, tier))
         if "append" in wl.classes:
-            pieces.append(_piece(*_appends(amap, layer, requests, positions, "index" in wl.classes), "append", step, layer))
+            pieces.append(
+                _piece(
+                    *_appends(amap, layer, requests, positions, "index" in wl.classes),
+                    "append",
+                    step,
+                    layer,
+                )
+            )
     return AccessChunk.concat(pieces)
 
 

@@ -26,7 +26,9 @@ def page_tier(phys_page: np.ndarray, peer_share: float, remote_share: float) -> 
     ``peer_share`` of the pages for the peer GPU and ``remote_share`` for the remote node."""
     h = (np.asarray(phys_page, np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(11)
     u = h.astype(np.float64) / float(1 << 53)
-    return np.where(u < peer_share, 1, np.where(u < peer_share + remote_share, 2, 0)).astype(np.int8)
+    return np.where(u < peer_share, 1, np.where(u < peer_share + remote_share, 2, 0)).astype(
+        np.int8
+    )
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,9 @@ class Workload:
             raise DsacacheError(f"workload: weight_bytes must be >= 0, got {self.weight_bytes}")
         for name in ("peer_share", "remote_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise DsacacheError(f"workload: {name} must be in [0, 1], got {getattr(self, name)}")
+                raise DsacacheError(
+                    f"workload: {name} must be in [0, 1], got {getattr(self, name)}"
+                )
         if self.peer_share + self.remote_share > 1.0:
             raise DsacacheError("workload: peer_share + remote_share must be <= 1")
         if self.page_order not in PAGE_ORDERS:
@@ -126,7 +130,16 @@ class AddressMap:
             index_base[layer] = addr
             addr = align(addr + total_pages * pt * index_bytes)
         return cls(
-            workload, layout, layers, groups, pages, table, plane_base, index_base, addr, index_bytes
+            workload,
+            layout,
+            layers,
+            groups,
+            pages,
+            table,
+            plane_base,
+            index_base,
+            addr,
+            index_bytes,
         )
 
     def kv_address(self, layer: int, plane: int, request: int, token: int, group: int) -> int:
@@ -135,4 +148,6 @@ class AddressMap:
         p = self.layout.planes[plane]
         page = int(self.page_table[request, token // pt])
         base = int(self.plane_base[layer, plane]) + (page * pt + token % pt) * p.bytes_per_token
-        return base + group * self.layout.read_bytes(p, self.groups) * (p.grouped and self.groups > 1)
+        return base + group * self.layout.read_bytes(p, self.groups) * (
+            p.grouped and self.groups > 1
+        )

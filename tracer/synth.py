@@ -94,11 +94,23 @@ class SynthConfig:
 
 PRESETS: dict[str, SynthConfig] = {
     "deepseek-v3.2": SynthConfig(
-        layers=61, groups=1, context=32768, steps=32, k=2048, recency_window=512, sinks=4,
+        layers=61,
+        groups=1,
+        context=32768,
+        steps=32,
+        k=2048,
+        recency_window=512,
+        sinks=4,
         model=PRESET_MODELS["deepseek-v3.2"],
     ),
     "smollm2-135m": SynthConfig(
-        layers=30, groups=3, context=2048, steps=64, k=256, recency_window=128, sinks=4,
+        layers=30,
+        groups=3,
+        context=2048,
+        steps=64,
+        k=256,
+        recency_window=128,
+        sinks=4,
         model=PRESET_MODELS["smollm2-135m"],
     ),
 }
@@ -168,9 +180,7 @@ def synthesize(
     """Generate a trace into ``out`` (a ``.dsatrace`` directory); returns its path."""
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
-    layer_keep = np.clip(
-        cfg.keep + cfg.layer_variation * rng.uniform(-1, 1, cfg.layers), 0.0, 1.0
-    )
+    layer_keep = np.clip(cfg.keep + cfg.layer_variation * rng.uniform(-1, 1, cfg.layers), 0.0, 1.0)
     streams = [
         [
             [_Selector(cfg, float(layer_keep[layer]), rng) for _ in range(cfg.groups)]
@@ -200,7 +210,11 @@ def synthesize(
 
         steps = tqdm(steps, desc="synth", unit="step")
     with TraceWriter(
-        out, model=model, indexer=indexer, capture=capture, overwrite=overwrite,
+        out,
+        model=model,
+        indexer=indexer,
+        capture=capture,
+        overwrite=overwrite,
         part_rows=part_rows,
     ) as writer:
         for step in steps:

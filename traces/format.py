@@ -559,7 +559,9 @@ def open_trace(path: str | os.PathLike) -> Trace:
             and isinstance(p.get("file"), str)
             and "/" not in p["file"]
             and p["file"] not in ("", ".", "..")
-            and all(isinstance(p.get(key), int) and p[key] >= 0 for key in ("rows", "indices", "bytes"))
+            and all(
+                isinstance(p.get(key), int) and p[key] >= 0 for key in ("rows", "indices", "bytes")
+            )
             and isinstance(p.get("sha256"), str)
         )
         if not ok:

@@ -1,0 +1,125 @@
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from dsacache.cli import main
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def assert_one_line_error(code, out, *needles):
+    assert code == 2, out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert "Traceback" not in out
+    text = " ".join(lines)
+    for needle in needles:
+        assert needle in text, out
+
+
+def test_help_has_examples():
+    for cmd in ("synth", "info", "validate", "replay", "demo", "policies"):
+        code, out = run(cmd, "--help")
+        assert code == 0 and "Example" in out, cmd
+
+
+def test_synth_info_validate(tmp_path):
+    out_path = tmp_path / "t.dsatrace"
+    code, out = run("synth", "--preset", "smollm2-135m", "--steps", 4, "--out", out_path, "--quiet")
+    assert code == 0, out
+    code, out = run("info", out_path)
+    assert code == 0
+    for field in ("rows", "steps", "layers", "groups", "k", "bytes per index"):
+        assert field in out
+    assert "360" in out  # 4 steps x 30 layers x 3 groups
+    code, out = run("validate", out_path)
+    assert code == 0 and out.startswith("ok:")
+
+
+def test_unknown_preset(tmp_path):
+    code, out = run("synth", "--preset", "gpt-9", "--out", tmp_path / "x.dsatrace")
+    assert_one_line_error(code, out, "unknown preset 'gpt-9'", "deepseek-v3.2")
+
+
+def test_bad_size_is_one_line():
+    code, out = run("replay", "nothing.dsatrace", "--cache-size", "50XB")
+    assert code == 2 and "50XB" in out and "MiB" in out and "Traceback" not in out
+
+
+def test_missing_trace(tmp_path):
+    code, out = run("info", tmp_path / "none.dsatrace")
+    assert_one_line_error(code, out, "no such trace directory")
+
+
+def test_checksum_error_via_cli(tmp_path):
+    path = tmp_path / "t.dsatrace"
+    run("synth", "--layers", 2, "--steps", 2, "--k", 8, "--context", 64, "--out", path, "--quiet")
+    f = path / "part-00000.parquet"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 1
+    f.write_bytes(bytes(data))
+    code, out = run("validate", path)
+    assert_one_line_error(code, out, "checksum mismatch", "part-00000.parquet")
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--policy", "nope"], "unknown policy 'nope'"),
+        (["--policy", "random:seed=x"], "seed='x' is not an integer"),
+        (["--layout", "mla-fp9"], "unknown layout 'mla-fp9'"),
+        (["--batch", "5"], "batch 5 is larger than the trace's 2 request(s)"),
+        (["--cache-size", "1000"], "not a multiple of ways x line"),
+        (["--out", "r.txt"], "use a .parquet or .csv"),
+    ],
+)
+def test_replay_bad_options(small_trace, args, needle):
+    code, out = run("replay", small_trace, "--quiet", *args)
+    assert_one_line_error(code, out, needle)
+
+
+def test_replay_writes_results(small_trace, tmp_path):
+    import pandas as pd
+
+    out_file = tmp_path / "r.parquet"
+    code, out = run(
+        "replay",
+        small_trace,
+        "--quiet",
+        "--cache-size",
+        "1MiB",
+        "--policy",
+        "lru",
+        "--policy",
+        "fifo",
+        "--out",
+        out_file,
+    )
+    assert code == 0, out
+    df = pd.read_parquet(out_file)
+    assert set(df["policy"]) == {"lru", "fifo"}
+    assert "kv_hit_rate" in out
+
+
+def test_policies_lists_registered():
+    code, out = run("policies")
+    assert code == 0 and "lru" in out and "fifo" in out and "seed=" in out
+
+
+def test_console_entry_point_exits_2():
+    out = subprocess.run(
+        [sys.executable, "-m", "dsacache.cli", "info", "/nonexistent.dsatrace"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("dsacache: error:")
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, dsacache, dsacache.cli; assert 'torch' not in sys.modules and 'triton' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

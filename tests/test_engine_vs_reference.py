@@ -1,0 +1,177 @@
+"""Differential tests: the Numba engine and the vectorized stream builder against the slow
+pure-Python reference models, counter for counter."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsacache.errors import DsacacheError
+from dsacache.simulator import (
+    Cache,
+    CacheConfig,
+    Workload,
+    build_step,
+    plan_replay,
+    replay,
+    simulate_addresses,
+)
+from dsacache.simulator.reference import (
+    COUNTERS,
+    ReferenceCache,
+    reference_replay,
+    reference_stream,
+)
+from dsacache.simulator.workload import CLASSES, TIERS
+from dsacache.tracer import SynthConfig, synthesize
+from dsacache.traces import open_trace
+
+geometries = st.tuples(
+    st.sampled_from([1, 2, 4, 8]),  # ways
+    st.sampled_from([1, 2, 3, 8, 16]),  # sets per partition
+    st.sampled_from([1, 2]),  # partitions
+    st.sampled_from([(128, 32), (64, 16), (128, 128), (256, 32)]),  # line, sector
+    st.sampled_from(["mod", "xor"]),
+    st.booleans(),  # write-allocate
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geom=geometries, seed=st.integers(0, 2**31), n=st.integers(1, 600))
+def test_engine_equals_reference_cache(geom, seed, n):
+    ways, sets, parts, (line, sector), set_hash, walloc = geom
+    size = ways * sets * parts * line
+    rng = np.random.default_rng(seed)
+    span = size * rng.choice([1, 2, 4])
+    addr = rng.integers(0, span, n)
+    nbytes = rng.integers(1, 3 * line, n)
+    write = rng.random(n) < 0.2
+    bucket = rng.integers(0, 3, n)
+    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc)
+    for a, b, w, k in zip(addr, nbytes, write, bucket, strict=True):
+        ref.access(int(a), int(b), bool(w), (int(k),))
+    cfg = CacheConfig(size, ways, line, sector, set_hash, parts, walloc)
+    counters = np.zeros((3, len(COUNTERS)), np.int64)
+    Cache(cfg, "lru").run(addr, nbytes, write, bucket, counters)
+    for k in range(3):
+        expect = ref.counts.get((k,), dict.fromkeys(COUNTERS, 0))
+        assert dict(zip(COUNTERS, counters[k].tolist(), strict=True)) == expect
+
+
+def _trace(tmp_path, seed, groups=1, requests=2):
+    model = {
+        "name": "t",
+        "attention": "GQA" if groups > 1 else "MLA",
+        "kv_heads": groups,
+        "head_dim": 64,
+    }
+    cfg = SynthConfig(
+        layers=2,
+        groups=groups,
+        requests=requests,
+        context=150,
+        steps=4,
+        k=24,
+        seed=seed,
+        model=model,
+    )
+    return open_trace(synthesize(cfg, tmp_path / f"t{seed}-{groups}.dsatrace"))
+
+
+workloads = st.builds(
+    Workload,
+    layout=st.sampled_from(
+        ["", "mla-fp8", "mla-bf16", "gqa:kv_heads=2,head_dim=64", "gta:kv_heads=2,head_dim=64"]
+    ),
+    batch=st.integers(1, 2),
+    page_tokens=st.sampled_from([16, 64]),
+    page_order=st.sampled_from(["contiguous", "shuffled"]),
+    seed=st.integers(0, 5),
+    classes=st.sampled_from([("index", "kv", "append"), ("kv",), ("weights", "kv", "append")]),
+    weight_bytes=st.sampled_from([0, 5000]),
+    reads_per_token=st.integers(1, 3),
+    block_tokens=st.sampled_from([8, 64]),
+    peer_share=st.sampled_from([0.0, 0.3]),
+    remote_share=st.sampled_from([0.0, 0.2]),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(wl=workloads, seed=st.integers(0, 3), groups=st.sampled_from([1, 2]))
+def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups):
+    if groups > 1 and wl.layout.startswith("mla"):
+        wl = Workload(**{**wl.__dict__, "layout": "gqa:kv_heads=2,head_dim=64"})
+    trace = _trace(tmp_path_factory.mktemp("s"), seed, groups)
+    amap = plan_replay(trace, wl)
+    for rows in trace.iter_steps():
+        rows = rows.take(rows.request < wl.batch)
+        chunk = build_step(amap, rows)
+        expect = list(reference_stream(amap, rows))
+        got = list(
+            zip(
+                chunk.addr.tolist(),
+                chunk.nbytes.tolist(),
+                [CLASSES[c] for c in chunk.cls],
+                chunk.step.tolist(),
+                chunk.layer.tolist(),
+                chunk.tier.tolist(),
+                strict=True,
+            )
+        )
+        assert got == expect
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 3),
+    ways=st.sampled_from([2, 4]),
+    kib=st.sampled_from([8, 32, 64]),
+    batch=st.integers(1, 2),
+    peer=st.sampled_from([0.0, 0.5]),
+)
+def test_replay_equals_reference_replay(tmp_path_factory, seed, ways, kib, batch, peer):
+    trace = _trace(tmp_path_factory.mktemp("r"), seed)
+    wl = Workload(layout="mla-fp8", batch=batch, peer_share=peer, page_order="shuffled")
+    df = replay(trace, policies=["lru"], cache_size=kib * 1024, ways=ways, workload=wl)
+    ref = ReferenceCache(kib * 1024, ways, 128, 32, "mod", 2)
+    counts = reference_replay(ref, plan_replay(trace, wl), trace.iter_steps())
+    got = {
+        (row.step, row.layer, row.cls, row.tier): {c: getattr(row, c) for c in COUNTERS}
+        for row in df.rename(columns={"class": "cls"}).itertuples(index=False)
+    }
+    expect = {
+        (s, layer, c, TIERS[t]): v for (s, layer, c, t), v in counts.items() if any(v.values())
+    }
+    assert got == expect
+
+
+def test_simulate_addresses_counts_sectors():
+    # 4 sectors of one line, then the same line again: 1 line miss then 1 line hit
+    out = simulate_addresses(np.array([0, 32, 64, 96, 0]), size="4KiB", ways=4)
+    assert out["accesses"] == 5 and out["sector_misses"] == 4 and out["sector_hits"] == 1
+    assert out["line_hits"] == 1 and out["line_misses"] == 4
+    out = simulate_addresses(np.array([0, 0]), size="4KiB", ways=4, nbytes=128)
+    assert (out["sectors"], out["sector_misses"], out["line_hits"]) == (8, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(size=1000, ways=4), "not a multiple of ways x line"),
+        (dict(size=4096, ways=4, sector=48), "sector 48 B must be a power of two"),
+        (dict(size=4096, ways=4, sector=256), "divides the line"),
+        (dict(size=4096, ways=0), "ways must be >= 1"),
+        (dict(size="4XB", ways=4), "invalid size '4XB'"),
+    ],
+)
+def test_bad_cache_shapes(kwargs, needle):
+    with pytest.raises(DsacacheError) as e:
+        simulate_addresses(np.arange(10), **kwargs)
+    assert needle in str(e.value)
+
+
+def test_bad_addresses():
+    with pytest.raises(DsacacheError, match="1-D integer"):
+        simulate_addresses(np.zeros((2, 2), int), size="4KiB", ways=4)
+    with pytest.raises(DsacacheError, match=">= 0"):
+        simulate_addresses(np.array([-1]), size="4KiB", ways=4)

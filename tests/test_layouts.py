@@ -1,0 +1,55 @@
+import pytest
+
+from dsacache.errors import DsacacheError
+from dsacache.simulator import make_layout
+from dsacache.simulator.layouts import default_layout
+
+
+@pytest.mark.parametrize(
+    "spec,model,bytes_per_token",
+    [
+        ("mla-bf16", {}, (512 + 64) * 2),  # 1152
+        ("mla-fp8", {}, 512 + 4 * 4 + 64 * 2),  # 656, DeepSeek-V3.2
+        ("indexer", {}, 128 + 4),  # 132
+        ("gqa", {"kv_heads": 3, "head_dim": 64}, 2 * 3 * 64 * 2),  # SmolLM2-135M: 768
+        ("gqa:kv_heads=4,head_dim=128", {}, 2048),  # Zadouri et al.: GQA-4
+        ("gta:kv_heads=4,head_dim=128", {}, 1152),  # GTA-4
+        ("gla:groups=2,latent=256,rope=64", {}, 1152),  # GLA-2
+        ("gla:groups=2,latent=256,rope=64,devices=2", {}, 640),  # GLA-2 per GPU at TP=2
+    ],
+)
+def test_bytes_per_token(spec, model, bytes_per_token):
+    assert make_layout(spec, model).bytes_per_token == bytes_per_token
+
+
+def test_gqa_splits_per_group():
+    layout = make_layout("gqa", {"kv_heads": 3, "head_dim": 64})
+    assert [layout.read_bytes(p, 3) for p in layout.planes] == [128, 128]
+    assert [layout.read_bytes(p, 1) for p in layout.planes] == [384, 384]
+
+
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("mla-fp9", "unknown layout 'mla-fp9'"),
+        ("gqa:heads=3", "unknown parameter(s) heads"),
+        ("gqa:kv_heads=x", "kv_heads='x' is not an integer"),
+        ("gla:groups=3,devices=2", "multiple of devices"),
+    ],
+)
+def test_bad_layouts(spec, needle):
+    with pytest.raises(DsacacheError) as e:
+        make_layout(spec)
+    assert needle in str(e.value)
+
+
+def test_group_mismatch():
+    with pytest.raises(DsacacheError, match="has 3 KV group"):
+        make_layout("gqa:kv_heads=3,head_dim=64").check_groups(2)
+    with pytest.raises(DsacacheError, match="no per-group planes"):
+        make_layout("mla-fp8").check_groups(3)
+
+
+def test_default_layout():
+    assert default_layout({"layout": "mla-fp8"}) == "mla-fp8"
+    assert default_layout({"attention": "GQA"}) == "gqa"

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+
+from dsacache.errors import DsacacheError
+from dsacache.tracer import PRESETS, SynthConfig, preset, synthesize
+from dsacache.traces import open_trace
+
+
+def _rows_by_stream(tr):
+    b = tr.read_all()
+    out = {}
+    for i in range(len(b)):
+        out.setdefault((b.request[i], b.layer[i], b.group[i]), []).append(set(b.row(i).tolist()))
+    return out
+
+
+def test_knobs_shape_the_trace(tmp_path):
+    cfg = SynthConfig(
+        layers=2,
+        groups=2,
+        requests=2,
+        context=5000,
+        steps=20,
+        k=100,
+        keep=0.7,
+        layer_variation=0.0,
+        sinks=3,
+        seed=1,
+    )
+    tr = open_trace(synthesize(cfg, tmp_path / "a.dsatrace"))
+    info = tr.validate()
+    assert (
+        info["rows"],
+        info["steps"],
+        info["layers"],
+        info["groups"],
+        info["requests"],
+        info["k"],
+    ) == (160, 20, 2, 2, 2, 100)
+    for sets in _rows_by_stream(tr).values():
+        assert all(len(s) == 100 and {0, 1, 2} <= s for s in sets)
+        # round(keep * k) picks carry over; fresh picks may re-hit a dropped token now and then
+        kept = np.mean(
+            [len((a & b) - {0, 1, 2}) / 100 for a, b in zip(sets, sets[1:], strict=False)]
+        )
+        assert 0.70 <= kept < 0.74
+
+
+def test_keep_zero_vs_one(tmp_path):
+    base = dict(
+        layers=1,
+        context=20000,
+        steps=6,
+        k=64,
+        layer_variation=0.0,
+        sinks=0,
+        recency_weight=0.0,
+        return_weight=0.0,
+    )
+    same = _rows_by_stream(
+        open_trace(synthesize(SynthConfig(keep=1.0, **base), tmp_path / "a.dsatrace"))
+    )
+    (sets,) = same.values()
+    assert all(s == sets[0] for s in sets)
+    fresh = _rows_by_stream(
+        open_trace(synthesize(SynthConfig(keep=0.0, **base), tmp_path / "b.dsatrace"))
+    )
+    (sets,) = fresh.values()
+    assert np.mean([len(a & b) for a, b in zip(sets, sets[1:], strict=False)]) < 3
+
+
+def test_recency_window(tmp_path):
+    cfg = SynthConfig(
+        layers=1,
+        context=50000,
+        steps=4,
+        k=200,
+        keep=0.0,
+        recency_weight=1.0,
+        return_weight=0.0,
+        recency_window=400,
+        sinks=0,
+    )
+    b = open_trace(synthesize(cfg, tmp_path / "r.dsatrace")).read_all()
+    assert (b.indices >= 50000 - 400).all()
+
+
+def test_short_context_selects_everything(tmp_path):
+    b = open_trace(
+        synthesize(SynthConfig(layers=1, context=10, steps=3, k=64), tmp_path / "s.dsatrace")
+    ).read_all()
+    assert [b.row(i).tolist() for i in range(3)] == [list(range(10 + i)) for i in range(3)]
+
+
+def test_deterministic(tmp_path):
+    cfg = preset("smollm2-135m", steps=3)
+    a = open_trace(synthesize(cfg, tmp_path / "a.dsatrace")).read_all()
+    b = open_trace(synthesize(cfg, tmp_path / "b.dsatrace")).read_all()
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_presets():
+    assert PRESETS["deepseek-v3.2"].layers == 61 and PRESETS["deepseek-v3.2"].k == 2048
+    assert PRESETS["smollm2-135m"].layers == 30 and PRESETS["smollm2-135m"].groups == 3
+    with pytest.raises(DsacacheError, match="unknown preset"):
+        preset("nope")
+
+
+@pytest.mark.parametrize(
+    "field,value", [("k", 0), ("keep", 1.5), ("layers", 0), ("recency_weight", -0.1)]
+)
+def test_bad_knobs(tmp_path, field, value):
+    with pytest.raises(DsacacheError, match=field):
+        synthesize(SynthConfig(**{field: value}), tmp_path / "x.dsatrace")

@@ -1,0 +1,270 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dsacache.errors import TraceError
+from dsacache.traces import SelectionBatch, TraceWriter, open_trace
+
+MODEL = {"name": "test", "layers": 2, "attention": "MLA"}
+INDEXER = {"kind": "oracle", "k": 8}
+
+
+def _rows(rng, requests, steps, layers, groups, k, context):
+    out = []
+    for step in range(steps):
+        for layer in range(layers):
+            for request in range(requests):
+                for group in range(groups):
+                    pos = context + step
+                    idx = np.sort(rng.choice(pos, min(k, pos), replace=False))
+                    out.append((request, step, pos, layer, group, idx))
+    return out
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=st.integers(1, 3),
+    steps=st.integers(1, 5),
+    layers=st.integers(1, 4),
+    groups=st.integers(1, 3),
+    k=st.integers(0, 70),
+    context=st.integers(1, 500),
+    part_rows=st.integers(1, 40),
+    seed=st.integers(0, 2**31),
+)
+def test_round_trip(tmp_path_factory, requests, steps, layers, groups, k, context, part_rows, seed):
+    path = tmp_path_factory.mktemp("rt") / "t.dsatrace"
+    rows = _rows(np.random.default_rng(seed), requests, steps, layers, groups, k, context)
+    with TraceWriter(path, model=MODEL, indexer=INDEXER, part_rows=part_rows) as w:
+        for r, s, p, layer, g, idx in rows:
+            w.append(request=r, step=s, position=p, layer=layer, group=g, indices=idx)
+    tr = open_trace(path)
+    assert tr.complete and tr.rows == len(rows)
+    back = tr.read_all()
+    assert len(back) == len(rows)
+    for i, (r, s, p, layer, g, idx) in enumerate(rows):
+        assert (back.request[i], back.step[i], back.position[i], back.layer[i], back.group[i]) == (
+            r,
+            s,
+            p,
+            layer,
+            g,
+        )
+        np.testing.assert_array_equal(back.row(i), idx)
+    # iter_steps regroups the same rows step by step
+    steps_seen = [int(b.step[0]) for b in tr.iter_steps()]
+    assert steps_seen == sorted(set(steps_seen)) and len(steps_seen) == steps
+    assert sum(len(b) for b in tr.iter_steps()) == len(rows)
+    df = tr.to_pandas()
+    assert list(df.columns) == ["request", "step", "position", "layer", "group", "indices"]
+    assert tr.validate()["rows"] == len(rows)
+
+
+def test_iter_steps_sorts_unordered_traces(tmp_path):
+    path = tmp_path / "u.dsatrace"
+    with TraceWriter(path, model=MODEL, indexer=INDEXER, part_rows=2) as w:
+        for step in (2, 0, 1):
+            w.append(request=0, step=step, position=10 + step, layer=0, group=0, indices=[1, 2])
+    tr = open_trace(path)
+    assert tr.manifest["order"] == "unordered"
+    assert [int(b.step[0]) for b in tr.iter_steps()] == [0, 1, 2]
+
+
+def test_bytes_per_index_below_two_on_realistic_rows(tmp_path):
+    from dsacache.tracer import preset, synthesize
+
+    path = synthesize(
+        preset("deepseek-v3.2", steps=3, layers=8, context=32768), tmp_path / "d.dsatrace"
+    )
+    info = open_trace(path).validate()
+    assert info["bytes_per_index"] < 2.0
+
+
+def test_writer_rejects_bad_rows_before_writing(tmp_path):
+    with pytest.raises(TraceError, match="outside 0 <= index < position"):
+        with TraceWriter(tmp_path / "a.dsatrace", model=MODEL, indexer=INDEXER) as w:
+            w.append(request=0, step=0, position=5, layer=0, group=0, indices=[1, 5])
+    with pytest.raises(TraceError, match="unique and ascending"):
+        with TraceWriter(tmp_path / "b.dsatrace", model=MODEL, indexer=INDEXER) as w:
+            w.append(request=0, step=0, position=9, layer=0, group=0, indices=[3, 2])
+
+
+def test_writer_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "t.dsatrace"
+    TraceWriter(path, model=MODEL, indexer=INDEXER).close()
+    with pytest.raises(TraceError, match="already exists"):
+        TraceWriter(path, model=MODEL, indexer=INDEXER)
+
+
+def _write(path, rows=12, part_rows=4):
+    with TraceWriter(path, model=MODEL, indexer=INDEXER, part_rows=part_rows) as w:
+        for s in range(rows):
+            w.append(request=0, step=s, position=20 + s, layer=0, group=0, indices=[0, 3, 7 + s])
+    return path
+
+
+def test_missing_part(tmp_path):
+    path = _write(tmp_path / "t.dsatrace")
+    (path / "part-00001.parquet").unlink()
+    with pytest.raises(
+        TraceError, match="part-00001.parquet: part listed in manifest.json is missing"
+    ):
+        open_trace(path).validate()
+
+
+def test_truncated_part(tmp_path):
+    path = _write(tmp_path / "t.dsatrace")
+    f = path / "part-00002.parquet"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(TraceError, match="truncated"):
+        open_trace(path).validate()
+
+
+def test_checksum_mismatch(tmp_path):
+    path = _write(tmp_path / "t.dsatrace")
+    f = path / "part-00000.parquet"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(TraceError, match="checksum mismatch"):
+        open_trace(path).validate()
+
+
+def _edit_manifest(path, **changes):
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(changes)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_unknown_schema_version(tmp_path):
+    path = _write(tmp_path / "t.dsatrace")
+    _edit_manifest(path, schema_version=99)
+    with pytest.raises(TraceError, match="schema_version 99 is not supported"):
+        open_trace(path)
+
+
+def test_not_a_trace(tmp_path):
+    with pytest.raises(TraceError, match="no such trace"):
+        open_trace(tmp_path / "nope.dsatrace")
+    (tmp_path / "empty.dsatrace").mkdir()
+    with pytest.raises(TraceError, match="no manifest.json"):
+        open_trace(tmp_path / "empty.dsatrace")
+
+
+def _rewrite_part(path, table_fn):
+    """Replace part 0 with a modified table and fix up its manifest entry (size and sha)."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    f = path / "part-00000.parquet"
+    table = table_fn(pq.read_table(f))
+    pq.write_table(table, f)
+    m = json.loads((path / "manifest.json").read_text())
+    data = f.read_bytes()
+    m["parts"][0].update(
+        bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), rows=table.num_rows
+    )
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_index_out_of_range_in_stored_part(tmp_path):
+    import pyarrow as pa
+
+    path = _write(tmp_path / "t.dsatrace")
+
+    def shrink_position(t):
+        return t.set_column(2, "position", pa.array([2] * t.num_rows, pa.int32()))
+
+    _rewrite_part(path, shrink_position)
+    with pytest.raises(TraceError, match=r"part-00000.parquet: row 0 .*index 3 is outside"):
+        open_trace(path).validate()
+
+
+def test_unsorted_indices_in_stored_part(tmp_path):
+    import pyarrow as pa
+
+    path = _write(tmp_path / "t.dsatrace")
+
+    def reverse(t):
+        lists = [list(reversed(x)) for x in t.column("indices").to_pylist()]
+        return t.set_column(5, "indices", pa.array(lists, pa.list_(pa.int32())))
+
+    _rewrite_part(path, reverse)
+    with pytest.raises(TraceError, match="unique and ascending"):
+        open_trace(path).validate()
+
+
+def test_missing_column(tmp_path):
+    path = _write(tmp_path / "t.dsatrace")
+    _rewrite_part(path, lambda t: t.drop(["layer"]))
+    with pytest.raises(TraceError, match="missing column"):
+        open_trace(path).validate()
+
+
+def test_killed_writer_leaves_valid_prefix(tmp_path):
+    """SIGKILL a writer mid-capture: every part finished before the kill validates."""
+    path = tmp_path / "killed.dsatrace"
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np
+        from dsacache.traces import TraceWriter
+        w = TraceWriter({str(path)!r}, model={{"name": "t"}}, indexer={{"k": 16}}, part_rows=50)
+        rng = np.random.default_rng(0)
+        step = 0
+        while True:
+            for layer in range(4):
+                w.append(request=0, step=step, position=1000 + step, layer=layer, group=0,
+                         indices=np.sort(rng.choice(1000 + step, 16, replace=False)))
+            step += 1
+            if step == 40:
+                print("ready", flush=True)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tr = open_trace(path)
+    assert not tr.complete
+    info = tr.validate()
+    assert info["parts"] >= 3 and info["rows"] == 50 * info["parts"]
+    out = subprocess.run(
+        [sys.executable, "-m", "dsacache.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "incomplete" in out.stdout
+
+
+def test_selection_batch_take_and_concat():
+    b = SelectionBatch(
+        request=np.array([0, 1, 2]),
+        step=np.zeros(3, int),
+        position=np.full(3, 10),
+        layer=np.zeros(3, int),
+        group=np.zeros(3, int),
+        offsets=np.array([0, 2, 2, 5]),
+        indices=np.array([1, 2, 3, 4, 5], np.int32),
+    )
+    t = b.take(np.array([2, 0]))
+    assert (
+        t.request.tolist() == [2, 0]
+        and t.row(0).tolist() == [3, 4, 5]
+        and t.row(1).tolist() == [1, 2]
+    )
+    c = SelectionBatch.concat([t, b])
+    assert len(c) == 5 and c.row(4).tolist() == [3, 4, 5] and c.row(3).tolist() == []
