@@ -11,8 +11,11 @@ the engine's replay loop calls (and Numba inlines; no first-class functions in t
 - ``victim(line_state, set_state, glob, s, ways, clock, params) -> way``: the set is full;
   choose the way to evict.
 
-``line_state`` is int64[n_sets * ways] (index ``s * ways + way``), ``set_state`` is
-int64[n_sets * set_words], ``glob`` int64[16] (global counters, RNG state) and ``params`` a
+The engine fills a set's ways in order 0, 1, ... before it asks for victims (lines are never
+invalidated), so a policy sees every way filled once before ``victim`` is first called.
+``line_state`` is ``line_dtype``[n_sets * ways * line_words] (way ``w`` of set ``s`` owns
+words from ``(s * ways + w) * line_words``), ``set_state`` is ``line_dtype``[n_sets *
+set_words], ``glob`` int64[16] (global counters, RNG state) and ``params`` a
 float64 array of the policy's numeric parameters in declaration order. Register a policy with
 ``register``; users add their own from a Python file (``dsacache replay --plugin FILE``)
 without editing the package.
@@ -90,6 +93,8 @@ class PolicyType:
     victim: Callable
     params: tuple[Param, ...] = ()
     set_words: int = 1
+    line_words: int = 1
+    line_dtype: type = np.int64
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """FIFO: evict the line filled first (hits do not change the order)."""
 
+import numpy as np
 from numba import njit
 
 from dsacache.policies.base import PolicyType, register
-from dsacache.policies.lru import init, touch, victim
+from dsacache.policies.lru import init, tail, to_front
 
 
 @njit(inline="always")
@@ -17,7 +18,10 @@ FIFO = register(
         description="first-in first-out per set; hits do not reorder",
         init=init,
         on_hit=on_hit,
-        on_fill=touch,
-        victim=victim,
+        on_fill=to_front,
+        victim=tail,
+        line_dtype=np.int32,
+        line_words=2,
+        set_words=2,
     )
 )

@@ -93,6 +93,7 @@ def _kernel(policy: Policy):
         counters,
         tags,
         valid,
+        fill,
         line_state,
         set_state,
         glob,
@@ -103,6 +104,7 @@ def _kernel(policy: Policy):
         line_shift,
         sector_shift,
         partitions,
+        part_shift,
         xor_hash,
         write_allocate,
         popcount8,
@@ -112,62 +114,71 @@ def _kernel(policy: Policy):
         for i in range(addr.shape[0]):
             a = addr[i]
             end = a + nbytes[i]
-            b = bucket[i]
             write = is_write[i]
-            counters[b, 6] += nbytes[i]
+            n_acc = n_hit = n_sec = n_sec_miss = n_written = 0
             for ln in range(a >> line_shift, ((end - 1) >> line_shift) + 1):
                 start = ln << line_shift
-                lo = max(a, start) - start
-                hi = min(end, start + line_bytes) - start
-                s0 = lo >> sector_shift
-                s1 = (hi - 1) >> sector_shift
+                s0 = (max(a, start) - start) >> sector_shift
+                s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
                 wanted = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
                 n_wanted = s1 - s0 + 1
-                rest = ln // partitions
+                if partitions == 1:
+                    rest = ln
+                    part = 0
+                elif part_shift >= 0:
+                    rest = ln >> part_shift
+                    part = ln & (partitions - 1)
+                else:
+                    rest = ln // partitions
+                    part = ln - rest * partitions
                 if xor_hash:
                     rest = rest ^ (rest >> 17) ^ (rest >> 29)
-                s = (ln % partitions) * per + rest % per
+                s = part * per + rest % per
                 base = s * ways
                 way = -1
-                empty = -1
                 for w in range(ways):
-                    t = tags[base + w]
-                    if t == ln:
+                    if tags[base + w] == ln:
                         way = w
                         break
-                    if t < 0 and empty < 0:
-                        empty = w
                 clock += 1
                 if write:
-                    counters[b, 5] += n_wanted
+                    n_written += n_wanted
                     if way >= 0:
                         valid[base + way] |= wanted
                         on_hit(line_state, set_state, glob, s, way, ways, clock, params)
-                    elif write_allocate:
-                        if empty < 0:
-                            empty = victim(line_state, set_state, glob, s, ways, clock, params)
-                        tags[base + empty] = ln
-                        valid[base + empty] = wanted
-                        on_fill(line_state, set_state, glob, s, empty, ways, clock, params)
-                    continue
-                counters[b, 0] += 1
-                counters[b, 2] += n_wanted
-                if way >= 0:
-                    v = valid[base + way]
-                    missing = popcount8[wanted & ~v & 0xFF]
-                    valid[base + way] = v | wanted
-                    on_hit(line_state, set_state, glob, s, way, ways, clock, params)
-                    if missing == 0:
-                        counters[b, 1] += 1
+                        continue
+                    if not write_allocate:
+                        continue
+                    missing = 0
                 else:
-                    missing = n_wanted
-                    if empty < 0:
-                        empty = victim(line_state, set_state, glob, s, ways, clock, params)
-                    tags[base + empty] = ln
-                    valid[base + empty] = wanted
-                    on_fill(line_state, set_state, glob, s, empty, ways, clock, params)
-                counters[b, 3] += n_wanted - missing
-                counters[b, 4] += missing
+                    n_acc += 1
+                    n_sec += n_wanted
+                    if way >= 0:
+                        v = valid[base + way]
+                        missing = popcount8[wanted & ~v & 0xFF]
+                        valid[base + way] = v | wanted
+                        on_hit(line_state, set_state, glob, s, way, ways, clock, params)
+                        n_sec_miss += missing
+                        n_hit += missing == 0
+                        continue
+                    n_sec_miss += n_wanted
+                # allocate: an empty way while the set is filling, else the policy's victim
+                if fill[s] < ways:
+                    way = fill[s]
+                    fill[s] += 1
+                else:
+                    way = victim(line_state, set_state, glob, s, ways, clock, params)
+                tags[base + way] = ln
+                valid[base + way] = wanted
+                on_fill(line_state, set_state, glob, s, way, ways, clock, params)
+            b = bucket[i]
+            counters[b, 0] += n_acc
+            counters[b, 1] += n_hit
+            counters[b, 2] += n_sec
+            counters[b, 3] += n_sec - n_sec_miss
+            counters[b, 4] += n_sec_miss
+            counters[b, 5] += n_written
+            counters[b, 6] += nbytes[i]
         return clock
 
     _KERNELS[key] = run
@@ -181,6 +192,11 @@ class Cache:
         config.check()
         self.config = config
         self.policy = make_policy(policy)
+        limit = np.iinfo(self.policy.type.line_dtype).max
+        if config.ways > limit:
+            raise DsacacheError(
+                f"policy {self.policy.name} supports at most {limit} ways, got {config.ways}"
+            )
         self._kernel = _kernel(self.policy)
         self.reset()
 
@@ -189,9 +205,11 @@ class Cache:
         cfg = self.config
         n = cfg.n_sets * cfg.ways
         self.tags = np.full(n, -1, np.int64)
-        self.valid = np.zeros(n, np.int64)
-        self.line_state = np.zeros(n, np.int64)
-        self.set_state = np.zeros(cfg.n_sets * self.policy.type.set_words, np.int64)
+        self.valid = np.zeros(n, np.uint8)
+        self.fill = np.zeros(cfg.n_sets, np.int64)
+        ptype = self.policy.type
+        self.line_state = np.zeros(n * ptype.line_words, ptype.line_dtype)
+        self.set_state = np.zeros(cfg.n_sets * ptype.set_words, ptype.line_dtype)
         self.glob = np.zeros(16, np.int64)
         self.params = self.policy.param_array()
         self.clock = 0
@@ -218,6 +236,7 @@ class Cache:
             counters,
             self.tags,
             self.valid,
+            self.fill,
             self.line_state,
             self.set_state,
             self.glob,
@@ -228,6 +247,7 @@ class Cache:
             cfg.line.bit_length() - 1,
             cfg.sector.bit_length() - 1,
             cfg.partitions,
+            cfg.partitions.bit_length() - 1 if cfg.partitions & (cfg.partitions - 1) == 0 else -1,
             cfg.set_hash == "xor",
             cfg.write_allocate,
             _POPCOUNT8,
