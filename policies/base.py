@@ -16,7 +16,12 @@ invalidated), so a policy sees every way filled once before ``victim`` is first 
 ``line_state`` is ``line_dtype``[n_sets * ways * line_words] (way ``w`` of set ``s`` owns
 words from ``(s * ways + w) * line_words``), ``set_state`` is ``line_dtype``[n_sets *
 set_words], ``glob`` int64[16] (global counters, RNG state) and ``params`` a
-float64 array of the policy's numeric parameters in declaration order. Register a policy with
+float64 array of the policy's numeric parameters in declaration order.
+
+The engine writes context into ``glob`` before every hook call: ``glob[0]`` is the index of
+the next access to the current line (only for policies with ``needs_future``; Belady),
+``glob[1]`` the traffic class of the current access. ``glob[0:4]`` belong to the engine;
+policies keep their own global state in ``glob[4:]``. Register a policy with
 ``register``; users add their own from a Python file (``dsacache replay --plugin FILE``)
 without editing the package.
 """
@@ -76,9 +81,12 @@ class Param:
             )
         return value
 
+    def render(self, value: Any) -> str:
+        """The value as a user would type it (sizes as ``16MiB``)."""
+        return format_size(value).replace(" ", "") if self.kind == "size" else str(value)
+
     def describe(self) -> str:
-        default = format_size(self.default) if self.kind == "size" else self.default
-        return f"{self.name}={default} ({self.help})"
+        return f"{self.name}={self.render(self.default)} ({self.help})"
 
 
 @dataclass(frozen=True)
@@ -87,14 +95,19 @@ class PolicyType:
 
     name: str
     description: str
-    init: Callable
-    on_hit: Callable
-    on_fill: Callable
-    victim: Callable
+    init: Callable | None = None
+    on_hit: Callable | None = None
+    on_fill: Callable | None = None
+    victim: Callable | None = None
     params: tuple[Param, ...] = ()
     set_words: int = 1
     line_words: int = 1
     line_dtype: type = np.int64
+    needs_future: bool = False
+    # "lines": the hooks above drive the set-associative engine. "tokens" / "reserve": the
+    # policy is one of the simulator's object-granularity engines (simulator/caches.py),
+    # configured by ``params`` alone.
+    engine: str = "lines"
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ class Policy:
     def label(self) -> str:
         """The canonical spec string, e.g. ``srrip:bits=2``."""
         changed = {
-            p.name: self.values[p.name]
+            p.name: p.render(self.values[p.name])
             for p in self.type.params
             if self.values[p.name] != p.default
         }

@@ -7,7 +7,7 @@ from dsacache.policies.base import Param, PolicyType, register
 
 @njit(inline="always")
 def init(line_state, set_state, glob, n_sets, ways, params):
-    glob[0] = int(params[0]) * 2654435761 + 88172645463325252
+    glob[4] = int(params[0]) * 2654435761 + 88172645463325252
 
 
 @njit(inline="always")
@@ -17,11 +17,11 @@ def on_access(line_state, set_state, glob, s, way, ways, clock, params):
 
 @njit(inline="always")
 def victim(line_state, set_state, glob, s, ways, clock, params):
-    x = glob[0]
+    x = glob[4]
     x ^= x >> 12
     x ^= x << 25
     x ^= x >> 27
-    glob[0] = x
+    glob[4] = x
     r = (x * 2685821657736338717) >> 33
     return (r & 0x7FFFFFFF) % ways
 

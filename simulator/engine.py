@@ -90,6 +90,8 @@ def _kernel(policy: Policy):
         nbytes,
         is_write,
         bucket,
+        klass,
+        future,
         counters,
         tags,
         valid,
@@ -111,10 +113,13 @@ def _kernel(policy: Policy):
     ):
         per = n_sets // partitions
         line_bytes = 1 << line_shift
+        has_future = future.shape[0] > 0
+        k = 0  # line accesses so far in this call: index into ``future``
         for i in range(addr.shape[0]):
             a = addr[i]
             end = a + nbytes[i]
             write = is_write[i]
+            glob[1] = klass[i]
             n_acc = n_hit = n_sec = n_sec_miss = n_written = 0
             for ln in range(a >> line_shift, ((end - 1) >> line_shift) + 1):
                 start = ln << line_shift
@@ -141,6 +146,9 @@ def _kernel(policy: Policy):
                         way = w
                         break
                 clock += 1
+                if has_future:
+                    glob[0] = future[k]
+                k += 1
                 if write:
                     n_written += n_wanted
                     if way >= 0:
@@ -225,14 +233,26 @@ class Cache:
         is_write: np.ndarray,
         bucket: np.ndarray,
         counters: np.ndarray,
+        klass: np.ndarray | None = None,
+        future: np.ndarray | None = None,
     ) -> None:
-        """Replay accesses; add their counters into ``counters[bucket, :]`` (int64, 7 columns)."""
+        """Replay accesses; add their counters into ``counters[bucket, :]`` (int64, 7 columns).
+
+        ``klass`` (traffic class per access) and ``future`` (for each line access, the index
+        of the next access to the same line; see ``next_use``) are context that policies may
+        read as ``glob[1]`` and ``glob[0]``.
+        """
         cfg = self.config
+        if self.policy.type.needs_future and future is None:
+            raise DsacacheError(f"policy {self.policy.name} needs the future of the stream")
+        n = len(addr)
         self.clock = self._kernel(
             np.ascontiguousarray(addr, np.int64),
             np.ascontiguousarray(nbytes, np.int64),
             np.ascontiguousarray(is_write, np.bool_),
             np.ascontiguousarray(bucket, np.int64),
+            np.zeros(n, np.int8) if klass is None else np.ascontiguousarray(klass, np.int8),
+            _NO_FUTURE if future is None else np.ascontiguousarray(future, np.int64),
             counters,
             self.tags,
             self.valid,
@@ -254,7 +274,28 @@ class Cache:
         )
 
 
+_NO_FUTURE = np.zeros(0, np.int64)
 _INIT_CACHE: dict[int, object] = {}
+
+
+def line_numbers(addr: np.ndarray, nbytes: np.ndarray, line: int) -> np.ndarray:
+    """The line number of every line access, in the order the engine makes them."""
+    shift = line.bit_length() - 1
+    first = np.asarray(addr, np.int64) >> shift
+    count = ((np.asarray(addr, np.int64) + np.asarray(nbytes, np.int64) - 1) >> shift) - first + 1
+    starts = np.repeat(first - np.cumsum(count) + count, count)
+    return starts + np.arange(int(count.sum()), dtype=np.int64)
+
+
+def next_use(keys: np.ndarray) -> np.ndarray:
+    """For each position, the position of the next occurrence of the same key (``2**62`` if
+    none): the future that Belady/OPT needs. O(N log N), 24 bytes of memory per access."""
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")
+    out = np.full(len(keys), 1 << 62, np.int64)
+    same = keys[order[1:]] == keys[order[:-1]]
+    out[order[:-1][same]] = order[1:][same]
+    return out
 
 
 def _run_init(init, *args) -> None:
@@ -291,16 +332,20 @@ def simulate_addresses(
         )
     if len(addrs) and addrs.min() < 0:
         raise DsacacheError("addresses must be >= 0")
-    cache = Cache(
-        CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash), policy
-    )
+    bound = make_policy(policy)
+    if bound.type.engine != "lines":
+        raise DsacacheError(
+            f"simulate_addresses replays line policies; {bound.name} needs a trace (use replay)"
+        )
+    config = CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash)
+    cache = Cache(config, bound)
     sizes = np.broadcast_to(np.asarray(sector if nbytes is None else nbytes, np.int64), addrs.shape)
     if len(sizes) and sizes.min() < 1:
         raise DsacacheError("access sizes (nbytes) must be >= 1")
     counters = np.zeros((1, len(COUNTERS)), np.int64)
-    cache.run(
-        addrs, sizes, np.zeros(len(addrs), np.bool_), np.zeros(len(addrs), np.int64), counters
-    )
+    future = next_use(line_numbers(addrs, sizes, line)) if bound.type.needs_future else None
+    n = len(addrs)
+    cache.run(addrs, sizes, np.zeros(n, np.bool_), np.zeros(n, np.int64), counters, future=future)
     out = dict(zip(COUNTERS, counters[0].tolist(), strict=True))
     out.pop("write_sectors")
     out["line_misses"] = out["accesses"] - out["line_hits"]

@@ -10,7 +10,8 @@ import pandas as pd
 
 from dsacache.errors import DsacacheError
 from dsacache.policies import make_policy
-from dsacache.simulator.engine import Cache, CacheConfig
+from dsacache.simulator.caches import make_model
+from dsacache.simulator.engine import CacheConfig, next_use
 from dsacache.simulator.presets import GPUPreset, gpu_preset
 from dsacache.simulator.reference import COUNTERS
 from dsacache.simulator.stream import build_step, plan_replay
@@ -98,7 +99,7 @@ def replay(
     config: CacheConfig = preset.cache(cache_size, **overrides)
     workload = workload or Workload()
     amap = plan_replay(trace, workload)
-    caches = [Cache(config, make_policy(p)) for p in policies]
+    caches = [make_model(config, make_policy(p), amap.layers) for p in policies]
     labels = [c.policy.label for c in caches]
     if len(set(labels)) != len(labels):
         raise DsacacheError(f"policies given twice: {', '.join(labels)}")
@@ -107,28 +108,41 @@ def replay(
     n_buckets = amap.layers * n_cls * n_tier
     write_cls = np.array([c in WRITE_CLASSES for c in CLASSES])
     frames: list[dict[str, np.ndarray]] = []
-    steps = trace.iter_steps()
+    chunks = (build_step(amap, rows) for rows in _batch_steps(trace, workload.batch))
+    futures = [None] * len(caches)
+    if any(c.needs_future for c in caches):
+        # Offline policies read the whole stream's future: build it up front (memory grows
+        # with the trace, about 30 bytes per access).
+        chunks = list(chunks)
+        futures = [_futures(c, chunks) if c.needs_future else None for c in caches]
     if progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc="replay", unit="step")
-    for rows in steps:
-        rows = rows.take(rows.request < workload.batch)
-        if not len(rows):
+        chunks = tqdm(chunks, desc="replay", unit="step")
+    for i, chunk in enumerate(chunks):
+        if not len(chunk):
             continue
-        chunk = build_step(amap, rows)
         bucket = (chunk.layer.astype(np.int64) * n_cls + chunk.cls) * n_tier + chunk.tier
         is_write = write_cls[chunk.cls]
-        for cache, label in zip(caches, labels, strict=True):
+        for cache, label, future in zip(caches, labels, futures, strict=True):
             counters = np.zeros((n_buckets, len(COUNTERS)), np.int64)
-            cache.run(chunk.addr, chunk.nbytes, is_write, bucket, counters)
+            cache.run_chunk(
+                chunk.addr,
+                chunk.nbytes,
+                is_write,
+                chunk.cls,
+                chunk.layer,
+                bucket,
+                counters,
+                None if future is None else future[i],
+            )
             used = np.flatnonzero(counters.any(axis=1))
             layer, rest = np.divmod(used, n_cls * n_tier)
             cls, tier = np.divmod(rest, n_tier)
             frame = {name: counters[used, i] for i, name in enumerate(COUNTERS)}
             frame.update(
                 policy=np.full(len(used), label, object),
-                step=np.full(len(used), int(rows.step[0]), np.int32),
+                step=np.full(len(used), int(chunk.step[0]), np.int32),
                 layer=layer.astype(np.int16),
                 cls=cls,
                 tier=tier,
@@ -159,6 +173,20 @@ def replay(
         trace=str(trace.path),
     )
     return df
+
+
+def _batch_steps(trace: Trace, batch: int):
+    for rows in trace.iter_steps():
+        rows = rows.take(rows.request < batch)
+        if len(rows):
+            yield rows
+
+
+def _futures(model, chunks: list) -> list[np.ndarray]:
+    """Next-use positions for ``model``'s keys over the whole stream, split per chunk."""
+    keys = [model.future_keys(c.addr, c.nbytes, c.cls) for c in chunks]
+    whole = next_use(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+    return np.split(whole, np.cumsum([len(k) for k in keys])[:-1])
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,133 @@
+"""Cache models behind one interface, chosen by the policy's engine.
+
+- ``lines``: the set-associative sectored cache with a line policy (``engine.Cache``);
+- ``tokens``: a fully-associative cache whose unit is a KV token (``objects``);
+- ``reserve``: a token-granularity reservation for KV plus the remaining ways as a line cache.
+
+Every model replays a step's ``AccessChunk`` with ``run_chunk`` into counters per bucket.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dsacache.errors import DsacacheError
+from dsacache.policies import Policy, make_policy
+from dsacache.simulator import objects
+from dsacache.simulator.engine import Cache, CacheConfig, line_numbers
+from dsacache.simulator.workload import CLASS_ID
+
+KV, APPEND = CLASS_ID["kv"], CLASS_ID["append"]
+
+
+class LineModel:
+    """A set-associative line cache (any line policy)."""
+
+    def __init__(self, config: CacheConfig, policy: Policy) -> None:
+        self.cache = Cache(config, policy)
+        self.policy = policy
+        self.needs_future = policy.type.needs_future
+        self.description = f"{config.ways}-way set-associative"
+
+    def future_keys(self, addr, nbytes, klass) -> np.ndarray:
+        return line_numbers(addr, nbytes, self.cache.config.line)
+
+    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+        self.cache.run(addr, nbytes, is_write, bucket, counters, klass, future)
+
+
+class TokenModel:
+    """The whole cache, fully associative, KV cached per token and other traffic per line."""
+
+    def __init__(self, config: CacheConfig, policy: Policy) -> None:
+        self.config, self.policy = config, policy
+        self.needs_future = policy.type.needs_future
+        self.appends = policy.values["appends"] == "yes"
+        self.store = objects.ObjectStore(np.array([config.size]), config.size // config.line)
+        self.ghost = objects.ObjectStore(np.array([1]), 1)
+        self.description = "fully-associative, token granularity"
+
+    def _tokens(self, klass) -> np.ndarray:
+        return (klass == KV) | ((klass == APPEND) & self.appends)
+
+    def future_keys(self, addr, nbytes, klass) -> np.ndarray:
+        return objects.object_keys(addr, nbytes, self._tokens(klass), self.config.line)
+
+    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+        cfg = self.config
+        routed = np.zeros(len(addr), np.int8)
+        objects.run_objects(
+            addr, nbytes, is_write, self._tokens(klass), np.zeros(len(addr), np.int64),
+            bucket, _future(future), counters, self.store.arrays(),
+            cfg.line.bit_length() - 1, cfg.sector.bit_length() - 1, self.needs_future,
+            False, self.ghost.arrays(), True, True, routed,
+        )  # fmt: skip
+
+
+class ReserveModel:
+    """Reserved ways for KV tokens (token-granularity inner policy) + a line cache for the rest."""
+
+    def __init__(self, config: CacheConfig, policy: Policy, layers: int) -> None:
+        v = policy.values
+        self.config, self.policy = config, policy
+        way_bytes = config.n_sets * config.line
+        reserved_ways = v["ways"] or -(-v["bytes"] // way_bytes)
+        if not 1 <= reserved_ways < config.ways:
+            raise DsacacheError(
+                f"policy {policy.label}: the reservation needs 1..{config.ways - 1} of the "
+                f"{config.ways} ways (one way is {way_bytes} B), got {reserved_ways}"
+            )
+        self.reserved_bytes = reserved_ways * way_bytes
+        rest = CacheConfig(
+            (config.ways - reserved_ways) * way_bytes, config.ways - reserved_ways, config.line,
+            config.sector, config.set_hash, config.partitions, config.write_allocate,
+        )  # fmt: skip
+        self.rest = Cache(rest, make_policy(v["rest"]))
+        self.appends = v["appends"] == "yes"
+        self.per_layer = v["scope"] == "layer"
+        parts = layers if self.per_layer else 1
+        self.store = objects.ObjectStore(
+            np.full(parts, self.reserved_bytes // parts), self.reserved_bytes // config.line
+        )
+        ghost_entries = self.reserved_bytes // config.line
+        self.ghost = objects.ObjectStore(np.array([ghost_entries]), ghost_entries)
+        self.needs_future = v["inner"] == "token-belady"
+        self.description = (
+            f"{reserved_ways} of {config.ways} ways ({self.reserved_bytes} B) reserved for KV"
+        )
+
+    def _tokens(self, klass) -> np.ndarray:
+        return (klass == KV) | ((klass == APPEND) & self.appends)
+
+    def future_keys(self, addr, nbytes, klass) -> np.ndarray:
+        return np.asarray(addr)[self._tokens(klass)]
+
+    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+        cfg = self.config
+        routed = np.zeros(len(addr), np.int8)
+        part = layer.astype(np.int64) if self.per_layer else np.zeros(len(addr), np.int64)
+        objects.run_objects(
+            addr, nbytes, is_write, self._tokens(klass), part, bucket, _future(future),
+            counters, self.store.arrays(), cfg.line.bit_length() - 1,
+            cfg.sector.bit_length() - 1, self.needs_future, self.policy.values["admit"] == "second",
+            self.ghost.arrays(), False, self.appends, routed,
+        )  # fmt: skip
+        rest = routed == 0
+        self.rest.run(addr[rest], nbytes[rest], is_write[rest], bucket[rest], counters, klass[rest])
+
+
+def _future(future):
+    return np.zeros(0, np.int64) if future is None else np.ascontiguousarray(future, np.int64)
+
+
+def make_model(config: CacheConfig, policy: str | Policy, layers: int = 1):
+    """The cache model for ``policy`` (a spec string or a bound ``Policy``)."""
+    policy = make_policy(policy)
+    engine = policy.type.engine
+    if engine == "lines":
+        return LineModel(config, policy)
+    if engine == "tokens":
+        return TokenModel(config, policy)
+    if engine == "reserve":
+        return ReserveModel(config, policy, layers)
+    raise DsacacheError(f"policy {policy.name}: unknown engine {engine!r}")

@@ -1,0 +1,335 @@
+"""Fully-associative, size-aware object caches in Numba: the token-granularity side of dsacache.
+
+An *object* is what one access of the stream reads as a unit: for KV traffic, one token's
+record in one layer (and plane, or group slice where the layout splits them); for any other
+traffic, one cache line. Its footprint is the whole lines it spans, as a sectored LLC would
+store it. Objects live in ``parts`` independent LRU lists, each with its own byte capacity
+(one list shared by all layers, or one per layer). Lookup is an open-addressing hash table
+(linear probing, backward-shift deletion); recency is a doubly-linked list per part, so every
+operation is O(1) expected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+EMPTY = -1
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _slot(key, mask):
+    return np.int64((np.uint64(key) * _HASH_MUL) >> np.uint64(20)) & mask
+
+
+@njit(inline="always")
+def _find(tkeys, tnode, mask, key):
+    i = _slot(key, mask)
+    while True:
+        k = tkeys[i]
+        if k == key:
+            return i
+        if k == EMPTY:
+            return -1 - i  # not found; -1 - (first empty slot)
+        i = (i + 1) & mask
+
+
+@njit(inline="always")
+def _delete(tkeys, tnode, node_slot, mask, i):
+    tkeys[i] = EMPTY
+    j = i
+    while True:
+        j = (j + 1) & mask
+        k = tkeys[j]
+        if k == EMPTY:
+            return
+        home = _slot(k, mask)
+        # move j back to the hole at i unless its home lies cyclically in (i, j]
+        if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            tkeys[i] = k
+            tnode[i] = tnode[j]
+            node_slot[tnode[i]] = i
+            tkeys[j] = EMPTY
+            i = j
+
+
+@njit(inline="always")
+def _unlink(prev, nxt, head, tail, p, n):
+    a = prev[n]
+    b = nxt[n]
+    if a >= 0:
+        nxt[a] = b
+    else:
+        head[p] = b
+    if b >= 0:
+        prev[b] = a
+    else:
+        tail[p] = a
+
+
+@njit(inline="always")
+def _push_front(prev, nxt, head, tail, p, n):
+    h = head[p]
+    prev[n] = -1
+    nxt[n] = h
+    if h >= 0:
+        prev[h] = n
+    else:
+        tail[p] = n
+    head[p] = n
+
+
+class ObjectStore:
+    """State of a fully-associative LRU over objects, split into ``parts`` with byte capacities."""
+
+    def __init__(self, capacities: np.ndarray, max_objects: int) -> None:
+        self.capacity = np.asarray(capacities, np.int64)
+        parts = len(self.capacity)
+        n = max(int(max_objects), 1) + parts
+        size = 1 << max(int(2 * n - 1).bit_length(), 4)
+        self.tkeys = np.full(size, EMPTY, np.int64)
+        self.tnode = np.zeros(size, np.int64)
+        self.node_key = np.zeros(n, np.int64)
+        self.node_size = np.zeros(n, np.int64)
+        self.node_part = np.zeros(n, np.int64)
+        self.node_slot = np.zeros(n, np.int64)
+        self.node_valid = np.zeros(n, np.int64)
+        self.node_next_use = np.zeros(n, np.int64)
+        self.prev = np.full(n, -1, np.int64)
+        self.nxt = np.full(n, -1, np.int64)
+        self.head = np.full(parts, -1, np.int64)
+        self.tail = np.full(parts, -1, np.int64)
+        self.used = np.zeros(parts, np.int64)
+        self.free = np.arange(n - 1, -1, -1, dtype=np.int64)  # a stack of free node ids
+        self.n_free = np.array([n], np.int64)
+
+    def arrays(self) -> tuple:
+        return (
+            self.tkeys, self.tnode, self.node_key, self.node_size, self.node_part,
+            self.node_slot, self.node_valid, self.node_next_use, self.prev, self.nxt,
+            self.head, self.tail, self.used, self.capacity, self.free, self.n_free,
+        )  # fmt: skip
+
+
+@njit(inline="always")
+def _evict(st, p):
+    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
+     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    n = tail[p]
+    _unlink(prev, nxt, head, tail, p, n)
+    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
+    used[p] -= node_size[n]
+    free[n_free[0]] = n
+    n_free[0] += 1
+
+
+@njit(inline="always")
+def _evict_furthest(st, p):
+    """Belady at object granularity: evict the object of part ``p`` used furthest ahead."""
+    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
+     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    best = -1
+    far = -1
+    n = head[p]
+    while n >= 0:
+        if node_next_use[n] > far:
+            far = node_next_use[n]
+            best = n
+        n = nxt[n]
+    _unlink(prev, nxt, head, tail, p, best)
+    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[best])
+    used[p] -= node_size[best]
+    free[n_free[0]] = best
+    n_free[0] += 1
+
+
+@njit(inline="always")
+def lookup(st, key):
+    """Node id of ``key``, or -1."""
+    tkeys, tnode = st[0], st[1]
+    i = _find(tkeys, tnode, tkeys.shape[0] - 1, key)
+    return tnode[i] if i >= 0 else -1
+
+
+@njit(inline="always")
+def touch(st, n, next_use):
+    prev, nxt, head, tail, node_part, node_next_use = st[8], st[9], st[10], st[11], st[4], st[7]
+    p = node_part[n]
+    node_next_use[n] = next_use
+    if head[p] != n:
+        _unlink(prev, nxt, head, tail, p, n)
+        _push_front(prev, nxt, head, tail, p, n)
+
+
+@njit(inline="always")
+def insert(st, key, size, p, valid, next_use, furthest):
+    """Insert ``key`` (absent) into part ``p``, evicting LRU (or furthest-used) objects to make
+    room. An object larger than its part's capacity is not inserted (returns -1)."""
+    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
+     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    if size > capacity[p]:
+        return -1
+    while used[p] + size > capacity[p]:
+        if furthest:
+            _evict_furthest(st, p)
+        else:
+            _evict(st, p)
+    n_free[0] -= 1
+    n = free[n_free[0]]
+    i = -1 - _find(tkeys, tnode, tkeys.shape[0] - 1, key)
+    tkeys[i] = key
+    tnode[i] = n
+    node_slot[n] = i
+    node_key[n] = key
+    node_size[n] = size
+    node_part[n] = p
+    node_valid[n] = valid
+    node_next_use[n] = next_use
+    used[p] += size
+    _push_front(prev, nxt, head, tail, p, n)
+    return n
+
+
+@njit(inline="always")
+def remove(st, n):
+    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
+     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    p = node_part[n]
+    _unlink(prev, nxt, head, tail, p, n)
+    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
+    used[p] -= node_size[n]
+    free[n_free[0]] = n
+    n_free[0] += 1
+
+
+LINE_TAG = np.int64(1) << np.int64(61)  # keeps line objects apart from token objects
+
+
+@njit(nogil=True)
+def run_objects(
+    addr,
+    nbytes,
+    is_write,
+    is_token,
+    part,
+    bucket,
+    future,
+    counters,
+    st,
+    line_shift,
+    sector_shift,
+    furthest,
+    admit_second,
+    ghost,
+    handle_lines,
+    admit_writes,
+    routed,
+):
+    """Replay accesses through an object store. Token accesses are one object each; other
+    accesses are one object per line (sectored: only requested sectors are fetched), unless
+    ``handle_lines`` is off. ``routed[i]`` is set to 1 for every access this store handled;
+    accesses left at 0 (lines when ``handle_lines`` is off, token misses that were not
+    admitted, writes when ``admit_writes`` is off) are for the next cache to serve."""
+    has_future = future.shape[0] > 0
+    k = 0
+    line_bytes = 1 << line_shift
+    for i in range(addr.shape[0]):
+        a = addr[i]
+        end = a + nbytes[i]
+        first = a >> line_shift
+        last = (end - 1) >> line_shift
+        b = bucket[i]
+        counters[b, 6] += nbytes[i]
+        if is_token[i]:
+            n_lines = last - first + 1
+            n_sec = (((end - 1) >> sector_shift) - (a >> sector_shift)) + 1
+            nu = future[k] if has_future else 0
+            k += 1
+            node = lookup(st, a)
+            if is_write[i]:
+                if not admit_writes:
+                    continue
+                counters[b, 5] += n_sec
+                if node >= 0:
+                    touch(st, node, nu)
+                else:
+                    insert(st, a, n_lines * line_bytes, part[i], 0, nu, furthest)
+                routed[i] = 1
+                continue
+            if node >= 0:
+                touch(st, node, nu)
+                counters[b, 0] += n_lines
+                counters[b, 1] += n_lines
+                counters[b, 2] += n_sec
+                counters[b, 3] += n_sec
+                routed[i] = 1
+                continue
+            if admit_second:
+                g = lookup(ghost, a)
+                if g < 0:  # first sighting: remember it, let the next cache serve it
+                    insert(ghost, a, 1, 0, 0, 0, False)
+                    continue
+                remove(ghost, g)
+            insert(st, a, n_lines * line_bytes, part[i], 0, nu, furthest)
+            counters[b, 0] += n_lines
+            counters[b, 2] += n_sec
+            counters[b, 4] += n_sec
+            routed[i] = 1
+            continue
+        if not handle_lines:
+            continue
+        routed[i] = 1
+        for ln in range(first, last + 1):
+            start = ln << line_shift
+            s0 = (max(a, start) - start) >> sector_shift
+            s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
+            wanted = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+            n_wanted = s1 - s0 + 1
+            nu = future[k] if has_future else 0
+            k += 1
+            key = ln | LINE_TAG
+            node = lookup(st, key)
+            if is_write[i]:
+                counters[b, 5] += n_wanted
+                if node >= 0:
+                    st[6][node] |= wanted
+                    touch(st, node, nu)
+                else:
+                    insert(st, key, line_bytes, 0, wanted, nu, furthest)
+                continue
+            counters[b, 0] += 1
+            counters[b, 2] += n_wanted
+            if node >= 0:
+                v = st[6][node]
+                missing = 0
+                m = wanted & ~v
+                while m:
+                    missing += 1
+                    m &= m - 1
+                st[6][node] = v | wanted
+                touch(st, node, nu)
+                counters[b, 1] += missing == 0
+            else:
+                missing = n_wanted
+                insert(st, key, line_bytes, 0, wanted, nu, furthest)
+            counters[b, 3] += n_wanted - missing
+            counters[b, 4] += missing
+
+
+def object_keys(
+    addr: np.ndarray, nbytes: np.ndarray, is_token: np.ndarray, line: int
+) -> np.ndarray:
+    """The key of every object access ``run_objects`` makes, in order (for ``next_use``)."""
+    from dsacache.simulator.engine import line_numbers
+
+    shift = line.bit_length() - 1
+    n_lines = ((addr + nbytes - 1) >> shift) - (addr >> shift) + 1
+    count = np.where(is_token, 1, n_lines)
+    pos = np.cumsum(count) - count
+    keys = np.empty(int(count.sum()), np.int64)
+    keys[pos[is_token]] = addr[is_token]
+    others = np.ones(len(keys), bool)
+    others[pos[is_token]] = False
+    keys[others] = line_numbers(addr[~is_token], nbytes[~is_token], line) | LINE_TAG
+    return keys
