@@ -340,5 +340,75 @@ def demo(steps, quiet) -> None:
             click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--kernel", "kernel_regex", default=None, help="Profile only kernels matching this regex."
+)
+@click.option(
+    "--plan",
+    type=click.Path(),
+    default=None,
+    help="JSON launch plan the workload writes (joined row by row).",
+)
+@click.option("--launch-skip", type=int, default=0, show_default=True)
+@click.option("--launch-count", type=int, default=None)
+@click.option(
+    "--out", required=True, type=click.Path(), help="Measured counters (.parquet or .csv)."
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None:
+    """Run COMMAND under Nsight Compute (no cache flush between kernels, application replay)
+    and save the L2/DRAM counters of every profiled kernel with GPU metadata.
+
+    \b
+    Example:
+      dsacache profile --kernel '^l2probe' --out m.parquet -- python my_decode.py
+    """
+    from dsacache.kernels.ncu import profile as run_profile
+
+    df = run_profile(
+        list(command), kernel_regex, plan, launch_skip=launch_skip, launch_count=launch_count
+    )
+    _save(df, out)
+    click.echo(f"{len(df)} kernel(s) measured -> {out}")
+
+
+@main.command()
+@click.argument("experiment", type=click.Choice(["reuse", "gather", "decode"]))
+@click.option("--out", required=True, type=click.Path(), help="Measured counters (.parquet).")
+@click.option("--sizes", default=None, help="reuse: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
+@click.option("--between", default=None, help="gather: bytes streamed between the two gathers.")
+@click.option("--k", "k", type=int, default=None, help="gather: tokens selected.")
+@click.option("--context", type=int, default=None, help="gather, decode: tokens in the context.")
+@click.option("--layers", type=int, default=None, help="decode: layers.")
+@click.option("--steps", type=int, default=None, help="decode: decode steps.")
+@click.option(
+    "--keep", type=float, default=None, help="gather, decode: share of picks kept per step."
+)
+@click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
+def probe(experiment, out, sizes, between, k, context, layers, steps, keep, raw) -> None:
+    """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
+
+    \b
+    Example:
+      dsacache probe reuse --out reuse.parquet
+      dsacache probe gather --k 2048 --context 32768 --out gather.parquet
+      dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
+    """
+    from dsacache.kernels.ncu import profile as run_profile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = str(Path(tmp) / "plan.json")
+        cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
+        options = {"--sizes": sizes, "--between": between, "--k": k, "--context": context,
+                   "--layers": layers, "--steps": steps, "--keep": keep}  # fmt: skip
+        for flag, value in options.items():
+            if value is not None:
+                cmd += [flag, str(value)]
+        df = run_profile(cmd, "^l2probe", plan, raw_path=raw)
+    _save(df, out)
+    click.echo(f"{len(df)} kernel(s) measured -> {out}")
+
+
 if __name__ == "__main__":
     main()

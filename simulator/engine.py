@@ -18,7 +18,8 @@ from dsacache.policies import Policy, make_policy
 from dsacache.simulator.reference import COUNTERS
 from dsacache.units import format_size, parse_size
 
-SET_HASHES = ("mod", "xor")
+SET_HASHES = ("mod", "xor", "hash")
+_HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
@@ -107,7 +108,7 @@ def _kernel(policy: Policy):
         sector_shift,
         partitions,
         part_shift,
-        xor_hash,
+        hash_kind,
         write_allocate,
         popcount8,
     ):
@@ -136,8 +137,10 @@ def _kernel(policy: Policy):
                 else:
                     rest = ln // partitions
                     part = ln - rest * partitions
-                if xor_hash:
+                if hash_kind == 1:
                     rest = rest ^ (rest >> 17) ^ (rest >> 29)
+                elif hash_kind == 2:
+                    rest = ((rest * _HASH_MUL) >> 20) & 0x7FFFFFFFFFF
                 s = part * per + rest % per
                 base = s * ways
                 way = -1
@@ -268,7 +271,7 @@ class Cache:
             cfg.sector.bit_length() - 1,
             cfg.partitions,
             cfg.partitions.bit_length() - 1 if cfg.partitions & (cfg.partitions - 1) == 0 else -1,
-            cfg.set_hash == "xor",
+            SET_HASHES.index(cfg.set_hash),
             cfg.write_allocate,
             _POPCOUNT8,
         )

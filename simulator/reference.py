@@ -25,7 +25,9 @@ COUNTERS = (
 
 
 def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) -> int:
-    """Which set a line maps to. ``mod``: line mod sets; ``xor``: fold higher line bits in first.
+    """Which set a line maps to. ``mod``: line mod sets; ``xor``: fold higher line bits in
+    first; ``hash``: a multiplicative hash (bits 20..62 of line x 0x9E3779B97F4A7C15 mod 2**64),
+    a stand-in for a GPU's undisclosed address hash.
 
     With ``partitions`` > 1 consecutive lines alternate between partitions (each with
     ``n_sets / partitions`` sets), then map into their partition's sets.
@@ -35,6 +37,8 @@ def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) 
     per = n_sets // partitions
     if set_hash == "xor":
         rest = rest ^ (rest >> 17) ^ (rest >> 29)
+    elif set_hash == "hash":
+        rest = ((rest * 0x9E3779B97F4A7C15) % 2**64 >> 20) & (2**43 - 1)
     return part * per + rest % per
 
 

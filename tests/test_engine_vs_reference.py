@@ -31,7 +31,7 @@ geometries = st.tuples(
     st.sampled_from([1, 2, 3, 8, 16]),  # sets per partition
     st.sampled_from([1, 2]),  # partitions
     st.sampled_from([(128, 32), (64, 16), (128, 128), (256, 32)]),  # line, sector
-    st.sampled_from(["mod", "xor"]),
+    st.sampled_from(["mod", "xor", "hash"]),
     st.booleans(),  # write-allocate
 )
 

@@ -1,0 +1,203 @@
+"""Calibrate the L2 model against measured probes, then compare it on workloads it was not fit to.
+
+The measured data (``simulator/data/<gpu>/l2-*.parquet``, from ``dsacache probe`` on the GPU)
+hold one row per measured kernel with Nsight Compute's counters. The measured hit rate is the
+share of read sectors from the SMs whose lookup hit (``..._lookup_hit.sum / ....sum``), the
+same quantity as the simulator's ``sector_hits / sectors``.
+
+- ``reuse`` (read S bytes twice) is used to *fit* the model: which capacity and policy
+  reproduce the curve of second-read hit rate over S;
+- ``gather`` and ``decode`` (DSA-shaped streams) are then *predicted* by the fitted model and
+  compared with measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dsacache.simulator.caches import make_model
+from dsacache.simulator.engine import CacheConfig
+from dsacache.simulator.reference import COUNTERS
+
+DATA_DIR = Path(__file__).parent / "data"
+READ = "lts__t_sectors_srcunit_tex_op_read.sum"
+READ_HIT = "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum"
+_FLUSH = 256 * 2**20
+_BASE_STRIDE = 1 << 34  # buffers live far apart in the simulated address space
+
+
+def measured(gpu: str, experiment: str) -> pd.DataFrame:
+    """A bundled measurement with its ``hit`` column (read-sector lookup hit rate)."""
+    path = DATA_DIR / gpu / f"l2-{experiment}.parquet"
+    if not path.exists():
+        from dsacache.errors import DsacacheError
+
+        have = (
+            sorted(p.name for p in (DATA_DIR / gpu).glob("l2-*.parquet"))
+            if (DATA_DIR / gpu).exists()
+            else []
+        )
+        raise DsacacheError(
+            f"no measurement {path.name} for {gpu}; have: {', '.join(have) or 'none'}"
+        )
+    df = pd.read_parquet(path)
+    df["hit"] = df[READ_HIT] / df[READ]
+    return df
+
+
+class _Sim:
+    """Feeds a sequence of buffer reads, writes and gathers to one cache model."""
+
+    def __init__(self, m: Model) -> None:
+        self.model = make_model(
+            CacheConfig.of(m.capacity, ways=m.ways, set_hash=m.set_hash), m.policy
+        )
+
+    def access(self, addr: np.ndarray, nbytes: np.ndarray, write: bool = False) -> float:
+        counters = np.zeros((1, len(COUNTERS)), np.int64)
+        n = len(addr)
+        self.model.run_chunk(
+            np.asarray(addr, np.int64), np.asarray(nbytes, np.int64), np.full(n, write),
+            np.full(n, 1, np.int8), np.zeros(n, np.int16), np.zeros(n, np.int64), counters,
+        )  # fmt: skip
+        sectors, hits = counters[0, 2], counters[0, 3]
+        return hits / sectors if sectors else float("nan")
+
+    def stream(self, buffer: int, nbytes: int, write: bool = False, block: int = 16384) -> float:
+        starts = np.arange(0, nbytes, block, dtype=np.int64)
+        sizes = np.minimum(block, nbytes - starts)
+        return self.access(buffer * _BASE_STRIDE + starts, sizes, write)
+
+    def rows(self, buffer: int, tokens: np.ndarray, row_bytes: int) -> float:
+        addr = buffer * _BASE_STRIDE + np.asarray(tokens, np.int64) * row_bytes
+        return self.access(addr, np.full(len(addr), row_bytes))
+
+
+@dataclass(frozen=True)
+class Model:
+    """One L2 model to compare: policy, capacity, associativity and set hash."""
+
+    policy: str = "lru"
+    capacity: int = 50 * 2**20
+    ways: int = 16
+    set_hash: str = "mod"
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy} {self.capacity / 2**20:g}MiB {self.ways}-way {self.set_hash}"
+
+
+# The H100 model fit to the reuse probe (fit_reuse): 28 MiB of effective capacity for reuse,
+# LRU, 16 ways, hashed set index; mean error 3.1 points over the 13 measured sizes.
+H100_FIT = Model("lru", 28 * 2**20, 16, "hash")
+NAIVE = Model("lru", 50 * 2**20, 16, "mod")
+
+
+def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
+    """Second-read hit rate for each buffer size (flush, read, read again)."""
+    out = []
+    for s in sizes:
+        sim = _Sim(model)
+        sim.stream(0, _FLUSH, write=True)
+        sim.stream(1, s)
+        out.append(sim.stream(1, s))
+    return np.array(out)
+
+
+def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
+    """Second-gather hit rate for each bytes-between setting of a ``gather`` measurement."""
+    from dsacache.kernels.probes import dsa_selections
+
+    k = int(df["k"].iloc[0])
+    context = (
+        int(df["meta_command"].iloc[0].split("--context ")[1].split()[0])
+        if "--context " in df["meta_command"].iloc[0]
+        else 32768
+    )
+    a, b = dsa_selections(k, context, 0.45)
+    rows = []
+    for x in sorted(df["other_bytes"].unique()):
+        sim = _Sim(model)
+        sim.stream(0, _FLUSH, write=True)
+        sim.rows(1, a, 656)
+        if x:
+            sim.stream(2, int(x), write=True)  # torch.rand writes the buffer, then it is read
+            sim.stream(2, int(x))
+        rows.append({"other_bytes": x, "simulated": sim.rows(1, b, 656)})
+    return pd.DataFrame(rows)
+
+
+def simulate_decode(df: pd.DataFrame, model: Model) -> pd.DataFrame:
+    """Per (step, class) hit rates of the ``decode`` probe's trace replayed by dsacache."""
+    import tempfile
+
+    from dsacache.kernels.probes import decode_config
+    from dsacache.simulator.replay import replay
+    from dsacache.simulator.workload import Workload
+    from dsacache.tracer.synth import synthesize
+    from dsacache.traces import open_trace
+
+    k = int(df["k"].iloc[0])
+    layers = int(df["layer"].max()) + 1
+    steps = int(df["step"].max()) + 1
+    context = int(df[(df["role"] == "index") & (df["step"] == 0)]["bytes"].iloc[0]) // 132
+    cfg = decode_config(layers, context, steps, k, 0.45)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
+        res = replay(
+            trace, policies=[model.policy], cache_size=model.capacity, ways=model.ways,
+            set_hash=model.set_hash, workload=Workload(layout="mla-fp8", classes=("index", "kv")),
+        )  # fmt: skip
+    g = res.groupby(["step", "class"], observed=True)[["sector_hits", "sectors"]].sum()
+    out = (g["sector_hits"] / g["sectors"]).rename("simulated").reset_index()
+    return out.rename(columns={"class": "role"})
+
+
+def fit_reuse(
+    gpu: str = "h100", capacities_mib=range(20, 41, 2), ways=(8, 16, 32), policies=("lru",),
+    set_hash: str = "hash",
+) -> pd.DataFrame:  # fmt: skip
+    """Mean absolute error (points) of the simulated reuse curve for each candidate model."""
+    m = measured(gpu, "reuse")
+    second = m[m["role"] == "second"]
+    rows = []
+    for policy in policies:
+        for w in ways:
+            for mib in capacities_mib:
+                model = Model(policy, mib * 2**20, w, set_hash)
+                sim = simulate_reuse(second["bytes"].tolist(), model)
+                err = np.abs(sim - second["hit"].to_numpy()).mean() * 100
+                rows.append({"model": model.label, "mae_points": err})
+    return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
+
+
+def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) -> pd.DataFrame:
+    """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting),
+    one row per (experiment, point, model)."""
+    rows = []
+    for name in ("decode-small", "decode-large"):
+        m = measured(gpu, name)
+        meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
+        for model in models:
+            j = meas.merge(simulate_decode(m, model), on=["step", "role"])
+            rows += [
+                {"experiment": name, "point": f"step {r.step} {r.role}", "model": model.label,
+                 "measured": r.measured, "simulated": r.simulated}
+                for r in j.itertuples()
+            ]  # fmt: skip
+    m = measured(gpu, "gather")
+    second = m[m["role"] == "second"][["other_bytes", "hit"]].rename(columns={"hit": "measured"})
+    for model in models:
+        j = second.merge(simulate_gather(m, model), on="other_bytes")
+        rows += [
+            {"experiment": "gather", "point": f"{r.other_bytes / 2**20:g} MiB between",
+             "model": model.label, "measured": r.measured, "simulated": r.simulated}
+            for r in j.itertuples()
+        ]  # fmt: skip
+    out = pd.DataFrame(rows)
+    out["error_points"] = (out["simulated"] - out["measured"]) * 100
+    return out

@@ -1,0 +1,211 @@
+"""L2 probe kernels (Triton) and the probe workloads used to calibrate the cache model.
+
+Known-answer experiments, run under Nsight Compute with ``--cache-control none
+--replay-mode application`` so that reuse across kernels is measured:
+
+- ``reuse``: read a buffer of S bytes, then read it again; the second read's L2 hit rate as
+  a function of S shows the capacity the L2 really offers to reuse (not the 50 MiB it reports).
+- ``gather``: gather the rows a DSA selection picks from a paged KV pool (656-byte tokens, as
+  DeepSeek-V3.2's FP8 cache), for step t, then optionally stream X bytes of other traffic
+  (the indexer's keys), then gather step t+1's selection: the hit rate of the second gather
+  is what a token reservation is meant to raise.
+
+Only kernels whose name starts with ``l2probe_`` are measured; a torch kernel writing a
+256 MiB buffer evicts the L2 between experiments. Every kernel also runs under ``TRITON_INTERPRET=1`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+FLUSH_BYTES = 256 * 2**20
+READ_BLOCK = 4096  # float32 elements per program
+
+
+def read(buf):
+    """Sum a float32 buffer block by block (one pass over its bytes)."""
+    import torch
+
+    from dsacache.kernels.probe_kernels import l2probe_read
+
+    n = buf.numel()
+    grid = (-(-n // READ_BLOCK),)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=buf.device)
+    l2probe_read[grid](buf, partial, n, BLOCK=READ_BLOCK)
+    return partial
+
+
+def gather(pool_words, idx, row_words: int):
+    """Sum each selected row of an int32 ``pool_words`` [tokens * row_words] buffer."""
+    import torch
+
+    from dsacache.kernels.probe_kernels import l2probe_gather
+
+    n = idx.numel()
+    out = torch.empty(n, dtype=torch.int32, device=idx.device)
+    rows = 16
+    words = 1 << (row_words - 1).bit_length()
+    l2probe_gather[(-(-n // rows),)](pool_words, idx, out, n, row_words, ROWS=rows, WORDS=words)
+    return out
+
+
+def flush(buf) -> None:
+    """Evict the L2 by writing a buffer much larger than it (a torch kernel, not measured)."""
+    buf.add_(1.0)
+
+
+@dataclass
+class Launch:
+    """One measured kernel launch of a probe, in launch order."""
+
+    experiment: str
+    role: str
+    bytes: int
+    other_bytes: int = 0
+    k: int = 0
+    overlap: float = float("nan")
+    layer: int = -1
+    step: int = -1
+
+
+def run_reuse(sizes: list[int], device: str = "cuda") -> list[Launch]:
+    """For each size: flush, read, read again. Returns the measured launches in order."""
+    import torch
+
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    launches = []
+    for size in sizes:
+        buf = torch.rand(size // 4, dtype=torch.float32, device=device)
+        flush(flush_buf)
+        read(buf)
+        read(buf)
+        launches += [Launch("reuse", "first", size), Launch("reuse", "second", size)]
+        del buf
+    return launches
+
+
+def dsa_selections(
+    k: int, context: int, keep: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two consecutive DSA top-k selections from the synthetic selection process."""
+    from dsacache.tracer.synth import SynthConfig, _Selector
+
+    cfg = SynthConfig(layers=1, context=context, steps=2, k=k, keep=keep, seed=seed)
+    sel = _Selector(cfg, keep, np.random.default_rng(seed))
+    return sel.next(context), sel.next(context + 1)
+
+
+def run_gather(
+    k: int, context: int, keep: float, between: list[int], row_bytes: int = 656,
+    device: str = "cuda",
+) -> list[Launch]:  # fmt: skip
+    """Gather step t's rows, stream ``x`` bytes of other data, gather step t+1's rows."""
+    import torch
+
+    row_words = row_bytes // 4
+    pool = torch.randint(0, 1 << 20, ((context + 2) * row_words,), dtype=torch.int32, device=device)
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    a, b = dsa_selections(k, context, keep)
+    ia = torch.as_tensor(a, dtype=torch.int32, device=device)
+    ib = torch.as_tensor(b, dtype=torch.int32, device=device)
+    overlap = len(np.intersect1d(a, b)) / len(b)
+    launches = []
+    for x in between:
+        flush(flush_buf)
+        gather(pool, ia, row_words)
+        if x:
+            other = torch.rand(x // 4, dtype=torch.float32, device=device)
+            read(other)
+        gather(pool, ib, row_words)
+        launches.append(Launch("gather", "first", len(a) * row_bytes, x, k, overlap))
+        if x:
+            launches.append(Launch("gather", "between", x, x, k, overlap))
+        launches.append(Launch("gather", "second", len(b) * row_bytes, x, k, overlap))
+    return launches
+
+
+def decode_config(layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0):
+    """The synthetic DeepSeek-V3.2-shaped trace the ``decode`` probe replays (deterministic)."""
+    from dsacache.tracer.synth import preset
+
+    return preset(
+        "deepseek-v3.2", layers=layers, context=context, steps=steps, k=k, keep=keep, seed=seed
+    )
+
+
+def run_decode(
+    layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0,
+    device: str = "cuda",
+) -> list[Launch]:  # fmt: skip
+    """Decode steps as DSA issues them, per layer: the indexer reads every cached token's key
+    (132 B each), then the sparse kernel gathers the selected 656-byte KV rows. Same trace,
+    pools and order as ``dsacache replay --layout mla-fp8 --classes index,kv`` with batch 1."""
+    import tempfile
+
+    import torch
+
+    from dsacache.tracer.synth import synthesize
+    from dsacache.traces import open_trace
+
+    cfg = decode_config(layers, context, steps, k, keep, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
+        step_rows = list(trace.iter_steps())
+    max_tokens = context + steps + 1
+    kv = [
+        torch.randint(0, 1 << 20, (max_tokens * 164,), dtype=torch.int32, device=device)
+        for _ in range(layers)
+    ]
+    index = [torch.rand(max_tokens * 33, dtype=torch.float32, device=device) for _ in range(layers)]
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    flush(flush_buf)
+    launches = []
+    for rows in step_rows:
+        for i in range(len(rows)):
+            layer, step, position = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
+            read(index[layer][: position * 33])
+            idx = torch.as_tensor(rows.row(i), dtype=torch.int32, device=device)
+            gather(kv[layer], idx, 164)
+            launches.append(Launch("decode", "index", position * 132, k=k, layer=layer, step=step))
+            launches.append(Launch("decode", "kv", len(idx) * 656, k=k, layer=layer, step=step))
+    return launches
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dsacache.kernels.probes reuse|gather ... --plan FILE`` (run under ncu)."""
+    import argparse
+
+    from dsacache.units import parse_size
+
+    p = argparse.ArgumentParser(prog="python -m dsacache.kernels.probes")
+    p.add_argument("experiment", choices=["reuse", "gather", "decode"])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--sizes", default="4MiB,8MiB,16MiB,24MiB,32MiB,40MiB,48MiB,64MiB")
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--keep", type=float, default=0.45)
+    p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
+    p.add_argument("--plan", required=True, help="JSON file to write the launch plan to")
+    args = p.parse_args(argv)
+    if args.experiment == "reuse":
+        launches = run_reuse([parse_size(s) for s in args.sizes.split(",")])
+    elif args.experiment == "gather":
+        between = [parse_size(s) for s in args.between.split(",")]
+        launches = run_gather(args.k, args.context, args.keep, between)
+    else:
+        launches = run_decode(args.layers, args.context, args.steps, args.k, args.keep)
+    import torch
+
+    torch.cuda.synchronize()
+    with open(args.plan, "w") as f:
+        json.dump([asdict(x) for x in launches], f)
+    print(f"{len(launches)} measured launches", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
