@@ -179,14 +179,22 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
     """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting),
     one row per (experiment, point, model)."""
     rows = []
-    for name in ("decode-small", "decode-large"):
+    decode = [(name, None) for name in ("decode-small", "decode-large")]
+    hinted = [
+        ("decode-large-evict_first-normal", "hints:index=first"),
+        ("decode-large-normal-evict_last", "hints:kv=last"),
+        ("decode-large-evict_first-evict_last", "hints:index=first,kv=last"),
+        ("decode-small-evict_first-evict_last", "hints:index=first,kv=last"),
+    ]
+    for name, hint in decode + hinted:
         m = measured(gpu, name)
         meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
-        for model in models:
+        for base in models:
+            model = base if hint is None else Model(hint, base.capacity, base.ways, base.set_hash)
             j = meas.merge(simulate_decode(m, model), on=["step", "role"])
             rows += [
-                {"experiment": name, "point": f"step {r.step} {r.role}", "model": model.label,
-                 "measured": r.measured, "simulated": r.simulated}
+                {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
+                 "policy": model.policy, "measured": r.measured, "simulated": r.simulated}
                 for r in j.itertuples()
             ]  # fmt: skip
     m = measured(gpu, "gather")
@@ -195,7 +203,8 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
         j = second.merge(simulate_gather(m, model), on="other_bytes")
         rows += [
             {"experiment": "gather", "point": f"{r.other_bytes / 2**20:g} MiB between",
-             "model": model.label, "measured": r.measured, "simulated": r.simulated}
+             "model": model.label, "policy": model.policy, "measured": r.measured,
+             "simulated": r.simulated}
             for r in j.itertuples()
         ]  # fmt: skip
     out = pd.DataFrame(rows)

@@ -385,8 +385,22 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option(
     "--keep", type=float, default=None, help="gather, decode: share of picks kept per step."
 )
+@click.option(
+    "--index-evict",
+    type=click.Choice(["", "evict_first", "evict_last"]),
+    default=None,
+    help="decode: L2 hint of the indexer-key loads.",
+)
+@click.option(
+    "--kv-evict",
+    type=click.Choice(["", "evict_first", "evict_last"]),
+    default=None,
+    help="decode: L2 hint of the KV gathers.",
+)
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
-def probe(experiment, out, sizes, between, k, context, layers, steps, keep, raw) -> None:
+def probe(
+    experiment, out, sizes, between, k, context, layers, steps, keep, index_evict, kv_evict, raw
+) -> None:
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
 
     \b
@@ -401,7 +415,8 @@ def probe(experiment, out, sizes, between, k, context, layers, steps, keep, raw)
         plan = str(Path(tmp) / "plan.json")
         cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
         options = {"--sizes": sizes, "--between": between, "--k": k, "--context": context,
-                   "--layers": layers, "--steps": steps, "--keep": keep}  # fmt: skip
+                   "--layers": layers, "--steps": steps, "--keep": keep,
+                   "--index-evict": index_evict, "--kv-evict": kv_evict}  # fmt: skip
         for flag, value in options.items():
             if value is not None:
                 cmd += [flag, str(value)]
@@ -409,6 +424,44 @@ def probe(experiment, out, sizes, between, k, context, layers, steps, keep, raw)
     _save(df, out)
     click.echo(f"{len(df)} kernel(s) measured -> {out}")
 
+
+@main.command()
+@click.option("--gpu", default="h100", show_default=True, help="Whose bundled measurements.")
+@click.option("--fit", is_flag=True, help="Also refit the model to the reuse probe (slower).")
+@click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
+def compare(gpu, fit, out) -> None:
+    """Simulated vs measured L2 hit rates on the GPU probes bundled with dsacache.
+
+    The model is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
+    eviction hints) are predictions.
+
+    
+    Example:
+      dsacache compare --gpu h100
+    """
+    from dsacache import calibration
+
+    if fit:
+        click.echo(calibration.fit_reuse(gpu).head(5).to_string(index=False))
+    df = calibration.compare(gpu)
+    if out:
+        _save(df, out)
+    table = df.pivot_table(
+        index=["experiment", "point"], columns="model", values=["measured", "simulated"], sort=False
+    )
+    click.echo(table.round(3).to_string())
+    err = df.groupby(["experiment", "model"])["error_points"].apply(lambda e: e.abs().mean())
+    click.echo("\nmean |simulated - measured| (points):")
+    click.echo(err.round(2).unstack("model").to_string())
+
+
+def _register_capture() -> None:
+    from dsacache.cli_capture import capture
+
+    main.add_command(capture)
+
+
+_register_capture()
 
 if __name__ == "__main__":
     main()

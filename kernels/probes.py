@@ -26,7 +26,7 @@ FLUSH_BYTES = 256 * 2**20
 READ_BLOCK = 4096  # float32 elements per program
 
 
-def read(buf):
+def read(buf, evict: str = ""):
     """Sum a float32 buffer block by block (one pass over its bytes)."""
     import torch
 
@@ -35,11 +35,11 @@ def read(buf):
     n = buf.numel()
     grid = (-(-n // READ_BLOCK),)
     partial = torch.empty(grid[0], dtype=torch.float32, device=buf.device)
-    l2probe_read[grid](buf, partial, n, BLOCK=READ_BLOCK)
+    l2probe_read[grid](buf, partial, n, BLOCK=READ_BLOCK, EVICT=evict)
     return partial
 
 
-def gather(pool_words, idx, row_words: int):
+def gather(pool_words, idx, row_words: int, evict: str = ""):
     """Sum each selected row of an int32 ``pool_words`` [tokens * row_words] buffer."""
     import torch
 
@@ -49,7 +49,8 @@ def gather(pool_words, idx, row_words: int):
     out = torch.empty(n, dtype=torch.int32, device=idx.device)
     rows = 16
     words = 1 << (row_words - 1).bit_length()
-    l2probe_gather[(-(-n // rows),)](pool_words, idx, out, n, row_words, ROWS=rows, WORDS=words)
+    grid = (-(-n // rows),)
+    l2probe_gather[grid](pool_words, idx, out, n, row_words, ROWS=rows, WORDS=words, EVICT=evict)
     return out
 
 
@@ -139,7 +140,7 @@ def decode_config(layers: int, context: int, steps: int, k: int, keep: float, se
 
 def run_decode(
     layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0,
-    device: str = "cuda",
+    device: str = "cuda", index_evict: str = "", kv_evict: str = "",
 ) -> list[Launch]:  # fmt: skip
     """Decode steps as DSA issues them, per layer: the indexer reads every cached token's key
     (132 B each), then the sparse kernel gathers the selected 656-byte KV rows. Same trace,
@@ -167,9 +168,9 @@ def run_decode(
     for rows in step_rows:
         for i in range(len(rows)):
             layer, step, position = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
-            read(index[layer][: position * 33])
+            read(index[layer][: position * 33], index_evict)
             idx = torch.as_tensor(rows.row(i), dtype=torch.int32, device=device)
-            gather(kv[layer], idx, 164)
+            gather(kv[layer], idx, 164, kv_evict)
             launches.append(Launch("decode", "index", position * 132, k=k, layer=layer, step=step))
             launches.append(Launch("decode", "kv", len(idx) * 656, k=k, layer=layer, step=step))
     return launches
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--keep", type=float, default=0.45)
     p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
+    p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
+    p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--plan", required=True, help="JSON file to write the launch plan to")
     args = p.parse_args(argv)
     if args.experiment == "reuse":
@@ -198,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         between = [parse_size(s) for s in args.between.split(",")]
         launches = run_gather(args.k, args.context, args.keep, between)
     else:
-        launches = run_decode(args.layers, args.context, args.steps, args.k, args.keep)
+        launches = run_decode(
+            args.layers, args.context, args.steps, args.k, args.keep,
+            index_evict=args.index_evict, kv_evict=args.kv_evict,
+        )  # fmt: skip
     import torch
 
     torch.cuda.synchronize()

@@ -1,0 +1,79 @@
+"""evict_first / evict_last hints: hand-worked cases and a differential test."""
+
+from collections import OrderedDict
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsacache.policies.hints import CLASS_ORDER, LEVELS
+from dsacache.simulator import Cache, CacheConfig
+from dsacache.simulator.reference import COUNTERS
+from dsacache.simulator.workload import CLASSES
+
+
+def test_class_order_matches_the_simulator():
+    assert CLASS_ORDER == CLASSES
+
+
+def _run(spec, lines, klass, ways=4, sets=1):
+    cache = Cache(CacheConfig(ways * sets * 128, ways), spec)
+    n = len(lines)
+    counters = np.zeros((n, len(COUNTERS)), np.int64)
+    cache.run(
+        np.array(lines) * 128,
+        np.full(n, 128),
+        np.zeros(n, bool),
+        np.arange(n),
+        counters,
+        np.array(klass, np.int8),
+    )
+    return counters[:, 1] > 0
+
+
+def test_evict_first_lines_go_first():
+    # 4 ways; lines 0-2 are kv (normal), 3 is an index line marked evict_first; 4 evicts 3, not 0
+    kv, index = CLASSES.index("kv"), CLASSES.index("index")
+    hits = _run("hints:index=first", [0, 1, 2, 3, 4, 0, 3], [kv, kv, kv, index, kv, kv, index])
+    assert hits.tolist() == [False] * 5 + [True, False]
+
+
+def test_evict_last_lines_survive_a_scan():
+    kv, index = CLASSES.index("kv"), CLASSES.index("index")
+    seq = [0, 1] + list(range(10, 20)) + [0, 1]
+    klass = [kv, kv] + [index] * 10 + [kv, kv]
+    assert _run("hints:kv=last", seq, klass)[-2:].tolist() == [True, True]
+    assert _run("lru", seq, klass)[-2:].tolist() == [False, False]
+
+
+def _python_hints(levels, lines, klass, ways, sets):
+    cache = [OrderedDict() for _ in range(sets)]  # line -> priority, oldest first
+    hits = []
+    for ln, k in zip(lines, klass, strict=True):
+        s = cache[ln % sets]
+        hit = ln in s
+        hits.append(hit)
+        if hit:
+            s.move_to_end(ln)
+        elif len(s) == ways:
+            low = min(s.values())
+            victim = next(x for x, p in s.items() if p == low)
+            del s[victim]
+        s[ln] = levels[k]
+    return np.array(hits)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    levels=st.lists(st.sampled_from(LEVELS), min_size=4, max_size=4),
+    seed=st.integers(0, 2**31),
+    ways=st.sampled_from([1, 2, 4, 8]),
+    sets=st.sampled_from([1, 3, 4]),
+)
+def test_hints_equal_python_model(levels, seed, ways, sets):
+    rng = np.random.default_rng(seed)
+    lines = rng.integers(0, ways * sets * 3, 400).tolist()
+    klass = rng.integers(0, 4, 400).tolist()
+    spec = "hints:" + ",".join(f"{c}={lv}" for c, lv in zip(CLASS_ORDER, levels, strict=True))
+    expect = _python_hints([LEVELS.index(lv) for lv in levels], lines, klass, ways, sets)
+    np.testing.assert_array_equal(_run(spec, lines, klass, ways, sets), expect)

@@ -1,0 +1,319 @@
+"""Capture real DSA top-k traces from a model's greedy decode with oracle sparse attention.
+
+All requests are prompts of the same length (token-exact slices of real offline text), so they
+decode together as one batch without padding. The prompt is prefilled densely; then every
+decode step attends, in every layer, only to the oracle's top-k cached tokens (plus the new
+token itself), and the next token is the sparse model's argmax. Rows are written step by step
+(step-major: for each step all layers, requests and groups) through the crash-safe
+``TraceWriter``.
+
+Beside the sparse decode runs a dense reference on the same tokens (teacher-forced with the
+sparse model's tokens, its own dense KV cache): the share of steps where both pick the same
+next token is the manifest's ``agreement``. Up to the first disagreement of a request, the
+sparse and a free-running dense greedy decode produce identical text.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsacache.errors import DsacacheError
+from dsacache.tracer.indexers import INDEXERS, OracleConfig
+from dsacache.tracer.models import Backbone, load_backbone, resolve_model
+from dsacache.tracer.sparse import SparseAttention
+from dsacache.tracer.texts import default_sources, file_source, make_prompts
+from dsacache.traces import SelectionBatch, TraceWriter
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What to capture: model, indexer, prompts and decode length."""
+
+    model: str = "smollm2-135m"
+    indexer: str = "oracle"
+    k: int = 64
+    sink: int = 4
+    window: int = 16
+    granularity: str = "layer"
+    steps: int = 16
+    prompt_tokens: int = 256
+    requests: int = 2
+    texts: tuple[str, ...] = ()
+    device: str = "cpu"
+
+    def oracle(self) -> OracleConfig:
+        """The indexer's parameters."""
+        return OracleConfig(
+            k=self.k, sink=self.sink, window=self.window, granularity=self.granularity
+        )
+
+    def check(self) -> None:
+        """Raise ``DsacacheError`` naming the first setting out of range (model not loaded)."""
+        if self.indexer not in INDEXERS:
+            raise DsacacheError(
+                f"unknown indexer {self.indexer!r}; choose one of: {', '.join(INDEXERS)}"
+            )
+        self.oracle().check()
+        for name in ("steps", "prompt_tokens", "requests"):
+            if getattr(self, name) < 1:
+                raise DsacacheError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prompt_tokens + self.steps >= np.iinfo(np.int32).max:
+            raise DsacacheError(
+                f"prompt_tokens + steps must fit in int32, got {self.prompt_tokens}"
+            )
+        if self.requests > 4096:
+            raise DsacacheError(f"requests must be <= 4096 (one batch), got {self.requests}")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise DsacacheError(f"unknown device {self.device!r}; use cpu or cuda[:N]") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise DsacacheError(f"device {self.device!r}: this torch sees no CUDA GPU; use cpu")
+
+
+@dataclass
+class CaptureResult:
+    """What a capture produced: the trace path and its headline numbers."""
+
+    path: Path
+    agreement: float
+    matching: int
+    compared: int
+    first_divergence: list[int | None]
+    mass_recall: float
+    timing_s: dict[str, float] = field(default_factory=dict)
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("dsacache", "torch", "transformers", "gguf", "accelerate", "tokenizers", "numpy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class _Forward:
+    """Calls the model for the last position's logits, across transformers' kwarg renames."""
+
+    def __init__(self, model: Any) -> None:
+        params = inspect.signature(model.forward).parameters
+        self.model = model
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = next(
+            (k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None
+        )
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:
+            return DynamicCache()
+
+    def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self.cache_kw: cache, "use_cache": True}
+        if self.keep_kw:
+            kwargs[self.keep_kw] = 1
+        with torch.no_grad():
+            out = self.model(input_ids=ids, **kwargs)
+        return out.logits[:, -1].float()
+
+
+def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> SelectionBatch:
+    """One decode step's rows, ordered layer, request, group."""
+    missing = [layer for layer in range(layers) if layer not in attn.selections]
+    if missing or attn.calls != layers:
+        raise DsacacheError(
+            f"the model ran {attn.calls} attention calls for {layers} layers (no selection for "
+            f"layers {missing[:5]}); capture needs one standard attention per layer"
+        )
+    sel = torch.stack([attn.selections[layer] for layer in range(layers)]).numpy()
+    n_layer, batch, groups, kk = sel.shape
+    rows = n_layer * batch * groups
+    return SelectionBatch(
+        request=np.tile(np.repeat(np.arange(batch), groups), n_layer),
+        step=np.full(rows, step),
+        position=np.full(rows, position),
+        layer=np.repeat(np.arange(n_layer), batch * groups),
+        group=np.tile(np.arange(groups), n_layer * batch),
+        offsets=np.arange(rows + 1, dtype=np.int64) * kk,
+        indices=sel.reshape(-1).astype(np.int32),
+    )
+
+
+def capture_trace(
+    cfg: CaptureConfig,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    backbone: Backbone | None = None,
+) -> CaptureResult:
+    """Decode ``cfg.requests`` real-text prompts with oracle sparse attention; write the trace."""
+    cfg.check()
+    if Path(out).exists() and not overwrite:
+        raise DsacacheError(f"{out} already exists (choose another --out or remove it)")
+    t0 = time.perf_counter()
+    sources = [file_source(p) for p in cfg.texts] if cfg.texts else default_sources()
+    if backbone is None:
+        resolve_model(cfg.model)  # a clear error for an unknown model before slow imports
+        backbone = load_backbone(cfg.model, device=cfg.device, quiet=not progress)
+    if backbone.max_context and cfg.prompt_tokens + cfg.steps > backbone.max_context:
+        raise DsacacheError(
+            f"prompt_tokens + steps must be <= {backbone.max_context:,} (the model's context), "
+            f"got {cfg.prompt_tokens:,} + {cfg.steps:,}"
+        )
+    prompts = make_prompts(backbone.tokenizer, cfg.requests, cfg.prompt_tokens, sources)
+    t_load = time.perf_counter() - t0
+
+    model = backbone.model
+    device = next(model.parameters()).device
+    ids = torch.tensor([p.ids for p in prompts], dtype=torch.long, device=device)
+    oracle = cfg.oracle()
+    forward = _Forward(model)
+    prompt_meta = [{"request": i, **p.provenance()} for i, p in enumerate(prompts)]
+    capture_meta: dict[str, Any] = {
+        "tool": "dsacache capture",
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": _device_name(str(device)),
+        "versions": _versions(),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "config": asdict(cfg),
+        "decode": {
+            "prefill": "dense, whole prompt at once",
+            "steps": "greedy; every layer attends only to its selected tokens and the new token",
+            "eos": "ignored (fixed number of steps)",
+            "batch": "all requests together, equal prompt lengths, no padding",
+            "position": "cached tokens at the step = prompt_tokens + step",
+        },
+        "prompts": prompt_meta,
+    }
+    layers = backbone.layers
+    recall_sum = np.zeros(layers)
+    recall_rows = 0
+    recall_min = 1.0
+    agree = np.zeros((cfg.requests, cfg.steps), dtype=bool)
+    generated: list[torch.Tensor] = []
+    dense_next: list[torch.Tensor] = []
+
+    steps: Any = range(cfg.steps)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="capture", unit="step", file=sys.stderr)
+    with (
+        SparseAttention(model, oracle, backbone.kv_heads) as attn,
+        TraceWriter(
+            out,
+            model=backbone.manifest(),
+            indexer=oracle.manifest(backbone.heads, backbone.kv_heads),
+            capture=capture_meta,
+            overwrite=overwrite,
+        ) as writer,
+    ):
+        t1 = time.perf_counter()
+        sparse_cache = forward.new_cache()
+        attn.sparse = False
+        attn.clear()
+        token = forward(ids, sparse_cache).argmax(-1)
+        if attn.calls != layers:
+            raise DsacacheError(
+                f"model {backbone.ref.name} ran {attn.calls} attention calls for {layers} layers; "
+                "capture needs one standard attention per layer"
+            )
+        dense_cache = copy.deepcopy(sparse_cache)  # the prefill is dense for both
+        generated.append(token)
+        t_prefill = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        for step in steps:
+            position = cfg.prompt_tokens + step
+            attn.clear()
+            attn.sparse = True
+            logits = forward(token[:, None], sparse_cache)
+            writer.append_batch(_step_rows(attn, layers, step, position))
+            recall = torch.stack([attn.recall[layer] for layer in range(layers)]).double()
+            recall_sum += recall.sum(dim=(1, 2)).numpy()
+            recall_rows += recall[0].numel()
+            recall_min = min(recall_min, float(recall.min()))
+            attn.sparse = False
+            dense = forward(token[:, None], dense_cache).argmax(-1)
+            token = logits.argmax(-1)
+            agree[:, step] = (token == dense).cpu().numpy()
+            generated.append(token)
+            dense_next.append(dense)
+        t_decode = time.perf_counter() - t2
+
+        gen = torch.stack(generated, dim=1).cpu().tolist()
+        dn = torch.stack(dense_next, dim=1).cpu().tolist()
+        first = [int(np.argmin(row)) if not row.all() else None for row in agree]
+        for meta, g, d in zip(prompt_meta, gen, dn, strict=True):
+            meta["generated_ids"] = g
+            meta["dense_next_ids"] = d
+            meta["generated_text"] = backbone.tokenizer.decode(g)
+        per_layer = recall_sum / recall_rows
+        timing = {
+            "load_and_prompts": round(t_load, 3),
+            "prefill": round(t_prefill, 3),
+            "decode": round(t_decode, 3),
+            "decode_per_step": round(t_decode / cfg.steps, 4),
+        }
+        capture_meta.update(
+            agreement={
+                "next_token": float(agree.mean()),
+                "matching": int(agree.sum()),
+                "compared": int(agree.size),
+                "first_divergence_step": first,
+                "definition": "share of (request, step) where the sparse model's argmax equals "
+                "the dense model's argmax on the same tokens (dense KV cache of its own)",
+            },
+            mass_recall={
+                "mean": float(per_layer.mean()),
+                "min": recall_min,
+                "per_layer": [round(float(x), 5) for x in per_layer],
+                "definition": "share of the dense attention mass on cached tokens that the "
+                "selected tokens hold (summed over the heads sharing the selection)",
+            },
+            timing_s=timing,
+        )
+        writer.manifest["capture"] = capture_meta
+    return CaptureResult(
+        path=Path(out),
+        agreement=float(agree.mean()),
+        matching=int(agree.sum()),
+        compared=int(agree.size),
+        first_divergence=first,
+        mass_recall=float(per_layer.mean()),
+        timing_s=timing,
+    )

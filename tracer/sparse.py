@@ -1,0 +1,150 @@
+"""Oracle top-k sparse attention plugged into a transformers model for real sparse decode.
+
+``SparseAttention`` registers one attention function in transformers' ``AttentionInterface``
+and switches the model to it. The function attends densely (causal) while ``sparse`` is off,
+e.g. for the prefill and for a dense reference decode. While ``sparse`` is on, every decode
+step (one new query per sequence) computes the dense attention probabilities, lets the oracle
+indexer pick the top-k cached tokens per layer (or KV group), and then attends only to those
+tokens and to the new token itself; the selections are kept for the trace writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dsacache.errors import DsacacheError
+from dsacache.tracer.indexers import OracleConfig, head_mass, oracle_topk
+
+ATTENTION_NAME = "dsacache_oracle"
+_ACTIVE: list[SparseAttention] = []
+
+
+def _dispatch(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function transformers calls for every attention layer (see ``AttentionInterface``)."""
+    if not _ACTIVE:
+        raise DsacacheError(f"attention {ATTENTION_NAME!r} used outside a SparseAttention block")
+    if kwargs.get("sliding_window") is not None:
+        raise DsacacheError("capture supports full causal attention only (no sliding window)")
+    return _ACTIVE[-1].attend(module, query, key, value, scaling), None
+
+
+class SparseAttention:
+    """Context manager: run ``model`` with oracle top-k sparse decode attention.
+
+    >>> with SparseAttention(model, OracleConfig(k=64), kv_heads=3) as attn:
+    ...     attn.sparse = True
+    ...     model(input_ids=next_tokens, cache=cache)  # one decode step
+    ...     attn.selections[layer]  # [batch, groups, k] int64, ascending
+    """
+
+    def __init__(self, model: Any, cfg: OracleConfig, kv_heads: int) -> None:
+        cfg.check()
+        self.model = model
+        self.cfg = cfg
+        self.kv_heads = kv_heads
+        self.sparse = False
+        self.selections: dict[int, torch.Tensor] = {}
+        self.recall: dict[int, torch.Tensor] = {}
+        self.calls = 0
+        self._previous: str | None = None
+
+    def __enter__(self) -> SparseAttention:
+        from transformers import AttentionInterface
+
+        if _ACTIVE:
+            raise DsacacheError(
+                "a SparseAttention block is already active; nesting is not supported"
+            )
+        AttentionInterface.register(ATTENTION_NAME, _dispatch)
+        self._previous = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise DsacacheError(
+                f"model {type(self.model).__name__} cannot switch its attention function "
+                f"({str(e).splitlines()[0]}); capture needs a model that uses transformers' "
+                "AttentionInterface (Llama, Qwen2, Mistral, ...)"
+            ) from None
+        if self.model.config._attn_implementation != ATTENTION_NAME:
+            raise DsacacheError(
+                f"model {type(self.model).__name__} does not use transformers' AttentionInterface; "
+                "capture supports models that do (Llama, Qwen2, Mistral, ...)"
+            )
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.remove(self)
+        if self._previous is not None:
+            self.model.set_attn_implementation(self._previous)
+
+    def clear(self) -> None:
+        """Forget the selections of the previous step."""
+        self.selections.clear()
+        self.recall.clear()
+        self.calls = 0
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """Attention output ``[B, q_len, H, D]`` of one layer (dense or oracle-sparse)."""
+        self.calls += 1
+        b, h, q_len, d = query.shape
+        kv = key.shape[1]
+        if h % kv:
+            raise DsacacheError(f"{h} query heads do not split into {kv} KV heads")
+        scale = d**-0.5 if scaling is None else scaling
+        rep = h // kv
+        keys = key.repeat_interleave(rep, dim=1) if rep > 1 else key
+        values = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+        if not self.sparse or q_len != 1:
+            return _dense(query, keys, values, scale).transpose(1, 2).contiguous()
+
+        layer = int(getattr(module, "layer_idx", len(self.selections)))
+        scores = torch.matmul(query.float(), keys.float().transpose(-1, -2))[:, :, 0] * scale
+        probs = torch.softmax(scores, dim=-1)  # [B, H, S]: dense attention of the new query
+        position = scores.shape[-1] - 1  # cached tokens; the last key is the new token's own
+        mass = head_mass(probs, self.kv_heads, self.cfg.granularity)[..., :position]
+        chosen = oracle_topk(mass, self.cfg)  # [B, G, k']
+        allowed = torch.zeros(*mass.shape[:-1], position + 1, dtype=torch.bool, device=key.device)
+        allowed.scatter_(-1, chosen, True)
+        allowed[..., position] = True
+        if self.cfg.granularity == "group":
+            allowed = allowed.repeat_interleave(rep, dim=1)
+        weights = torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1)
+        out = torch.matmul(weights.unsqueeze(2).to(values.dtype), values)  # [B, H, 1, D]
+        self.selections[layer] = chosen.cpu()
+        total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
+        self.recall[layer] = (mass.gather(-1, chosen).sum(-1) / total).cpu()
+        return out.transpose(1, 2).contiguous()
+
+
+def _dense(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention where the queries are the last ``q_len`` of the keys' positions."""
+    q_len, kv_len = query.shape[2], keys.shape[2]
+    if q_len == 1:
+        return F.scaled_dot_product_attention(query, keys, values, scale=scale)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale)
+    rows = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+    mask = torch.arange(kv_len, device=query.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
