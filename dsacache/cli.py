@@ -246,12 +246,14 @@ def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet
     Example:
       dsacache replay t.dsatrace --gpu h100 --layout mla-fp8 --batch 8 --policy lru --policy fifo --out r.parquet
     """
-    from dsacache.policies import load_plugin
+    from dsacache.policies import load_plugin, make_policy
     from dsacache.simulator import replay as run_replay
     from dsacache.simulator import summarize
 
     for plugin in plugins:
         load_plugin(plugin)
+    for spec in policies:  # bad policy specs fail before any trace is read
+        make_policy(spec)
     tr = _trace(trace)
     df = run_replay(
         tr,

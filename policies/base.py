@@ -158,10 +158,14 @@ def registered() -> dict[str, PolicyType]:
 
 
 def make_policy(spec: str | Policy) -> Policy:
-    """Parse ``name:key=value,...`` into a bound ``Policy``."""
+    """Parse ``name:key=value,...`` into a bound ``Policy``. ``path/to/file.py:name[:k=v,...]``
+    first loads a plug-in file that registers ``name``."""
     if isinstance(spec, Policy):
         return spec
     _load_builtin()
+    if ".py:" in spec:
+        path, _, spec = spec.partition(".py:")
+        load_plugin(path + ".py")
     parsed = parse_spec(spec, "policy")
     if parsed.name not in _REGISTRY:
         raise DsacacheError(
@@ -197,5 +201,18 @@ def load_plugin(path: str | Path) -> None:
         ) from None
 
 
+_ENTRY_POINTS_LOADED = []
+
+
 def _load_builtin() -> None:
     from dsacache.policies import builtin  # noqa: F401  (registers on import)
+
+    if not _ENTRY_POINTS_LOADED:  # packages that declare policies under this entry-point group
+        _ENTRY_POINTS_LOADED.append(True)
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="dsacache.policies"):
+            try:
+                ep.load()
+            except Exception as e:
+                raise DsacacheError(f"policy entry point {ep.name} failed to load: {e}") from None

@@ -1,0 +1,59 @@
+"""The GPU probe kernels on the CPU (TRITON_INTERPRET=1), and ncu output parsing."""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from dsacache.kernels import probes  # noqa: E402
+from dsacache.kernels.ncu import ncu_command, parse_ncu_csv  # noqa: E402
+
+
+@pytest.mark.parametrize("evict", ["", "evict_first", "evict_last"])
+def test_read_sums_every_element(evict):
+    x = torch.rand(3 * probes.READ_BLOCK + 17)
+    partial = probes.read(x, evict)
+    assert len(partial) == 4
+    torch.testing.assert_close(partial.sum(), x.sum(), rtol=1e-5, atol=1e-3)
+
+
+def test_gather_sums_selected_rows():
+    rows, words = 50, 164
+    pool = torch.randint(-1000, 1000, (rows * words,), dtype=torch.int32)
+    idx = torch.tensor([0, 3, 17, 18, 49], dtype=torch.int32)
+    out = probes.gather(pool, idx, words, "evict_first")
+    np.testing.assert_array_equal(out.numpy(), pool.view(rows, words)[idx.long()].sum(1).numpy())
+
+
+def test_decode_probe_plans_what_it_launches():
+    launches = probes.run_decode(2, 200, 3, 16, 0.5, device="cpu")
+    assert [(x.role, x.layer, x.step) for x in launches[:4]] == [
+        ("index", 0, 0), ("kv", 0, 0), ("index", 1, 0), ("kv", 1, 0)
+    ]  # fmt: skip
+    assert len(launches) == 2 * 2 * 3
+    assert launches[0].bytes == 200 * 132 and launches[1].bytes == 16 * 656
+
+
+def test_ncu_command_keeps_cache_state():
+    cmd = ncu_command(["python", "x.py"], "^l2probe")
+    assert cmd[cmd.index("--cache-control") + 1] == "none"
+    assert cmd[cmd.index("--replay-mode") + 1] == "application"
+    assert cmd[-2:] == ["python", "x.py"] and "regex:^l2probe" in cmd
+
+
+def test_parse_ncu_csv_skips_program_output_and_units():
+    text = "\n".join([
+        "==PROF== Connected to process 1",
+        "some program output",
+        '"ID","Kernel Name","lts__t_sector_hit_rate.pct","dram__bytes_read.sum"',
+        '"","","%","byte"',
+        '"0","l2probe_read","30.95","2,099,968"',
+        '"1","l2probe_read","99.65","256"',
+    ])  # fmt: skip
+    df = parse_ncu_csv(text)
+    assert df["dram__bytes_read.sum"].tolist() == [2099968, 256]
+    assert df["lts__t_sector_hit_rate.pct"].tolist() == [30.95, 99.65]
