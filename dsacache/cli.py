@@ -165,7 +165,10 @@ def _replay_options(f):
             "--ways", type=int, default=None, help="Associativity (default: the GPU preset's)."
         ),
         click.option(
-            "--set-hash", type=click.Choice(["mod", "xor"]), default="mod", show_default=True
+            "--set-hash",
+            type=click.Choice(["mod", "xor", "hash"]),
+            default="mod",
+            show_default=True,
         ),
         click.option(
             "--layout",
@@ -300,46 +303,65 @@ def policies() -> None:
 
 @main.command()
 @click.option(
-    "--steps", type=int, default=24, show_default=True, help="Decode steps of the synthetic trace."
+    "--steps",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Decode steps of the DeepSeek-V3.2-shaped trace.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def demo(steps, quiet) -> None:
-    """Replay the bundled trace (or a synthetic one) with a few policies and print a table.
+    """The main job in one command: replay the bundled real trace and a DeepSeek-V3.2-shaped
+    one through the H100 L2 model calibrated on measurements, with several policies, then
+    show how far the model is from the measured GPU.
 
     \b
     Example:
       dsacache demo
     """
+    from dsacache import calibration
     from dsacache.simulator import Workload, summarize
     from dsacache.simulator import replay as run_replay
     from dsacache.tracer.synth import preset, synthesize
     from dsacache.traces import bundled, bundled_path
 
+    fit = calibration.H100_FIT
+    model = f"H100 L2 as calibrated: {fit.label} (fit to measured reuse; the L2 reports 50 MiB)"
+
+    def show(title, trace, policies, batch):
+        df = run_replay(
+            trace, policies=policies, gpu="h100", cache_size=fit.capacity, ways=fit.ways,
+            set_hash=fit.set_hash, workload=Workload(batch=batch), progress=not quiet,
+        )  # fmt: skip
+        click.echo(f"\n{title}, batch {batch}, layout {df.attrs['layout']}\n{model}")
+        click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
+
     with tempfile.TemporaryDirectory() as tmp:
         if bundled():
             path = bundled_path(bundled()[0])
-            click.echo(f"bundled trace: {path.name}")
-        else:
-            path = Path(tmp) / "demo.dsatrace"
-            click.echo(
-                "no bundled trace yet: synthesizing a DeepSeek-V3.2-shaped one (61 layers, k=2048)"
-            )
-            synthesize(
-                preset("deepseek-v3.2", steps=steps, context=16384), path, progress=not quiet
-            )
-        tr = _trace(path)
-        _print_info(tr.validate())
-        for size in ("50MiB", "24MiB"):
-            df = run_replay(
-                tr,
-                policies=["lru", "fifo", "random"],
-                gpu="h100",
-                cache_size=size,
-                workload=Workload(),
-                progress=not quiet,
-            )
-            click.echo(f"\nH100 L2 model, {size}, layout {df.attrs['layout']}:")
-            click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
+            click.echo(f"bundled real trace: {path.name}")
+            tr = _trace(path)
+            _print_info(tr.validate())
+            show("Real trace", tr, ["lru", "fifo", "token-lru", "reserve:bytes=4MiB", "belady"], 4)
+        path = Path(tmp) / "deepseek.dsatrace"
+        synthesize(preset("deepseek-v3.2", steps=steps), path, progress=not quiet)
+        policies = [
+            "lru",
+            "hints:index=first",
+            "reserve:bytes=16MiB",
+            "reserve:bytes=16MiB,admit=second",
+            "belady",
+        ]
+        show(
+            "DeepSeek-V3.2-shaped synthetic trace (61 layers, k=2048, 32K context)",
+            _trace(path),
+            policies,
+            1,
+        )
+    df = calibration.compare("h100", (fit,))
+    err = df.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
+    click.echo("\nModel vs measured H100 (ncu), mean |error| in hit-rate points per probe:")
+    click.echo(err.round(2).to_string())
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
