@@ -113,10 +113,11 @@ class ObjectStore:
 
 
 @njit(inline="always")
-def _evict(st, p):
+def remove(st, n):
+    """Drop node ``n`` from its part's list and the table, and free it."""
     (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
      prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
-    n = tail[p]
+    p = node_part[n]
     _unlink(prev, nxt, head, tail, p, n)
     _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
     used[p] -= node_size[n]
@@ -127,8 +128,7 @@ def _evict(st, p):
 @njit(inline="always")
 def _evict_furthest(st, p):
     """Belady at object granularity: evict the object of part ``p`` used furthest ahead."""
-    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
-     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    head, nxt, node_next_use = st[10], st[9], st[7]
     best = -1
     far = -1
     n = head[p]
@@ -137,11 +137,7 @@ def _evict_furthest(st, p):
             far = node_next_use[n]
             best = n
         n = nxt[n]
-    _unlink(prev, nxt, head, tail, p, best)
-    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[best])
-    used[p] -= node_size[best]
-    free[n_free[0]] = best
-    n_free[0] += 1
+    remove(st, best)
 
 
 @njit(inline="always")
@@ -174,7 +170,7 @@ def insert(st, key, size, p, valid, next_use, furthest):
         if furthest:
             _evict_furthest(st, p)
         else:
-            _evict(st, p)
+            remove(st, tail[p])  # least recently used
     n_free[0] -= 1
     n = free[n_free[0]]
     i = -1 - _find(tkeys, tnode, tkeys.shape[0] - 1, key)
@@ -189,18 +185,6 @@ def insert(st, key, size, p, valid, next_use, furthest):
     used[p] += size
     _push_front(prev, nxt, head, tail, p, n)
     return n
-
-
-@njit(inline="always")
-def remove(st, n):
-    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
-     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
-    p = node_part[n]
-    _unlink(prev, nxt, head, tail, p, n)
-    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
-    used[p] -= node_size[n]
-    free[n_free[0]] = n
-    n_free[0] += 1
 
 
 LINE_TAG = np.int64(1) << np.int64(61)  # keeps line objects apart from token objects
