@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 LINE = 128
+CAPACITY = 65536  # objects of the fully-associative caches
 
 
 def timed(fn, repeat: int = 3) -> tuple[float, object]:
@@ -150,14 +151,11 @@ def main() -> None:
                 None,
             ),
         ]
-        capacity = 65536
-        t_fa, miss_fa = timed(lambda lines=lines: dsacache_fully_assoc(lines, capacity))
+        t_fa, miss_fa = timed(lambda lines=lines: dsacache_fully_assoc(lines, CAPACITY))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "t.oracleGeneral.bin")
             write_oracle_general(lines, path)
-            t_lcs, miss_lcs = timed(
-                lambda path=path: libcachesim_fully_assoc(path, capacity, len(lines))
-            )
+            t_lcs, miss_lcs = timed(lambda path=path: libcachesim_fully_assoc(path, CAPACITY, n))
         rows += [
             (name, "fully-assoc LRU 64K objects", "dsacache token engine", t_fa, 1.0, miss_fa),
             (
