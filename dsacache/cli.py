@@ -73,8 +73,9 @@ def main() -> None:
     "--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace)."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted synth at --out (same knobs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(preset_name, out, force, quiet, **knobs) -> None:
+def synth(preset_name, out, force, resume, quiet, **knobs) -> None:
     """Generate a synthetic DSA trace with explicit statistical knobs.
 
     \b
@@ -88,7 +89,7 @@ def synth(preset_name, out, force, quiet, **knobs) -> None:
         cfg = preset(preset_name, **knobs)
     else:
         cfg = SynthConfig(**{k: v for k, v in knobs.items() if v is not None})
-    synthesize(cfg, out, overwrite=force, progress=not quiet)
+    synthesize(cfg, out, overwrite=force, progress=not quiet, resume=resume)
     _print_info(_trace(out).validate())
 
 

@@ -176,8 +176,11 @@ def synthesize(
     overwrite: bool = False,
     part_rows: int = 65536,
     progress: bool = False,
+    resume: bool = False,
 ) -> str:
-    """Generate a trace into ``out`` (a ``.dsatrace`` directory); returns its path."""
+    """Generate a trace into ``out`` (a ``.dsatrace`` directory); returns its path. With
+    ``resume``, an interrupted run continues: generation is deterministic, so the rows already
+    in finished parts are regenerated and skipped, not written again."""
     cfg.check()
     rng = np.random.default_rng(cfg.seed)
     layer_keep = np.clip(cfg.keep + cfg.layer_variation * rng.uniform(-1, 1, cfg.layers), 0.0, 1.0)
@@ -216,7 +219,9 @@ def synthesize(
         capture=capture,
         overwrite=overwrite,
         part_rows=part_rows,
+        resume=resume,
     ) as writer:
+        skip = writer.rows_written
         for step in steps:
             position = cfg.context + step
             rows, picks = [], []
@@ -229,15 +234,18 @@ def synthesize(
             lengths = np.array([len(p) for p in picks], dtype=np.int64)
             offsets = np.zeros(len(picks) + 1, np.int64)
             np.cumsum(lengths, out=offsets[1:])
-            writer.append_batch(
-                SelectionBatch(
-                    request=meta[:, 0],
-                    step=np.full(len(rows), step, np.int64),
-                    position=np.full(len(rows), position, np.int64),
-                    layer=meta[:, 1],
-                    group=meta[:, 2],
-                    offsets=offsets,
-                    indices=np.concatenate(picks),
-                )
+            batch = SelectionBatch(
+                request=meta[:, 0],
+                step=np.full(len(rows), step, np.int64),
+                position=np.full(len(rows), position, np.int64),
+                layer=meta[:, 1],
+                group=meta[:, 2],
+                offsets=offsets,
+                indices=np.concatenate(picks),
             )
+            if skip >= len(batch):
+                skip -= len(batch)
+                continue
+            writer.append_batch(batch.take(np.arange(skip, len(batch))))
+            skip = 0
     return str(out)

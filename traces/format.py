@@ -217,10 +217,20 @@ class TraceWriter:
         capture: dict[str, Any] | None = None,
         part_rows: int = 65536,
         overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         if part_rows < 1:
             raise TraceError(f"part_rows must be >= 1, got {part_rows}")
+        self.part_rows = part_rows
+        self._pending: list[SelectionBatch] = []
+        self._pending_rows = 0
+        self._last_key: tuple[int, int] | None = None
+        self._closed = False
+        self.rows_written = 0
+        if resume and (self.path / MANIFEST).exists():
+            self._resume(model, indexer, capture or {})
+            return
         if self.path.exists():
             if not overwrite:
                 raise TraceError(f"{self.path} already exists (choose another --out or remove it)")
@@ -229,7 +239,6 @@ class TraceWriter:
             for child in self.path.iterdir():
                 child.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.part_rows = part_rows
         self.manifest: dict[str, Any] = {
             "format": "dsatrace",
             "schema_version": SCHEMA_VERSION,
@@ -241,11 +250,25 @@ class TraceWriter:
             "complete": False,
             "parts": [],
         }
-        self._pending: list[SelectionBatch] = []
-        self._pending_rows = 0
-        self._last_key: tuple[int, int] | None = None
-        self._closed = False
         self._write_manifest()
+
+    def _resume(self, model: dict, indexer: dict, capture: dict) -> None:
+        """Continue an interrupted trace: keep its finished parts, drop anything unfinished."""
+        trace = open_trace(self.path)
+        if trace.complete:
+            raise TraceError(f"{self.path} is already complete; nothing to resume")
+        for key, given in (("model", model), ("indexer", indexer), ("capture", capture)):
+            if json.loads(json.dumps(given)) != trace.manifest.get(key):
+                raise TraceError(
+                    f"{self.path} was written with a different {key}; cannot resume it with these settings"
+                )
+        trace.validate()  # every finished part must be intact
+        listed = {p["file"] for p in trace.parts} | {MANIFEST}
+        for child in self.path.iterdir():  # temp files and a part renamed but never listed
+            if child.name not in listed:
+                child.unlink()
+        self.manifest = trace.manifest
+        self.rows_written = trace.rows
 
     # -- adding rows ---------------------------------------------------------------------------
     def append(
