@@ -176,6 +176,11 @@ def main() -> None:
             f"{stream:<11} {cache:<28} {engine:<28} {n_acc / t / 1e6:8.1f} {ratio:11.2f} "
             f"{'' if misses is None else misses:>12}"
         )
+    for stream in streams:
+        for cache in {r[1] for r in rows}:
+            counts = {r[5] for r in rows if r[0] == stream and r[1] == cache and r[5] is not None}
+            if len(counts) > 1:
+                print(f"MISMATCH: {stream}, {cache}: engines disagree on misses {sorted(counts)}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
