@@ -351,6 +351,7 @@ def demo(steps, quiet) -> None:
             "hints:index=first",
             "reserve:bytes=16MiB",
             "reserve:bytes=16MiB,admit=second",
+            "reserve:bytes=16MiB,scope=learned",
             "belady",
         ]
         show(

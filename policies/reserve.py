@@ -6,6 +6,13 @@ new-token appends unless ``appends=yes``, and KV tokens not admitted) uses the r
 under the line policy ``rest``. ``admit=second`` admits a token on its second miss only (a
 ghost list of once-seen tokens, as large as the reservation, remembers first sightings);
 ``scope=layer`` splits the reservation evenly into one LRU per layer.
+
+``scope=learned`` is a predictive split (the issue-13 direction): after every decode step it
+measures, per layer, the share of selected tokens that the previous step also selected (a
+DSA decoder knows both index sets) and its KV footprint, and admits the layers with the
+highest reuse, greedily, until their footprint fills the reservation; other layers' KV goes
+to the unreserved ways. On a GPU this is one evict_last / persisting flag per layer's KV loads
+plus two index sets per layer per step (bits per cached token: 0; state: two floats per layer).
 """
 
 from dsacache.policies.base import Param, PolicyType, register
@@ -35,8 +42,8 @@ RESERVE = register(
                 "scope",
                 "choice",
                 "shared",
-                "one reservation for all layers or one per layer",
-                ("shared", "layer"),
+                "one reservation for all layers, one per layer, or learned per-layer admission",
+                ("shared", "layer", "learned"),
             ),
             Param(
                 "appends",

@@ -92,6 +92,11 @@ class ReserveModel:
         ghost_entries = self.reserved_bytes // config.line
         self.ghost = objects.ObjectStore(np.array([ghost_entries]), ghost_entries)
         self.needs_future = v["inner"] == "token-belady"
+        self.learned = v["scope"] == "learned"
+        self.admitted = np.ones(max(layers, 1), bool)  # learned scope: layers admitted now
+        self.reuse = np.zeros(max(layers, 1))  # learned scope: EMA of step-to-step reuse
+        self.footprint = np.zeros(max(layers, 1))  # learned scope: KV bytes per step
+        self.previous: dict[int, np.ndarray] = {}
         self.description = (
             f"{reserved_ways} of {config.ways} ways ({self.reserved_bytes} B) reserved for KV"
         )
@@ -106,14 +111,38 @@ class ReserveModel:
         cfg = self.config
         routed = np.zeros(len(addr), np.int8)
         part = layer.astype(np.int64) if self.per_layer else np.zeros(len(addr), np.int64)
+        tokens = self._tokens(klass)
+        if self.learned:
+            tokens &= self.admitted[layer]
         objects.run_objects(
-            addr, nbytes, is_write, self._tokens(klass), part, bucket, _future(future),
+            addr, nbytes, is_write, tokens, part, bucket, _future(future),
             counters, self.store.arrays(), cfg.line.bit_length() - 1,
             cfg.sector.bit_length() - 1, self.needs_future, self.policy.values["admit"] == "second",
             self.ghost.arrays(), False, self.appends, routed,
         )  # fmt: skip
         rest = routed == 0
         self.rest.run(addr[rest], nbytes[rest], is_write[rest], bucket[rest], counters, klass[rest])
+        if self.learned:
+            self._learn(addr, nbytes, klass, layer)
+
+    def _learn(self, addr, nbytes, klass, layer) -> None:
+        """Update per-layer reuse and footprint from this step's KV gathers; re-pick layers."""
+        line = self.config.line
+        kv = klass == KV
+        for lay in np.unique(layer[kv]):
+            mine = kv & (layer == lay)
+            keys = np.unique(addr[mine])
+            lines = ((addr[mine] + nbytes[mine] - 1) // line) - addr[mine] // line + 1
+            self.footprint[lay] = lines.sum() * line
+            prev = self.previous.get(int(lay))
+            if prev is not None and len(keys):
+                now = np.isin(keys, prev, assume_unique=True).mean()
+                self.reuse[lay] = 0.5 * self.reuse[lay] + 0.5 * now
+            self.previous[int(lay)] = keys
+        order = np.argsort(-self.reuse, kind="stable")
+        fits = np.cumsum(self.footprint[order]) <= self.reserved_bytes
+        self.admitted[:] = False
+        self.admitted[order[fits]] = True
 
 
 def _future(future):

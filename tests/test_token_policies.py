@@ -228,3 +228,32 @@ def test_policy_labels_show_sizes():
     from dsacache.policies import make_policy
 
     assert make_policy("reserve:bytes=8MiB,admit=second").label == "reserve:bytes=8MiB,admit=second"
+
+
+def test_learned_layer_admission_beats_thrashing(tmp_path):
+    # 6 layers re-select the same 32 tokens (~26 KB of lines per layer per step); 64 KiB holds
+    # two layers. Shared token-LRU thrashes; learned admission keeps two layers whole.
+    cfg = SynthConfig(
+        layers=6,
+        context=5000,
+        steps=6,
+        k=32,
+        keep=1.0,
+        layer_variation=0.0,
+        sinks=0,
+        recency_weight=0.0,
+        return_weight=0.0,
+        seed=4,
+        model={"name": "t", "attention": "MLA", "layout": "mla-fp8"},
+    )
+    trace = open_trace(synthesize(cfg, tmp_path / "six.dsatrace"))
+    df = replay(
+        trace,
+        policies=["reserve:bytes=64KiB", "reserve:bytes=64KiB,scope=learned"],
+        cache_size="1MiB",
+        ways=16,
+    )
+    rates = _kv_hits_by_step(df)
+    assert rates.loc["reserve:bytes=64KiB", 1:].max() == 0.0
+    steady = rates.loc["reserve:bytes=64KiB,scope=learned", 3:]
+    assert np.allclose(steady, 2 / 6, atol=0.02)
