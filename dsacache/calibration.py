@@ -131,13 +131,19 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def simulate_decode(df: pd.DataFrame, model: Model) -> pd.DataFrame:
-    """Per (step, class) hit rates of the ``decode`` probe's trace replayed by dsacache."""
+def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> pd.DataFrame:
+    """Per (step, class) hit rates of the ``decode`` probe's trace replayed by dsacache.
+
+    ``kv_first_from`` >= 0 mirrors the probe's per-layer hint: the KV gathers of those layers
+    carry the ``weights`` traffic class, so a ``hints:...,weights=first`` policy marks them
+    evict_first (the probe has no weights traffic; the class only carries the hint).
+    """
     import tempfile
 
     from dsacache.kernels.probes import decode_config
-    from dsacache.simulator.replay import replay
-    from dsacache.simulator.workload import Workload
+    from dsacache.simulator.caches import make_model
+    from dsacache.simulator.stream import build_step, plan_replay
+    from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
     from dsacache.tracer.synth import synthesize
     from dsacache.traces import open_trace
 
@@ -146,15 +152,29 @@ def simulate_decode(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     steps = int(df["step"].max()) + 1
     context = int(df[(df["role"] == "index") & (df["step"] == 0)]["bytes"].iloc[0]) // 132
     cfg = decode_config(layers, context, steps, k, 0.45)
+    config = CacheConfig.of(model.capacity, ways=model.ways, set_hash=model.set_hash)
+    cache = make_model(config, model.policy, layers)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
-        res = replay(
-            trace, policies=[model.policy], cache_size=model.capacity, ways=model.ways,
-            set_hash=model.set_hash, workload=Workload(layout="mla-fp8", classes=("index", "kv")),
-        )  # fmt: skip
-    g = res.groupby(["step", "class"], observed=True)[["sector_hits", "sectors"]].sum()
-    out = (g["sector_hits"] / g["sectors"]).rename("simulated").reset_index()
-    return out.rename(columns={"class": "role"})
+        amap = plan_replay(trace, Workload(layout="mla-fp8", classes=("index", "kv")))
+        for step_rows in trace.iter_steps():
+            chunk = build_step(amap, step_rows)
+            klass = chunk.cls.copy()
+            if kv_first_from >= 0:
+                klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= kv_first_from)] = CLASS_ID[
+                    "weights"
+                ]
+            counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
+            n = len(chunk)
+            cache.run_chunk(
+                chunk.addr, chunk.nbytes, np.zeros(n, bool), klass, chunk.layer,
+                chunk.cls.astype(np.int64), counters,
+            )  # fmt: skip
+            for role in ("index", "kv"):
+                c = counters[CLASS_ID[role]]
+                rows.append({"step": int(chunk.step[0]), "role": role, "simulated": c[3] / c[2]})
+    return pd.DataFrame(rows)
 
 
 def fit_reuse(
@@ -185,13 +205,18 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
         ("decode-large-normal-evict_last", "hints:kv=last"),
         ("decode-large-evict_first-evict_last", "hints:index=first,kv=last"),
         ("decode-small-evict_first-evict_last", "hints:index=first,kv=last"),
+        ("decode-48l-first-from-1", "hints:index=first"),
+        ("decode-48l-first-from12", "hints:index=first,weights=first"),
+        ("decode-48l-first-from20", "hints:index=first,weights=first"),
     ]
     for name, hint in decode + hinted:
         m = measured(gpu, name)
+        first_from = int(name.split("first-from")[1]) if "first-from" in name else -1
         meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
         for base in models:
             model = base if hint is None else Model(hint, base.capacity, base.ways, base.set_hash)
-            j = meas.merge(simulate_decode(m, model), on=["step", "role"])
+            sim = simulate_decode(m, model, first_from)
+            j = meas.merge(sim, on=["step", "role"])
             rows += [
                 {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
                  "policy": model.policy, "measured": r.measured, "simulated": r.simulated}

@@ -423,10 +423,17 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     default=None,
     help="decode: L2 hint of the KV gathers.",
 )
+@click.option(
+    "--kv-first-from",
+    type=int,
+    default=None,
+    help="decode: KV of layers >= this loads with evict_first.",
+)
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
-    experiment, out, sizes, between, k, context, layers, steps, keep, index_evict, kv_evict, raw
-) -> None:
+    experiment, out, sizes, between, k, context, layers, steps, keep, index_evict, kv_evict,
+    kv_first_from, raw,
+) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
 
     \b
@@ -442,7 +449,8 @@ def probe(
         cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
         options = {"--sizes": sizes, "--between": between, "--k": k, "--context": context,
                    "--layers": layers, "--steps": steps, "--keep": keep,
-                   "--index-evict": index_evict, "--kv-evict": kv_evict}  # fmt: skip
+                   "--index-evict": index_evict, "--kv-evict": kv_evict,
+                   "--kv-first-from": kv_first_from}  # fmt: skip
         for flag, value in options.items():
             if value is not None:
                 cmd += [flag, str(value)]

@@ -140,11 +140,13 @@ def decode_config(layers: int, context: int, steps: int, k: int, keep: float, se
 
 def run_decode(
     layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0,
-    device: str = "cuda", index_evict: str = "", kv_evict: str = "",
+    device: str = "cuda", index_evict: str = "", kv_evict: str = "", kv_first_from: int = -1,
 ) -> list[Launch]:  # fmt: skip
     """Decode steps as DSA issues them, per layer: the indexer reads every cached token's key
     (132 B each), then the sparse kernel gathers the selected 656-byte KV rows. Same trace,
-    pools and order as ``dsacache replay --layout mla-fp8 --classes index,kv`` with batch 1."""
+    pools and order as ``dsacache replay --layout mla-fp8 --classes index,kv`` with batch 1.
+    ``kv_first_from`` >= 0 loads the KV of layers from that one on with evict_first: the
+    hardware form of reserving the L2 for the KV of the first layers only."""
     import tempfile
 
     import torch
@@ -170,7 +172,8 @@ def run_decode(
             layer, step, position = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
             read(index[layer][: position * 33], index_evict)
             idx = torch.as_tensor(rows.row(i), dtype=torch.int32, device=device)
-            gather(kv[layer], idx, 164, kv_evict)
+            hint = "evict_first" if 0 <= kv_first_from <= layer else kv_evict
+            gather(kv[layer], idx, 164, hint)
             launches.append(Launch("decode", "index", position * 132, k=k, layer=layer, step=step))
             launches.append(Launch("decode", "kv", len(idx) * 656, k=k, layer=layer, step=step))
     return launches
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
+    p.add_argument("--kv-first-from", type=int, default=-1)
     p.add_argument("--plan", required=True, help="JSON file to write the launch plan to")
     args = p.parse_args(argv)
     if args.experiment == "reuse":
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         launches = run_decode(
             args.layers, args.context, args.steps, args.k, args.keep,
-            index_evict=args.index_evict, kv_evict=args.kv_evict,
+            index_evict=args.index_evict, kv_evict=args.kv_evict, kv_first_from=args.kv_first_from,
         )  # fmt: skip
     import torch
 
