@@ -43,3 +43,16 @@ def test_fitted_model_predicts_dsa_decode_within_two_points():
 def test_unknown_measurement():
     with pytest.raises(DsacacheError, match="no measurement"):
         calibration.measured("h100", "nope")
+
+
+def test_layer_subset_hints_measured_and_predicted_in_the_same_order():
+    df = calibration.compare("h100", (calibration.H100_FIT,))
+    kv = df[df["experiment"].str.startswith("decode-48l") & (df["point"] == "step 3 kv")]
+    by = kv.set_index("experiment")
+    order = ["decode-48l-first-from12", "decode-48l-first-from20", "decode-48l-first-from-1"]
+    assert by.loc[order, "measured"].is_monotonic_decreasing
+    assert by.loc[order, "simulated"].is_monotonic_decreasing
+    assert (
+        by.loc["decode-48l-first-from12", "measured"]
+        > 4 * by.loc["decode-48l-first-from-1", "measured"]
+    )
