@@ -235,3 +235,27 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
     out = pd.DataFrame(rows)
     out["error_points"] = (out["simulated"] - out["measured"]) * 100
     return out
+
+
+def fit_hierarchy(gpu: str = "h100"):
+    """Memory-time coefficients from the reuse probe's kernel durations: cold first reads give
+    HBM latency and bandwidth (time = latency + bytes / bandwidth, least squares), second
+    reads that hit > 95% give the L2 bandwidth. Returns a ``Hierarchy`` (peer and remote
+    levels keep their defaults: one GPU cannot measure them)."""
+    from dsacache.simulator.presets import gpu_preset
+    from dsacache.simulator.replay import Hierarchy, Level
+
+    m = measured(gpu, "reuse")
+
+    def line_fit(rows: pd.DataFrame) -> tuple[float, float]:
+        x = rows["bytes"].to_numpy(float)
+        t = rows["gpu__time_duration.sum"].to_numpy(float) * 1e-9
+        (latency, per_byte), *_ = np.linalg.lstsq(np.vstack([np.ones_like(x), x]).T, t, rcond=None)
+        return max(latency, 0.0), 1.0 / per_byte
+
+    hbm_latency, hbm_bw = line_fit(m[m["role"] == "first"])
+    _, l2_bw = line_fit(m[(m["role"] == "second") & (m["hit"] > 0.95)])
+    default = Hierarchy.for_gpu(gpu_preset(gpu))
+    levels = dict(default.levels)
+    levels["hbm"] = Level(hbm_latency, hbm_bw)
+    return Hierarchy(l2_bw, levels)

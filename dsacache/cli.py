@@ -327,12 +327,14 @@ def demo(steps, quiet) -> None:
     from dsacache.traces import bundled, bundled_path
 
     fit = calibration.H100_FIT
+    hierarchy = calibration.fit_hierarchy("h100")  # memory time from measured kernel durations
     model = f"H100 L2 as calibrated: {fit.label} (fit to measured reuse; the L2 reports 50 MiB)"
 
     def show(title, trace, policies, batch):
         df = run_replay(
             trace, policies=policies, gpu="h100", cache_size=fit.capacity, ways=fit.ways,
             set_hash=fit.set_hash, workload=Workload(batch=batch), progress=not quiet,
+            hierarchy=hierarchy,
         )  # fmt: skip
         click.echo(f"\n{title}, batch {batch}, layout {df.attrs['layout']}\n{model}")
         click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))

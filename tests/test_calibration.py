@@ -56,3 +56,11 @@ def test_layer_subset_hints_measured_and_predicted_in_the_same_order():
         by.loc["decode-48l-first-from12", "measured"]
         > 4 * by.loc["decode-48l-first-from-1", "measured"]
     )
+
+
+def test_hierarchy_coefficients_from_measured_kernel_times():
+    h = calibration.fit_hierarchy("h100")
+    hbm = h.levels["hbm"]
+    assert 1.5e12 < hbm.bandwidth < 3.35e12  # below the HBM3 peak, as a read kernel achieves
+    assert 0.5e-6 < hbm.latency_s < 10e-6
+    assert h.l2_bandwidth > hbm.bandwidth
