@@ -103,32 +103,98 @@ class ObjectStore:
         self.used = np.zeros(parts, np.int64)
         self.free = np.arange(n - 1, -1, -1, dtype=np.int64)  # a stack of free node ids
         self.n_free = np.array([n], np.int64)
+        # Belady with one part: a max-heap of (next use, node, version) with lazy deletion
+        heap = 4 * n if parts == 1 else 1
+        self.heap_key = np.zeros(heap, np.int64)
+        self.heap_node = np.zeros(heap, np.int64)
+        self.heap_ver = np.zeros(heap, np.int64)
+        self.heap_size = np.zeros(1, np.int64)
+        self.node_ver = np.zeros(n, np.int64)
 
     def arrays(self) -> tuple:
         return (
             self.tkeys, self.tnode, self.node_key, self.node_size, self.node_part,
             self.node_slot, self.node_valid, self.node_next_use, self.prev, self.nxt,
             self.head, self.tail, self.used, self.capacity, self.free, self.n_free,
+            self.heap_key, self.heap_node, self.heap_ver, self.heap_size, self.node_ver,
         )  # fmt: skip
 
 
 @njit(inline="always")
 def remove(st, n):
     """Drop node ``n`` from its part's list and the table, and free it."""
-    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
-     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    tkeys, tnode, node_size, node_part, node_slot = st[0], st[1], st[3], st[4], st[5]
+    prev, nxt, head, tail, used, free, n_free = st[8], st[9], st[10], st[11], st[12], st[14], st[15]
     p = node_part[n]
     _unlink(prev, nxt, head, tail, p, n)
     _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
     used[p] -= node_size[n]
+    node_part[n] = -1  # not in the store: heap entries of it are stale
+    st[20][n] += 1
     free[n_free[0]] = n
     n_free[0] += 1
 
 
 @njit(inline="always")
-def _evict_furthest(st, p):
-    """Belady at object granularity: evict the object of part ``p`` used furthest ahead."""
+def _heap_push(st, key, node):
+    hk, hn, hv, size, ver = st[16], st[17], st[18], st[19], st[20]
+    if size[0] == hk.shape[0]:
+        _heap_rebuild(st)
+    i = size[0]
+    size[0] += 1
+    while i > 0:
+        parent = (i - 1) >> 1
+        if hk[parent] >= key:
+            break
+        hk[i], hn[i], hv[i] = hk[parent], hn[parent], hv[parent]
+        i = parent
+    hk[i], hn[i], hv[i] = key, node, ver[node]
+
+
+@njit(inline="always")
+def _heap_pop(st):
+    """Remove the top entry; return its (next use, node, version)."""
+    hk, hn, hv, size = st[16], st[17], st[18], st[19]
+    top = (hk[0], hn[0], hv[0])
+    size[0] -= 1
+    k, n, v = hk[size[0]], hn[size[0]], hv[size[0]]
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= size[0]:
+            break
+        if child + 1 < size[0] and hk[child + 1] > hk[child]:
+            child += 1
+        if hk[child] <= k:
+            break
+        hk[i], hn[i], hv[i] = hk[child], hn[child], hv[child]
+        i = child
+    hk[i], hn[i], hv[i] = k, n, v
+    return top
+
+
+@njit
+def _heap_rebuild(st):
+    """Drop stale entries: re-push one entry per live node."""
+    st[19][0] = 0
     head, nxt, node_next_use = st[10], st[9], st[7]
+    n = head[0]
+    while n >= 0:
+        _heap_push(st, node_next_use[n], n)
+        n = nxt[n]
+
+
+@njit(inline="always")
+def _evict_furthest(st, p):
+    """Belady at object granularity: evict the object of part ``p`` used furthest ahead.
+    One part: pop the heap, skipping stale entries (O(log n)); several: walk the list."""
+    head, nxt, node_next_use, node_part, ver = st[10], st[9], st[7], st[4], st[20]
+    if head.shape[0] == 1:
+        while True:
+            _, node, v = _heap_pop(st)
+            if node_part[node] == p and ver[node] == v:
+                remove(st, node)
+                return
     best = -1
     far = -1
     n = head[p]
@@ -149,10 +215,13 @@ def lookup(st, key):
 
 
 @njit(inline="always")
-def touch(st, n, next_use):
+def touch(st, n, next_use, furthest=False):
     prev, nxt, head, tail, node_part, node_next_use = st[8], st[9], st[10], st[11], st[4], st[7]
     p = node_part[n]
     node_next_use[n] = next_use
+    if furthest and head.shape[0] == 1:
+        st[20][n] += 1
+        _heap_push(st, next_use, n)
     if head[p] != n:
         _unlink(prev, nxt, head, tail, p, n)
         _push_front(prev, nxt, head, tail, p, n)
@@ -162,8 +231,9 @@ def touch(st, n, next_use):
 def insert(st, key, size, p, valid, next_use, furthest):
     """Insert ``key`` (absent) into part ``p``, evicting LRU (or furthest-used) objects to make
     room. An object larger than its part's capacity is not inserted (returns -1)."""
-    (tkeys, tnode, node_key, node_size, node_part, node_slot, node_valid, node_next_use,
-     prev, nxt, head, tail, used, capacity, free, n_free) = st  # fmt: skip
+    tkeys, tnode, node_key, node_size, node_part = st[0], st[1], st[2], st[3], st[4]
+    node_slot, node_valid, node_next_use = st[5], st[6], st[7]
+    prev, nxt, head, tail, used, capacity, free, n_free = st[8:16]
     if size > capacity[p]:
         return -1
     while used[p] + size > capacity[p]:
@@ -184,6 +254,9 @@ def insert(st, key, size, p, valid, next_use, furthest):
     node_next_use[n] = next_use
     used[p] += size
     _push_front(prev, nxt, head, tail, p, n)
+    if furthest and head.shape[0] == 1:
+        st[20][n] += 1
+        _heap_push(st, next_use, n)
     return n
 
 
@@ -236,13 +309,13 @@ def run_objects(
                     continue
                 counters[b, 5] += n_sec
                 if node >= 0:
-                    touch(st, node, nu)
+                    touch(st, node, nu, furthest)
                 else:
                     insert(st, a, n_lines * line_bytes, part[i], 0, nu, furthest)
                 routed[i] = 1
                 continue
             if node >= 0:
-                touch(st, node, nu)
+                touch(st, node, nu, furthest)
                 counters[b, 0] += n_lines
                 counters[b, 1] += n_lines
                 counters[b, 2] += n_sec
@@ -278,7 +351,7 @@ def run_objects(
                 counters[b, 5] += n_wanted
                 if node >= 0:
                     st[6][node] |= wanted
-                    touch(st, node, nu)
+                    touch(st, node, nu, furthest)
                 else:
                     insert(st, key, line_bytes, 0, wanted, nu, furthest)
                 continue
@@ -292,7 +365,7 @@ def run_objects(
                     missing += 1
                     m &= m - 1
                 st[6][node] = v | wanted
-                touch(st, node, nu)
+                touch(st, node, nu, furthest)
                 counters[b, 1] += missing == 0
             else:
                 missing = n_wanted
