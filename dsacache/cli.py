@@ -345,7 +345,15 @@ def demo(steps, quiet) -> None:
             click.echo(f"bundled real trace: {path.name}")
             tr = _trace(path)
             _print_info(tr.validate())
-            show("Real trace", tr, ["lru", "fifo", "token-lru", "reserve:bytes=4MiB", "belady"], 4)
+            policies = [
+                "lru",
+                "token-lru",
+                "hints:index=first",
+                "reserve:bytes=8MiB,scope=learned",
+                "belady",
+                "reserve:bytes=8MiB,inner=token-belady",
+            ]
+            show("Real trace", tr, policies, 4)
         path = Path(tmp) / "deepseek.dsatrace"
         synthesize(preset("deepseek-v3.2", steps=steps), path, progress=not quiet)
         policies = [
