@@ -55,6 +55,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--preset", "preset_name", default=None, help="deepseek-v3.2 or smollm2-135m.")
+@click.option(
+    "--like",
+    type=click.Path(),
+    default=None,
+    help="Fit the statistical knobs to this trace; scale comes from the other options.",
+)
 @click.option("--layers", type=int, help="Transformer layers.")
 @click.option("--groups", type=int, help="KV groups with their own selection (1 for MLA).")
 @click.option("--requests", type=int, help="Requests (sequences) decoded.")
@@ -75,13 +81,14 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted synth at --out (same knobs).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def synth(preset_name, out, force, resume, quiet, **knobs) -> None:
+def synth(preset_name, like, out, force, resume, quiet, **knobs) -> None:
     """Generate a synthetic DSA trace with explicit statistical knobs.
 
     \b
     Example:
       dsacache synth --preset smollm2-135m --steps 32 --out t.dsatrace
       dsacache synth --layers 4 --k 64 --context 1024 --keep 0.6 --out small.dsatrace
+      dsacache synth --preset deepseek-v3.2 --like real.dsatrace --steps 16 --out ds.dsatrace
     """
     from dsacache.tracer.synth import SynthConfig, preset, synthesize
 
@@ -89,6 +96,14 @@ def synth(preset_name, out, force, resume, quiet, **knobs) -> None:
         cfg = preset(preset_name, **knobs)
     else:
         cfg = SynthConfig(**{k: v for k, v in knobs.items() if v is not None})
+    if like:
+        from dsacache.tracer.fit import like as fit_like
+
+        cfg = fit_like(_trace(like), cfg)
+        click.echo(
+            f"fitted to {like}: keep={cfg.keep:.3f} return_weight={cfg.return_weight:.3f} "
+            f"recency_weight={cfg.recency_weight:.3f} layer_variation={cfg.layer_variation:.3f}"
+        )
     synthesize(cfg, out, overwrite=force, progress=not quiet, resume=resume)
     _print_info(_trace(out).validate())
 

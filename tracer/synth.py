@@ -202,7 +202,8 @@ def synthesize(
         "kind": "synthetic",
         "k": cfg.k,
         "sink": cfg.sinks,
-        "window": cfg.recency_window,
+        "window": 0,  # no recent tokens are forced in; recency is drawn (recency_window)
+        "recency_window": cfg.recency_window,
         "granularity": "group" if cfg.groups > 1 else "layer",
     }
     knobs = {k: v for k, v in asdict(cfg).items() if k != "model"}
