@@ -164,12 +164,15 @@ def _kernel(policy: Policy):
                     rest = rest ^ (rest >> 17) ^ (rest >> 29)
                 elif hash_kind == 2:
                     rest = ((rest * _HASH_MUL) >> 20) & 0x7FFFFFFFFFF
-                q = np.int64(rest * inv_per)
-                r = rest - q * per
-                if r >= per:
-                    r -= per
-                elif r < 0:
-                    r += per
+                if rest < 4503599627370496:  # 2**52: exact in float64, one correction suffices
+                    q = np.int64(rest * inv_per)
+                    r = rest - q * per
+                    if r >= per:
+                        r -= per
+                    elif r < 0:
+                        r += per
+                else:
+                    r = rest % per
                 s = part * per + r
                 base = s * ways
                 way = -1
@@ -356,8 +359,8 @@ def simulate_addresses(
         raise DsacacheError(
             f"addresses must be a 1-D integer array, got {addrs.dtype} {addrs.shape}"
         )
-    if len(addrs) and addrs.min() < 0:
-        raise DsacacheError("addresses must be >= 0")
+    if len(addrs) and (addrs.min() < 0 or addrs.max() >= 2**62):
+        raise DsacacheError("addresses must be in [0, 2**62)")
     bound = make_policy(policy)
     if bound.type.engine != "lines":
         raise DsacacheError(
