@@ -1,0 +1,428 @@
+"""One DSA decode step on the GPU (indexer -> top-k -> sparse attention), and a driver that
+replays a trace's decode steps through the real kernels: the workload ``dsacache profile``
+measures under Nsight Compute.
+
+``run_trace`` builds paged caches of random data for ``batch`` requests and some layers,
+then for each decode step of the trace and each layer runs the indexer over every cached key
+of each request and the sparse attention over the trace's selection (or, with
+``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
+indices the attention kernels read are written to a new trace: each layer's index tensor is
+copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer) and a
+background thread waits for the step's CUDA event and writes the step's rows with
+``dsacache.traces.TraceWriter``.
+
+Command line (the workload to profile)::
+
+    python -m dsacache.kernels.decode_step TRACE --layout mla-fp8 --batch 4 --steps 8 \
+        --layers 4 --index-evict evict_first --capture replayed.dsatrace
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsacache.kernels.indexer import indexer_logits, select_topk
+from dsacache.kernels.paged import (
+    MLA_DIM,
+    GQACache,
+    IndexKeyCache,
+    MLACache,
+    PageTable,
+    make_page_table,
+    random_gqa_cache,
+    random_index_cache,
+    random_mla_cache,
+)
+from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
+
+LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
+DEEPSEEK_SM_SCALE = (128 + 64) ** -0.5  # DeepSeek-V3.2: qk head dim 192 before absorption
+
+
+@dataclass(frozen=True)
+class Hints:
+    """L2 eviction hints per load class ("", "evict_first", "evict_last")."""
+
+    index: str = ""  # the indexer's key loads
+    kv: str = ""  # the sparse attention's KV gathers
+
+
+@dataclass
+class LayerCaches:
+    """One layer's caches: the indexer keys and the attention KV (MLA or GQA)."""
+
+    index: IndexKeyCache
+    kv: MLACache | GQACache
+
+
+@dataclass
+class StepOutput:
+    """What one decode step of one layer returns."""
+
+    out: torch.Tensor  # bf16 [B, H, Dv]
+    lse: torch.Tensor  # float32 [B, H]
+    indices: torch.Tensor  # int32 [B, k] or [B, G, k], ascending, -1 padded: what attention read
+    logits: torch.Tensor  # float32 [B, T]: the indexer's scores
+
+
+def decode_step(
+    q_index: torch.Tensor,
+    index_weights: torch.Tensor,
+    q_attn: torch.Tensor,
+    caches: LayerCaches,
+    context_lens: torch.Tensor,
+    *,
+    k: int = 2048,
+    sink: int = 0,
+    window: int = 0,
+    sm_scale: float | None = None,
+    hints: Hints = Hints(),
+    max_context: int | None = None,
+    selection: torch.Tensor | None = None,
+    attn_options: dict[str, Any] | None = None,
+) -> StepOutput:
+    """Indexer -> top-k -> sparse attention for one layer and a batch (no host sync).
+
+    ``q_index`` ``[B, Hi, 128]`` bf16 and ``index_weights`` ``[B, Hi]``: the indexer's query;
+    ``q_attn``: ``[B, H, 576]`` (MLA) or ``[B, HQ, D]`` (GQA) bf16; ``context_lens`` int32
+    ``[B]`` on the device (tokens each request has cached). The indexer always runs (its key
+    reads are part of the step); ``selection`` (int32 ``[B, k]`` / ``[B, G, k]``, -1 padded)
+    replaces its top-k, e.g. with a trace's selection.
+    """
+    logits = indexer_logits(
+        q_index, index_weights, caches.index, context_lens, max_context, evict=hints.index
+    )
+    if selection is None:
+        selection = select_topk(logits, context_lens, k, sink, window)
+    opts = attn_options or {}
+    if isinstance(caches.kv, MLACache):
+        scale = DEEPSEEK_SM_SCALE if sm_scale is None else sm_scale
+        out, lse = mla_sparse_decode(q_attn, caches.kv, selection, scale, evict=hints.kv, **opts)
+    else:
+        out, lse = gqa_sparse_decode(q_attn, caches.kv, selection, sm_scale, evict=hints.kv, **opts)
+    return StepOutput(out, lse, selection, logits)
+
+
+# -- index capture without a sync per layer ------------------------------------------------------
+@dataclass
+class _StepCapture:
+    step: int
+    positions: np.ndarray  # int64 [L, B]
+    host: torch.Tensor  # int32 [L, B, G, W], filled by non_blocking copies
+    event: Any = None  # torch.cuda.Event recorded after the last copy (None on the CPU)
+
+
+class IndexCapture:
+    """Copy the kernels' index tensors to pinned host buffers as they are produced and write
+    them to a ``TraceWriter`` from a background thread, one step at a time.
+
+    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
+    ``end_step()`` records a CUDA event and hands the buffer to the writer thread, which
+    waits for that event only. ``buffers`` host buffers are in flight at most (back-pressure:
+    the launching thread waits only when the writer is that far behind).
+    """
+
+    def __init__(self, writer: Any, buffers: int = 3) -> None:
+        self.writer = writer
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._buffers = buffers
+        self._made = 0
+        self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._current: _StepCapture | None = None
+        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
+        self._thread.start()
+
+    def _buffer(self, shape: tuple[int, ...], pinned: bool) -> torch.Tensor:
+        while True:
+            if self._made < self._buffers:
+                try:
+                    buf = self._free.get_nowait()
+                except queue.Empty:
+                    self._made += 1
+                    return torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
+            else:
+                buf = self._free.get()  # the writer is behind: wait for a buffer
+            if tuple(buf.shape) == shape:
+                return buf
+            self._made -= 1  # the width changed: drop this buffer, make another
+
+    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...], device) -> None:
+        """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
+        self._raise()
+        pinned = torch.device(device).type == "cuda"
+        host = self._buffer(shape, pinned)
+        host.fill_(-1)
+        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
+
+    def add(self, layer: int, indices: torch.Tensor) -> None:
+        """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
+        cur = self._current
+        assert cur is not None, "begin_step first"
+        idx = indices if indices.dim() == 3 else indices[:, None, :]
+        dst = cur.host[layer, :, : idx.shape[1], : idx.shape[2]]
+        dst.copy_(idx, non_blocking=idx.is_cuda)
+
+    def end_step(self) -> None:
+        """Hand the step to the writer thread (records a CUDA event; does not wait for it)."""
+        cur, self._current = self._current, None
+        assert cur is not None
+        if cur.host.is_pinned():
+            cur.event = torch.cuda.Event()
+            cur.event.record()
+        self._todo.put(cur)
+
+    def close(self) -> None:
+        """Wait for the writer thread to finish every queued step, then re-raise its error."""
+        self._todo.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"index capture failed: {self._error!r}") from self._error
+
+    def _work(self) -> None:
+        from dsacache.traces import SelectionBatch
+
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            try:
+                if item.event is not None:
+                    item.event.synchronize()  # this thread waits; the launching thread does not
+                arr = item.host.numpy()  # [L, B, G, W]
+                layers, batch, groups, _ = arr.shape
+                lay, req, grp = np.meshgrid(
+                    np.arange(layers), np.arange(batch), np.arange(groups), indexing="ij"
+                )
+                rows = arr.reshape(-1, arr.shape[-1])
+                keep = rows >= 0
+                lengths = keep.sum(1)
+                offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+                np.cumsum(lengths, out=offsets[1:])
+                n = len(rows)
+                batch_rows = SelectionBatch(
+                    request=req.reshape(-1).astype(np.int32),
+                    step=np.full(n, item.step, np.int32),
+                    position=np.repeat(item.positions.reshape(-1), groups).astype(np.int32),
+                    layer=lay.reshape(-1).astype(np.int16),
+                    group=grp.reshape(-1).astype(np.int16),
+                    offsets=offsets,
+                    indices=rows[keep].astype(np.int32),
+                )
+                self.writer.append_batch(batch_rows)
+            except BaseException as e:  # surfaced by the next begin_step / close
+                self._error = e
+            finally:
+                self._free.put(item.host)
+
+
+# -- the trace-driven workload --------------------------------------------------------------------
+@dataclass
+class RunResult:
+    """Summary of ``run_trace``."""
+
+    steps: int
+    layers: int
+    batch: int
+    layout: str
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    index_bytes: int = 0  # indexer key bytes read (all steps and layers)
+    kv_bytes: int = 0  # KV bytes gathered
+    capture: str | None = None
+
+
+def _kv_bytes_per_token(layout: str, kv_heads: int, head_dim: int, groups: int) -> int:
+    if layout == "mla-fp8":
+        return 656
+    if layout == "mla-bf16":
+        return 1152
+    per_head = 2 * head_dim * 2
+    return per_head if groups > 1 else per_head * kv_heads
+
+
+def _step_tensors(rows, batch: int, requests: int, layers: int, groups: int, width: int):
+    """Selections ``[L, B, G, W]`` (-1 padded) and context lengths ``[L, B]`` of one step."""
+    sel = np.full((layers, batch, groups, width), -1, dtype=np.int32)
+    pos = np.ones((layers, batch), dtype=np.int64)
+    slot_of = {}  # trace request -> batch slots that replay it
+    for b in range(batch):
+        slot_of.setdefault(b % requests, []).append(b)
+    for i in range(len(rows)):
+        layer, g = int(rows.layer[i]), int(rows.group[i])
+        if layer >= layers or g >= groups:
+            continue
+        idx = rows.row(i)[:width]
+        for b in slot_of.get(int(rows.request[i]), ()):
+            sel[layer, b, g, : len(idx)] = idx
+            pos[layer, b] = int(rows.position[i])
+    return sel, pos
+
+
+def run_trace(
+    trace: Any,
+    *,
+    layout: str = "mla-fp8",
+    batch: int = 1,
+    steps: int | None = None,
+    layers: int | None = None,
+    hints: Hints = Hints(),
+    device: str = "cuda",
+    page_order: str = "shuffled",
+    seed: int = 0,
+    use_trace_selection: bool = True,
+    index_heads: int = 64,
+    heads: int | None = None,
+    capture: str | None = None,
+    attn_options: dict[str, Any] | None = None,
+) -> RunResult:
+    """Run ``steps`` decode steps of ``trace`` (a path or an opened trace) through the kernels.
+
+    Batch slot ``b`` replays trace request ``b % requests`` (on its own pages). Per step and
+    layer: the indexer reads every cached key of each slot (``position`` tokens), then sparse
+    attention gathers the trace's selection (``use_trace_selection``) or the indexer's top-k
+    (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
+    overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
+    the indices the attention kernels read to a new trace at that path.
+    """
+    from dsacache.traces import TraceWriter, open_trace
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    tr = open_trace(trace) if not hasattr(trace, "iter_steps") else trace
+    model, totals = tr.model, tr.manifest.get("totals", {})
+    requests = max(1, int(totals.get("requests", 1)))
+    groups = max(1, int(totals.get("groups", 1)))
+    n_layers = min(int(totals.get("layers", 1)), layers or 1 << 30)
+    k = int(tr.indexer.get("k", 2048))
+    sink, window = int(tr.indexer.get("sink", 0)), int(tr.indexer.get("window", 0))
+    capacity = int(totals.get("max_position", 1)) + 1
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    mla = layout.startswith("mla")
+    if mla and groups > 1:
+        raise ValueError(f"the trace selects per KV group ({groups} groups); MLA has one")
+    kv_heads = 1 if mla else int(model.get("kv_heads", 3))
+    head_dim = MLA_DIM if mla else int(model.get("head_dim", 64))
+    n_heads = heads or int(model.get("heads", 128 if mla else 9))
+    if not mla and groups > 1 and groups != kv_heads:
+        raise ValueError(f"trace has {groups} groups per layer but the model {kv_heads} KV heads")
+
+    pt: PageTable = make_page_table([capacity] * batch, order=page_order, seed=seed, device=dev)
+    caches = []
+    for layer in range(n_layers):
+        idx_cache = random_index_cache(pt, seed=seed + 2 * layer, device=dev)
+        if mla:
+            kv = random_mla_cache(pt, layout == "mla-fp8", seed=seed + 2 * layer + 1, device=dev)
+        else:
+            kv = random_gqa_cache(pt, kv_heads, head_dim, seed=seed + 2 * layer + 1, device=dev)
+        caches.append(LayerCaches(idx_cache, kv))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
+
+    q_index = rand(batch, index_heads, 128)
+    weights = torch.rand((batch, index_heads), generator=gen, device=dev) / index_heads**0.5
+    q_attn = rand(batch, n_heads, head_dim)
+
+    writer = cap = None
+    if capture:
+        from dsacache.kernels.ncu import device_metadata
+
+        meta = {"tool": "dsacache.kernels.decode_step", "layout": layout, "batch": batch,
+                "hints": {"index": hints.index, "kv": hints.kv},
+                "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
+                "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
+        writer = TraceWriter(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta)
+        cap = IndexCapture(writer)
+    result = RunResult(0, n_layers, batch, layout, 0.0, capture=capture)
+    kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t_all = time.perf_counter()
+    try:
+        for rows in tr.iter_steps():
+            if steps is not None and result.steps >= steps:
+                break
+            t0 = time.perf_counter()
+            step = int(rows.step[0])
+            width = max(k, int(rows.lengths.max()) if len(rows) else 0)
+            sel_np, pos_np = _step_tensors(rows, batch, requests, n_layers, groups, width)
+            sel_all = torch.from_numpy(sel_np)
+            ctx_all = torch.from_numpy(pos_np.astype(np.int32))
+            if dev.type == "cuda":
+                sel_all = sel_all.pin_memory().to(dev, non_blocking=True)
+                ctx_all = ctx_all.pin_memory().to(dev, non_blocking=True)
+            max_ctx = int(pos_np.max())
+            if cap is not None:
+                out_groups = groups if use_trace_selection else 1
+                out_width = width if use_trace_selection else k
+                cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width), dev)
+            for layer in range(n_layers):
+                res = decode_step(
+                    q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
+                    window=window, hints=hints, max_context=max_ctx,
+                    selection=sel_all[layer] if use_trace_selection else None,
+                    attn_options=attn_options,
+                )  # fmt: skip
+                if cap is not None:
+                    cap.add(layer, res.indices)
+                result.index_bytes += int(pos_np[layer].sum()) * 132
+                result.kv_bytes += int((sel_np[layer] >= 0).sum()) * kv_tok
+            if cap is not None:
+                cap.end_step()
+            result.steps += 1
+            result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
+        sync()
+    finally:
+        if cap is not None:
+            cap.close()
+        if writer is not None:
+            writer.close()
+    result.seconds = time.perf_counter() - t_all
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dsacache.kernels.decode_step TRACE ...``: the trace replayed on the GPU."""
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    p = argparse.ArgumentParser(prog="python -m dsacache.kernels.decode_step")
+    p.add_argument("trace")
+    p.add_argument("--layout", choices=LAYOUTS, default="mla-fp8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: model's)")
+    p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
+    p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
+    p.add_argument("--page-order", default="shuffled", choices=["shuffled", "contiguous"])
+    p.add_argument("--indexer-topk", action="store_true", help="attend to the indexer's top-k")
+    p.add_argument("--capture", default=None, help="write the indices read to this trace")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    res = run_trace(
+        args.trace, layout=args.layout, batch=args.batch, steps=args.steps, layers=args.layers,
+        heads=args.heads, hints=Hints(args.index_evict, args.kv_evict), device=args.device,
+        page_order=args.page_order, use_trace_selection=not args.indexer_topk,
+        capture=args.capture,
+    )  # fmt: skip
+    summary = asdict(res)
+    summary.pop("step_seconds")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""DSA decode kernels (paged caches, lightning indexer, top-k, sparse MLA/GQA attention, the
+trace-driven decode driver) against their plain torch references.
+
+On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1) on small shapes (8 heads
+instead of 128, k = 32, contexts of a few hundred tokens, 3 requests with ragged contexts and
+shuffled pages). Tests marked ``gpu`` repeat the checks at DeepSeek-V3.2 shapes on a CUDA GPU
+(run there with TRITON_INTERPRET=0).
+
+Tolerances (kernel vs float32 reference on the same quantised cache bytes):
+- indexer logits: bf16 queries and fp8 keys are exact in float32, only the summation order
+  differs: rtol 1e-4, atol 1e-3.
+- attention, bf16 and fp8 caches: the output is stored in bf16 (relative rounding 2^-9) and the
+  probabilities enter the value product in bf16 (fp8: probabilities times the per-128 scale),
+  so |out - ref| <= 3e-2 for outputs of magnitude ~1; the log-sum-exp is float32: 1e-3.
+- fp8 quantisation (e4m3, 3 mantissa bits): |dequant - x| <= 2^-4 |x| + scale * 2^-9.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from dsacache.kernels import paged  # noqa: E402
+from dsacache.kernels.decode_step import Hints, LayerCaches, decode_step, run_trace  # noqa: E402
+from dsacache.kernels.indexer import (  # noqa: E402
+    INTERPRET,
+    indexer_logits,
+    indexer_logits_reference,
+    select_topk,
+    select_topk_reference,
+)
+from dsacache.kernels.sparse_decode import (  # noqa: E402
+    gqa_sparse_decode,
+    gqa_sparse_reference,
+    mla_sparse_decode,
+    mla_sparse_reference,
+)
+
+ON_GPU = torch.cuda.is_available() and not INTERPRET
+DEVICE = "cuda" if ON_GPU else "cpu"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+CTX = [150, 20, 300]  # ragged; request 1 holds fewer tokens than k
+K = 32
+SCALE = (128 + 64) ** -0.5
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _table(ctx=CTX, order="shuffled", seed=1):
+    return paged.make_page_table(ctx, order=order, seed=seed, device=DEVICE)
+
+
+def _ctx(ctx=CTX):
+    return torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+
+
+def _bf16(*shape, seed=0):
+    return torch.randn(shape, generator=_gen(seed)).to(torch.bfloat16).to(DEVICE)
+
+
+def _selection(ctx, k, seed=0, sink=2, window=4):
+    logits = torch.randn((len(ctx), max(ctx)), generator=_gen(seed)).to(DEVICE)
+    return select_topk(logits, _ctx(ctx), k, sink, window)
+
+
+# -- paged caches -----------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ["contiguous", "shuffled"])
+def test_page_table_gives_every_request_its_own_pages(order):
+    pt = paged.make_page_table([130, 64, 1], order=order, seed=3)
+    assert pt.table.dtype == torch.int32 and pt.num_pages == 3 + 1 + 1
+    used = pt.table[pt.table >= 0].tolist()
+    assert sorted(used) == list(range(pt.num_pages))
+    assert (pt.table[1, 1:] == -1).all() and (pt.table[2, 1:] == -1).all()
+    if order == "contiguous":
+        assert pt.table[0, :3].tolist() == [0, 1, 2]
+    slots = pt.slots(0, torch.tensor([0, 63, 64, 129]))
+    assert slots.tolist() == [
+        int(pt.table[0, 0]) * 64, int(pt.table[0, 0]) * 64 + 63,
+        int(pt.table[0, 1]) * 64, int(pt.table[0, 2]) * 64 + 1,
+    ]  # fmt: skip
+    with pytest.raises(IndexError):
+        pt.slots(1, torch.tensor([64]))
+
+
+def test_pages_round_trip_in_shuffled_order():
+    pt = paged.make_page_table(CTX, order="shuffled", seed=5)
+    rows = [torch.randn((n, 3, 4), generator=_gen(n)) for n in CTX]
+    pool = paged.to_pages(rows, pt)
+    assert pool.shape == (pt.num_pages, 64, 3, 4)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(paged.from_pages(pool, pt, b, torch.arange(len(r))), r)
+    assert not torch.equal(pt.table, paged.make_page_table(CTX, order="contiguous").table)
+
+
+def test_mla_fp8_layout_is_656_bytes_and_dequantizes_exactly():
+    x = (
+        torch.randn((5, 576), generator=_gen(0))
+        * torch.tensor([0.01, 1.0, 30.0, 500.0, 2.0])[:, None]
+    )
+    packed = paged.quantize_mla_fp8(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, paged.MLA_FP8_BYTES) == (5, 656)
+    scales = packed[:, 512:528].contiguous().view(torch.float32)
+    amax = x[:, :512].unflatten(-1, (4, 128)).abs().amax(-1)
+    torch.testing.assert_close(scales, amax / 448.0)
+    rope = packed[:, 528:].contiguous().view(torch.bfloat16)
+    assert torch.equal(rope, x[:, 512:].to(torch.bfloat16))
+    deq = paged.dequantize_mla_fp8(packed)
+    latent_scale = scales.repeat_interleave(128, dim=1)
+    err = (deq[:, :512] - x[:, :512]).abs()
+    assert (err <= 2**-4 * x[:, :512].abs() + latent_scale * 2**-9 + 1e-12).all()
+    assert torch.equal(paged.dequantize_mla_fp8(paged.quantize_mla_fp8(deq)), deq)  # idempotent
+
+
+def test_index_keys_quantize_per_token_and_pack_132_bytes_per_token():
+    keys = [torch.randn((n, 128), generator=_gen(n)) * (1 + n) for n in CTX]
+    pt = paged.make_page_table(CTX, seed=2)
+    cache = paged.build_index_cache(keys, pt)
+    assert cache.pool.shape == (pt.num_pages, 64 * paged.INDEX_BYTES) == (pt.num_pages, 64 * 132)
+    for b, k in enumerate(keys):
+        got = cache.keys(b, torch.arange(len(k)))
+        scale = k.abs().amax(-1, keepdim=True) / 448.0
+        assert ((got - k).abs() <= 2**-4 * k.abs() + scale * 2**-9 + 1e-12).all()
+
+
+def test_appends_write_the_next_token():
+    pt = paged.make_page_table([70, 10], order="shuffled", seed=4)
+    ctx = torch.tensor([64, 3], dtype=torch.int32)
+    for fp8 in (False, True):
+        cache = paged.build_mla_cache([torch.zeros(70, 576), torch.zeros(10, 576)], pt, fp8)
+        new = torch.randn((2, 576), generator=_gen(9))
+        paged.append_mla(cache, ctx, new)
+        for b in range(2):
+            got = cache.tokens(b, torch.tensor([int(ctx[b])]))[0]
+            ref = paged.dequantize_mla_fp8(paged.quantize_mla_fp8(new[b])) if fp8 else new[b]
+            torch.testing.assert_close(got, ref.to(torch.bfloat16).float() if not fp8 else ref)
+    icache = paged.build_index_cache([torch.zeros(70, 128), torch.zeros(10, 128)], pt)
+    key = torch.randn((2, 128), generator=_gen(1))
+    paged.append_index_keys(icache, ctx, key)
+    torch.testing.assert_close(icache.keys(1, torch.tensor([3]))[0], key[1], rtol=0.07, atol=0.01)
+
+
+# -- lightning indexer ------------------------------------------------------------------------
+@pytest.mark.parametrize("heads,evict", [(8, ""), (16, "evict_first"), (20, "evict_last")])
+def test_indexer_logits_match_reference(heads, evict):
+    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
+    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
+    q = _bf16(3, heads, 128, seed=1)
+    w = torch.rand((3, heads), generator=_gen(2)).to(DEVICE)
+    got = indexer_logits(q, w, cache, _ctx(), max(CTX), evict=evict, pages_per_prog=2)
+    ref = indexer_logits_reference(q, w, cache, _ctx())
+    assert got.shape == ref.shape == (3, max(CTX))
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))  # -inf exactly past each context
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "ctx,k,sink,window",
+    [
+        ([300, 20, 150], 32, 4, 8),  # request 1: k larger than its context
+        ([10, 13, 40], 12, 4, 8),  # sink and window overlap (ctx < sink + window), exact fill
+        ([200, 200], 16, 0, 0),
+        ([64], 1, 1, 0),
+    ],
+)
+def test_select_topk_forces_sink_and_window_and_sorts(ctx, k, sink, window):
+    logits = torch.randn((len(ctx), max(ctx)), generator=_gen(k)).to(DEVICE)
+    logits[0, 5] = float("nan")  # a broken score ranks last, it is never a crash
+    got = select_topk(logits, _ctx(ctx), k, sink, window).cpu()
+    ref = select_topk_reference(logits.cpu(), torch.tensor(ctx), k, sink, window)
+    assert got.shape == (len(ctx), k) and got.dtype == torch.int32
+    for b, n in enumerate(ctx):
+        row = got[b]
+        chosen = row[row >= 0]
+        assert (row[len(chosen) :] == -1).all()  # padding only at the end
+        assert len(chosen) == min(k, n)
+        assert (chosen[1:] > chosen[:-1]).all() and int(chosen.max()) < n
+        forced = set(range(min(sink, n))) | set(range(max(0, n - window), n))
+        assert forced <= set(chosen.tolist())
+        assert chosen.tolist() == ref[b].tolist()
+
+
+def test_select_topk_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="sink"):
+        select_topk(torch.zeros(1, 10), torch.tensor([10]), 4, 3, 2)
+
+
+# -- sparse attention -------------------------------------------------------------------------
+def _mla_cache(fp8: bool, ctx=CTX):
+    rows = [torch.randn((n, 576), generator=_gen(100 + n)).to(DEVICE) for n in ctx]
+    return paged.build_mla_cache(rows, _table(ctx), fp8)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mla_sparse_decode_matches_reference(fp8, splits):
+    cache = _mla_cache(fp8)
+    assert cache.bytes_per_token == (656 if fp8 else 1152)
+    q = _bf16(3, 8, 576, seed=7)
+    sel = _selection(CTX, K, seed=3)
+    assert (sel[1] == -1).sum() == K - CTX[1]  # the short request pads with -1
+    out, lse = mla_sparse_decode(q, cache, sel, SCALE, num_splits=splits, block_n=16,
+                                 evict="evict_first")  # fmt: skip
+    ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
+    assert out.shape == (3, 8, 512) and out.dtype == torch.bfloat16 and lse.shape == (3, 8)
+    torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
+
+
+def test_mla_sparse_decode_pads_heads_and_reads_only_selected_tokens():
+    cache = _mla_cache(True, ctx=[100, 90])
+    q = _bf16(2, 20, 576, seed=8)  # 20 heads: two head blocks of 16
+    sel = _selection([100, 90], 24, seed=4)
+    out, lse = mla_sparse_decode(q, cache, sel, SCALE, num_splits=2, block_n=16, block_h=16)
+    # poison every unselected token: the result must not change
+    for b in range(2):
+        chosen = set(sel[b][sel[b] >= 0].tolist())
+        others = torch.tensor([t for t in range(90) if t not in chosen])
+        slots = cache.pages.slots(b, others)
+        cache.pool.view(-1, 656)[slots.to(DEVICE)] = 0x7F  # fp8 NaN everywhere
+    out2, lse2 = mla_sparse_decode(q, cache, sel, SCALE, num_splits=2, block_n=16, block_h=16)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
+    torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+
+
+def _gqa_cache(ctx=CTX, kv_heads=3, dim=64):
+    k = [torch.randn((n, kv_heads, dim), generator=_gen(n)).to(DEVICE) for n in ctx]
+    v = [torch.randn((n, kv_heads, dim), generator=_gen(n + 1)).to(DEVICE) for n in ctx]
+    return paged.build_gqa_cache(k, v, _table(ctx))
+
+
+@pytest.mark.parametrize("per_group", [False, True], ids=["shared", "per-group"])
+@pytest.mark.parametrize("splits", [1, 2])
+def test_gqa_sparse_decode_matches_reference(per_group, splits):
+    cache = _gqa_cache()
+    assert cache.k.shape[1:] == (64, 3, 64) and cache.k.dtype == torch.bfloat16
+    q = _bf16(3, 9, 64, seed=5)
+    if per_group:
+        sel = torch.stack([_selection(CTX, K, seed=s) for s in range(3)], dim=1)
+    else:
+        sel = _selection(CTX, K, seed=6)
+    out, lse = gqa_sparse_decode(q, cache, sel, num_splits=splits, block_n=16, evict="evict_last")
+    ref_out, ref_lse = gqa_sparse_reference(q, cache, sel)
+    assert out.shape == (3, 9, 64)
+    torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
+
+
+def test_empty_selection_gives_zero_output_and_minus_inf_lse():
+    cache = _gqa_cache(ctx=[50], kv_heads=1, dim=32)
+    sel = torch.full((1, 16), -1, dtype=torch.int32, device=DEVICE)
+    out, lse = gqa_sparse_decode(_bf16(1, 2, 32), cache, sel, num_splits=1, block_n=16)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+# -- decode step and trace replay ---------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["mla-fp8", "gqa"])
+def test_decode_step_runs_indexer_topk_and_attention(layout):
+    keys = [torch.randn((n, 128), generator=_gen(n)).to(DEVICE) for n in CTX]
+    caches = LayerCaches(
+        paged.build_index_cache(keys, _table()),
+        _mla_cache(True) if layout == "mla-fp8" else _gqa_cache(),
+    )
+    q_index, w = _bf16(3, 8, 128, seed=1), torch.rand((3, 8), generator=_gen(3)).to(DEVICE)
+    q = _bf16(3, 8, 576, seed=2) if layout == "mla-fp8" else _bf16(3, 9, 64, seed=2)
+    res = decode_step(
+        q_index, w, q, caches, _ctx(), k=K, sink=2, window=4, sm_scale=SCALE,
+        hints=Hints(index="evict_first", kv="evict_last"), max_context=max(CTX),
+        attn_options={"block_n": 16},
+    )  # fmt: skip
+    ref_logits = indexer_logits_reference(q_index, w, caches.index, _ctx())
+    fin = torch.isfinite(ref_logits)
+    torch.testing.assert_close(res.logits[fin], ref_logits[fin], rtol=1e-4, atol=1e-3)
+    assert torch.equal(res.indices, select_topk(res.logits, _ctx(), K, 2, 4))
+    ref = (mla_sparse_reference if layout == "mla-fp8" else gqa_sparse_reference)(
+        q, caches.kv, res.indices, SCALE
+    )
+    torch.testing.assert_close(res.out.float(), ref[0], rtol=3e-2, atol=3e-2)
+
+
+def _small_trace(tmp_path, groups=1, model=None):
+    from dsacache.tracer import SynthConfig, synthesize
+
+    model = model or {"name": "tiny-mla", "attention": "MLA", "heads": 8}
+    cfg = SynthConfig(layers=2, groups=groups, requests=2, context=180, steps=3, k=24, seed=4,
+                      model=model)  # fmt: skip
+    return synthesize(cfg, tmp_path / f"src{groups}.dsatrace")
+
+
+def _rows(trace):
+    df = trace.to_pandas()
+    return {
+        (int(r.step), int(r.layer), int(r.request), int(r.group)): (
+            int(r.position),
+            list(r.indices),
+        )
+        for r in df.itertuples()
+    }
+
+
+@pytest.mark.parametrize("layout", ["mla-fp8", "mla-bf16"])
+def test_run_trace_replays_and_captures_the_trace_selections(tmp_path, layout):
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path))
+    out = tmp_path / "captured.dsatrace"
+    res = run_trace(src, layout=layout, batch=3, device=DEVICE, index_heads=8,
+                    hints=Hints(index="evict_first"), capture=str(out))  # fmt: skip
+    assert res.steps == 3 and res.layers == 2 and res.batch == 3
+    cap = open_trace(out)
+    cap.validate()
+    assert cap.complete and cap.manifest["capture"]["layout"] == layout
+    want, got = _rows(src), _rows(cap)
+    # slots 0 and 1 replay requests 0 and 1; slot 2 replays request 0 again
+    for (step, layer, req, group), row in got.items():
+        assert row == want[(step, layer, req % 2, group)]
+    assert len(got) == 3 * 2 * 3
+    assert res.kv_bytes == sum(len(v[1]) for v in got.values()) * (656 if "fp8" in layout else 1152)
+
+
+def test_run_trace_gqa_per_group_and_indexer_topk(tmp_path):
+    from dsacache.traces import open_trace
+
+    model = {"name": "tiny-gqa", "attention": "GQA", "heads": 4, "kv_heads": 2, "head_dim": 64}
+    src = open_trace(_small_trace(tmp_path, groups=2, model=model))
+    out = tmp_path / "gqa.dsatrace"
+    run_trace(src, layout="gqa", batch=2, device=DEVICE, index_heads=8, capture=str(out))
+    assert _rows(open_trace(out)) == _rows(src)
+    out2 = tmp_path / "topk.dsatrace"
+    run_trace(src, layout="gqa", batch=2, steps=2, device=DEVICE, index_heads=8,
+              use_trace_selection=False, capture=str(out2))  # fmt: skip
+    got = open_trace(out2).to_pandas()
+    assert len(got) == 2 * 2 * 2 and set(got.group) == {0}  # one shared selection per layer
+    for r in got.itertuples():
+        assert len(r.indices) == min(24, r.position) and np.all(np.diff(r.indices) > 0)
+
+
+def test_run_trace_rejects_group_selections_for_mla(tmp_path):
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path, groups=2))
+    with pytest.raises(ValueError, match="KV group"):
+        run_trace(src, layout="mla-fp8", device=DEVICE)
+
+
+# -- GPU: DeepSeek-V3.2 shapes --------------------------------------------------------------------
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_mla_deepseek_shapes(fp8):
+    ctx = [8192, 3000, 5000]
+    pt = paged.make_page_table(ctx, order="shuffled", seed=0, device="cuda")
+    cache = paged.random_mla_cache(pt, fp8, seed=1, device="cuda")
+    q = torch.randn((3, 128, 576), device="cuda").to(torch.bfloat16)
+    logits = torch.randn((3, max(ctx)), device="cuda")
+    sel = select_topk(logits, torch.tensor(ctx, device="cuda", dtype=torch.int32), 2048, 4, 64)
+    for splits in (None, 1):
+        out, lse = mla_sparse_decode(q, cache, sel, SCALE, num_splits=splits, evict="evict_first")
+        ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
+        torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
+
+
+@gpu
+@needs_gpu
+def test_gpu_indexer_and_gqa_deepseek_smollm_shapes():
+    ctx = [8192, 100, 4000]
+    cl = torch.tensor(ctx, device="cuda", dtype=torch.int32)
+    pt = paged.make_page_table(ctx, order="shuffled", seed=0, device="cuda")
+    cache = paged.random_index_cache(pt, seed=2, device="cuda")
+    q = torch.randn((3, 64, 128), device="cuda").to(torch.bfloat16)
+    w = torch.rand((3, 64), device="cuda")
+    got = indexer_logits(q, w, cache, cl, max(ctx), evict="evict_first")
+    ref = indexer_logits_reference(q, w, cache, cl)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-2)
+    gcache = paged.random_gqa_cache(pt, 3, 64, seed=3, device="cuda")
+    sel = select_topk(got, cl, 2048, 4, 64)
+    qg = torch.randn((3, 9, 64), device="cuda").to(torch.bfloat16)
+    out, lse = gqa_sparse_decode(qg, gcache, sel)
+    ref_out, ref_lse = gqa_sparse_reference(qg, gcache, sel)
+    torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
