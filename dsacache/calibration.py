@@ -222,6 +222,7 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
                  "policy": model.policy, "measured": r.measured, "simulated": r.simulated}
                 for r in j.itertuples()
             ]  # fmt: skip
+    rows += compare_kernel_decode(gpu, models)
     m = measured(gpu, "gather")
     second = m[m["role"] == "second"][["other_bytes", "hit"]].rename(columns={"hit": "measured"})
     for model in models:
@@ -259,3 +260,47 @@ def fit_hierarchy(gpu: str = "h100"):
     levels = dict(default.levels)
     levels["hbm"] = Level(hbm_latency, hbm_bw)
     return Hierarchy(l2_bw, levels)
+
+
+def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
+    """Our Triton sparse MLA decode (kernels/) profiled on a 16-layer, 32K DeepSeek-V3.2-shaped
+    trace, with and without evict_first on the indexer keys. Kernel launches run in the order
+    indexer, MLA decode, merge per layer and step. The kernel reads each selected token several
+    times (64-head programs, split loads of latent, scales and RoPE); that tiling is taken from
+    the cold first step (reads = 1 / (1 - hit rate)), and the later steps are predictions."""
+    import tempfile
+
+    from dsacache.simulator.replay import replay
+    from dsacache.simulator.workload import Workload
+    from dsacache.tracer.synth import preset, synthesize
+    from dsacache.traces import open_trace
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = preset("deepseek-v3.2", layers=16, context=32768, steps=4)
+        trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
+        for name, hint in (
+            ("mla-decode-16l-index", "lru"),
+            ("mla-decode-16l-index-evict_first", "hints:index=first"),
+        ):
+            m = pd.read_parquet(DATA_DIR / gpu / f"l2-{name}.parquet")
+            m = m[m["Kernel Name"] == "dsa_mla_sparse_decode"].reset_index(drop=True)
+            m["step"] = np.arange(len(m)) // cfg.layers
+            g = m.groupby("step")[[READ_HIT, READ]].sum()
+            meas = g[READ_HIT] / g[READ]
+            reads = max(1, round(1 / (1 - meas.iloc[0])))
+            for base in models:
+                policy = hint if hint != "lru" else base.policy
+                res = replay(
+                    trace, policies=[policy], cache_size=base.capacity, ways=base.ways,
+                    set_hash=base.set_hash,
+                    workload=Workload(layout="mla-fp8", classes=("index", "kv"), page_order="shuffled", reads_per_token=reads),
+                )  # fmt: skip
+                k = res[res["class"] == "kv"].groupby("step")[["sector_hits", "sectors"]].sum()
+                sim = k["sector_hits"] / k["sectors"]
+                rows += [
+                    {"experiment": f"kernel-{name}", "point": f"step {st} kv (reads/token {reads})",
+                     "model": base.label, "policy": policy, "measured": meas[st], "simulated": sim[st]}
+                    for st in meas.index
+                ]  # fmt: skip
+    return rows
