@@ -70,5 +70,7 @@ def test_real_sparse_mla_kernel_predicted_within_three_points():
     rows = calibration.compare_kernel_decode("h100", (calibration.H100_FIT,))
     assert len(rows) == 8
     assert all(abs(r["simulated"] - r["measured"]) < 0.03 for r in rows)
-    hinted = [r for r in rows if "evict_first" in r["experiment"] and not r["point"].startswith("step 0")]
+    hinted = [
+        r for r in rows if "evict_first" in r["experiment"] and not r["point"].startswith("step 0")
+    ]
     assert all(r["measured"] > 0.80 and r["simulated"] > 0.80 for r in hinted)
