@@ -514,13 +514,22 @@ def compare(gpu, fit, out) -> None:
     click.echo(err.round(2).unstack("model").to_string())
 
 
-def _register_capture() -> None:
-    from dsacache.cli_capture import capture
+def _register_commands() -> None:
+    """Commands that live in their own modules (each imports its heavy dependencies lazily)."""
+    import importlib
 
-    main.add_command(capture)
+    for module in ("cli_capture", "cli_analyze", "cli_sweep"):
+        try:
+            mod = importlib.import_module(f"dsacache.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"dsacache.{module}":
+                raise
+            continue
+        for command in getattr(mod, "COMMANDS", ()):
+            main.add_command(command)
 
 
-_register_capture()
+_register_commands()
 
 if __name__ == "__main__":
     main()

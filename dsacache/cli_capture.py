@@ -108,3 +108,6 @@ def _command(out: str, texts: tuple[str, ...], settings: dict[str, Any]) -> str:
     for text in texts:
         parts += ["--text", str(text)]
     return shlex.join([*parts, "--out", str(out)])
+
+
+COMMANDS = (capture,)
