@@ -175,6 +175,7 @@ def _kernel(policy: Policy):
                     r = rest % per
                 s = part * per + r
                 base = s * ways
+                glob[2] = ln
                 way = -1
                 for w in range(ways):
                     if tags[base + w] == ln:
@@ -234,6 +235,8 @@ class Cache:
             raise DsacacheError(
                 f"policy {self.policy.name} supports at most {limit} ways, got {config.ways}"
             )
+        if self.policy.type.check is not None:
+            self.policy.type.check(config.ways, config.n_sets, self.policy)
         self._kernel = _kernel(self.policy)
         self.reset()
 
@@ -269,7 +272,7 @@ class Cache:
 
         ``klass`` (traffic class per access) and ``future`` (for each line access, the index
         of the next access to the same line; see ``next_use``) are context that policies may
-        read as ``glob[1]`` and ``glob[0]``.
+        read as ``glob[1]`` and ``glob[0]``; the current line number is ``glob[2]``.
         """
         cfg = self.config
         if self.policy.type.needs_future and future is None:
