@@ -1,3 +1,16 @@
 """Imports every built-in policy module so that each registers itself."""
 
-from dsacache.policies import belady, fifo, hints, lru, random, reserve, token_lru  # noqa: F401
+from dsacache.policies import (  # noqa: F401
+    belady,
+    fifo,
+    hints,
+    lfu,
+    lru,
+    plru,
+    random,
+    reserve,
+    rrip,
+    s3fifo,
+    sieve,
+    token_lru,
+)
