@@ -1,0 +1,181 @@
+"""Sweeps: grid expansion, rows equal to direct replays, resume after SIGKILL, determinism."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from pandas.testing import assert_frame_equal
+
+from dsacache.cli import main
+from dsacache.errors import DsacacheError
+from dsacache.simulator import Workload, replay
+from dsacache.simulator.sweep import (
+    PARAMS,
+    expand,
+    finished_cells,
+    load_grid,
+    load_sweep,
+    parse_params,
+    run_sweep,
+    summarize_sweep,
+)
+from dsacache.tracer import SynthConfig, synthesize
+from dsacache.traces import open_trace
+
+GRID = {"policy": ["lru", "fifo"], "cache_size": ["256KiB", "1MiB"], "batch": [1, 2]}
+SORT = ["cell", "step", "layer", "class", "tier"]
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory):
+    cfg = SynthConfig(layers=2, requests=2, context=400, steps=5, k=32, seed=7)
+    return synthesize(cfg, tmp_path_factory.mktemp("sweep") / "t.dsatrace")
+
+
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=False,
+        dashboard_address=":0",
+        host="127.0.0.1", protocol="tcp://",
+    ) as cluster, Client(cluster) as c:  # fmt: skip
+        yield c
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(SORT, kind="stable").reset_index(drop=True)
+
+
+def test_expand_cross_product_and_reservation():
+    cells = expand({"policy": ["lru", "reserve:bytes=1MiB"], "reservation": ["0", "2MiB"]})
+    # lru x {0, 2MiB} collapses to one cell: a reservation does not apply to lru
+    assert [(c["policy"], c["reservation"]) for c in cells] == [
+        ("lru", 0),
+        ("reserve:bytes=1MiB", 0),
+        ("reserve:bytes=2MiB", 2 << 20),
+    ]
+    assert all(set(c) == set(PARAMS) for c in cells)
+    assert len(expand(GRID)) == 8
+    assert expand({"cache_size": "default"})[0]["cache_size"] == 0
+
+
+def test_param_parsing_keeps_policy_specs_whole(tmp_path):
+    grid = parse_params(
+        ["policy=lru,reserve:bytes=8MiB,inner=token-lru,fifo", "cache-size=16MiB", "policy=sieve"]
+    )
+    assert grid == {
+        "policy": ["lru", "reserve:bytes=8MiB,inner=token-lru", "fifo", "sieve"],
+        "cache_size": ["16MiB"],
+    }
+    toml = tmp_path / "g.toml"
+    toml.write_text('[grid]\npolicy = ["lru", "fifo"]\nbatch = 2\ncache_size = ["8MiB"]\n')
+    assert load_grid(toml) == {"policy": ["lru", "fifo"], "batch": [2], "cache_size": ["8MiB"]}
+    for bad in (["nope=1"], ["policy"], ["batch="]):
+        with pytest.raises(DsacacheError):
+            parse_params(bad)
+    with pytest.raises(DsacacheError, match="batch='x'"):
+        expand({"batch": ["x"]})
+    toml.write_text("oops = [1]\n")
+    with pytest.raises(DsacacheError, match="oops"):
+        load_grid(toml)
+
+
+def test_bad_cells_fail_before_running(trace_path, tmp_path, client):
+    with pytest.raises(DsacacheError, match="batch 3"):
+        run_sweep(trace_path, {"batch": [1, 3]}, tmp_path / "a", client=client)
+    with pytest.raises(DsacacheError, match="nosuch"):
+        run_sweep(trace_path, {"policy": ["nosuch"]}, tmp_path / "b", client=client)
+    assert not finished_cells(tmp_path / "a")
+
+
+def test_rows_equal_direct_replay_and_resume_skips(trace_path, tmp_path, client):
+    out = tmp_path / "sw"
+    res = run_sweep(trace_path, GRID, out, client=client)
+    assert len(res.ran) == 8 and not res.skipped
+    df = load_sweep(out)
+    cell = df[(df["policy"] == "fifo") & (df["cache_size"] == 1 << 20) & (df["batch"] == 2)]
+    direct = replay(
+        open_trace(trace_path), policies=["fifo"], cache_size="1MiB", workload=Workload(batch=2)
+    )
+    ours = cell[list(direct.columns.drop("policy"))].reset_index(drop=True)
+    direct = direct.drop(columns=["policy"]).astype({"class": str, "tier": str})
+    assert_frame_equal(ours, direct, check_dtype=False)
+    summary = summarize_sweep(df)
+    assert len(summary) == 8 and summary["hit_rate"].between(0, 1).all()
+    # resume: nothing to do; an extended grid runs only the new cells
+    again = run_sweep(trace_path, GRID, out, client=client, resume=True)
+    assert not again.ran and len(again.skipped) == 8
+    more = run_sweep(trace_path, {**GRID, "batch": [1, 2, 1]}, out, client=client, resume=True)
+    assert not more.ran
+    with pytest.raises(DsacacheError, match="--resume or --force"):
+        run_sweep(trace_path, GRID, out, client=client)
+    assert_frame_equal(load_sweep(out), df)
+
+
+def test_determinism_one_vs_two_workers(trace_path, tmp_path, client):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0",
+        host="127.0.0.1", protocol="tcp://",
+    ) as cluster, Client(cluster) as one:  # fmt: skip
+        a = run_sweep(trace_path, GRID, tmp_path / "one", client=one).load()
+    b = run_sweep(trace_path, GRID, tmp_path / "two", client=client).load()
+    assert_frame_equal(_sorted(a), _sorted(b), check_exact=True)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(trace_path, tmp_path, client):
+    grid = {"policy": ["lru", "fifo"], "cache_size": ["128KiB", "256KiB", "512KiB", "1MiB"]}
+    out = tmp_path / "killed"
+    args = ["--param", "policy=lru,fifo", "--param", "cache_size=128KiB,256KiB,512KiB,1MiB"]
+    cmd = [sys.executable, "-m", "dsacache.cli", "sweep", str(trace_path), *args]
+    cmd += ["--out", str(out), "--jobs", "1", "--quiet"]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not finished_cells(out) and proc.poll() is None:
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker processes
+        proc.wait()
+    done = finished_cells(out)
+    assert 1 <= len(done) < 8, "the sweep should have been killed part way"
+    # a crash mid-write leaves a temp file; a damaged part must be run again
+    (out / ".cell-0000.parquet.tmp").write_bytes(b"partial")
+    damaged = out / f"cell-{sorted(done)[0]}.parquet"
+    damaged.write_bytes(b"not parquet")
+    res = run_sweep(trace_path, grid, out, client=client, resume=True)
+    assert len(res.ran) == 8 - len(done) + 1 and len(res.skipped) == len(done) - 1
+    ref = run_sweep(trace_path, grid, tmp_path / "whole", client=client).load()
+    resumed = load_sweep(out)
+    assert len(resumed) == len(ref)  # no duplicated rows
+    assert_frame_equal(_sorted(resumed), _sorted(ref), check_exact=True)
+
+
+def test_cli_sweep(trace_path, tmp_path):
+    grid = tmp_path / "g.toml"
+    grid.write_text('policy = ["lru"]\ncache_size = ["256KiB", "512KiB"]\n')
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["sweep", str(trace_path), "--grid", str(grid), "--out", str(out), "--jobs", "1"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "2 cell(s): 2 run, 0 already finished" in result.output
+    assert "hit_rate" in result.output
+    result = runner.invoke(main, [*args, "--resume", "--quiet"])
+    assert result.exit_code == 0 and "0 run, 2 already finished" in result.output
+    result = runner.invoke(main, ["sweep", str(trace_path), "--param", "bogus=1", "--out", "x"])
+    assert result.exit_code == 2 and "bogus" in result.output
+    result = runner.invoke(main, ["sweep", str(trace_path), "--out", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "--grid" in result.output
