@@ -469,11 +469,14 @@ class _cluster:
 
 
 def _run_cells(client, trace_path: str, todo, out: Path, progress: bool) -> list[str]:
+    import uuid
+
     from distributed import as_completed
 
+    run = uuid.uuid4().hex[:8]  # task keys unique per run: a rerun never meets a cancelled task
     futures = {}
     for key, cfg in todo:
-        fut = client.submit(run_cell, trace_path, cfg, key, key=f"dsacache-cell-{key}", pure=False)
+        fut = client.submit(run_cell, trace_path, cfg, key, key=f"cell-{key}-{run}", pure=False)
         futures[fut] = (key, cfg)
     bar = None
     if progress:
@@ -497,8 +500,9 @@ def _run_cells(client, trace_path: str, todo, out: Path, progress: bool) -> list
     finally:
         if bar is not None:
             bar.close()
-        for fut in futures:
-            fut.cancel()
+        pending = [f for f in futures if not f.done()]
+        if pending:  # interrupted: do not leave work running on a shared cluster
+            client.cancel(pending)
     return ran
 
 
