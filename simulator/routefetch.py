@@ -313,31 +313,35 @@ class CostModel:
         return probe, bw
 
     def fetch_terms(self, n, kind) -> dict[str, np.ndarray]:
-        """Seconds of each term to fetch ``n`` tokens from an owner over link ``kind``."""
+        """Seconds of each term to fetch ``n`` tokens from an owner over link ``kind``
+        (kind 0, the query's own GPU: only the compute)."""
         n = np.asarray(n, np.float64)
         probe, bw = self._link(kind)
+        remote = np.asarray(kind) > 0
         zero = np.zeros(np.broadcast(n, probe).shape)
         return {
             "probe": probe + zero,
             "transfer": n * self.bytes_per_token / bw + zero,
-            "move": n * self.move_s_per_token + zero,
+            "move": np.where(remote, n * self.move_s_per_token, 0.0) + zero,
             "compute": n * self.compute_s_per_token + zero,
             "return": zero,
             "merge": zero,
         }
 
     def route_terms(self, n, kind) -> dict[str, np.ndarray]:
-        """Seconds of each term to route the query to an owner holding ``n`` tokens."""
+        """Seconds of each term to route the query to an owner holding ``n`` tokens (kind 0,
+        the query's own GPU: only the compute)."""
         n = np.asarray(n, np.float64)
         probe, bw = self._link(kind)
+        remote = np.asarray(kind) > 0
         zero = np.zeros(np.broadcast(n, probe).shape)
         return {
             "probe": probe + zero,
             "transfer": self.query_bytes / bw + zero,
             "move": zero,
-            "compute": self.launch_s + n * self.compute_s_per_token + zero,
+            "compute": np.where(remote, self.launch_s, 0.0) + n * self.compute_s_per_token + zero,
             "return": self.return_bytes / bw + zero,
-            "merge": self.merge_s + zero,
+            "merge": np.where(remote, self.merge_s, 0.0) + zero,
         }
 
     def fetch_cost(self, n, kind) -> np.ndarray:
