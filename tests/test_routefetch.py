@@ -53,7 +53,7 @@ def test_terms_by_hand():
             "compute": 1e-6,
             "return": 0,
             "merge": 0,
-        }  # fmt: skip
+        }
     )
     r = {k: float(v) for k, v in m.route_terms(100, 1).items()}
     assert r == pytest.approx(
@@ -64,7 +64,7 @@ def test_terms_by_hand():
             "compute": 4e-6,
             "return": 1.028e-6,
             "merge": 1e-6,
-        }  # fmt: skip
+        }
     )
     assert float(m.fetch_cost(100, 1)) == pytest.approx(78.6e-6)
     assert float(m.route_cost(100, 1)) == pytest.approx(9.18e-6)
