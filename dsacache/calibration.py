@@ -95,6 +95,25 @@ class Model:
 # LRU, 16 ways, hashed set index; mean error 3.1 points over the 13 measured sizes.
 H100_FIT = Model("lru", 28 * 2**20, 16, "hash")
 NAIVE = Model("lru", 50 * 2**20, 16, "mod")
+# H200 (L2 reports 60 MiB): fit to its measured reuse curve (data/h200, 2026-12-01).
+H200_FIT = Model("lru", 31 * 2**20, 8, "hash")
+NAIVE_H200 = Model("lru", 60 * 2**20, 16, "mod")
+FITS = {"h100": H100_FIT, "h200": H200_FIT}
+NAIVES = {"h100": NAIVE, "h200": NAIVE_H200}
+
+
+def fitted(gpu: str) -> Model:
+    """The L2 model fit to ``gpu``'s measured reuse curve."""
+    if gpu not in FITS:
+        from dsacache.errors import DsacacheError
+
+        raise DsacacheError(f"no calibrated L2 model for gpu {gpu!r}; have: {', '.join(FITS)}")
+    return FITS[gpu]
+
+
+def has_measurement(gpu: str, experiment: str) -> bool:
+    """Whether ``data/<gpu>/l2-<experiment>.parquet`` is bundled."""
+    return (DATA_DIR / gpu / f"l2-{experiment}.parquet").exists()
 
 
 def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
@@ -195,9 +214,12 @@ def fit_reuse(
     return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
 
 
-def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) -> pd.DataFrame:
-    """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting),
-    one row per (experiment, point, model)."""
+def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
+    """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting)
+    bundled for ``gpu``, one row per (experiment, point, model). ``models`` defaults to the
+    naive model (the reported L2 size, modulo sets) and the GPU's fitted one."""
+    if models is None:
+        models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
     rows = []
     decode = [(name, None) for name in ("decode-small", "decode-large")]
     hinted = [
@@ -210,6 +232,8 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
         ("decode-48l-first-from20", "hints:index=first,weights=first"),
     ]
     for name, hint in decode + hinted:
+        if not has_measurement(gpu, name):
+            continue
         m = measured(gpu, name)
         first_from = int(name.split("first-from")[1]) if "first-from" in name else -1
         meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
@@ -223,9 +247,10 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] = (NAIVE, H100_FIT)) ->
                 for r in j.itertuples()
             ]  # fmt: skip
     rows += compare_kernel_decode(gpu, models)
-    m = measured(gpu, "gather")
-    second = m[m["role"] == "second"][["other_bytes", "hit"]].rename(columns={"hit": "measured"})
-    for model in models:
+    m = measured(gpu, "gather") if has_measurement(gpu, "gather") else None
+    for model in models if m is not None else ():
+        second = m[m["role"] == "second"][["other_bytes", "hit"]]
+        second = second.rename(columns={"hit": "measured"})
         j = second.merge(simulate_gather(m, model), on="other_bytes")
         rows += [
             {"experiment": "gather", "point": f"{r.other_bytes / 2**20:g} MiB between",
@@ -276,6 +301,8 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
     from dsacache.traces import open_trace
 
     rows = []
+    if not has_measurement(gpu, "mla-decode-16l-index"):
+        return rows
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset("deepseek-v3.2", layers=16, context=32768, steps=4)
         trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
@@ -283,6 +310,8 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
             ("mla-decode-16l-index", "lru"),
             ("mla-decode-16l-index-evict_first", "hints:index=first"),
         ):
+            if not has_measurement(gpu, name):
+                continue
             m = pd.read_parquet(DATA_DIR / gpu / f"l2-{name}.parquet")
             m = m[m["Kernel Name"] == "dsa_mla_sparse_decode"].reset_index(drop=True)
             m["step"] = np.arange(len(m)) // cfg.layers

@@ -48,13 +48,13 @@ PRESETS = {
     ),
     "h200": GPUPreset(
         "NVIDIA H200 (SXM)",
-        l2_bytes=52_428_800,
+        l2_bytes=62_914_560,
         ways=16,
         partitions=2,
         hbm_bandwidth=4.8e12,
         l2_bandwidth=10.0e12,
         hbm_latency=0.8e-6,
-        verified="unverified: datasheet values; calibrate before trusting",
+        verified="L2 size read on the lent H200 (torch / NVML); ways, hash and bandwidths assumed",
     ),
     "a100": GPUPreset(
         "NVIDIA A100 (SXM)",

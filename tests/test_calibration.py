@@ -1,4 +1,4 @@
-"""The model against the H100 measurements bundled in dsacache/data/h100 (real ncu runs)."""
+"""The model against the H100 and H200 measurements bundled in dsacache/data (real ncu runs)."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ from dsacache import calibration
 from dsacache.errors import DsacacheError
 
 
-def _reuse_error(model):
-    m = calibration.measured("h100", "reuse")
+def _reuse_error(model, gpu="h100"):
+    m = calibration.measured(gpu, "reuse")
     second = m[m["role"] == "second"]
     sim = calibration.simulate_reuse(second["bytes"].tolist(), model)
     return np.abs(sim - second["hit"].to_numpy()).mean() * 100
@@ -74,3 +74,20 @@ def test_real_sparse_mla_kernel_predicted_within_three_points():
         r for r in rows if "evict_first" in r["experiment"] and not r["point"].startswith("step 0")
     ]
     assert all(r["measured"] > 0.80 and r["simulated"] > 0.80 for r in hinted)
+
+
+def test_h200_fit_beats_its_nominal_60_mib_and_predicts_held_out_decode():
+    m = calibration.measured("h200", "reuse")
+    assert m["meta_gpu"].iloc[0] == "NVIDIA H200" and int(m["meta_l2_bytes"].iloc[0]) == 62914560
+    assert _reuse_error(calibration.H200_FIT, "h200") < 4.5
+    assert _reuse_error(calibration.NAIVES["h200"], "h200") > 10.0
+    df = calibration.compare("h200")  # only the experiments measured on the H200
+    assert set(df["experiment"]) == {"decode-small", "decode-large"}
+    fit = df[df["model"] == calibration.H200_FIT.label]
+    err = fit.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
+    assert err["decode-small"] < 2.0 and err["decode-large"] < 2.0
+
+
+def test_unknown_gpu_has_no_fitted_model():
+    with pytest.raises(DsacacheError, match="no calibrated L2 model for gpu 'b200'"):
+        calibration.fitted("b200")
