@@ -161,7 +161,7 @@ def analyze(
     token_bytes = token_object_bytes(trace, layout)
     span = max_position + 1
     n_streams = n_requests * layers * groups
-    state_bytes = n_streams * span * 4 * (2 if cross_layer else 1)
+    state_bytes = n_streams * span * 4
     if state_bytes > STATE_LIMIT_BYTES:
         raise DsacacheError(
             f"analyzing {n_requests} request(s) x {layers} layers x {groups} group(s) x "
@@ -181,7 +181,6 @@ def analyze(
     n_rg = n_requests * groups
     cross_sum = np.zeros((layers, layers))
     cross_n = np.zeros((layers, layers))
-    onehot = np.zeros((n_rg, layers, span), np.float32) if cross_layer else None
 
     steps = trace.iter_steps()
     if progress:
@@ -271,10 +270,11 @@ def analyze(
                 )
             )
 
-        if onehot is not None:
+        if cross_layer:
             rg = req * groups + grp
-            onehot[rg[row_of], lay[row_of], idx] = 1.0
-            inter_m = onehot @ onehot.transpose(0, 2, 1)  # [rg, layer, layer]
+            inter_m = _layer_intersections(
+                (rg * span)[row_of] + idx, rg[row_of], lay[row_of], n_rg, layers
+            )
             sizes = np.zeros((n_rg, layers))
             sizes[rg, lay] = k
             both = (sizes[:, :, None] > 0) & (sizes[:, None, :] > 0)
@@ -283,7 +283,6 @@ def analyze(
                 jm = np.where(both & (union_m > 0), inter_m / union_m, 0.0)
             cross_sum += jm.sum(axis=0)
             cross_n += both.sum(axis=0)
-            onehot[rg[row_of], lay[row_of], idx] = 0.0
 
     if not row_parts:
         raise DsacacheError(f"{trace.path}: no selections for requests 0..{n_requests - 1}")
@@ -366,6 +365,28 @@ def analyze(
         "window": window,
     }
     return TraceStats(selections, layer_table, reuse, recency, working_set, cross_layer, meta)
+
+
+def _layer_intersections(
+    token: np.ndarray, rg: np.ndarray, layer: np.ndarray, n_rg: int, layers: int
+) -> np.ndarray:
+    """``[rg, a, b]``: tokens selected by both layers a and b of (request, group) ``rg``, from
+    one step's selections (``token`` names a (request, group, index)). Each token selected by
+    m layers adds its m x m layer pairs; counted with bincount (no BLAS: its threads stall
+    when the CPUs are shared)."""
+    order = np.argsort(token, kind="stable")
+    token, rg, layer = token[order], rg[order], layer[order]
+    start = np.flatnonzero(np.r_[True, token[1:] != token[:-1]])
+    m = np.diff(np.r_[start, len(token)])
+    m_of = np.repeat(m, m)  # group size of each element
+    first_of = np.repeat(start, m)
+    total = int(m_of.sum())
+    elem = np.repeat(np.arange(len(token)), m_of)
+    offset = np.arange(total) - np.repeat(np.cumsum(m_of) - m_of, m_of)
+    partner = np.repeat(first_of, m_of) + offset
+    codes = (rg[elem] * layers + layer[elem]) * layers + layer[partner]
+    counts = np.bincount(codes, minlength=n_rg * layers * layers)
+    return counts.reshape(n_rg, layers, layers).astype(np.float64)
 
 
 def _layer_table(

@@ -534,21 +534,27 @@ def line_stream(
     *,
     workload: Workload | None = None,
     classes: Sequence[str] = ("kv",),
+    count: Sequence[str] | None = None,
     line: int = 128,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One ``(line numbers, counted)`` chunk per decode step of the replay stream (the
-    stream builder's accesses of ``classes``, split into lines as the engine does); writes
-    (appends) update recency but are not counted."""
+    stream builder's accesses of ``classes``, split into lines as the engine does). Accesses
+    of the classes in ``count`` (default: every read class in ``classes``) count toward the
+    hit ratio; the others (writes, or e.g. indexer reads when only ``kv`` is counted) only
+    update recency, as they do in the cache."""
     base = workload or Workload(batch=trace_shape(trace)[2])
-    bad = [c for c in classes if c not in CLASSES]
+    count = [c for c in classes if c not in WRITE_CLASSES] if count is None else list(count)
+    bad = [c for c in (*classes, *count) if c not in CLASSES]
     if bad or not classes:
         raise DsacacheError(
             f"traffic class(es) {', '.join(bad) or '(none)'} unknown; choose from: "
             + ", ".join(CLASSES)
         )
+    if line < 1 or line & (line - 1):
+        raise DsacacheError(f"line size {line} B must be a power of two")
     wl = replace(base, classes=tuple(classes))
     amap = plan_replay(trace, wl)
-    write = np.array([c in WRITE_CLASSES for c in CLASSES])
+    counted = np.array([c in count for c in CLASSES])
     shift = line.bit_length() - 1
     for rows in trace.iter_steps():
         rows = rows.take(rows.request < wl.batch)
@@ -557,7 +563,7 @@ def line_stream(
         chunk = build_step(amap, rows)
         lines = line_numbers(chunk.addr, chunk.nbytes, line)
         per = ((chunk.addr + chunk.nbytes - 1) >> shift) - (chunk.addr >> shift) + 1
-        yield lines, np.repeat(~write[chunk.cls], per)
+        yield lines, np.repeat(counted[chunk.cls], per)
 
 
 def token_mrc(
@@ -586,6 +592,7 @@ def line_mrc(
     *,
     workload: Workload | None = None,
     classes: Sequence[str] = ("kv",),
+    count: Sequence[str] | None = None,
     line: int = 128,
     sample_rate: float = 1.0,
     seed: int = 0,
@@ -593,9 +600,11 @@ def line_mrc(
 ) -> MissRatioCurve:
     """LRU miss-ratio curve of the replay stream at line granularity (exact or SHARDS)."""
     what = "+".join(classes)
+    if count is not None and list(count) != list(classes):
+        what = f"{'+'.join(count)} in {what}"
     label = f"line LRU ({what})" + ("" if sample_rate >= 1.0 else f", SHARDS {sample_rate:g}")
     return lru_curve(
-        line_stream(trace, workload=workload, classes=classes, line=line),
+        line_stream(trace, workload=workload, classes=classes, count=count, line=line),
         line,
         sample_rate=sample_rate,
         seed=seed,
