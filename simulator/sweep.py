@@ -34,7 +34,7 @@ import pandas as pd
 from dsacache.errors import DsacacheError
 from dsacache.units import format_size, parse_size, parse_spec
 
-MANIFEST = "sweep.json"
+MANIFEST = "_sweep.json"  # leading "_": Parquet readers skip it when reading the directory
 PART_PREFIX = "cell-"
 _SCHEMA = 1
 

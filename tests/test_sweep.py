@@ -109,6 +109,8 @@ def test_rows_equal_direct_replay_and_resume_skips(trace_path, tmp_path, client)
     ours = cell[list(direct.columns.drop("policy"))].reset_index(drop=True)
     direct = direct.drop(columns=["policy"]).astype({"class": str, "tier": str})
     assert_frame_equal(ours, direct, check_dtype=False)
+    # the directory is a plain Parquet dataset too (the manifest is skipped by its "_" prefix)
+    assert_frame_equal(_sorted(pd.read_parquet(out)), _sorted(df))
     summary = summarize_sweep(df)
     assert len(summary) == 8 and summary["hit_rate"].between(0, 1).all()
     # resume: nothing to do; an extended grid runs only the new cells
@@ -163,12 +165,17 @@ def test_resume_after_sigkill_equals_uninterrupted(trace_path, tmp_path, client)
     assert_frame_equal(_sorted(resumed), _sorted(ref), check_exact=True)
 
 
-def test_cli_sweep(trace_path, tmp_path):
+def test_cli_sweep(trace_path, tmp_path, client):
+    """The CLI with --scheduler (the loopback fixture); the SIGKILL test runs the CLI's
+    default local cluster of worker processes."""
+    address = client.scheduler.address
+    assert address.startswith("tcp://127.0.0.1:")
     grid = tmp_path / "g.toml"
     grid.write_text('policy = ["lru"]\ncache_size = ["256KiB", "512KiB"]\n')
     runner = CliRunner()
     out = tmp_path / "cli"
-    args = ["sweep", str(trace_path), "--grid", str(grid), "--out", str(out), "--jobs", "1"]
+    args = ["sweep", str(trace_path), "--grid", str(grid), "--out", str(out)]
+    args += ["--scheduler", address]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "2 cell(s): 2 run, 0 already finished" in result.output
