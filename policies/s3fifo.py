@@ -21,9 +21,10 @@ one set, ``small_ratio * ways >= 2`` and unit-size objects this is libCacheSim's
 ``move_to_main_threshold = threshold`` exactly; libCacheSim refuses objects no smaller than S,
 so with a one-way S it caches nothing, while a set must always place the missing line.
 
-State (int64): ``line_state`` fields (each ``n_sets * ways`` long, way-indexed per set) are the
-line number, the frequency, S's ring of ways, M's ring of ways and G's ring of line numbers;
-``set_state`` fields are S head/count, M head/count, G head/count and "has evicted". ``glob[4]``
+State (int64), set-major so that one set's state is contiguous: set ``s`` owns ``line_state[s *
+5 * ways:]`` with five fields of ``ways`` words (line number and frequency per way, S's ring of
+ways, M's ring of ways, G's line numbers oldest first) and ``set_state[s * 6:]`` (S head/count,
+M head/count, G count, "has evicted"). ``glob[4]``
 carries "this miss hit G" from ``victim`` to ``on_fill``; ``glob[5:8]`` hold the S, M and G
 capacities.
 """
@@ -33,8 +34,8 @@ from numba import njit
 from dsacache.policies.base import Param, PolicyType, register
 
 TAG, FREQ, S_RING, M_RING, G_RING = 0, 1, 2, 3, 4
-S_HEAD, S_COUNT, M_HEAD, M_COUNT, G_HEAD, G_COUNT, EVICTED = 0, 1, 2, 3, 4, 5, 6
-LINE_WORDS, SET_WORDS = 5, 7
+S_HEAD, S_COUNT, M_HEAD, M_COUNT, G_COUNT, EVICTED = 0, 1, 2, 3, 4, 5
+LINE_WORDS, SET_WORDS = 5, 6
 
 
 @njit(inline="always")
@@ -51,116 +52,101 @@ def init(line_state, set_state, glob, n_sets, ways, params):
 
 
 @njit(inline="always")
-def _push(line_state, set_state, ring, head_field, s, ways, value):
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    count = set_state[(head_field + 1) * n_sets + s]
-    slot = set_state[head_field * n_sets + s] + count
+def _push(line_state, set_state, ring, head, s, ways, value):
+    """Append ``value`` to the ring whose words start at ``line_state[ring]`` and whose head
+    and count are ``set_state[head]`` and ``set_state[head + 1]``."""
+    count = set_state[head + 1]
+    slot = set_state[head] + count
     if slot >= ways:
         slot -= ways
-    line_state[ring * n + s * ways + slot] = value
-    set_state[(head_field + 1) * n_sets + s] = count + 1
+    line_state[ring + slot] = value
+    set_state[head + 1] = count + 1
 
 
 @njit(inline="always")
-def _pop(line_state, set_state, ring, head_field, s, ways):
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    head = set_state[head_field * n_sets + s]
-    value = line_state[ring * n + s * ways + head]
-    set_state[head_field * n_sets + s] = head + 1 if head + 1 < ways else 0
-    set_state[(head_field + 1) * n_sets + s] -= 1
+def _pop(line_state, set_state, ring, head, s, ways):
+    h = set_state[head]
+    value = line_state[ring + h]
+    set_state[head] = h + 1 if h + 1 < ways else 0
+    set_state[head + 1] -= 1
     return value
 
 
 @njit(inline="always")
-def _ghost_add(line_state, set_state, s, ways, cap, line):
+def _ghost_add(line_state, set_state, ghost, count_at, cap, line):
+    """Append ``line`` to the ghost (oldest first in ``line_state[ghost:ghost + count]``),
+    dropping the oldest entry when it is full."""
     if cap == 0:
         return
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    ring = G_RING * n + s * ways
-    head = set_state[G_HEAD * n_sets + s]
-    count = set_state[G_COUNT * n_sets + s]
-    if count == cap:  # drop the oldest
-        head = head + 1 if head + 1 < cap else 0
+    count = set_state[count_at]
+    if count == cap:
+        for i in range(cap - 1):
+            line_state[ghost + i] = line_state[ghost + i + 1]
         count -= 1
-        set_state[G_HEAD * n_sets + s] = head
-    slot = head + count
-    if slot >= cap:
-        slot -= cap
-    line_state[ring + slot] = line
-    set_state[G_COUNT * n_sets + s] = count + 1
+    line_state[ghost + count] = line
+    set_state[count_at] = count + 1
 
 
 @njit(inline="always")
-def _ghost_take(line_state, set_state, s, ways, cap, line):
-    """Remove ``line`` from the set's ghost; 1 if it was there."""
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    ring = G_RING * n + s * ways
-    head = set_state[G_HEAD * n_sets + s]
-    count = set_state[G_COUNT * n_sets + s]
-    slot = head
+def _ghost_take(line_state, set_state, ghost, count_at, line):
+    """Remove ``line`` from the ghost, keeping the others in order; 1 if it was there."""
+    count = set_state[count_at]
     for i in range(count):
-        if line_state[ring + slot] == line:
-            for _ in range(i, count - 1):  # close the gap: younger entries move one older
-                nxt = slot + 1 if slot + 1 < cap else 0
-                line_state[ring + slot] = line_state[ring + nxt]
-                slot = nxt
-            set_state[G_COUNT * n_sets + s] = count - 1
+        if line_state[ghost + i] == line:
+            for j in range(i, count - 1):
+                line_state[ghost + j] = line_state[ghost + j + 1]
+            set_state[count_at] = count - 1
             return 1
-        slot = slot + 1 if slot + 1 < cap else 0
     return 0
 
 
 @njit(inline="always")
 def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
-    i = FREQ * (line_state.shape[0] // LINE_WORDS) + s * ways + way
+    i = (s * LINE_WORDS + FREQ) * ways + way
     if line_state[i] < 3:
         line_state[i] += 1
 
 
 @njit(inline="always")
 def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    line_state[TAG * n + s * ways + way] = glob[2]
-    line_state[FREQ * n + s * ways + way] = 0
+    base = s * LINE_WORDS * ways
+    st = s * SET_WORDS
+    line_state[base + TAG * ways + way] = glob[2]
+    line_state[base + FREQ * ways + way] = 0
     if glob[4]:
         glob[4] = 0
-        _push(line_state, set_state, M_RING, M_HEAD, s, ways, way)
-    elif set_state[EVICTED * n_sets + s] == 0 and set_state[S_COUNT * n_sets + s] >= glob[5]:
-        _push(line_state, set_state, M_RING, M_HEAD, s, ways, way)
+        _push(line_state, set_state, base + M_RING * ways, st + M_HEAD, s, ways, way)
+    elif set_state[st + EVICTED] == 0 and set_state[st + S_COUNT] >= glob[5]:
+        _push(line_state, set_state, base + M_RING * ways, st + M_HEAD, s, ways, way)
     else:
-        _push(line_state, set_state, S_RING, S_HEAD, s, ways, way)
+        _push(line_state, set_state, base + S_RING * ways, st + S_HEAD, s, ways, way)
 
 
 @njit(inline="always")
 def victim(line_state, set_state, glob, s, ways, clock, params):
-    n = line_state.shape[0] // LINE_WORDS
-    n_sets = set_state.shape[0] // SET_WORDS
-    glob[4] = _ghost_take(line_state, set_state, s, ways, glob[7], glob[2])
-    set_state[EVICTED * n_sets + s] = 1
-    freq = FREQ * n + s * ways
+    base = s * LINE_WORDS * ways
+    st = s * SET_WORDS
+    ghost, small, main = base + G_RING * ways, base + S_RING * ways, base + M_RING * ways
+    freq = base + FREQ * ways
+    glob[4] = _ghost_take(line_state, set_state, ghost, st + G_COUNT, glob[2])
+    set_state[st + EVICTED] = 1
     while True:
-        if set_state[M_COUNT * n_sets + s] > glob[6] or set_state[S_COUNT * n_sets + s] == 0:
+        if set_state[st + M_COUNT] > glob[6] or set_state[st + S_COUNT] == 0:
             while True:
-                way = _pop(line_state, set_state, M_RING, M_HEAD, s, ways)
+                way = _pop(line_state, set_state, main, st + M_HEAD, s, ways)
                 f = line_state[freq + way]
                 if f == 0:
                     return way
                 line_state[freq + way] = f - 1
-                _push(line_state, set_state, M_RING, M_HEAD, s, ways, way)
-        while set_state[S_COUNT * n_sets + s] > 0:
-            way = _pop(line_state, set_state, S_RING, S_HEAD, s, ways)
+                _push(line_state, set_state, main, st + M_HEAD, s, ways, way)
+        while set_state[st + S_COUNT] > 0:
+            way = _pop(line_state, set_state, small, st + S_HEAD, s, ways)
             if line_state[freq + way] < params[2]:
-                _ghost_add(
-                    line_state, set_state, s, ways, glob[7], line_state[TAG * n + s * ways + way]
-                )
+                line = line_state[base + TAG * ways + way]
+                _ghost_add(line_state, set_state, ghost, st + G_COUNT, glob[7], line)
                 return way
             line_state[freq + way] = 0
-            _push(line_state, set_state, M_RING, M_HEAD, s, ways, way)
+            _push(line_state, set_state, main, st + M_HEAD, s, ways, way)
 
 
 S3FIFO = register(
