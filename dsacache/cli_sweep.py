@@ -17,14 +17,14 @@ def _trace(path: str):
     return open_trace(path)
 
 
-def _save(df, out: str) -> None:
+def _save(df, out: str, index: bool = True) -> None:
     from pathlib import Path
 
     path = Path(out)
     if path.suffix == ".csv":
-        df.to_csv(path)
+        df.to_csv(path, index=index)
     elif path.suffix == ".parquet":
-        df.to_parquet(path)
+        df.to_parquet(path, index=index)
     else:
         raise DsacacheError(f"--out {out}: use a .parquet or .csv file name")
 
@@ -150,7 +150,12 @@ def _show(df, limit: int) -> str:
 @click.command()
 @click.argument("trace", type=click.Path())
 @_placement_options
-@click.option("--out", type=click.Path(), default=None, help="Save per-step table (.parquet/.csv).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default=None,
+    help="Save tokens per (step, layer, request, group, owner) (.parquet/.csv).",
+)
 @click.option("--rows", type=int, default=16, show_default=True, help="Steps printed.")
 def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     """Shard TRACE's KV over GPUs and nodes and count, per decode step, where the selected
@@ -169,7 +174,7 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     pc = run_place(_trace(trace), spec, layout=layout, requests=requests)
     steps = pc.per_step()
     if out:
-        _save(steps, out)
+        _save(pc.to_frame(), out, index=False)
     click.echo(
         f"placement {spec.spec} over {gpus} GPU(s) x {nodes} node(s); "
         f"{pc.bytes_per_token} B per selected token"
@@ -203,7 +208,12 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     help="Override a coefficient, e.g. ib.probe_s=8e-6 or move_s_per_token=0 (repeatable).",
 )
 @click.option("--plot", type=click.Path(), default=None, help="Save a plot (.png).")
-@click.option("--out", type=click.Path(), default=None, help="Save per-step table (.parquet/.csv).")
+@click.option(
+    "--out",
+    type=click.Path(),
+    default=None,
+    help="Save costs per (step, layer, request, group) (.parquet/.csv).",
+)
 @click.option("--rows", type=int, default=16, show_default=True, help="Steps printed.")
 def route(trace, placement, gpus, nodes, layout, requests, fabric, coefs, plot, out, rows) -> None:
     """Route the query or fetch the KV? Cost every decode step of TRACE with its KV sharded
@@ -248,7 +258,7 @@ def route(trace, placement, gpus, nodes, layout, requests, fabric, coefs, plot, 
         )
     steps = res.per_step()
     if out:
-        _save(steps, out)
+        _save(res.units, out, index=False)
     click.echo(_show(steps, rows))
     t = res.totals()
     click.echo(

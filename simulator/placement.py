@@ -250,6 +250,28 @@ class PlacementCounts:
         out["imbalance"] = (per_owner.max(axis=1) / mean).fillna(0.0)
         return out
 
+    def to_frame(self) -> pd.DataFrame:
+        """Long format: one row per (step, layer, request, group, owner) holding selected
+        tokens, with the link kind from the query's GPU, tokens, pages and fetch bytes."""
+        import pandas as pd
+
+        row, owner = np.nonzero(self.counts)
+        kind = self.links[row, owner]
+        return pd.DataFrame(
+            {
+                "step": self.step[row],
+                "layer": self.layer[row],
+                "request": self.request[row],
+                "group": self.group[row],
+                "home": self.home[row],
+                "owner": owner,
+                "link": pd.Categorical.from_codes(kind, categories=list(LINK_KINDS)),
+                "tokens": self.counts[row, owner],
+                "pages": self.pages[row, owner],
+                "fetch_bytes": self.fetch_bytes[row, owner],
+            }
+        )
+
     def totals(self) -> dict[str, float]:
         """Whole-trace shares of selected tokens by link kind, and fetch bytes per step."""
         steps = self.per_step()

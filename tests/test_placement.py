@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -161,7 +162,14 @@ def test_cli_place_on_bundled_trace(tmp_path):
     args = ["place", str(path), "--gpus", "4", "--nodes", "2", "--requests", "1"]
     result = runner.invoke(main, [*args, "--out", str(out), "--rows", "4"])
     assert result.exit_code == 0, result.output
-    assert "on another node" in result.output and out.exists()
+    assert "on another node" in result.output
+    saved = pd.read_csv(out)
+    pc = place(open_trace(path), parse_placement("pages:rr", 4, 2), requests=1)
+    assert saved["tokens"].sum() == pc.counts.sum()
+    assert set(saved["link"]) <= {"local", "intra", "inter"}
+    inter = saved[saved["link"] == "inter"]
+    assert ((inter["owner"] // 4) != (inter["home"] // 4)).all()
+    assert saved["fetch_bytes"].sum() == pc.fetch_bytes.sum()
     result = runner.invoke(main, ["place", str(path), "--placement", "pages:nope"])
     assert result.exit_code == 2 and "nope" in result.output
     result = runner.invoke(main, ["place", str(path), "--gpus", "0"])
