@@ -5,7 +5,12 @@ tokens and managed at token granularity by ``inner``; everything else (indexer k
 new-token appends unless ``appends=yes``, and KV tokens not admitted) uses the remaining ways
 under the line policy ``rest``. ``admit=second`` admits a token on its second miss only (a
 ghost list of once-seen tokens, as large as the reservation, remembers first sightings);
-``scope=layer`` splits the reservation evenly into one LRU per layer.
+``admit=frequent`` keeps an aged count of the steps that selected each token
+(``count = decay * count + 1`` when selected) and admits a selected token only once its count
+reaches ``threshold``; with the defaults (0.5, 1.5) a token enters when it was selected at
+this step and at the previous one, or at three of the last few. Tokens selected once stay out
+of the reservation and cannot evict tokens that keep coming back. ``scope=layer`` splits the
+reservation evenly into one LRU per layer.
 
 ``scope=learned`` is a predictive split (the issue-13 direction): after every decode step it
 measures, per layer, the share of selected tokens that the previous step also selected (a
@@ -35,9 +40,19 @@ RESERVE = register(
                 "admit",
                 "choice",
                 "all",
-                "admit every selected token or on second use",
-                ("all", "second"),
+                "admit every selected token, on its second miss, or when its aged selection "
+                "count reaches threshold",
+                ("all", "second", "frequent"),
             ),
+            Param(
+                "decay",
+                "float",
+                0.5,
+                "admit=frequent: ageing of the selection count per step",
+                low=0.0,
+                high=1.0,
+            ),
+            Param("threshold", "float", 1.5, "admit=frequent: aged count needed to enter", low=0.0),
             Param(
                 "scope",
                 "choice",

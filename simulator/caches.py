@@ -60,7 +60,8 @@ class TokenModel:
             addr, nbytes, is_write, self._tokens(klass), np.zeros(len(addr), np.int64),
             bucket, _future(future), counters, self.store.arrays(),
             cfg.line.bit_length() - 1, cfg.sector.bit_length() - 1, self.needs_future,
-            False, self.ghost.arrays(), True, True, routed,
+            np.full(len(addr), objects.ADMIT_ALWAYS, np.int8), self.ghost.arrays(), True, True,
+            routed,
         )  # fmt: skip
 
 
@@ -97,6 +98,7 @@ class ReserveModel:
         self.reuse = np.zeros(max(layers, 1))  # learned scope: EMA of step-to-step reuse
         self.footprint = np.zeros(max(layers, 1))  # learned scope: KV bytes per step
         self.previous: dict[int, np.ndarray] = {}
+        self.history = SelectionHistory(v["decay"]) if v["admit"] == "frequent" else None
         self.description = (
             f"{reserved_ways} of {config.ways} ways ({self.reserved_bytes} B) reserved for KV"
         )
@@ -117,13 +119,26 @@ class ReserveModel:
         objects.run_objects(
             addr, nbytes, is_write, tokens, part, bucket, _future(future),
             counters, self.store.arrays(), cfg.line.bit_length() - 1,
-            cfg.sector.bit_length() - 1, self.needs_future, self.policy.values["admit"] == "second",
+            cfg.sector.bit_length() - 1, self.needs_future, self._admit(addr, klass),
             self.ghost.arrays(), False, self.appends, routed,
         )  # fmt: skip
         rest = routed == 0
         self.rest.run(addr[rest], nbytes[rest], is_write[rest], bucket[rest], counters, klass[rest])
         if self.learned:
             self._learn(addr, nbytes, klass, layer)
+
+    def _admit(self, addr: np.ndarray, klass: np.ndarray) -> np.ndarray:
+        """What each access does on a miss in the reservation (``objects.ADMIT_*``)."""
+        mode = self.policy.values["admit"]
+        if mode == "all":
+            return np.full(len(addr), objects.ADMIT_ALWAYS, np.int8)
+        if mode == "second":
+            return np.full(len(addr), objects.ADMIT_SECOND, np.int8)
+        kv = klass == KV
+        score = self.history.update(addr[kv])  # this step's selection counted in
+        admit = np.full(len(addr), objects.ADMIT_ALWAYS, np.int8)  # appends (if routed here)
+        admit[kv] = np.where(score >= self.policy.values["threshold"], 1, 0)
+        return admit
 
     def _learn(self, addr, nbytes, klass, layer) -> None:
         """Update per-layer reuse and footprint from this step's KV gathers; re-pick layers."""
@@ -143,6 +158,29 @@ class ReserveModel:
         fits = np.cumsum(self.footprint[order]) <= self.reserved_bytes
         self.admitted[:] = False
         self.admitted[order[fits]] = True
+
+
+class SelectionHistory:
+    """Per KV record (its address: one token of one layer and request), an exponentially aged
+    count of the decode steps that selected it: ``count = decay * count + selected``. Entries
+    that decay below 1/64 are dropped, so memory follows the recently selected tokens."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.keys = np.zeros(0, np.int64)  # sorted
+        self.counts = np.zeros(0)
+
+    def update(self, addr: np.ndarray) -> np.ndarray:
+        """Count one step's selection (``addr``: its KV reads, repeats allowed) and return
+        every read's count after the update."""
+        now = np.unique(addr)
+        keys = np.union1d(self.keys, now)
+        counts = np.zeros(len(keys))
+        counts[np.searchsorted(keys, self.keys)] = self.counts * self.decay
+        counts[np.searchsorted(keys, now)] += 1.0
+        keep = counts >= 1 / 64
+        self.keys, self.counts = keys[keep], counts[keep]
+        return self.counts[np.searchsorted(self.keys, addr)]
 
 
 def _future(future):

@@ -261,6 +261,7 @@ def insert(st, key, size, p, valid, next_use, furthest):
 
 
 LINE_TAG = np.int64(1) << np.int64(61)  # keeps line objects apart from token objects
+ADMIT_NEVER, ADMIT_ALWAYS, ADMIT_SECOND = 0, 1, 2  # what a token read miss does (run_objects)
 
 
 @njit(nogil=True, _nrt=False)  # no reference counting in the hot loop (5x faster)
@@ -277,7 +278,7 @@ def run_objects(
     line_shift,
     sector_shift,
     furthest,
-    admit_second,
+    admit,
     ghost,
     handle_lines,
     admit_writes,
@@ -287,7 +288,10 @@ def run_objects(
     accesses are one object per line (sectored: only requested sectors are fetched), unless
     ``handle_lines`` is off. ``routed[i]`` is set to 1 for every access this store handled;
     accesses left at 0 (lines when ``handle_lines`` is off, token misses that were not
-    admitted, writes when ``admit_writes`` is off) are for the next cache to serve."""
+    admitted, writes when ``admit_writes`` is off) are for the next cache to serve.
+    ``admit[i]`` says what a token read that misses does: ``ADMIT_NEVER`` (leave it to the next
+    cache), ``ADMIT_ALWAYS`` (insert it) or ``ADMIT_SECOND`` (insert it if ``ghost`` remembers
+    an earlier miss of it, else remember this one)."""
     has_future = future.shape[0] > 0
     k = 0
     line_bytes = 1 << line_shift
@@ -322,7 +326,9 @@ def run_objects(
                 counters[b, 3] += n_sec
                 routed[i] = 1
                 continue
-            if admit_second:
+            if admit[i] == ADMIT_NEVER:
+                continue
+            if admit[i] == ADMIT_SECOND:
                 g = lookup(ghost, a)
                 if g < 0:  # first sighting: remember it, let the next cache serve it
                     insert(ghost, a, 1, 0, 0, 0, False)
