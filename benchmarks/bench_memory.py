@@ -6,6 +6,10 @@ throughput and peak RSS, next to the RSS before the replay and the size of the t
 access stream if it were held in memory (16 bytes per access). Goal: peak < 1 GiB.
 
     python benchmarks/bench_memory.py [--steps 40] [--context 32768]
+
+At billion-access scale (issue 12's goal: peak < 2 GiB), ``--steps 120 --context 131072``:
+1.08e9 line accesses, peak RSS 891 MiB, 46 s (23 M accesses/s on a shared 2-core machine,
+2026-12-01).
 """
 
 from __future__ import annotations
