@@ -6,6 +6,7 @@ from dsacache.policies import (  # noqa: F401
     hints,
     lfu,
     lru,
+    persist,
     plru,
     random,
     reserve,

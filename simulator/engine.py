@@ -251,6 +251,7 @@ class Cache:
         self.line_state = np.zeros(n * ptype.line_words, ptype.line_dtype)
         self.set_state = np.zeros(cfg.n_sets * ptype.set_words, ptype.line_dtype)
         self.glob = np.zeros(16, np.int64)
+        self.glob[3] = cfg.line  # policies that size themselves in bytes read it in init
         self.params = self.policy.param_array()
         self.clock = 0
         init = self.policy.type.init

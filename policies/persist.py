@@ -1,0 +1,109 @@
+"""The L2 persisting access-policy window, as CUDA exposes it on Ampere and Hopper GPUs.
+
+A program sets aside part of the L2 for *persisting* lines (``cudaLimitPersistingL2CacheSize``,
+at most 32,768,000 B on the lent H100 and H200) and marks an address window on a stream
+(``accessPolicyWindow``): a ``hit_ratio`` share of the window's lines, chosen by address, is
+accessed with the persisting property, the rest as normal. The model, per set:
+
+- at most ``set_aside / (sets x line)`` ways hold persisting lines (at most ways - 1);
+- a persisting fill takes the LRU normal line while the set has room for another persisting
+  line, else the LRU persisting line; a normal fill takes the LRU normal line (normal traffic
+  may use set-aside ways that no persisting line holds, as CUDA documents);
+- a persisting hit on a normal line promotes it when there is room.
+
+``window`` names the traffic class whose buffer the window covers (the KV pool, the indexer
+keys, ...): in the access stream every class lives in its own address range. Which lines
+persist is decided by a hash of the line number, so a line is persisting on every access or
+on none. The replacement among lines of the same kind is LRU (last-use clocks).
+"""
+
+import numpy as np
+from numba import njit
+
+from dsacache.policies.base import Param, PolicyType, register
+from dsacache.simulator.workload import CLASSES
+
+MAX_PERSISTING_BYTES = 32_768_000  # cudaDevAttrMaxPersistingL2CacheSize, H100 and H200
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(inline="always")
+def _persisting(glob, params):
+    if glob[1] != int(params[0]):
+        return False
+    h = (np.uint64(glob[2]) * _MIX) >> np.uint64(40)  # 24 well-mixed bits
+    return h < np.uint64(params[1] * 16777216.0)
+
+
+@njit(inline="always")
+def init(line_state, set_state, glob, n_sets, ways, params):
+    limit = int(params[2]) // (n_sets * glob[3])
+    glob[4] = min(max(limit, 0), ways - 1)
+
+
+@njit(inline="always")
+def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
+    i = 2 * (s * ways + way)
+    line_state[i] = clock
+    if line_state[i + 1] == 0 and set_state[s] < glob[4] and _persisting(glob, params):
+        line_state[i + 1] = 1
+        set_state[s] += 1
+
+
+@njit(inline="always")
+def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
+    i = 2 * (s * ways + way)
+    line_state[i] = clock
+    line_state[i + 1] = 0
+    if set_state[s] < glob[4] and _persisting(glob, params):
+        line_state[i + 1] = 1
+        set_state[s] += 1
+
+
+@njit(inline="always")
+def victim(line_state, set_state, glob, s, ways, clock, params):
+    # evict persisting lines only when a persisting line comes in and the set-aside is full
+    want = 1 if (set_state[s] >= glob[4] and glob[4] > 0 and _persisting(glob, params)) else 0
+    best, oldest = -1, np.int64(1) << np.int64(62)
+    for w in range(ways):
+        i = 2 * (s * ways + w)
+        if line_state[i + 1] == want and line_state[i] < oldest:
+            best, oldest = w, line_state[i]
+    if line_state[2 * (s * ways + best) + 1] == 1:
+        set_state[s] -= 1
+    return best
+
+
+PERSIST = register(
+    PolicyType(
+        name="persist",
+        description="L2 persisting access-policy window over one traffic class (CUDA)",
+        init=init,
+        on_hit=on_hit,
+        on_fill=on_fill,
+        victim=victim,
+        params=(
+            Param(
+                "window", "choice", "kv", "traffic class whose buffer the window covers", CLASSES
+            ),  # fmt: skip
+            Param(
+                "hit_ratio",
+                "float",
+                1.0,
+                "share of the window's lines that persist",
+                low=0.0,
+                high=1.0,
+            ),  # fmt: skip
+            Param(
+                "set_aside",
+                "size",
+                16 * 2**20,
+                "L2 bytes set aside for persisting lines (cudaLimitPersistingL2CacheSize)",
+                low=0,
+                high=MAX_PERSISTING_BYTES,
+            ),  # fmt: skip
+        ),
+        line_words=2,
+        set_words=1,
+    )
+)
