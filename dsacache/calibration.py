@@ -214,6 +214,25 @@ def fit_reuse(
     return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
 
 
+# The decode probes (dsacache probe decode ...): policy that models the probe's hints (None:
+# the model's own) and the first layer whose KV the probe relabels (``simulate_decode``).
+PERSIST_SET_ASIDE = 30 * 2**20  # --set-aside of the persisting-window probes
+DECODE_EXPERIMENTS: dict[str, tuple[str | None, int]] = {
+    "decode-small": (None, -1),
+    "decode-large": (None, -1),
+    "decode-large-evict_first-normal": ("hints:index=first", -1),
+    "decode-large-normal-evict_last": ("hints:kv=last", -1),
+    "decode-large-evict_first-evict_last": ("hints:index=first,kv=last", -1),
+    "decode-small-evict_first-evict_last": ("hints:index=first,kv=last", -1),
+    "decode-48l-first-from-1": ("hints:index=first", -1),
+    "decode-48l-first-from12": ("hints:index=first,weights=first", 12),
+    "decode-48l-first-from20": ("hints:index=first,weights=first", 20),
+    # L2 persisting window over the KV of layers 0-4 (--persist-layers 5, 30 MiB set aside)
+    "decode-large-persist5": ("persist:window=kv,hit_ratio=1.0,set_aside={aside}", 5),
+    "decode-large-persist5-half": ("persist:window=kv,hit_ratio=0.5,set_aside={aside}", 5),
+}
+
+
 def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
     """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting)
     bundled for ``gpu``, one row per (experiment, point, model). ``models`` defaults to the
@@ -221,24 +240,19 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
     if models is None:
         models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
     rows = []
-    decode = [(name, None) for name in ("decode-small", "decode-large")]
-    hinted = [
-        ("decode-large-evict_first-normal", "hints:index=first"),
-        ("decode-large-normal-evict_last", "hints:kv=last"),
-        ("decode-large-evict_first-evict_last", "hints:index=first,kv=last"),
-        ("decode-small-evict_first-evict_last", "hints:index=first,kv=last"),
-        ("decode-48l-first-from-1", "hints:index=first"),
-        ("decode-48l-first-from12", "hints:index=first,weights=first"),
-        ("decode-48l-first-from20", "hints:index=first,weights=first"),
-    ]
-    for name, hint in decode + hinted:
+    for name, (hint, first_from) in DECODE_EXPERIMENTS.items():
         if not has_measurement(gpu, name):
             continue
         m = measured(gpu, name)
-        first_from = int(name.split("first-from")[1]) if "first-from" in name else -1
         meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
         for base in models:
-            model = base if hint is None else Model(hint, base.capacity, base.ways, base.set_hash)
+            policy = base.policy
+            if hint is not None:
+                # a set-aside is a share of the physical L2; the model holds the share of its
+                # own (fitted) capacity
+                aside = PERSIST_SET_ASIDE * base.capacity // int(m["meta_l2_bytes"].iloc[0])
+                policy = hint.format(aside=aside)
+            model = Model(policy, base.capacity, base.ways, base.set_hash)
             sim = simulate_decode(m, model, first_from)
             j = meas.merge(sim, on=["step", "role"])
             rows += [

@@ -454,10 +454,18 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     default=None,
     help="decode: KV of layers >= this loads with evict_first.",
 )
+@click.option(
+    "--persist-layers",
+    type=int,
+    default=None,
+    help="decode: L2 persisting window over the KV of the first N layers.",
+)
+@click.option("--hit-ratio", type=float, default=None, help="decode: the window's hitRatio.")
+@click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
     experiment, out, sizes, between, k, context, layers, steps, keep, index_evict, kv_evict,
-    kv_first_from, raw,
+    kv_first_from, persist_layers, hit_ratio, set_aside, raw,
 ) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
 
@@ -475,7 +483,8 @@ def probe(
         options = {"--sizes": sizes, "--between": between, "--k": k, "--context": context,
                    "--layers": layers, "--steps": steps, "--keep": keep,
                    "--index-evict": index_evict, "--kv-evict": kv_evict,
-                   "--kv-first-from": kv_first_from}  # fmt: skip
+                   "--kv-first-from": kv_first_from, "--persist-layers": persist_layers,
+                   "--hit-ratio": hit_ratio, "--set-aside": set_aside}  # fmt: skip
         for flag, value in options.items():
             if value is not None:
                 cmd += [flag, str(value)]

@@ -141,12 +141,16 @@ def decode_config(layers: int, context: int, steps: int, k: int, keep: float, se
 def run_decode(
     layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0,
     device: str = "cuda", index_evict: str = "", kv_evict: str = "", kv_first_from: int = -1,
+    persist_layers: int = 0, hit_ratio: float = 1.0, set_aside: int = 0,
 ) -> list[Launch]:  # fmt: skip
     """Decode steps as DSA issues them, per layer: the indexer reads every cached token's key
     (132 B each), then the sparse kernel gathers the selected 656-byte KV rows. Same trace,
     pools and order as ``dsacache replay --layout mla-fp8 --classes index,kv`` with batch 1.
     ``kv_first_from`` >= 0 loads the KV of layers from that one on with evict_first: the
-    hardware form of reserving the L2 for the KV of the first layers only."""
+    hardware form of reserving the L2 for the KV of the first layers only. ``persist_layers``
+    > 0 runs the decode on a stream whose L2 persisting access-policy window covers the KV of
+    the first ``persist_layers`` layers (``hit_ratio``, ``set_aside`` bytes set aside; the KV
+    of all layers lives in one buffer, layer after layer)."""
     import tempfile
 
     import torch
@@ -159,23 +163,36 @@ def run_decode(
         trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
         step_rows = list(trace.iter_steps())
     max_tokens = context + steps + 1
-    kv = [
-        torch.randint(0, 1 << 20, (max_tokens * 164,), dtype=torch.int32, device=device)
-        for _ in range(layers)
-    ]
+    per_layer = max_tokens * 164  # int32 words of one layer's 656-byte rows
+    kv_all = torch.randint(0, 1 << 20, (layers * per_layer,), dtype=torch.int32, device=device)
+    kv = [kv_all[i * per_layer : (i + 1) * per_layer] for i in range(layers)]
     index = [torch.rand(max_tokens * 33, dtype=torch.float32, device=device) for _ in range(layers)]
     flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
     flush(flush_buf)
     launches = []
-    for rows in step_rows:
-        for i in range(len(rows)):
-            layer, step, position = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
-            read(index[layer][: position * 33], index_evict)
-            idx = torch.as_tensor(rows.row(i), dtype=torch.int32, device=device)
-            hint = "evict_first" if 0 <= kv_first_from <= layer else kv_evict
-            gather(kv[layer], idx, 164, hint)
-            launches.append(Launch("decode", "index", position * 132, k=k, layer=layer, step=step))
-            launches.append(Launch("decode", "kv", len(idx) * 656, k=k, layer=layer, step=step))
+
+    def decode() -> None:
+        for rows in step_rows:
+            for i in range(len(rows)):
+                layer, step, pos = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
+                read(index[layer][: pos * 33], index_evict)
+                idx = torch.as_tensor(rows.row(i), dtype=torch.int32, device=device)
+                hint = "evict_first" if 0 <= kv_first_from <= layer else kv_evict
+                gather(kv[layer], idx, 164, hint)
+                launches.append(Launch("decode", "index", pos * 132, k=k, layer=layer, step=step))
+                launches.append(Launch("decode", "kv", len(idx) * 656, k=k, layer=layer, step=step))
+
+    if persist_layers <= 0:
+        decode()
+        return launches
+    from dsacache.kernels.l2persist import persisting_window
+
+    stream = torch.cuda.Stream(device)
+    window = persisting_window(stream.cuda_stream, kv_all.data_ptr(),
+                               persist_layers * per_layer * 4, hit_ratio, set_aside)  # fmt: skip
+    with torch.cuda.stream(stream), window:
+        decode()
+        stream.synchronize()
     return launches
 
 
@@ -197,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-first-from", type=int, default=-1)
+    p.add_argument("--persist-layers", type=int, default=0)
+    p.add_argument("--hit-ratio", type=float, default=1.0)
+    p.add_argument("--set-aside", default="0")
     p.add_argument("--plan", required=True, help="JSON file to write the launch plan to")
     args = p.parse_args(argv)
     if args.experiment == "reuse":
@@ -208,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         launches = run_decode(
             args.layers, args.context, args.steps, args.k, args.keep,
             index_evict=args.index_evict, kv_evict=args.kv_evict, kv_first_from=args.kv_first_from,
+            persist_layers=args.persist_layers, hit_ratio=args.hit_ratio,
+            set_aside=parse_size(args.set_aside),
         )  # fmt: skip
     import torch
 

@@ -23,7 +23,7 @@ from numba import njit
 from dsacache.policies.base import Param, PolicyType, register
 from dsacache.simulator.workload import CLASSES
 
-MAX_PERSISTING_BYTES = 32_768_000  # cudaDevAttrMaxPersistingL2CacheSize, H100 and H200
+MAX_PERSISTING_BYTES = 39_321_600  # cudaDevAttrMaxPersistingL2CacheSize: H200 (H100: 32,768,000)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 

@@ -82,7 +82,8 @@ def test_h200_fit_beats_its_nominal_60_mib_and_predicts_held_out_decode():
     assert _reuse_error(calibration.H200_FIT, "h200") < 4.5
     assert _reuse_error(calibration.NAIVES["h200"], "h200") > 10.0
     df = calibration.compare("h200")  # only the experiments measured on the H200
-    assert set(df["experiment"]) == {"decode-small", "decode-large"}
+    assert set(df["experiment"]) == {
+        "decode-small", "decode-large", "decode-large-persist5", "decode-large-persist5-half"}  # fmt: skip
     fit = df[df["model"] == calibration.H200_FIT.label]
     err = fit.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
     assert err["decode-small"] < 2.0 and err["decode-large"] < 2.0
@@ -91,3 +92,19 @@ def test_h200_fit_beats_its_nominal_60_mib_and_predicts_held_out_decode():
 def test_unknown_gpu_has_no_fitted_model():
     with pytest.raises(DsacacheError, match="no calibrated L2 model for gpu 'b200'"):
         calibration.fitted("b200")
+
+
+def test_persisting_window_on_the_h200_and_its_model():
+    # measured: a persisting window over the KV of layers 0-4 lifts their KV hits from ~4%
+    m = calibration.measured("h200", "decode-large-persist5")
+    kv = m[(m["role"] == "kv") & (m["step"] >= 1)]
+    assert kv[kv["layer"] < 5]["hit"].mean() > 0.25 and kv[kv["layer"] >= 5]["hit"].mean() < 0.05
+    df = calibration.compare("h200", (calibration.H200_FIT,))
+    later = df[df["point"].str.endswith("kv") & ~df["point"].str.startswith("step 0")]
+    for name, tol in (("decode-large-persist5", 4.5), ("decode-large-persist5-half", 1.5)):
+        rows = later[later["experiment"] == name]
+        assert len(rows) == 3 and rows["error_points"].abs().max() < tol, rows
+    # the model ranks the window's hit ratios as the GPU does
+    full = later[later["experiment"] == "decode-large-persist5"]["simulated"].mean()
+    half = later[later["experiment"] == "decode-large-persist5-half"]["simulated"].mean()
+    assert full > half > 0.05
