@@ -2,7 +2,7 @@
 the bundled real traces and a DeepSeek-V3.2-shaped synthetic trace, through the H100 L2 model
 calibrated on measurements (dsacache.calibration.H100_FIT).
 
-    pip install -e ".[docs]" && python docs/make_policy_comparison.py
+    python docs/make_policy_comparison.py
 """
 
 from __future__ import annotations
