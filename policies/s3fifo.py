@@ -10,7 +10,8 @@ S (no data). Every line has a 2-bit frequency (0..3), 0 at fill, +1 per hit (sat
   CLOCK), the first with 0 is the victim. Otherwise take S's oldest line: one with at least
   ``threshold`` hits moves to M's head (frequency 0), the first with fewer is the victim and
   its line number enters G (G drops its oldest entry when full). If S empties by moves, M
-  evicts.
+  evicts. ``threshold=1`` is the paper's rule (an S object accessed at least once moves to M);
+  libCacheSim's default is 2.
 
 The per-set adaptation: S is ``max(1, floor(small_ratio * ways))`` ways (at most ``ways - 1``),
 G holds ``floor(ghost_ratio * ways)`` line numbers (the paper sizes S at 10% and G like M, per
@@ -21,8 +22,7 @@ one set, ``small_ratio * ways >= 2`` and unit-size objects this is libCacheSim's
 ``move_to_main_threshold = threshold`` exactly; libCacheSim refuses objects no smaller than S,
 so with a one-way S it caches nothing, while a set must always place the missing line.
 
-State (int32, set-major so that one set's state is contiguous: a quarter less memory than
-int64 made the 50 MiB replay ~3x faster): set ``s`` owns ``line_state[s * 7 * ways:]``, seven
+State (int32 to keep memory traffic down; set-major so that a set's state is contiguous): set ``s`` owns ``line_state[s * 7 * ways:]``, seven
 fields of ``ways`` words: the line number per way as two halves (31 low bits, the rest), the
 frequency per way, S's ring of ways, M's ring of ways and G's ring of line numbers (low halves,
 -1 where free; then high halves); ``set_state[s * 7:]`` holds S head/count, M head/count, G
