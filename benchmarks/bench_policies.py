@@ -13,7 +13,7 @@ round-robin over the policies) after a compile run:
 
 Goal (issue 5): no policy below 1/4 of LRU, OPT excepted.
 
-    python benchmarks/bench_policies.py [--steps 3] [--context 16384] [--repeats 5]
+    python benchmarks/bench_policies.py [--steps 3] [--context 16384] [--repeats 5] [--tables engine,replay]
 """
 
 from __future__ import annotations
@@ -111,14 +111,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tables", default="engine,replay", help="which tables to print")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = preset("deepseek-v3.2", steps=args.steps, context=args.context)
         trace = dsacache.open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
-        engine = bench_engine(trace, args.repeats)
-        _table("engine: Cache.run on one prebuilt stream", "M line acc/s", engine)
-        full = bench_replay(trace, args.repeats)
-        _table("replay: dsacache.replay end to end", "M line acc/s", full)
+        if "engine" in args.tables:
+            engine = bench_engine(trace, args.repeats)
+            _table("engine: Cache.run on one prebuilt stream", "M line acc/s", engine)
+        if "replay" in args.tables:
+            full = bench_replay(trace, args.repeats)
+            _table("replay: dsacache.replay end to end", "M line acc/s", full)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ one set, ``small_ratio * ways >= 2`` and unit-size objects this is libCacheSim's
 ``move_to_main_threshold = threshold`` exactly; libCacheSim refuses objects no smaller than S,
 so with a one-way S it caches nothing, while a set must always place the missing line.
 
-State (int32 to keep memory traffic down; set-major so that a set's state is contiguous): set ``s`` owns ``line_state[s * 7 * ways:]``, seven
-fields of ``ways`` words: the line number per way as two halves (31 low bits, the rest), the
-frequency per way, S's ring of ways, M's ring of ways and G's ring of line numbers (low halves,
--1 where free; then high halves); ``set_state[s * 7:]`` holds S head/count, M head/count, G
-head/count and "has evicted". ``glob[4]`` carries "this miss hit G" from ``victim`` to
-``on_fill``; ``glob[5:8]`` hold the S, M and G capacities.
+State (int32 to keep memory traffic down; set-major so that a set's state is contiguous): set
+``s`` owns ``line_state[s * 8 * ways:]``: a record per way (its line number as two halves, 31 low
+bits and the rest, and its frequency; a miss touches one record), S's ring of ways, M's ring
+of ways and G's ring of line numbers (low halves, -1 where free; then high halves).
+``set_state[s * 7:]`` holds S head/count, M head/count, G head/count and "has evicted".
+``glob[4]`` carries "this miss hit G" from ``victim`` to ``on_fill``; ``glob[5:8]`` hold the S, M and G capacities.
 """
 
 import numpy as np
@@ -35,9 +35,12 @@ from numba import njit
 
 from dsacache.policies.base import Param, PolicyType, register
 
-TAG_LO, TAG_HI, FREQ, S_RING, M_RING, G_LO, G_HI = 0, 1, 2, 3, 4, 5, 6
+# A set's block: one 4-word record per way (line number low/high half, frequency, unused),
+# then S's ring, M's ring, G's low halves, G's high halves (``ways`` words each).
+REC, R_LO, R_HI, R_FREQ = 4, 0, 1, 2
+S_RING, M_RING, G_LO, G_HI = 4, 5, 6, 7
 S_HEAD, S_COUNT, M_HEAD, M_COUNT, G_HEAD, G_COUNT, EVICTED = 0, 1, 2, 3, 4, 5, 6
-LINE_WORDS, SET_WORDS = 7, 7
+LINE_WORDS, SET_WORDS = 8, 7
 LOW = 0x7FFFFFFF  # a line number (< 2**55) is kept as two int32 halves: 31 low bits, the rest
 
 
@@ -128,7 +131,7 @@ def _ghost_take(line_state, set_state, ghost, ways, head_at, cap, lo, hi):
 
 @njit(inline="always")
 def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
-    i = (s * LINE_WORDS + FREQ) * ways + way
+    i = s * LINE_WORDS * ways + REC * way + R_FREQ
     if line_state[i] < 3:
         line_state[i] += 1
 
@@ -137,9 +140,10 @@ def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
 def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
     base = s * LINE_WORDS * ways
     st = s * SET_WORDS
-    line_state[base + TAG_LO * ways + way] = glob[2] & LOW
-    line_state[base + TAG_HI * ways + way] = glob[2] >> 31
-    line_state[base + FREQ * ways + way] = 0
+    rec = base + REC * way
+    line_state[rec + R_LO] = glob[2] & LOW
+    line_state[rec + R_HI] = glob[2] >> 31
+    line_state[rec + R_FREQ] = 0
     if glob[4]:
         glob[4] = 0
         _push(line_state, set_state, base + M_RING * ways, st + M_HEAD, s, ways, way)
@@ -154,7 +158,7 @@ def victim(line_state, set_state, glob, s, ways, clock, params):
     base = s * LINE_WORDS * ways
     st = s * SET_WORDS
     ghost, small, main = base + G_LO * ways, base + S_RING * ways, base + M_RING * ways
-    freq = base + FREQ * ways
+    freq = base + R_FREQ
     lo, hi = glob[2] & LOW, glob[2] >> 31
     glob[4] = _ghost_take(line_state, set_state, ghost, ways, st + G_HEAD, glob[7], lo, hi)
     set_state[st + EVICTED] = 1
@@ -162,19 +166,19 @@ def victim(line_state, set_state, glob, s, ways, clock, params):
         if set_state[st + M_COUNT] > glob[6] or set_state[st + S_COUNT] == 0:
             while True:
                 way = _pop(line_state, set_state, main, st + M_HEAD, s, ways)
-                f = line_state[freq + way]
+                f = line_state[freq + REC * way]
                 if f == 0:
                     return way
-                line_state[freq + way] = f - 1
+                line_state[freq + REC * way] = f - 1
                 _push(line_state, set_state, main, st + M_HEAD, s, ways, way)
         while set_state[st + S_COUNT] > 0:
             way = _pop(line_state, set_state, small, st + S_HEAD, s, ways)
-            if line_state[freq + way] < params[2]:
-                lo = line_state[base + TAG_LO * ways + way]
-                hi = line_state[base + TAG_HI * ways + way]
+            if line_state[freq + REC * way] < params[2]:
+                lo = line_state[base + REC * way + R_LO]
+                hi = line_state[base + REC * way + R_HI]
                 _ghost_add(line_state, set_state, ghost, ways, st + G_HEAD, glob[7], lo, hi)
                 return way
-            line_state[freq + way] = 0
+            line_state[freq + REC * way] = 0
             _push(line_state, set_state, main, st + M_HEAD, s, ways, way)
 
 
