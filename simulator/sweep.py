@@ -361,6 +361,8 @@ def _prepare_out(out: Path, trace_id: str, trace_path: str, resume: bool, force:
     from dsacache.traces.format import _atomic_write
 
     manifest = out / MANIFEST
+    if out.exists() and not out.is_dir():
+        raise DsacacheError(f"--out {out} is a file; a sweep writes a directory")
     if out.exists() and any(out.iterdir()):
         if force:
             for p in out.iterdir():
