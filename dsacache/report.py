@@ -40,7 +40,7 @@ from dsacache.units import format_size, parse_size, parse_spec
 
 DEFAULT_POLICIES = ("lru", "hints:index=first", "belady")
 DEFAULT_RESERVATION = 16 * 2**20
-EXACT_LIMIT = 60_000_000  # line accesses up to which the line MRC is also computed exactly
+EXACT_LIMIT = 30_000_000  # estimated line accesses up to which the line MRC is also exact
 OPT_LIMIT = 20_000_000  # accesses up to which OPT points are computed (whole stream in memory)
 _BOUNDS = ("belady", "token-belady")
 
@@ -175,7 +175,10 @@ def collect(
     t0 = time.perf_counter()
     wl = Workload(layout=layout or "", batch=batch)
     stream = mrc.line_stream(tr, workload=wl, classes=wl.classes, count=("kv",))
-    exact = mrc.StackDistances(128)
+    # exact line counting costs ~150 ns an access: skip it (SHARDS only) for long streams
+    exact = (
+        mrc.StackDistances(128) if _line_estimate(tr, batch, token_bytes) <= EXACT_LIMIT else None
+    )
     sampled = mrc.StackDistances(128, sample_rate)
     held: list[tuple[np.ndarray, np.ndarray]] | None = [] if opt else None
     n_held = 0
@@ -183,8 +186,6 @@ def collect(
         sampled.feed(lines, counted)
         if exact is not None:
             exact.feed(lines, counted)
-            if exact.accesses > EXACT_LIMIT:
-                exact = None  # too long to count exactly in a report: SHARDS only
         if held is not None:
             n_held += len(lines)
             held = held + [(lines, counted)] if n_held <= OPT_LIMIT else None
@@ -211,7 +212,7 @@ def collect(
         "gpu": gpu,
         "cache model": cache["model"],
         "replayed cache": format_size(cache["cache_size"]),
-        "layout": mrc._trace_layout(tr, layout).spec,
+        "layout": mrc.trace_layout(tr, layout).spec,
         "token bytes (per layer)": token_bytes,
         "batch": batch,
         "policies": ", ".join(policies) or "(none)",
@@ -222,10 +223,19 @@ def collect(
     )
 
 
+def _line_estimate(tr: Trace, batch: int, token_bytes: int) -> float:
+    """Rough line accesses of the replay stream: KV gathers plus indexer-key reads."""
+    requests = trace_shape(tr)[2]
+    share = batch / requests
+    kv = tr.num_indices * -(-token_bytes // 128)
+    index = tr.rows * trace_shape(tr)[3] * 132 / 128
+    return share * (kv + index)
+
+
 def _opt_sizes(curve: mrc.MissRatioCurve, marks: dict[str, int]) -> np.ndarray:
     """A few log-spaced sizes up to the footprint, plus the marked ones (OPT costs a pass each)."""
     top = max(curve.footprint_bytes, 2 * curve.object_bytes)
-    grid = np.geomspace(max(top / 256, curve.object_bytes), top, 5)
+    grid = np.geomspace(max(top / 256, curve.object_bytes), top, 4)
     sizes = np.concatenate([grid, [s for s in marks.values() if s < top * 1.25]])
     return np.unique(sizes.astype(np.int64))
 

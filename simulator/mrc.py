@@ -486,7 +486,8 @@ def curve_error(
 # --------------------------------------------------------------------------------------------
 # Streams from traces
 # --------------------------------------------------------------------------------------------
-def _trace_layout(trace: Trace, layout: str | None) -> KVLayout:
+def trace_layout(trace: Trace, layout: str | None = None) -> KVLayout:
+    """The KV layout named by ``layout``, or the one the trace's model implies."""
     return make_layout(layout or default_layout(trace.model), trace.model)
 
 
@@ -524,7 +525,7 @@ def token_stream(
 def token_object_bytes(trace: Trace, layout: str | None = None) -> int:
     """Footprint of one token object: the layout's bytes per token and layer (per group)."""
     groups = trace_shape(trace)[1]
-    lay = _trace_layout(trace, layout)
+    lay = trace_layout(trace, layout)
     lay.check_groups(groups)
     return token_bytes(lay, groups)
 

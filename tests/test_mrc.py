@@ -115,6 +115,22 @@ def test_line_mrc_equals_fully_associative_engine(small_trace):
         assert round(curve.hit_ratio(ways * 128)[0] * curve.total) == got["line_hits"], ways
 
 
+def test_line_mrc_counts_kv_inside_the_full_stream(small_trace):
+    """Indexer reads and appends update recency but only KV gathers count (as the replay's
+    kv_line_hit_rate does): checked against the Python LRU with the same counted mask."""
+    tr = open_trace(small_trace)
+    wl = Workload(batch=2)
+    classes = ("index", "kv", "append")
+    curve = mrc.line_mrc(tr, workload=wl, classes=classes, count=("kv",))
+    lines, counted = mrc.collect(mrc.line_stream(tr, workload=wl, classes=classes, count=("kv",)))
+    kv_only = mrc.collect(mrc.line_stream(tr, workload=wl, classes=("kv",)))[0]
+    assert counted.sum() == len(kv_only) < len(lines)
+    assert curve.total == counted.sum()
+    for cap in (1, 8, 64, 300, 1000, 2000, 4000, 8000, 12000, 20000):
+        want = _python_lru_hits(lines, counted, cap)
+        assert round(curve.hit_ratio(cap * 128)[0] * curve.total) == want, cap
+
+
 def test_token_stream_keys_and_sizes(small_trace):
     tr = open_trace(small_trace)
     rows = tr.read_all()
