@@ -566,12 +566,12 @@ def plot(result: RouteResult, path: str) -> None:
 
     steps = result.per_step()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for col, label in (("fetch_ms", "always fetch"), ("route_ms", "always route"),
-                       ("model_ms", "model (per owner)")):  # fmt: skip
-        ax1.plot(steps.index, steps[col], label=label)
+    for col, label, style in (("fetch_ms", "always fetch", "-"), ("route_ms", "always route", "-"),
+                              ("model_ms", "model (per owner)", ":")):  # fmt: skip
+        ax1.plot(steps.index, steps[col], style, label=label, linewidth=2 if style == ":" else 1)
     ax1.set_xlabel("decode step")
     ax1.set_ylabel("remote attention time per step (ms, serialised)")
-    ax1.set_title(f"{result.placement_spec} over {result.owners} GPUs")
+    ax1.set_title(f"{result.placement_spec} over {result.owners} GPUs in all")
     ax1.legend()
     m = result.model
     top = max(4 * max(m.break_even(k) for k in (1, 2)), 64)
