@@ -61,7 +61,8 @@ def sweep(trace, grid_file, params, out, jobs, scheduler, resume, force, quiet) 
       gpu, cache_size, ways, set_hash, layout, batch, page_tokens, page_order,
       seed, classes (index+kv+append), reads_per_token, weight_bytes
     A policy spec's own key=value items stay with it: policy=lru,reserve:bytes=8MiB,inner=lru
-    is two policies.
+    is two policies. A plug-in policy is named FILE.py:NAME (workers load the file; with
+    --scheduler, trace and plug-in paths must exist on the workers too).
 
     \b
     Grid file (TOML):

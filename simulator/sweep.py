@@ -107,14 +107,19 @@ PARAMS: dict[str, Param] = {
 
 
 def _policy_with_reservation(policy: str, reservation: int) -> tuple[str, int]:
-    """The effective policy spec of a cell and the reservation that applies to it."""
+    """The effective policy spec of a cell and the reservation that applies to it. A plug-in
+    policy (``file.py:name[:k=v]``) keeps its file, made absolute so workers find it."""
+    plugin = ""
+    if ".py:" in policy:
+        path, _, policy = policy.partition(".py:")
+        plugin = str(Path(path + ".py").resolve()) + ":"
     spec = parse_spec(policy, "policy")
     if spec.name != "reserve" or not reservation:
-        return str(spec), 0
+        return plugin + str(spec), 0
     params = dict(spec.params)
     params["bytes"] = format_size(reservation).replace(" ", "")
     params.pop("ways", None)  # an explicit byte reservation replaces a way count
-    return str(type(spec)(spec.name, params)), reservation
+    return plugin + str(type(spec)(spec.name, params)), reservation
 
 
 def canonical(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -123,6 +123,18 @@ def test_rows_equal_direct_replay_and_resume_skips(trace_path, tmp_path, client)
     assert_frame_equal(load_sweep(out), df)
 
 
+def test_plugin_policy_cells(trace_path, tmp_path, client):
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "docs" / "plugin_policy.py"
+    rel = os.path.relpath(example)
+    res = run_sweep(trace_path, {"policy": ["lru", f"{rel}:lip"]}, tmp_path / "p", client=client)
+    df = res.load()
+    assert set(df["policy"]) == {"lru", f"{example.resolve()}:lip"}
+    direct = replay(open_trace(trace_path), policies=[f"{example}:lip"])
+    assert df[df["policy"] != "lru"]["sector_hits"].sum() == direct["sector_hits"].sum()
+
+
 def test_determinism_one_vs_two_workers(trace_path, tmp_path, client):
     from distributed import Client, LocalCluster
 
