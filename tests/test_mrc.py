@@ -78,8 +78,8 @@ def test_exact_mrc_equals_python_lru(seed, n, n_keys, obj, chunks, with_writes):
     curve = mrc.lru_curve(parts, obj)
     assert curve.total == counted.sum()
     assert curve.objects == len(np.unique(keys))
-    capacities = sorted({1, 2, 3, 5, 8, 13, 40, 100, n_keys // 2 + 1, n_keys, n_keys + 5})
-    assert len(capacities) >= 10 or n_keys < 100
+    capacities = sorted({1, 2, 3, 4, 5, 8, 13, 21, 40, 100, n_keys // 2 + 1, n_keys, n_keys + 5})
+    assert len(capacities) >= 10
     for cap in capacities:
         want = _python_lru_hits(keys, counted, cap)
         # any byte size that holds ``cap`` whole objects (and not cap + 1) gives the same ratio

@@ -126,6 +126,12 @@ def test_bad_report_options(report, tmp_path):
         write_report(trace, tmp_path / "r.html", policies=[], gpu="tpu")
 
 
+def test_cli_help_has_examples():
+    for cmd in ("analyze", "report"):
+        res = CliRunner().invoke(main, [cmd, "--help"])
+        assert res.exit_code == 0 and "Example" in res.output, cmd
+
+
 def test_cli_analyze_and_report(report, tmp_path):
     trace, _ = report
     runner = CliRunner()
