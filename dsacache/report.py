@@ -175,6 +175,10 @@ def collect(
     t0 = time.perf_counter()
     wl = Workload(layout=layout or "", batch=batch)
     stream = mrc.line_stream(tr, workload=wl, classes=wl.classes, count=("kv",))
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, desc="line MRC", unit="step")
     # exact line counting costs ~150 ns an access: skip it (SHARDS only) for long streams
     exact = (
         mrc.StackDistances(128) if _line_estimate(tr, batch, token_bytes) <= EXACT_LIMIT else None
