@@ -9,7 +9,10 @@ ghost list of once-seen tokens, as large as the reservation, remembers first sig
 (``count = decay * count + 1`` when selected) and admits a selected token only once its count
 reaches ``threshold``; with the defaults (0.5, 1.5) a token enters when it was selected at
 this step and at the previous one, or at three of the last few. Tokens selected once stay out
-of the reservation and cannot evict tokens that keep coming back. ``scope=layer`` splits the
+of the reservation and cannot evict tokens that keep coming back. ``admit=score`` admits the
+tokens whose indexer score ranks in the ``top`` share of their layer's selection at this
+step (all requests of the step together): a token the indexer scores high now is likely
+selected again next step (needs a trace with scores). ``scope=layer`` splits the
 reservation evenly into one LRU per layer.
 
 ``scope=learned`` is a predictive split (the issue-13 direction): after every decode step it
@@ -40,9 +43,9 @@ RESERVE = register(
                 "admit",
                 "choice",
                 "all",
-                "admit every selected token, on its second miss, or when its aged selection "
-                "count reaches threshold",
-                ("all", "second", "frequent"),
+                "admit every selected token, on its second miss, when its aged selection count "
+                "reaches threshold, or when its indexer score ranks in the top share",
+                ("all", "second", "frequent", "score"),
             ),
             Param(
                 "decay",
@@ -53,6 +56,14 @@ RESERVE = register(
                 high=1.0,
             ),
             Param("threshold", "float", 1.5, "admit=frequent: aged count needed to enter", low=0.0),
+            Param(
+                "top",
+                "float",
+                0.5,
+                "admit=score: share of each layer's selection admitted, by indexer score",
+                low=0.0,
+                high=1.0,
+            ),
             Param(
                 "scope",
                 "choice",

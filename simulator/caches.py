@@ -32,7 +32,9 @@ class LineModel:
     def future_keys(self, addr, nbytes, klass) -> np.ndarray:
         return line_numbers(addr, nbytes, self.cache.config.line)
 
-    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+    def run_chunk(
+        self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None, score=None
+    ):
         self.cache.run(addr, nbytes, is_write, bucket, counters, klass, future)
 
 
@@ -53,7 +55,9 @@ class TokenModel:
     def future_keys(self, addr, nbytes, klass) -> np.ndarray:
         return objects.object_keys(addr, nbytes, self._tokens(klass), self.config.line)
 
-    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+    def run_chunk(
+        self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None, score=None
+    ):
         cfg = self.config
         routed = np.zeros(len(addr), np.int8)
         objects.run_objects(
@@ -109,7 +113,9 @@ class ReserveModel:
     def future_keys(self, addr, nbytes, klass) -> np.ndarray:
         return np.asarray(addr)[self._tokens(klass)]
 
-    def run_chunk(self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None):
+    def run_chunk(
+        self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None, score=None
+    ):
         cfg = self.config
         routed = np.zeros(len(addr), np.int8)
         part = layer.astype(np.int64) if self.per_layer else np.zeros(len(addr), np.int64)
@@ -119,7 +125,7 @@ class ReserveModel:
         objects.run_objects(
             addr, nbytes, is_write, tokens, part, bucket, _future(future),
             counters, self.store.arrays(), cfg.line.bit_length() - 1,
-            cfg.sector.bit_length() - 1, self.needs_future, self._admit(addr, klass),
+            cfg.sector.bit_length() - 1, self.needs_future, self._admit(addr, klass, layer, score),
             self.ghost.arrays(), False, self.appends, routed,
         )  # fmt: skip
         rest = routed == 0
@@ -127,17 +133,26 @@ class ReserveModel:
         if self.learned:
             self._learn(addr, nbytes, klass, layer)
 
-    def _admit(self, addr: np.ndarray, klass: np.ndarray) -> np.ndarray:
+    def _admit(self, addr, klass, layer, score) -> np.ndarray:
         """What each access does on a miss in the reservation (``objects.ADMIT_*``)."""
-        mode = self.policy.values["admit"]
+        v = self.policy.values
+        mode = v["admit"]
         if mode == "all":
             return np.full(len(addr), objects.ADMIT_ALWAYS, np.int8)
         if mode == "second":
             return np.full(len(addr), objects.ADMIT_SECOND, np.int8)
         kv = klass == KV
-        score = self.history.update(addr[kv])  # this step's selection counted in
         admit = np.full(len(addr), objects.ADMIT_ALWAYS, np.int8)  # appends (if routed here)
-        admit[kv] = np.where(score >= self.policy.values["threshold"], 1, 0)
+        if mode == "frequent":
+            count = self.history.update(addr[kv])  # this step's selection counted in
+            admit[kv] = count >= v["threshold"]
+            return admit
+        if score is None or (kv.any() and np.isnan(score[kv]).all()):
+            raise DsacacheError(
+                f"policy {self.policy.label} needs the indexer's scores, and this trace has "
+                "none (capture records them; synthetic traces do not have them)"
+            )
+        admit[kv] = top_share(score[kv], layer[kv], addr[kv]) <= v["top"]
         return admit
 
     def _learn(self, addr, nbytes, klass, layer) -> None:
@@ -158,6 +173,20 @@ class ReserveModel:
         fits = np.cumsum(self.footprint[order]) <= self.reserved_bytes
         self.admitted[:] = False
         self.admitted[order[fits]] = True
+
+
+def top_share(score: np.ndarray, group: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """For each access, the share of its group's distinct tokens (``key``) whose score is at
+    least its token's: 1/n for the single best token, 1 for the worst (ties share the larger
+    value; repeated reads of a token count once)."""
+    out = np.empty(len(score))
+    for g in np.unique(group):
+        mine = np.flatnonzero(group == g)
+        keys, first, inverse = np.unique(key[mine], return_index=True, return_inverse=True)
+        desc = np.sort(-score[mine][first])
+        at_least = np.searchsorted(desc, -score[mine][first], side="right")
+        out[mine] = (at_least / len(keys))[inverse]
+    return out
 
 
 class SelectionHistory:

@@ -135,6 +135,7 @@ def replay(
                 bucket,
                 counters,
                 None if future is None else future[i],
+                score=chunk.score,
             )
             used = np.flatnonzero(counters.any(axis=1))
             layer, rest = np.divmod(used, n_cls * n_tier)

@@ -31,6 +31,7 @@ class AccessChunk:
     step: np.ndarray  # int32
     layer: np.ndarray  # int16
     tier: np.ndarray  # int8, index into workload.TIERS (who serves a miss)
+    score: np.ndarray  # float32, the indexer's score of a KV gather's token (NaN: none)
 
     def __len__(self) -> int:
         return len(self.addr)
@@ -40,8 +41,9 @@ class AccessChunk:
         if not parts:
             z = np.zeros(0, np.int64)
             return AccessChunk(
-                z, z, z.astype(np.int8), z.astype(np.int32), z.astype(np.int16), z.astype(np.int8)
-            )
+                z, z, z.astype(np.int8), z.astype(np.int32), z.astype(np.int16), z.astype(np.int8),
+                z.astype(np.float32),
+            )  # fmt: skip
         return AccessChunk(
             *(
                 np.concatenate([getattr(p, f) for p in parts])
@@ -50,7 +52,7 @@ class AccessChunk:
         )
 
 
-def _piece(addr, nbytes, cls: str, step: int, layer: int, tier=None) -> AccessChunk:
+def _piece(addr, nbytes, cls: str, step: int, layer: int, tier=None, score=None) -> AccessChunk:
     n = len(addr)
     return AccessChunk(
         np.asarray(addr, np.int64),
@@ -59,6 +61,7 @@ def _piece(addr, nbytes, cls: str, step: int, layer: int, tier=None) -> AccessCh
         np.full(n, step, np.int32),
         np.full(n, layer, np.int16),
         np.zeros(n, np.int8) if tier is None else np.asarray(tier, np.int8),
+        np.full(n, np.nan, np.float32) if score is None else np.asarray(score, np.float32),
     )
 
 
@@ -95,12 +98,14 @@ def _kv_gathers(amap: AddressMap, layer: int, rows: SelectionBatch):
             addrs.append(addr)
             sizes.append(np.full(len(addr), size, np.int64))
             keys.append((rank, np.full(len(addr), p), np.full(len(addr), rep), block, row_of))
+    score = rows.scores
     if len(keys) == 1:
-        return addrs[0], sizes[0], tier
+        return addrs[0], sizes[0], tier, score
     cat = [np.concatenate(k) for k in zip(*keys, strict=True)]
     order = np.lexsort(cat)  # row, then block, then CTA (rep), then plane, then token
     tiers = np.tile(tier, len(keys))
-    return np.concatenate(addrs)[order], np.concatenate(sizes)[order], tiers[order]
+    score = None if score is None else np.tile(score, len(keys))[order]
+    return np.concatenate(addrs)[order], np.concatenate(sizes)[order], tiers[order], score
 
 
 def _appends(
@@ -154,8 +159,8 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
                 _piece(*_index_reads(amap, layer, requests, positions), "index", step, layer)
             )
         if "kv" in wl.classes:
-            addr, size, tier = _kv_gathers(amap, layer, lrows)
-            pieces.append(_piece(addr, size, "kv", step, layer, tier))
+            addr, size, tier, score = _kv_gathers(amap, layer, lrows)
+            pieces.append(_piece(addr, size, "kv", step, layer, tier, score))
         if "append" in wl.classes:
             pieces.append(
                 _piece(

@@ -85,3 +85,53 @@ def test_frequent_admission_parameters_are_checked():
     assert p.values["decay"] == 0.75 and p.values["threshold"] == 2.0
     with pytest.raises(DsacacheError, match=r"decay=1.5 is outside \[0.0, 1.0\]"):
         make_policy("reserve:admit=frequent,decay=1.5")
+
+
+def _scored_hot_and_cold(path, steps=5, hot=16, cold=48):
+    """As ``_hot_and_cold``, with indexer scores: the hot tokens score high, the cold low."""
+    with TraceWriter(path, model=MODEL, indexer={"kind": "test", "k": hot + cold}) as w:
+        for s in range(steps):
+            idx = np.concatenate([np.arange(hot) * 7, 1000 + 3 * (s * cold + np.arange(cold))])
+            scores = np.concatenate([np.full(hot, 0.05), np.full(cold, 0.001)])
+            order = np.argsort(idx)
+            w.append(request=0, step=s, position=5000 + s, layer=0, group=0,
+                     indices=idx[order], scores=scores[order])  # fmt: skip
+    return open_trace(path)
+
+
+def test_score_admission_keeps_the_tokens_the_indexer_ranks_high(tmp_path):
+    trace = _scored_hot_and_cold(tmp_path / "s.dsatrace")
+    policies = ["reserve:ways=1", "reserve:ways=1,admit=score,top=0.25"]
+    rates = _kv_hits_by_step(replay(trace, policies=policies, cache_size="512KiB", ways=16))
+    assert rates.loc["reserve:ways=1", 1:].max() == 0.0
+    # the hot quarter is admitted at its first selection and hits from the next step on
+    assert np.allclose(rates.loc["reserve:ways=1,admit=score,top=0.25", 1:], 16 / 64)
+
+
+def test_score_admission_needs_scores(tmp_path):
+    trace = _hot_and_cold(tmp_path / "plain.dsatrace", steps=2)
+    with pytest.raises(DsacacheError, match="needs the indexer's scores, and this trace has none"):
+        replay(trace, policies=["reserve:ways=1,admit=score"], cache_size="512KiB", ways=16)
+
+
+def test_top_share_ranks_within_each_layer():
+    from dsacache.simulator.caches import top_share
+
+    score = np.array([0.1, 0.5, 0.3, 0.5, 0.9, 0.2, 0.5])
+    layer = np.array([0, 0, 0, 0, 1, 1, 0])
+    key = np.array([1, 2, 3, 4, 5, 6, 2])  # token 2 read twice
+    # layer 0: tokens 2 and 4 tie at the top (2 of 4 tokens score >= 0.5), then 3, then 1
+    assert top_share(score, layer, key).tolist() == [1.0, 0.5, 0.75, 0.5, 0.5, 1.0, 0.5]
+
+
+def test_kv_accesses_carry_the_scores_through_the_stream(tmp_path):
+    from dsacache.simulator import Workload
+    from dsacache.simulator.stream import build_step, plan_replay
+    from dsacache.simulator.workload import CLASS_ID
+
+    trace = _scored_hot_and_cold(tmp_path / "s.dsatrace", steps=1)
+    amap = plan_replay(trace, Workload(layout="mla-fp8"))
+    chunk = build_step(amap, next(trace.iter_steps()))
+    kv = chunk.cls == CLASS_ID["kv"]
+    assert np.allclose(np.unique(chunk.score[kv]), [0.001, 0.05], rtol=1e-3)  # float16
+    assert np.isnan(chunk.score[~kv]).all()

@@ -315,3 +315,32 @@ def test_resume_refuses_other_settings(tmp_path):
     w.close()
     with pytest.raises(TraceError, match="already complete"):
         synthesize(SynthConfig(), path, resume=True)
+
+
+def test_scores_round_trip_and_stay_aligned_with_indices(tmp_path):
+    path = tmp_path / "scored.dsatrace"
+    with TraceWriter(path, model=MODEL, indexer=INDEXER, part_rows=2) as w:
+        for step in range(3):
+            w.append(request=0, step=step, position=10 + step, layer=0, group=0,
+                     indices=[1, 4, 7], scores=[0.5, 0.25, 0.125 * step])  # fmt: skip
+    trace = open_trace(path)
+    batch = trace.read_all()
+    assert batch.scores.dtype == np.float32
+    assert batch.scores.tolist() == [0.5, 0.25, 0.0, 0.5, 0.25, 0.125, 0.5, 0.25, 0.25]
+    sub = batch.take(np.array([2, 0]))
+    assert sub.scores.tolist() == [0.5, 0.25, 0.25, 0.5, 0.25, 0.0]
+    assert trace.manifest["scored"] is True
+    trace.validate()
+
+
+def test_scores_must_match_indices_and_be_given_for_every_row(tmp_path):
+    with TraceWriter(tmp_path / "a.dsatrace", model=MODEL, indexer=INDEXER) as w:
+        with pytest.raises(TraceError, match="2 scores for 3 indices"):
+            w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1, 2, 3],
+                     scores=[0.1, 0.2])  # fmt: skip
+        with pytest.raises(TraceError, match="not finite"):
+            w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1],
+                     scores=[float("nan")])  # fmt: skip
+        w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1], scores=[0.5])
+        with pytest.raises(TraceError, match="rows without indexer scores in a trace"):
+            w.append(request=0, step=1, position=11, layer=0, group=0, indices=[1])

@@ -158,6 +158,7 @@ def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> 
             f"layers {missing[:5]}); capture needs one standard attention per layer"
         )
     sel = torch.stack([attn.selections[layer] for layer in range(layers)]).numpy()
+    scores = torch.stack([attn.scores[layer] for layer in range(layers)]).float().numpy()
     n_layer, batch, groups, kk = sel.shape
     rows = n_layer * batch * groups
     return SelectionBatch(
@@ -168,6 +169,7 @@ def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> 
         group=np.tile(np.arange(groups), n_layer * batch),
         offsets=np.arange(rows + 1, dtype=np.int64) * kk,
         indices=sel.reshape(-1).astype(np.int32),
+        scores=scores.reshape(-1),
     )
 
 

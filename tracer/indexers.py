@@ -63,6 +63,7 @@ class OracleConfig:
             "(dense, per head), summed over the heads sharing the selection",
             "always_kept": "first `sink` and last `window` cached tokens (part of the k)",
             "self_token": "the new token always attends to itself; it is not an index",
+            "scores": "column scores: each selected token's score (float16)",
         }
 
 

@@ -57,6 +57,7 @@ class SparseAttention:
         self.sparse = False
         self.selections: dict[int, torch.Tensor] = {}
         self.recall: dict[int, torch.Tensor] = {}
+        self.scores: dict[int, torch.Tensor] = {}  # the selected tokens' attention mass
         self.calls = 0
         self._previous: str | None = None
 
@@ -94,6 +95,7 @@ class SparseAttention:
         """Forget the selections of the previous step."""
         self.selections.clear()
         self.recall.clear()
+        self.scores.clear()
         self.calls = 0
 
     def attend(
@@ -132,7 +134,9 @@ class SparseAttention:
         out = torch.matmul(weights.unsqueeze(2).to(values.dtype), values)  # [B, H, 1, D]
         self.selections[layer] = chosen.cpu()
         total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
-        self.recall[layer] = (mass.gather(-1, chosen).sum(-1) / total).cpu()
+        picked = mass.gather(-1, chosen)
+        self.scores[layer] = picked.cpu()
+        self.recall[layer] = (picked.sum(-1) / total).cpu()
         return out.transpose(1, 2).contiguous()
 
 

@@ -2,6 +2,9 @@
 
 One row per selection: ``request, step, position, layer, group, indices`` where ``indices``
 are the KV token positions the indexer selected (unique, ascending, each ``< position``).
+An optional ``scores`` column (list<float16>, one per index) holds the indexer's score of each
+selected token (for the oracle indexer: its attention mass); a trace has it in every part or
+in none, and the manifest's ``indexer.scores`` says what the values are.
 
 Writing is crash-safe: each part goes to a temporary name, is fsynced and renamed, and the
 manifest is replaced atomically after every part, so a killed writer leaves a trace of all
@@ -45,6 +48,7 @@ ARROW_SCHEMA = pa.schema(
         ("indices", pa.list_(pa.int32())),
     ]
 )
+SCORES_FIELD = pa.field("scores", pa.list_(pa.float16()))
 _ENCODING = {name: "DELTA_BINARY_PACKED" for name in SCALAR_COLUMNS}
 _ENCODING["indices.list.element"] = "DELTA_BINARY_PACKED"
 
@@ -60,6 +64,7 @@ class SelectionBatch:
     group: np.ndarray
     offsets: np.ndarray  # int64, len(rows) + 1, starts at 0
     indices: np.ndarray  # int32, flat
+    scores: np.ndarray | None = None  # float32, flat, aligned with indices (optional)
 
     def __len__(self) -> int:
         return len(self.step)
@@ -88,6 +93,7 @@ class SelectionBatch:
             self.group[rows],
             offsets,
             self.indices[gather],
+            None if self.scores is None else self.scores[gather],
         )
 
     @staticmethod
@@ -103,10 +109,14 @@ class SelectionBatch:
         cols = {
             name: np.concatenate([getattr(b, name) for b in batches]) for name in SCALAR_COLUMNS
         }
+        scored = [b.scores is not None for b in batches]
+        if any(scored) and not all(scored):
+            raise TraceError("cannot join rows with and without indexer scores")
         return SelectionBatch(
             **cols,
             offsets=np.concatenate(offsets),
             indices=np.concatenate([b.indices for b in batches]),
+            scores=np.concatenate([b.scores for b in batches]) if all(scored) else None,
         )
 
     @staticmethod
@@ -121,6 +131,10 @@ class SelectionBatch:
 
         df = pd.DataFrame({name: getattr(self, name) for name in SCALAR_COLUMNS})
         df["indices"] = [self.row(i) for i in range(len(self))]
+        if self.scores is not None:
+            df["scores"] = [
+                self.scores[self.offsets[i] : self.offsets[i + 1]] for i in range(len(self))
+            ]
         return df
 
 
@@ -140,6 +154,13 @@ def check_rows(batch: SelectionBatch, where: str) -> None:
     lengths = np.diff(offsets)
     if (lengths < 0).any():
         raise TraceError(f"{where}: row offsets are not ascending")
+    if batch.scores is not None:
+        if batch.scores.shape != idx.shape:
+            raise TraceError(
+                f"{where}: {len(batch.scores)} scores for {len(idx)} indices (one score per index)"
+            )
+        if len(idx) and not np.isfinite(batch.scores).all():
+            raise TraceError(f"{where}: column 'scores' has values that are not finite")
 
     def fail(row: int, problem: str) -> None:
         raise TraceError(
@@ -198,7 +219,12 @@ def _to_arrow(batch: SelectionBatch) -> pa.Table:
         pa.array(batch.offsets.astype(np.int32)), pa.array(batch.indices.astype(np.int32))
     )
     cols = [pa.array(getattr(batch, name).astype(dt)) for name, dt in SCALAR_COLUMNS.items()]
-    return pa.Table.from_arrays([*cols, lists], schema=ARROW_SCHEMA)
+    if batch.scores is None:
+        return pa.Table.from_arrays([*cols, lists], schema=ARROW_SCHEMA)
+    scores = pa.ListArray.from_arrays(
+        pa.array(batch.offsets.astype(np.int32)), pa.array(batch.scores.astype(np.float16))
+    )
+    return pa.Table.from_arrays([*cols, lists, scores], schema=ARROW_SCHEMA.append(SCORES_FIELD))
 
 
 class TraceWriter:
@@ -272,9 +298,10 @@ class TraceWriter:
 
     # -- adding rows ---------------------------------------------------------------------------
     def append(
-        self, *, request: int, step: int, position: int, layer: int, group: int, indices
-    ) -> None:
-        """Add one selection row."""
+        self, *, request: int, step: int, position: int, layer: int, group: int, indices,
+        scores=None,
+    ) -> None:  # fmt: skip
+        """Add one selection row (``scores``: the indexer's score of each index, optional)."""
         idx = np.asarray(indices, dtype=np.int64)
         self.append_batch(
             SelectionBatch(
@@ -285,6 +312,7 @@ class TraceWriter:
                 group=np.array([group], np.int64),
                 offsets=np.array([0, len(idx)], np.int64),
                 indices=idx,
+                scores=None if scores is None else np.asarray(scores, np.float32),
             )
         )
 
@@ -295,6 +323,12 @@ class TraceWriter:
         if not len(batch):
             return
         check_rows(batch, f"{self.path}: rows being written")
+        scored = batch.scores is not None
+        if self.manifest.setdefault("scored", scored) != scored:
+            raise TraceError(
+                f"{self.path}: rows {'with' if scored else 'without'} indexer scores in a trace "
+                f"whose earlier rows {'had none' if scored else 'had them'}"
+            )
         keys = batch.step.astype(np.int64) * 65536 + batch.layer
         prev = None if self._last_key is None else self._last_key[0] * 65536 + self._last_key[1]
         if (prev is not None and keys[0] < prev) or (np.diff(keys) < 0).any():
@@ -539,16 +573,34 @@ def _from_arrow(table: pa.Table, where: str) -> SelectionBatch:
         raise TraceError(f"{where}: column 'indices' has type {lists.type}, expected list<int32>")
     if lists.null_count:
         raise TraceError(f"{where}: column 'indices' has missing rows")
-    lists = lists.combine_chunks() if lists.num_chunks != 1 else lists.chunk(0)
+    offsets, values = _flat_list(lists, "indices", where)
+    values = values.astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+        raise TraceError(f"{where}: column 'indices' has values outside int32 / negative")
+    scores = None
+    if "scores" in names:
+        col = table.column("scores")
+        if not (pa.types.is_list(col.type) and pa.types.is_floating(col.type.value_type)):
+            raise TraceError(
+                f"{where}: column 'scores' has type {col.type}, expected list<float16>"
+            )
+        if col.null_count:
+            raise TraceError(f"{where}: column 'scores' has missing rows")
+        score_offsets, scores = _flat_list(col, "scores", where)
+        if not np.array_equal(score_offsets, offsets):
+            raise TraceError(f"{where}: rows have a different number of scores than indices")
+        scores = scores.astype(np.float32)
+    return SelectionBatch(**cols, offsets=offsets, indices=values.astype(np.int32), scores=scores)
+
+
+def _flat_list(column: pa.ChunkedArray, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, flat values) of a list column without missing values."""
+    lists = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     offsets = np.asarray(lists.offsets, dtype=np.int64)
     values = lists.values
     if values.null_count:
-        raise TraceError(f"{where}: column 'indices' has missing values")
-    values = values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64)
-    offsets = offsets - offsets[0]
-    if len(values) and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
-        raise TraceError(f"{where}: column 'indices' has values outside int32 / negative")
-    return SelectionBatch(**cols, offsets=offsets, indices=values.astype(np.int32))
+        raise TraceError(f"{where}: column {name!r} has missing values")
+    return offsets - offsets[0], values.to_numpy()[offsets[0] : offsets[-1]]
 
 
 def open_trace(path: str | os.PathLike) -> Trace:
