@@ -347,3 +347,80 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
                     for st in meas.index
                 ]  # fmt: skip
     return rows
+
+
+# ---- route-vs-fetch terms measured on one GPU (kernels/route_calibrate.py) ------------------
+def fit_terms(df: pd.DataFrame) -> pd.DataFrame:
+    """Least-squares ``seconds = intercept + slope * n`` per term over the median of trials."""
+    med = df[df.role == "fit"].groupby(["term", "n"], as_index=False)["seconds"].median()
+    out = []
+    for term, g in med.groupby("term"):
+        slope, intercept = np.polyfit(g.n.to_numpy(float), g.seconds.to_numpy(), 1)
+        pred = intercept + slope * g.n
+        rel = float(np.median(np.abs(pred - g.seconds) / g.seconds))
+        out.append(dict(term=term, intercept_s=intercept, per_unit_s=slope, median_rel_err=rel))
+    return pd.DataFrame(out)
+
+
+# A composite path is the sum of these fitted terms (route_local attends twice, then merges).
+ROUTE_PATHS = {
+    "fetch_local": (("gather", 1), ("copy_d2d", 1), ("attend", 1)),
+    "route_local": (("attend", 2), ("merge@2", 1)),
+}
+
+
+def predict_term(df: pd.DataFrame, term: str, n: float, how: str = "table") -> float:
+    """Seconds of one term at ``n`` tokens (or partials): ``table`` interpolates linearly
+    between the measured medians (the kernel's split-K plan makes attend piecewise linear);
+    ``linear`` uses the least-squares line of :func:`fit_terms`."""
+    med = df[(df.role == "fit") & (df.term == term)].groupby("n")["seconds"].median()
+    if med.empty:
+        raise ValueError(f"no measurement of term {term!r}; have {sorted(set(df.term))}")
+    if how == "table":
+        return float(np.interp(n, med.index.to_numpy(float), med.to_numpy()))
+    slope, intercept = np.polyfit(med.index.to_numpy(float), med.to_numpy(), 1)
+    return float(intercept + slope * n)
+
+
+def check_paths(df: pd.DataFrame, how: str = "table") -> pd.DataFrame:
+    """Measured vs predicted (sum of the terms of :data:`ROUTE_PATHS`) time of the composite paths,
+    at token counts that no term was measured at."""
+    med = df[df.role == "check"].groupby(["term", "n"], as_index=False)["seconds"].median()
+    rows = []
+    for r in med.itertuples():
+        pred = sum(
+            times * predict_term(df, "merge", 2, how)
+            if term == "merge@2"
+            else times * predict_term(df, term, r.n, how)
+            for term, times in ROUTE_PATHS[r.term]
+        )
+        rows.append(dict(path=r.term, n=r.n, measured_s=r.seconds, predicted_s=pred,
+                         error=(pred - r.seconds) / r.seconds, how=how))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def route_coefficients(gpu: str = "h200") -> dict[str, float]:
+    """Cost-model coefficients (``routefetch.CostModel`` override keys) measured on ``gpu``'s
+    bundled route calibration: per-token move (gather) and compute (sparse MLA attend, 128
+    heads) from the least-squares lines, the attend's fixed cost as the launch, the merge of
+    two partials, and the PCIe link from pinned host copies (the mean of both directions)."""
+    path = DATA_DIR / gpu / "route-calibration.parquet"
+    if not path.exists():
+        from dsacache.errors import DsacacheError
+
+        have = sorted(p.parent.name for p in DATA_DIR.glob("*/route-calibration.parquet"))
+        raise DsacacheError(
+            f"no route calibration for gpu {gpu!r}; measured: {', '.join(have) or 'none'}"
+        )
+    df = pd.read_parquet(path)
+    terms = fit_terms(df).set_index("term")
+    bytes_per_token = float(df["bytes"].iloc[0] / df["n"].iloc[0])
+    copies = terms.loc[["copy_d2h", "copy_h2d"]]
+    return {
+        "move_s_per_token": float(terms.at["gather", "per_unit_s"]),
+        "compute_s_per_token": float(terms.at["attend", "per_unit_s"]),
+        "launch_s": float(terms.at["attend", "intercept_s"]),
+        "merge_s": predict_term(df, "merge", 2),
+        "pcie.probe_s": float(copies["intercept_s"].mean()),
+        "pcie.bandwidth": bytes_per_token / float(copies["per_unit_s"].mean()),
+    }

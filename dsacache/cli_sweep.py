@@ -208,6 +208,12 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     multiple=True,
     help="Override a coefficient, e.g. ib.probe_s=8e-6 or move_s_per_token=0 (repeatable).",
 )
+@click.option(
+    "--calibrated",
+    default=None,
+    help="Use the coefficients measured on this GPU (bundled: h200): move, compute, launch, "
+    "merge and the PCIe link; --coef still overrides them.",
+)
 @click.option("--plot", type=click.Path(), default=None, help="Save a plot (.png).")
 @click.option(
     "--out",
@@ -216,7 +222,9 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     help="Save costs per (step, layer, request, group) (.parquet/.csv).",
 )
 @click.option("--rows", type=int, default=16, show_default=True, help="Steps printed.")
-def route(trace, placement, gpus, nodes, layout, requests, fabric, coefs, plot, out, rows) -> None:
+def route(
+    trace, placement, gpus, nodes, layout, requests, fabric, coefs, calibrated, plot, out, rows
+) -> None:
     """Route the query or fetch the KV? Cost every decode step of TRACE with its KV sharded
     over GPUs and nodes: always-fetch, always-route, and the cost model's per-owner choice.
 
@@ -224,12 +232,17 @@ def route(trace, placement, gpus, nodes, layout, requests, fabric, coefs, plot, 
     Example:
       dsacache route t.dsatrace --placement pages:rr --gpus 8 --nodes 2 --fabric h100-nvlink-ib
       dsacache route t.dsatrace --gpus 4 --nodes 4 --coef ib.probe_s=8e-6 --plot route.png
+      dsacache route t.dsatrace --gpus 8 --fabric h200-nvlink-ib --calibrated h200
     """
     from dsacache.simulator.routefetch import plot as make_plot
     from dsacache.simulator.routefetch import route_vs_fetch
 
     _positive(gpus, nodes)
-    overrides = {}
+    overrides: dict[str, float | str] = {}
+    if calibrated:
+        from dsacache.calibration import route_coefficients
+
+        overrides.update(route_coefficients(calibrated))
     for item in coefs:
         key, eq, value = item.partition("=")
         if not eq:
@@ -246,6 +259,11 @@ def route(trace, placement, gpus, nodes, layout, requests, fabric, coefs, plot, 
         overrides=overrides,
     )
     m = res.model
+    if calibrated and m.arch.name != "MLA":
+        raise DsacacheError(
+            f"--calibrated {calibrated}: the measured coefficients are sparse MLA kernel timings "
+            f"(DeepSeek-V3.2 shapes); this trace replays as {m.arch.name} (try --layout mla-fp8)"
+        )
     click.echo(
         f"placement {res.placement_spec} over {gpus} GPU(s) x {nodes} node(s) on {fabric}; "
         f"{m.arch.describe()}; {m.bytes_per_token} B per token"

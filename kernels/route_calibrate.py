@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dsacache.calibration import check_paths, fit_terms
 from dsacache.kernels.paged import MLA_DIM, make_page_table, random_mla_cache
 from dsacache.kernels.sparse_decode import _merge, mla_sparse_decode
 
@@ -206,55 +207,6 @@ def merge_partials(
     outs = torch.stack([o for o, _ in parts], 1).float()
     lses = torch.stack([lse for _, lse in parts], 1)
     return _merge(outs, lses, torch.bfloat16)
-
-
-def fit_terms(df: pd.DataFrame) -> pd.DataFrame:
-    """Least-squares ``seconds = intercept + slope * n`` per term over the median of trials."""
-    med = df[df.role == "fit"].groupby(["term", "n"], as_index=False)["seconds"].median()
-    out = []
-    for term, g in med.groupby("term"):
-        slope, intercept = np.polyfit(g.n.to_numpy(float), g.seconds.to_numpy(), 1)
-        pred = intercept + slope * g.n
-        rel = float(np.median(np.abs(pred - g.seconds) / g.seconds))
-        out.append(dict(term=term, intercept_s=intercept, per_unit_s=slope, median_rel_err=rel))
-    return pd.DataFrame(out)
-
-
-# A composite path is the sum of these fitted terms (route_local attends twice, then merges).
-PATHS = {
-    "fetch_local": (("gather", 1), ("copy_d2d", 1), ("attend", 1)),
-    "route_local": (("attend", 2), ("merge@2", 1)),
-}
-
-
-def predict_term(df: pd.DataFrame, term: str, n: float, how: str = "table") -> float:
-    """Seconds of one term at ``n`` tokens (or partials): ``table`` interpolates linearly
-    between the measured medians (the kernel's split-K plan makes attend piecewise linear);
-    ``linear`` uses the least-squares line of :func:`fit_terms`."""
-    med = df[(df.role == "fit") & (df.term == term)].groupby("n")["seconds"].median()
-    if med.empty:
-        raise ValueError(f"no measurement of term {term!r}; have {sorted(set(df.term))}")
-    if how == "table":
-        return float(np.interp(n, med.index.to_numpy(float), med.to_numpy()))
-    slope, intercept = np.polyfit(med.index.to_numpy(float), med.to_numpy(), 1)
-    return float(intercept + slope * n)
-
-
-def check_paths(df: pd.DataFrame, how: str = "table") -> pd.DataFrame:
-    """Measured vs predicted (sum of the terms of :data:`PATHS`) time of the composite paths,
-    at token counts that no term was measured at."""
-    med = df[df.role == "check"].groupby(["term", "n"], as_index=False)["seconds"].median()
-    rows = []
-    for r in med.itertuples():
-        pred = sum(
-            times * predict_term(df, "merge", 2, how)
-            if term == "merge@2"
-            else times * predict_term(df, term, r.n, how)
-            for term, times in PATHS[r.term]
-        )
-        rows.append(dict(path=r.term, n=r.n, measured_s=r.seconds, predicted_s=pred,
-                         error=(pred - r.seconds) / r.seconds, how=how))  # fmt: skip
-    return pd.DataFrame(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
+from dsacache import calibration  # noqa: E402
 from dsacache.calibration import DATA_DIR  # noqa: E402
 from dsacache.kernels import route_calibrate as rc  # noqa: E402
 
@@ -48,9 +49,11 @@ def test_table_prediction_interpolates_medians_and_sums_path_terms():
     df, attend = _synthetic()
     # The medians sit on the middle trial (factor 1.0), so interpolation is exact at the knots
     # and linear in between.
-    assert rc.predict_term(df, "attend", 1024) == pytest.approx(attend(1024))
-    assert rc.predict_term(df, "attend", 2560) == pytest.approx((attend(1024) + attend(4096)) / 2)
-    checked = rc.check_paths(df, "table")
+    assert calibration.predict_term(df, "attend", 1024) == pytest.approx(attend(1024))
+    assert calibration.predict_term(df, "attend", 2560) == pytest.approx(
+        (attend(1024) + attend(4096)) / 2
+    )
+    checked = calibration.check_paths(df, "table")
     assert set(checked.path) == {"fetch_local", "route_local"}
     # Between 1024 and 4096 the true attend is linear, so the table is exact there; at 512 the
     # path is linear between knots 256 and 1024 as well.
@@ -59,14 +62,14 @@ def test_table_prediction_interpolates_medians_and_sums_path_terms():
 
 def test_linear_fit_misses_the_kink_that_the_table_follows():
     df, _ = _synthetic()
-    terms = rc.fit_terms(df).set_index("term")
+    terms = calibration.fit_terms(df).set_index("term")
     assert terms.at["gather", "per_unit_s"] == pytest.approx(0.6e-9, rel=1e-6)
     assert terms.at["gather", "intercept_s"] == pytest.approx(2e-6, rel=1e-6)
     assert terms.at["attend", "median_rel_err"] > 0.01
-    linear = rc.check_paths(df, "linear")
+    linear = calibration.check_paths(df, "linear")
     assert np.abs(linear.error).max() > 0.01
     with pytest.raises(ValueError, match="no measurement of term 'copy_h2d'"):
-        rc.predict_term(df, "copy_h2d", 10)
+        calibration.predict_term(df, "copy_h2d", 10)
 
 
 def test_merge_partials_equals_attention_over_the_union():
@@ -94,13 +97,24 @@ def test_cpu_smoke_run_measures_every_term_and_path():
                     pool_tokens=1024, reps=1, trials=1)  # fmt: skip
     assert set(df.term) == {"attend", "gather", "copy_d2d", "merge", "fetch_local", "route_local"}
     assert (df.seconds > 0).all()
-    assert set(rc.check_paths(df).path) == {"fetch_local", "route_local"}
+    assert set(calibration.check_paths(df).path) == {"fetch_local", "route_local"}
 
 
 def test_bundled_h200_calibration_predicts_held_out_paths_within_5_percent_on_average():
     df = pd.read_parquet(DATA_DIR / "h200" / "route-calibration.parquet")
     assert df["meta_gpu"].iloc[0] == "NVIDIA H200"
-    checked = rc.check_paths(df, "table")
+    checked = calibration.check_paths(df, "table")
     assert len(checked) == 10
     assert checked.error.abs().mean() < 0.05
     assert checked.error.abs().max() < 0.06
+
+
+def test_measured_coefficients_feed_the_cost_model():
+    coef = calibration.route_coefficients("h200")
+    assert 0 < coef["move_s_per_token"] < 5e-9  # an on-GPU gather: ~0.65 ns per 656-B token
+    assert 1e-5 < coef["launch_s"] < 1e-4 and 0 < coef["compute_s_per_token"] < 1e-8
+    assert 20e9 < coef["pcie.bandwidth"] < 80e9  # pinned host copies over PCIe
+    from dsacache.errors import DsacacheError
+
+    with pytest.raises(DsacacheError, match="no route calibration for gpu 'h100'; measured: h200"):
+        calibration.route_coefficients("h100")

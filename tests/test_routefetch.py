@@ -228,3 +228,20 @@ def test_cli_route(tmp_path):
     ):
         result = runner.invoke(main, ["route", str(path), *bad])
         assert result.exit_code == 2 and needle in result.output, result.output
+
+
+@pytest.mark.skipif(not bundled(), reason="no bundled trace")
+def test_cli_route_with_coefficients_measured_on_the_h200():
+    from dsacache.calibration import route_coefficients
+
+    path = bundled_path(bundled()[0])
+    args = ["route", str(path), "--gpus", "2", "--requests", "1", "--rows", "2"]
+    runner = CliRunner()
+    result = runner.invoke(main, [*args, "--layout", "mla-fp8", "--calibrated", "h200"])
+    assert result.exit_code == 0, result.output
+    coef = route_coefficients("h200")
+    arch = resolve_arch(open_trace(path).model, make_layout("mla-fp8"), 1)
+    m = CostModel.build(arch, 656, overrides=coef)
+    assert f"more than {m.break_even(1):.1f} selected tokens" in result.output
+    result = runner.invoke(main, [*args, "--calibrated", "h200"])  # the GQA layout of SmolLM2
+    assert result.exit_code == 2 and "sparse MLA kernel timings" in result.output
