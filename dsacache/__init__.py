@@ -20,6 +20,7 @@ from dsacache.simulator import (
     simulate_addresses,
     summarize,
 )
+from dsacache.simulator.analyze import analyze
 from dsacache.tracer import SynthConfig, preset, synthesize
 from dsacache.traces import TraceWriter, open_trace
 from dsacache.units import parse_size
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cache",
+    "analyze",
     "CacheConfig",
     "DsacacheError",
     "Hierarchy",

@@ -326,10 +326,18 @@ def policies() -> None:
     help="Decode steps of the DeepSeek-V3.2-shaped trace.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def demo(steps, quiet) -> None:
+@click.option(
+    "--report",
+    "report_path",
+    default="dsacache-report.html",
+    show_default=True,
+    type=click.Path(),
+    help="Where to write the HTML report of the smallest bundled trace.",
+)
+def demo(steps, quiet, report_path) -> None:
     """The main job in one command: replay the bundled real trace and a DeepSeek-V3.2-shaped
-    one through the H100 L2 model calibrated on measurements, with several policies, then
-    show how far the model is from the measured GPU.
+    one through the H100 L2 model calibrated on measurements, with several policies, show how
+    far the model is from the measured GPU, and write an HTML report of the real trace.
 
     \b
     Example:
@@ -389,6 +397,12 @@ def demo(steps, quiet) -> None:
     err = df.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
     click.echo("\nModel vs measured H100 (ncu), mean |error| in hit-rate points per probe:")
     click.echo(err.round(2).to_string())
+    if bundled():
+        from dsacache.report import write_report
+
+        name = min(bundled(), key=lambda n: _trace(bundled_path(n)).num_indices)
+        html = write_report(_trace(bundled_path(name)), report_path, command="dsacache demo")
+        click.echo(f"\nreport (miss-ratio curves, policies, per-layer hit rates): {html}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
