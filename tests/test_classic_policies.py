@@ -138,7 +138,7 @@ def _stream(rng: np.random.Generator, n: int, capacity_lines: int, line: int) ->
     return lines * line + rng.integers(0, line, n)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@settings(max_examples=80, deadline=None, derandomize=True, database=None)
 @given(
     spec=st.sampled_from(SPECS),
     sets=st.sampled_from([1, 2, 3, 4, 8, 16]),
