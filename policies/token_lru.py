@@ -2,7 +2,9 @@
 
 The unit of recency and eviction is a token's KV record in one layer (all the lines it spans;
 a hit on it refreshes the whole token); all other traffic is cached per line. Fully
-associative, capacity in bytes (a token occupies the whole lines it spans).
+associative, capacity in bytes (a token occupies the whole lines it spans). ``token-lru``
+with ``sets=N`` is the set-associative variant: N LRU sets of capacity/N bytes each, a token
+(or line) placed in the set its hashed address picks.
 """
 
 from dsacache.policies.base import Param, PolicyType, register
@@ -12,8 +14,12 @@ _APPENDS = Param("appends", "choice", "yes", "new-token KV writes enter the cach
 TOKEN_LRU = register(
     PolicyType(
         name="token-lru",
-        description="fully-associative LRU whose unit is a token's KV (other traffic per line)",
-        params=(_APPENDS,),
+        description="LRU whose unit is a token's KV (other traffic per line); fully associative "
+        "or in hashed sets",
+        params=(
+            _APPENDS,
+            Param("sets", "int", 0, "0: fully associative; N: N hashed sets", low=0),
+        ),
         engine="tokens",
     )
 )

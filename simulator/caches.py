@@ -45,9 +45,21 @@ class TokenModel:
         self.config, self.policy = config, policy
         self.needs_future = policy.type.needs_future
         self.appends = policy.values["appends"] == "yes"
-        self.store = objects.ObjectStore(np.array([config.size]), config.size // config.line)
+        self.sets = policy.values.get("sets", 0) or 1
+        if config.size // self.sets < config.line:
+            raise DsacacheError(
+                f"policy {policy.label}: {self.sets} sets leave less than one {config.line}-B "
+                f"line per set in {config.size} B"
+            )
+        self.store = objects.ObjectStore(
+            np.full(self.sets, config.size // self.sets), config.size // config.line
+        )
         self.ghost = objects.ObjectStore(np.array([1]), 1)
-        self.description = "fully-associative, token granularity"
+        self.description = (
+            "fully-associative, token granularity"
+            if self.sets == 1
+            else f"{self.sets} hashed sets, token granularity"
+        )
 
     def _tokens(self, klass) -> np.ndarray:
         return (klass == KV) | ((klass == APPEND) & self.appends)
@@ -60,8 +72,9 @@ class TokenModel:
     ):
         cfg = self.config
         routed = np.zeros(len(addr), np.int8)
+        part = np.zeros(len(addr), np.int64) if self.sets == 1 else objects.sets_of(addr, self.sets)
         objects.run_objects(
-            addr, nbytes, is_write, self._tokens(klass), np.zeros(len(addr), np.int64),
+            addr, nbytes, is_write, self._tokens(klass), part,
             bucket, _future(future), counters, self.store.arrays(),
             cfg.line.bit_length() - 1, cfg.sector.bit_length() - 1, self.needs_future,
             np.full(len(addr), objects.ADMIT_ALWAYS, np.int8), self.ghost.arrays(), True, True,

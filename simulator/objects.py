@@ -260,6 +260,21 @@ def insert(st, key, size, p, valid, next_use, furthest):
     return n
 
 
+@njit(inline="always")
+def set_of(key, n_sets):
+    """The hashed set (part) of an object key, for set-associative object caches."""
+    return np.int64((np.uint64(key) * _HASH_MUL) >> np.uint64(33)) % n_sets
+
+
+@njit
+def sets_of(keys, n_sets):
+    """``set_of`` of every key (an int64 array)."""
+    out = np.empty(keys.shape[0], np.int64)
+    for i in range(keys.shape[0]):
+        out[i] = set_of(keys[i], n_sets)
+    return out
+
+
 LINE_TAG = np.int64(1) << np.int64(61)  # keeps line objects apart from token objects
 ADMIT_NEVER, ADMIT_ALWAYS, ADMIT_SECOND = 0, 1, 2  # what a token read miss does (run_objects)
 
@@ -293,6 +308,7 @@ def run_objects(
     cache), ``ADMIT_ALWAYS`` (insert it) or ``ADMIT_SECOND`` (insert it if ``ghost`` remembers
     an earlier miss of it, else remember this one)."""
     has_future = future.shape[0] > 0
+    n_parts = st[10].shape[0]
     k = 0
     line_bytes = 1 << line_shift
     for i in range(addr.shape[0]):
@@ -344,6 +360,7 @@ def run_objects(
             continue
         routed[i] = 1
         for ln in range(first, last + 1):
+            p_line = 0 if n_parts == 1 else set_of(ln, n_parts)
             start = ln << line_shift
             s0 = (max(a, start) - start) >> sector_shift
             s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
@@ -359,7 +376,7 @@ def run_objects(
                     st[6][node] |= wanted
                     touch(st, node, nu, furthest)
                 else:
-                    insert(st, key, line_bytes, 0, wanted, nu, furthest)
+                    insert(st, key, line_bytes, p_line, wanted, nu, furthest)
                 continue
             counters[b, 0] += 1
             counters[b, 2] += n_wanted
@@ -375,7 +392,7 @@ def run_objects(
                 counters[b, 1] += missing == 0
             else:
                 missing = n_wanted
-                insert(st, key, line_bytes, 0, wanted, nu, furthest)
+                insert(st, key, line_bytes, p_line, wanted, nu, furthest)
             counters[b, 3] += n_wanted - missing
             counters[b, 4] += missing
 

@@ -257,3 +257,39 @@ def test_learned_layer_admission_beats_thrashing(tmp_path):
     assert rates.loc["reserve:bytes=64KiB", 1:].max() == 0.0
     steady = rates.loc["reserve:bytes=64KiB,scope=learned", 3:]
     assert np.allclose(steady, 2 / 6, atol=0.02)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 400),
+    n_objects=st.integers(1, 60),
+    max_lines=st.integers(1, 4),
+    sets=st.integers(2, 6),
+    per_set=st.integers(4, 12),
+)
+def test_set_associative_token_lru_equals_one_python_lru_per_set(
+    seed, n, n_objects, max_lines, sets, per_set
+):
+    from dsacache.simulator.objects import sets_of
+
+    ids, lines = _objects(seed, n, n_objects, max_lines)
+    got = _run_tokens(f"token-lru:sets={sets}", ids, lines, sets * per_set)
+    which = sets_of(ids.astype(np.int64) * (1 << 20), sets)  # a token's set: hash of its key
+    want = np.zeros(n, bool)
+    for s in range(sets):
+        mine = which == s
+        want[mine] = _python_lru(ids[mine], lines[mine], per_set)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_token_sets_spread_tokens_evenly():
+    from dsacache.simulator.objects import sets_of
+
+    counts = np.bincount(sets_of(np.arange(4000, dtype=np.int64) * 656, 8), minlength=8)
+    assert counts.min() > 400 and counts.max() < 600  # 500 each if perfectly even
+
+
+def test_set_associative_token_lru_rejects_sets_smaller_than_a_line():
+    with pytest.raises(DsacacheError, match="leave less than one 128-B line per set"):
+        make_model(CacheConfig(4 * LINE, 1), "token-lru:sets=8")
