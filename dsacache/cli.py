@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from dsacache.cli_common import load_trace, save_table
 from dsacache.errors import DsacacheError
 from dsacache.units import format_size, parse_size
 
@@ -33,12 +34,6 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
-
-
-def _trace(path: str):
-    from dsacache.traces import open_trace
-
-    return open_trace(path)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,13 +94,13 @@ def synth(preset_name, like, out, force, resume, quiet, **knobs) -> None:
     if like:
         from dsacache.tracer.fit import like as fit_like
 
-        cfg = fit_like(_trace(like), cfg)
+        cfg = fit_like(load_trace(like), cfg)
         click.echo(
             f"fitted to {like}: keep={cfg.keep:.3f} return_weight={cfg.return_weight:.3f} "
             f"recency_weight={cfg.recency_weight:.3f} layer_variation={cfg.layer_variation:.3f}"
         )
     synthesize(cfg, out, overwrite=force, progress=not quiet, resume=resume)
-    _print_info(_trace(out).validate())
+    _print_info(load_trace(out).validate())
 
 
 def _print_info(info: dict) -> None:
@@ -127,7 +122,7 @@ def info(trace, as_json) -> None:
     Example:
       dsacache info t.dsatrace
     """
-    tr = _trace(trace)
+    tr = load_trace(trace)
     summary = tr.validate()
     if as_json:
         click.echo(json.dumps({**summary, "model": tr.model, "indexer": tr.indexer}, indent=1))
@@ -146,7 +141,7 @@ def validate(trace) -> None:
     Example:
       dsacache validate t.dsatrace
     """
-    summary = _trace(trace).validate()
+    summary = load_trace(trace).validate()
     state = "complete" if summary["complete"] else "incomplete (all finished parts are valid)"
     click.echo(f"ok: {summary['parts']} part(s), {summary['rows']:,} rows, {state}")
 
@@ -273,7 +268,7 @@ def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet
         load_plugin(plugin)
     for spec in policies:  # bad policy specs fail before any trace is read
         make_policy(spec)
-    tr = _trace(trace)
+    tr = load_trace(trace)
     df = run_replay(
         tr,
         policies=list(policies),
@@ -285,21 +280,11 @@ def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet
         progress=not quiet,
     )
     if out:
-        _save(df, out)
+        save_table(df, out)
     click.echo(
         f"cache {format_size(df.attrs['cache_bytes'])}, {df.attrs['ways']}-way; layout {df.attrs['layout']}; batch {df.attrs['batch']}"
     )
     click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
-
-
-def _save(df, out: str) -> None:
-    path = Path(out)
-    if path.suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif path.suffix == ".parquet":
-        df.to_parquet(path, index=False)
-    else:
-        raise DsacacheError(f"--out {out}: use a .parquet or .csv file name")
 
 
 @main.command()
@@ -366,7 +351,7 @@ def demo(steps, quiet, report_path) -> None:
         if bundled():
             path = bundled_path(bundled()[0])
             click.echo(f"bundled real trace: {path.name}")
-            tr = _trace(path)
+            tr = load_trace(path)
             _print_info(tr.validate())
             policies = [
                 "lru",
@@ -389,7 +374,7 @@ def demo(steps, quiet, report_path) -> None:
         ]
         show(
             "DeepSeek-V3.2-shaped synthetic trace (61 layers, k=2048, 32K context)",
-            _trace(path),
+            load_trace(path),
             policies,
             1,
         )
@@ -400,8 +385,8 @@ def demo(steps, quiet, report_path) -> None:
     if bundled():
         from dsacache.report import write_report
 
-        name = min(bundled(), key=lambda n: _trace(bundled_path(n)).num_indices)
-        html = write_report(_trace(bundled_path(name)), report_path, command="dsacache demo")
+        name = min(bundled(), key=lambda n: load_trace(bundled_path(n)).num_indices)
+        html = write_report(load_trace(bundled_path(name)), report_path, command="dsacache demo")
         click.echo(f"\nreport (miss-ratio curves, policies, per-layer hit rates): {html}")
 
 
@@ -434,7 +419,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     df = run_profile(
         list(command), kernel_regex, plan, launch_skip=launch_skip, launch_count=launch_count
     )
-    _save(df, out)
+    save_table(df, out)
     click.echo(f"{len(df)} kernel(s) measured -> {out}")
 
 
@@ -503,7 +488,7 @@ def probe(
             if value is not None:
                 cmd += [flag, str(value)]
         df = run_profile(cmd, "^l2probe", plan, raw_path=raw)
-    _save(df, out)
+    save_table(df, out)
     click.echo(f"{len(df)} kernel(s) measured -> {out}")
 
 
@@ -527,7 +512,7 @@ def compare(gpu, fit, out) -> None:
         click.echo(calibration.fit_reuse(gpu).head(5).to_string(index=False))
     df = calibration.compare(gpu)
     if out:
-        _save(df, out)
+        save_table(df, out)
     table = df.pivot_table(
         index=["experiment", "point"], columns="model", values=["measured", "simulated"], sort=False
     )

@@ -12,14 +12,9 @@ from pathlib import Path
 
 import click
 
+from dsacache.cli_common import load_trace
 from dsacache.errors import DsacacheError
 from dsacache.units import format_size
-
-
-def _trace(path: str):
-    from dsacache.traces import open_trace
-
-    return open_trace(path)
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -75,7 +70,7 @@ def analyze(
     from dsacache.simulator.analyze import analyze as run_analyze
 
     stats = run_analyze(
-        _trace(trace), layout=layout, requests=requests, page_tokens=page_tokens,
+        load_trace(trace), layout=layout, requests=requests, page_tokens=page_tokens,
         windows=_windows(windows), sinks=sinks, window=window,
         cross_layer=not no_cross_layer, progress=not quiet,
     )  # fmt: skip
@@ -156,7 +151,7 @@ def report(
         make_policy(spec)
     command = " ".join(shlex.quote(a) for a in ["dsacache", *sys.argv[1:]])
     path = write_report(
-        _trace(trace), out, policies=chosen, gpu=gpu, cache_size=cache_size, layout=layout,
+        load_trace(trace), out, policies=chosen, gpu=gpu, cache_size=cache_size, layout=layout,
         batch=batch, sample_rate=sample_rate, opt=not no_opt, command=command,
         progress=not quiet,
     )  # fmt: skip

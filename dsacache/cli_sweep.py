@@ -8,25 +8,8 @@ from __future__ import annotations
 
 import click
 
+from dsacache.cli_common import load_trace, save_table
 from dsacache.errors import DsacacheError
-
-
-def _trace(path: str):
-    from dsacache.traces import open_trace
-
-    return open_trace(path)
-
-
-def _save(df, out: str, index: bool = True) -> None:
-    from pathlib import Path
-
-    path = Path(out)
-    if path.suffix == ".csv":
-        df.to_csv(path, index=index)
-    elif path.suffix == ".parquet":
-        df.to_parquet(path, index=index)
-    else:
-        raise DsacacheError(f"--out {out}: use a .parquet or .csv file name")
 
 
 def _sweep_help() -> str:
@@ -85,7 +68,7 @@ def sweep(trace, grid_file, params, out, jobs, scheduler, resume, force, quiet) 
     if resume and force:
         raise DsacacheError("--resume and --force exclude each other")
     result = run_sweep(
-        _trace(trace),
+        load_trace(trace),
         grid,
         out,
         jobs=jobs,
@@ -172,10 +155,10 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
 
     _positive(gpus, nodes)
     spec = parse_placement(placement, gpus, nodes)
-    pc = run_place(_trace(trace), spec, layout=layout, requests=requests)
+    pc = run_place(load_trace(trace), spec, layout=layout, requests=requests)
     steps = pc.per_step()
     if out:
-        _save(pc.to_frame(), out, index=False)
+        save_table(pc.to_frame(), out, index=False)
     click.echo(
         f"placement {spec.spec} over {gpus} GPU(s) x {nodes} node(s); "
         f"{pc.bytes_per_token} B per selected token"
@@ -249,7 +232,7 @@ def route(
             raise DsacacheError(f"--coef {item!r}: expected NAME=VALUE, e.g. ib.probe_s=8e-6")
         overrides[key.strip()] = value.strip()
     res = route_vs_fetch(
-        _trace(trace),
+        load_trace(trace),
         placement,
         gpus=gpus,
         nodes=nodes,
@@ -277,7 +260,7 @@ def route(
         )
     steps = res.per_step()
     if out:
-        _save(res.units, out, index=False)
+        save_table(res.units, out, index=False)
     click.echo(_show(steps, rows))
     t = res.totals()
     click.echo(
