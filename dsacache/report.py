@@ -466,15 +466,12 @@ def _fmt(x: Any) -> str:
 
 
 def markdown_table(df: pd.DataFrame, index: bool = False) -> str:
-    """A GitHub-flavoured Markdown table (pandas' to_markdown needs tabulate)."""
+    """A GitHub-flavoured Markdown table (tabulate through pandas): numbers to 4 significant
+    digits, missing values blank, pipes in cells escaped."""
     if index:
         df = df.reset_index()
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        cells = [_fmt(v).replace("|", "\\|") for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = df.map(lambda v: _fmt(v).replace("|", "\\|"))
+    return cells.to_markdown(index=False, disable_numparse=True)
 
 
 def _summary_table(stats: TraceStats) -> pd.DataFrame:

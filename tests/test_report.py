@@ -88,7 +88,8 @@ def test_markdown_and_assets(report):
         assert (out.parent / link).exists()
     for name in PLOTS:
         assert (out.parent / "r_files" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
-    assert "| lru |" in md and "| belady |" in md
+    rows = {line.split("|")[1].strip() for line in md.splitlines() if line.startswith("|")}
+    assert {"lru", "belady"} <= rows
 
 
 def test_report_numbers_are_the_analysis(report):
@@ -106,12 +107,10 @@ def test_report_numbers_are_the_analysis(report):
 
 def test_markdown_table_escapes():
     df = pd.DataFrame({"a": ["x|y", "z"], "b": [0.123456, np.nan]})
-    assert markdown_table(df).splitlines() == [
-        "| a | b |",
-        "|---|---|",
-        "| x\\|y | 0.1235 |",
-        "| z |  |",
-    ]
+    lines = markdown_table(df).splitlines()
+    assert len(lines) == 4 and [c.strip() for c in lines[0].split("|")[1:-1]] == ["a", "b"]
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+    assert cells == [["x\\|y", "0.1235"], ["z", ""]]
 
 
 def test_bad_report_options(report, tmp_path):
