@@ -55,8 +55,11 @@ import click
     "--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace)."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted capture at --out (same settings)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def capture(out, force, quiet, texts, **settings) -> None:
+def capture(out, force, resume, quiet, texts, **settings) -> None:
     """Capture real DSA top-k selections from a model's sparse greedy decode.
 
     The prompt is prefilled densely; at every decode step each layer attends only to the k
@@ -78,7 +81,9 @@ def capture(out, force, quiet, texts, **settings) -> None:
     resolve_model(cfg.model)  # an unknown or missing model fails before the slow imports
     require_capture_libraries()
     command = _command(out, texts, settings)
-    result = capture_trace(cfg, out, overwrite=force, progress=not quiet, command=command)
+    result = capture_trace(
+        cfg, out, overwrite=force, resume=resume, progress=not quiet, command=command
+    )
     info = open_trace(out).validate()
     click.echo(
         f"trace {info['path']}: {info['rows']:,} rows, {info['steps']} steps, "

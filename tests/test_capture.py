@@ -19,6 +19,7 @@ import importlib.util
 import subprocess
 import sys
 import sysconfig
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -358,3 +359,48 @@ def test_head_mass_groups_consecutive_heads():
     probs = torch.arange(6 * 2, dtype=torch.float32).view(1, 6, 2)  # 6 heads, 3 KV groups
     assert head_mass(probs, 3, "group").tolist() == [[[2, 4], [10, 12], [18, 20]]]
     assert head_mass(probs, 3, "layer").tolist() == [[[30, 36]]]
+
+
+# -- (f) an interrupted capture resumes without duplicating or losing rows -----------------------
+@needs_model
+def test_interrupted_capture_resumes_to_the_uninterrupted_trace(backbone, tmp_path, monkeypatch):
+    import json
+
+    from dsacache.tracer import capture as capture_module
+
+    cfg = CaptureConfig(k=12, steps=4, prompt_tokens=48, requests=1, sink=2, window=3)
+    whole, cut = tmp_path / "whole.dsatrace", tmp_path / "cut.dsatrace"
+    capture_trace(cfg, whole, backbone=backbone, part_rows=45)  # 30 rows per step
+
+    real = capture_module._step_rows
+
+    def dies_at_step_two(attn, layers, step, position):
+        if step == 2:
+            raise RuntimeError("killed")
+        return real(attn, layers, step, position)
+
+    monkeypatch.setattr(capture_module, "_step_rows", dies_at_step_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        capture_trace(cfg, cut, backbone=backbone, part_rows=45)
+    monkeypatch.setattr(capture_module, "_step_rows", real)
+    # as if killed before the rows buffered after the first part were written: 45 rows listed,
+    # step 1 cut in the middle, an unlisted part file left behind
+    manifest = json.loads((cut / "manifest.json").read_text())
+    assert [p["rows"] for p in manifest["parts"]] == [45, 15]
+    manifest["parts"] = manifest["parts"][:1]
+    (cut / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DsacacheError, match="already exists"):
+        capture_trace(cfg, cut, backbone=backbone)
+    with pytest.raises(DsacacheError, match="other settings"):
+        capture_trace(replace(cfg, k=11), cut, backbone=backbone, resume=True)
+
+    capture_trace(cfg, cut, backbone=backbone, part_rows=45, resume=True)
+    a, b = open_trace(whole), open_trace(cut)
+    assert b.complete and b.rows == a.rows == 4 * 30
+    ra, rb = a.read_all(), b.read_all()
+    for col in ("request", "step", "position", "layer", "group", "offsets", "indices", "scores"):
+        np.testing.assert_array_equal(getattr(ra, col), getattr(rb, col))
+    assert b.manifest["capture"]["agreement"] == a.manifest["capture"]["agreement"]
+    assert b.manifest["capture"]["prompts"][0]["generated_ids"]
+    with pytest.raises(DsacacheError, match="already complete"):
+        capture_trace(cfg, cut, backbone=backbone, resume=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
 import platform
 import sys
@@ -173,19 +174,62 @@ def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> 
     )
 
 
+def _resumable(out: str | os.PathLike, cfg: CaptureConfig) -> dict[str, Any] | None:
+    """The capture metadata of an interrupted capture at ``out`` made with ``cfg``, or None
+    when there is nothing there to resume."""
+    from dsacache.traces import open_trace
+
+    if not (Path(out) / "manifest.json").exists():
+        return None
+    trace = open_trace(out)
+    if trace.complete:
+        raise DsacacheError(f"{out} is already complete; nothing to resume")
+    meta = trace.manifest.get("capture", {})
+    if meta.get("config") != json.loads(json.dumps(asdict(cfg))):
+        raise DsacacheError(f"{out} was captured with other settings; cannot resume it with these")
+    return meta
+
+
+def _check_same_step(out: str | os.PathLike, rows: SelectionBatch) -> None:
+    """Raise unless the trace at ``out`` holds exactly ``rows`` for their step."""
+    from dsacache.traces import open_trace
+
+    step = int(rows.step[0])
+    for part in open_trace(out).iter_steps():
+        if int(part.step[0]) == step:
+            if not (np.array_equal(part.indices, rows.indices)
+                    and np.array_equal(part.offsets, rows.offsets)):  # fmt: skip
+                raise DsacacheError(
+                    f"{out}: decoding again gave other selections at step {step} than the "
+                    "interrupted run (a different machine or library version?); cannot resume"
+                )
+            return
+
+
 def capture_trace(
     cfg: CaptureConfig,
     out: str | os.PathLike,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     command: str | None = None,
     backbone: Backbone | None = None,
+    part_rows: int = 65536,
 ) -> CaptureResult:
-    """Decode ``cfg.requests`` real-text prompts with oracle sparse attention; write the trace."""
+    """Decode ``cfg.requests`` real-text prompts with oracle sparse attention; write the trace.
+
+    ``resume=True`` continues an interrupted capture at ``out`` with the same settings: the
+    decode is deterministic and the KV cache is not checkpointed, so it decodes again from the
+    prompt but writes only the rows the trace does not hold yet (after checking that the last
+    finished step comes out identical)."""
     cfg.check()
-    if Path(out).exists() and not overwrite:
-        raise DsacacheError(f"{out} already exists (choose another --out or remove it)")
+    previous = _resumable(out, cfg) if resume else None
+    if Path(out).exists() and not overwrite and previous is None:
+        raise DsacacheError(
+            f"{out} already exists (choose another --out, --force to replace it, or --resume "
+            "to continue an interrupted capture)"
+        )
     t0 = time.perf_counter()
     sources = [file_source(p) for p in cfg.texts] if cfg.texts else default_sources()
     if backbone is None:
@@ -222,6 +266,11 @@ def capture_trace(
         },
         "prompts": prompt_meta,
     }
+    if previous is not None:
+        if previous.get("prompts") != json.loads(json.dumps(prompt_meta)):
+            raise DsacacheError(f"{out}: its prompts differ from this run's; cannot resume it")
+        capture_meta = previous  # the manifest must stay as the interrupted run wrote it
+        prompt_meta = previous["prompts"]
     layers = backbone.layers
     recall_sum = np.zeros(layers)
     recall_rows = 0
@@ -242,9 +291,13 @@ def capture_trace(
             model=backbone.manifest(),
             indexer=oracle.manifest(backbone.heads, backbone.kv_heads),
             capture=capture_meta,
-            overwrite=overwrite,
+            overwrite=overwrite and previous is None,
+            resume=previous is not None,
+            part_rows=part_rows,
         ) as writer,
     ):
+        rows_per_step = layers * cfg.requests * oracle.groups(backbone.kv_heads)
+        done_steps, done_rows = divmod(writer.rows_written, rows_per_step)
         t1 = time.perf_counter()
         sparse_cache = forward.new_cache()
         attn.sparse = False
@@ -264,7 +317,12 @@ def capture_trace(
             attn.clear()
             attn.sparse = True
             logits = forward(token[:, None], sparse_cache)
-            writer.append_batch(_step_rows(attn, layers, step, position))
+            rows = _step_rows(attn, layers, step, position)
+            if step == done_steps - 1 and previous is not None:
+                _check_same_step(out, rows)
+            if step >= done_steps:  # (a step cut by a part boundary: only its missing rows)
+                skip = done_rows if step == done_steps else 0
+                writer.append_batch(rows.take(np.arange(skip, len(rows))))
             recall = torch.stack([attn.recall[layer] for layer in range(layers)]).double()
             recall_sum += recall.sum(dim=(1, 2)).numpy()
             recall_rows += recall[0].numel()
