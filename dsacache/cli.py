@@ -378,10 +378,15 @@ def demo(steps, quiet, report_path) -> None:
             policies,
             1,
         )
-    df = calibration.compare("h100", (fit,))
-    err = df.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
-    click.echo("\nModel vs measured H100 (ncu), mean |error| in hit-rate points per probe:")
-    click.echo(err.round(2).to_string())
+    for gpu in ("h100", "h200"):
+        model = calibration.fitted(gpu)
+        df = calibration.compare(gpu, (model,))
+        err = df.groupby("experiment")["error_points"].apply(lambda e: e.abs().mean())
+        click.echo(
+            f"\nModel ({model.label}) vs measured {gpu.upper()} (ncu), mean |error| in "
+            "hit-rate points per probe:"
+        )
+        click.echo(err.round(2).to_string())
     if bundled():
         from dsacache.report import write_report
 
