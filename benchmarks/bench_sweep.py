@@ -29,7 +29,7 @@ from dsacache.traces import bundled_path, open_trace
 
 GRID = {
     "policy": ["lru", "token-lru"],
-    "cache_size": ["8MiB", "32MiB"],
+    "cache_size": ["8MiB", "16MiB", "32MiB", "64MiB"],
     "batch": [2, 4],
 }
 
