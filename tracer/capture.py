@@ -54,6 +54,7 @@ class CaptureConfig:
     requests: int = 2
     texts: tuple[str, ...] = ()
     device: str = "cpu"
+    indexer_weights: str = ""  # lightning: trained weights (dsacache train-indexer)
 
     def oracle(self) -> OracleConfig:
         """The indexer's parameters."""
@@ -68,6 +69,11 @@ class CaptureConfig:
                 f"unknown indexer {self.indexer!r}; choose one of: {', '.join(INDEXERS)}"
             )
         self.oracle().check()
+        if self.indexer == "lightning" and not self.indexer_weights:
+            raise DsacacheError(
+                "--indexer lightning needs --indexer-weights FILE (train one with "
+                "dsacache train-indexer)"
+            )
         for name in ("steps", "prompt_tokens", "requests"):
             if getattr(self, name) < 1:
                 raise DsacacheError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -96,6 +102,7 @@ class CaptureResult:
     first_divergence: list[int | None]
     mass_recall: float
     timing_s: dict[str, float] = field(default_factory=dict)
+    indexer_recall: float | None = None  # lightning: share of the oracle's top-k it picked
 
 
 def _device_name(device: str) -> str:
@@ -272,6 +279,18 @@ def capture_trace(
         capture_meta = previous  # the manifest must stay as the interrupted run wrote it
         prompt_meta = previous["prompts"]
     layers = backbone.layers
+    lightning = None
+    indexer_meta = oracle.manifest(backbone.heads, backbone.kv_heads)
+    if cfg.indexer == "lightning":
+        from dsacache.tracer.lightning import load_indexer
+
+        lightning = load_indexer(
+            cfg.indexer_weights, backbone.ref.name, backbone.model.config.hidden_size, layers
+        )
+        for m in lightning.layers:
+            m.to(device)
+        indexer_meta = {**indexer_meta, **lightning.manifest()}
+    oracle_recall_sum = np.zeros(layers)
     recall_sum = np.zeros(layers)
     recall_rows = 0
     recall_min = 1.0
@@ -285,11 +304,11 @@ def capture_trace(
 
         steps = tqdm(steps, desc="capture", unit="step", file=sys.stderr)
     with (
-        SparseAttention(model, oracle, backbone.kv_heads) as attn,
+        SparseAttention(model, oracle, backbone.kv_heads, lightning=lightning) as attn,
         TraceWriter(
             out,
             model=backbone.manifest(),
-            indexer=oracle.manifest(backbone.heads, backbone.kv_heads),
+            indexer=indexer_meta,
             capture=capture_meta,
             overwrite=overwrite and previous is None,
             resume=previous is not None,
@@ -327,8 +346,13 @@ def capture_trace(
             recall_sum += recall.sum(dim=(1, 2)).numpy()
             recall_rows += recall[0].numel()
             recall_min = min(recall_min, float(recall.min()))
+            if lightning is not None:
+                hits = torch.stack([attn.oracle_recall[layer] for layer in range(layers)])
+                oracle_recall_sum += hits.double().mean(dim=(1, 2)).numpy()
             attn.sparse = False
+            attn.index_record = False  # the dense reference adds no indexer keys
             dense = forward(token[:, None], dense_cache).argmax(-1)
+            attn.index_record = True
             token = logits.argmax(-1)
             agree[:, step] = (token == dense).cpu().numpy()
             generated.append(token)
@@ -367,6 +391,14 @@ def capture_trace(
             },
             timing_s=timing,
         )
+        if lightning is not None:
+            per_layer_recall = oracle_recall_sum / cfg.steps
+            capture_meta["indexer_recall_of_oracle"] = {
+                "mean": float(per_layer_recall.mean()),
+                "per_layer": [round(float(x), 4) for x in per_layer_recall],
+                "definition": "share of the oracle's top-k (same k, sink, window) that the "
+                "lightning indexer also picked, at the same decode state",
+            }
         writer.manifest["capture"] = capture_meta
     return CaptureResult(
         path=Path(out),
@@ -376,4 +408,5 @@ def capture_trace(
         first_divergence=first,
         mass_recall=float(per_layer.mean()),
         timing_s=timing,
+        indexer_recall=(capture_meta.get("indexer_recall_of_oracle") or {}).get("mean"),
     )

@@ -18,7 +18,7 @@ import torch
 from dsacache.errors import DsacacheError
 
 GRANULARITIES = ("layer", "group")
-INDEXERS = ("oracle",)
+INDEXERS = ("oracle", "lightning")
 
 
 @dataclass(frozen=True)

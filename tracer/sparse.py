@@ -49,12 +49,24 @@ class SparseAttention:
     ...     attn.selections[layer]  # [batch, groups, k] int64, ascending
     """
 
-    def __init__(self, model: Any, cfg: OracleConfig, kv_heads: int) -> None:
+    def __init__(self, model: Any, cfg: OracleConfig, kv_heads: int, lightning: Any = None) -> None:
         cfg.check()
         self.model = model
         self.cfg = cfg
         self.kv_heads = kv_heads
         self.sparse = False
+        # lightning indexer (tracer/lightning.py): selects instead of the oracle when given;
+        # its fp8 keys are cached per layer while ``index_record`` is on (prefill and sparse
+        # steps; off for a dense reference decode that must not add keys)
+        self.lightning = lightning
+        self.index_record = True
+        self.index_keys: dict[int, torch.Tensor] = {}
+        self.oracle_recall: dict[int, torch.Tensor] = {}  # share of the oracle's top-k picked
+        # distillation data (record_training): per layer (attention input, head-summed mass)
+        self.record_training = False
+        self.training_data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hidden: dict[int, torch.Tensor] = {}
+        self._hooks: list[Any] = []
         self.selections: dict[int, torch.Tensor] = {}
         self.recall: dict[int, torch.Tensor] = {}
         self.scores: dict[int, torch.Tensor] = {}  # the selected tokens' attention mass
@@ -84,9 +96,22 @@ class SparseAttention:
                 "capture supports models that do (Llama, Qwen2, Mistral, ...)"
             )
         _ACTIVE.append(self)
+        for i, layer in enumerate(_decoder_layers(self.model)):
+            self._hooks.append(
+                layer.self_attn.register_forward_pre_hook(self._keep_hidden(i), with_kwargs=True)
+            )
         return self
 
+    def _keep_hidden(self, layer: int):
+        def hook(module, args, kwargs):
+            self._hidden[layer] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        return hook
+
     def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
         _ACTIVE.remove(self)
         if self._previous is not None:
             self.model.set_attn_implementation(self._previous)
@@ -96,6 +121,7 @@ class SparseAttention:
         self.selections.clear()
         self.recall.clear()
         self.scores.clear()
+        self.oracle_recall.clear()
         self.calls = 0
 
     def attend(
@@ -116,15 +142,32 @@ class SparseAttention:
         rep = h // kv
         keys = key.repeat_interleave(rep, dim=1) if rep > 1 else key
         values = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+        layer = int(getattr(module, "layer_idx", len(self.selections)))
+        if self.lightning is not None and self.index_record:
+            new = self.lightning.layers[layer].keys(self._hidden[layer])
+            old = self.index_keys.get(layer) if q_len == 1 else None
+            self.index_keys[layer] = new if old is None else torch.cat((old, new), dim=1)
+        if self.record_training and q_len > 1:
+            self.training_data[layer] = (self._hidden[layer].float().cpu(),
+                                         _head_mean_probs(query, keys, scale).cpu())  # fmt: skip
         if not self.sparse or q_len != 1:
             return _dense(query, keys, values, scale).transpose(1, 2).contiguous()
 
-        layer = int(getattr(module, "layer_idx", len(self.selections)))
         scores = torch.matmul(query.float(), keys.float().transpose(-1, -2))[:, :, 0] * scale
         probs = torch.softmax(scores, dim=-1)  # [B, H, S]: dense attention of the new query
         position = scores.shape[-1] - 1  # cached tokens; the last key is the new token's own
         mass = head_mass(probs, self.kv_heads, self.cfg.granularity)[..., :position]
-        chosen = oracle_topk(mass, self.cfg)  # [B, G, k']
+        if self.lightning is None:
+            score = mass
+            chosen = oracle_topk(mass, self.cfg)  # [B, G, k']
+        else:
+            x = self._hidden[layer][:, -1:]
+            cached = self.index_keys[layer][:, :position]  # the new token's own key is last
+            score = self.lightning.layers[layer].scores(x, cached)[:, :1].expand_as(mass)
+            chosen = oracle_topk(score, self.cfg)
+            oracle = oracle_topk(mass, self.cfg)
+            hit = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, oracle, True)
+            self.oracle_recall[layer] = (hit.gather(-1, chosen).float().mean(-1)).cpu()
         allowed = torch.zeros(*mass.shape[:-1], position + 1, dtype=torch.bool, device=key.device)
         allowed.scatter_(-1, chosen, True)
         allowed[..., position] = True
@@ -135,9 +178,29 @@ class SparseAttention:
         self.selections[layer] = chosen.cpu()
         total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
         picked = mass.gather(-1, chosen)
-        self.scores[layer] = picked.cpu()
+        self.scores[layer] = score.gather(-1, chosen).cpu()
         self.recall[layer] = (picked.sum(-1) / total).cpu()
         return out.transpose(1, 2).contiguous()
+
+
+def _decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers (each with ``self_attn``) of a transformers causal LM."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise DsacacheError(
+            f"model {type(model).__name__} has no .model.layers; capture supports Llama-style "
+            "decoder models (Llama, Qwen2, Mistral, ...)"
+        )
+    return list(layers)
+
+
+def _head_mean_probs(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention probabilities ``[B, S, S]`` averaged over heads (each row sums to 1)."""
+    s = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale  # [B, H, S, S]
+    n = s.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+    return torch.softmax(s.masked_fill(~causal, -torch.inf), dim=-1).mean(1)
 
 
 def _dense(
