@@ -21,7 +21,8 @@ from dsacache.tracer import preset, synthesize  # noqa: E402
 from dsacache.traces import bundled, bundled_path  # noqa: E402
 
 POLICIES = [
-    "lru", "fifo", "random", "hints:index=first", "token-lru", "reserve:bytes=16MiB",
+    "lru", "fifo", "random", "plru", "srrip", "drrip", "lfu", "sieve", "s3fifo",
+    "hints:index=first", "persist:window=kv,set_aside=16MiB", "token-lru", "reserve:bytes=16MiB",
     "reserve:bytes=16MiB,admit=second", "reserve:bytes=16MiB,scope=learned", "belady",
     "token-belady", "reserve:bytes=16MiB,inner=token-belady",
 ]  # fmt: skip
