@@ -237,6 +237,13 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
     """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting)
     bundled for ``gpu``, one row per (experiment, point, model). ``models`` defaults to the
     naive model (the reported L2 size, modulo sets) and the GPU's fitted one."""
+    measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
+    if gpu not in measured_gpus:
+        from dsacache.errors import DsacacheError
+
+        raise DsacacheError(
+            f"no bundled measurements for gpu {gpu!r}; measured: {', '.join(measured_gpus)}"
+        )
     if models is None:
         models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
     rows = []
@@ -414,7 +421,8 @@ def route_coefficients(gpu: str = "h200") -> dict[str, float]:
         )
     df = pd.read_parquet(path)
     terms = fit_terms(df).set_index("term")
-    bytes_per_token = float(df["bytes"].iloc[0] / df["n"].iloc[0])
+    attend = df[df["term"] == "attend"].iloc[0]
+    bytes_per_token = float(attend["bytes"] / attend["n"])
     copies = terms.loc[["copy_d2h", "copy_h2d"]]
     return {
         "move_s_per_token": float(terms.at["gather", "per_unit_s"]),

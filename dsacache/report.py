@@ -104,12 +104,12 @@ def _cache_model(gpu: str, cache_size: int | str | None) -> dict[str, Any]:
 
     preset = gpu_preset(gpu)
     out: dict[str, Any] = {"gpu": gpu, "l2_bytes": preset.l2_bytes, "hierarchy": None}
-    if gpu.lower() == "h100":
-        fit = calibration.H100_FIT
+    fit = calibration.FITS.get(gpu.lower())
+    if fit is not None:
         out.update(
             cache_size=fit.capacity, ways=fit.ways, set_hash=fit.set_hash, effective=fit.capacity
         )
-        out["hierarchy"] = calibration.fit_hierarchy("h100")
+        out["hierarchy"] = calibration.fit_hierarchy(gpu.lower())
         out["model"] = f"calibrated: {fit.label}"
     else:
         out.update(cache_size=preset.l2_bytes, ways=preset.ways, set_hash="mod", effective=None)

@@ -188,6 +188,7 @@ def run_decode(
     from dsacache.kernels.l2persist import persisting_window
 
     stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # the flush and the buffers first
     window = persisting_window(stream.cuda_stream, kv_all.data_ptr(),
                                persist_layers * per_layer * 4, hit_ratio, set_aside)  # fmt: skip
     with torch.cuda.stream(stream), window:

@@ -1,7 +1,7 @@
 """The L2 persisting access-policy window, as CUDA exposes it on Ampere and Hopper GPUs.
 
 A program sets aside part of the L2 for *persisting* lines (``cudaLimitPersistingL2CacheSize``,
-at most 32,768,000 B on the lent H100 and H200) and marks an address window on a stream
+at most 32,768,000 B on the lent H100 and 39,321,600 B on the H200) and marks an address window on a stream
 (``accessPolicyWindow``): a ``hit_ratio`` share of the window's lines, chosen by address, is
 accessed with the persisting property, the rest as normal. The model, per set:
 

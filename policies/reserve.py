@@ -8,7 +8,8 @@ ghost list of once-seen tokens, as large as the reservation, remembers first sig
 ``admit=frequent`` keeps an aged count of the steps that selected each token
 (``count = decay * count + 1`` when selected) and admits a selected token only once its count
 reaches ``threshold``; with the defaults (0.5, 1.5) a token enters when it was selected at
-this step and at the previous one, or at three of the last few. Tokens selected once stay out
+this step and at the previous one (a gap of one step keeps its count below 1.5; a lower
+threshold or a slower decay admits such tokens too). Tokens selected once stay out
 of the reservation and cannot evict tokens that keep coming back. ``admit=score`` admits the
 tokens whose indexer score ranks in the ``top`` share of their layer's selection at this
 step (all requests of the step together): a token the indexer scores high now is likely

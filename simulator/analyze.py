@@ -122,7 +122,7 @@ def _defaults(trace: Trace, sinks: int | None, window: int | None) -> tuple[int,
     if sinks is None:
         sinks = int(idx.get("sink", 4))
     if window is None:
-        window = int(idx.get("window") or idx.get("recency_window") or 16)
+        window = int(idx["window"] if "window" in idx else idx.get("recency_window", 16))
     if sinks < 0 or window < 0:
         raise DsacacheError(f"sinks ({sinks}) and window ({window}) must be >= 0")
     return sinks, window

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from dsacache.errors import DsacacheError
-from dsacache.units import format_size, parse_size, parse_spec
+from dsacache.units import parse_size, parse_spec
 
 MANIFEST = "_sweep.json"  # leading "_": Parquet readers skip it when reading the directory
 PART_PREFIX = "cell-"
@@ -117,7 +117,7 @@ def _policy_with_reservation(policy: str, reservation: int) -> tuple[str, int]:
     if spec.name != "reserve" or not reservation:
         return plugin + str(spec), 0
     params = dict(spec.params)
-    params["bytes"] = format_size(reservation).replace(" ", "")
+    params["bytes"] = str(int(reservation))  # exact bytes (a formatted size would round)
     params.pop("ways", None)  # an explicit byte reservation replaces a way count
     return plugin + str(type(spec)(spec.name, params)), reservation
 

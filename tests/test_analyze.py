@@ -174,3 +174,14 @@ def test_bad_options(small_trace, tmp_path):
         analyze(tr, windows=(0,))
     with pytest.raises(DsacacheError, match="format"):
         analyze(tr, requests=1).save(tmp_path / "x", fmt="xlsx")
+
+
+def test_window_zero_in_the_manifest_is_respected(tmp_path):
+    from dsacache.simulator.analyze import _defaults
+    from dsacache.traces import TraceWriter, open_trace
+
+    path = tmp_path / "w0.dsatrace"
+    indexer = {"kind": "oracle", "k": 4, "sink": 2, "window": 0}
+    with TraceWriter(path, model={"name": "t", "attention": "MLA"}, indexer=indexer) as w:
+        w.append(request=0, step=0, position=10, layer=0, group=0, indices=[0, 1, 5, 9])
+    assert _defaults(open_trace(path), None, None) == (2, 0)

@@ -108,3 +108,13 @@ def test_persisting_window_on_the_h200_and_its_model():
     full = later[later["experiment"] == "decode-large-persist5"]["simulated"].mean()
     half = later[later["experiment"] == "decode-large-persist5-half"]["simulated"].mean()
     assert full > half > 0.05
+
+
+def test_compare_names_the_gpus_that_have_measurements():
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    result = CliRunner().invoke(main, ["compare", "--gpu", "a100"])
+    assert result.exit_code == 2
+    assert "no bundled measurements for gpu 'a100'; measured: h100, h200" in result.output

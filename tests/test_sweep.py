@@ -61,7 +61,14 @@ def test_expand_cross_product_and_reservation():
     assert [(c["policy"], c["reservation"]) for c in cells] == [
         ("lru", 0),
         ("reserve:bytes=1MiB", 0),
-        ("reserve:bytes=2MiB", 2 << 20),
+        ("reserve:bytes=2097152", 2 << 20),
+    ]
+    # a reservation reaches the policy to the byte, whatever unit it was written in
+    odd = expand({"policy": ["reserve"], "reservation": ["12MB", "12582913", "1000KiB"]})
+    assert [(c["policy"], c["reservation"]) for c in odd] == [
+        ("reserve:bytes=12000000", 12_000_000),
+        ("reserve:bytes=12582913", 12_582_913),
+        ("reserve:bytes=1024000", 1_024_000),
     ]
     assert all(set(c) == set(PARAMS) for c in cells)
     assert len(expand(GRID)) == 8

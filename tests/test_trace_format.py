@@ -344,3 +344,10 @@ def test_scores_must_match_indices_and_be_given_for_every_row(tmp_path):
         w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1], scores=[0.5])
         with pytest.raises(TraceError, match="rows without indexer scores in a trace"):
             w.append(request=0, step=1, position=11, layer=0, group=0, indices=[1])
+
+
+def test_scores_beyond_float16_are_refused_before_writing(tmp_path):
+    with TraceWriter(tmp_path / "big.dsatrace", model=MODEL, indexer=INDEXER) as w:
+        with pytest.raises(TraceError, match="score 100000 is too large for the float16"):
+            w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1, 2],
+                     scores=[1e5, 0.5])  # fmt: skip

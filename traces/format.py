@@ -161,6 +161,12 @@ def check_rows(batch: SelectionBatch, where: str) -> None:
             )
         if len(idx) and not np.isfinite(batch.scores).all():
             raise TraceError(f"{where}: column 'scores' has values that are not finite")
+        big = float(np.abs(batch.scores).max()) if len(idx) else 0.0
+        if big > np.finfo(np.float16).max:
+            raise TraceError(
+                f"{where}: score {big:g} is too large for the float16 'scores' column "
+                f"(at most {np.finfo(np.float16).max:g}); scale the scores down"
+            )
 
     def fail(row: int, problem: str) -> None:
         raise TraceError(
