@@ -332,7 +332,7 @@ def demo(steps, quiet, report_path) -> None:
     from dsacache.simulator import Workload, summarize
     from dsacache.simulator import replay as run_replay
     from dsacache.tracer.synth import preset, synthesize
-    from dsacache.traces import bundled, bundled_path
+    from dsacache.traces import MAIN_TRACE, SMALL_TRACE, bundled, bundled_path
 
     fit = calibration.H100_FIT
     hierarchy = calibration.fit_hierarchy("h100")  # memory time from measured kernel durations
@@ -348,8 +348,8 @@ def demo(steps, quiet, report_path) -> None:
         click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
 
     with tempfile.TemporaryDirectory() as tmp:
-        if bundled():
-            path = bundled_path(bundled()[0])
+        if MAIN_TRACE in bundled():
+            path = bundled_path(MAIN_TRACE)
             click.echo(f"bundled real trace: {path.name}")
             tr = load_trace(path)
             _print_info(tr.validate())
@@ -387,11 +387,12 @@ def demo(steps, quiet, report_path) -> None:
             "hit-rate points per probe:"
         )
         click.echo(err.round(2).to_string())
-    if bundled():
+    if SMALL_TRACE in bundled():
         from dsacache.report import write_report
 
-        name = min(bundled(), key=lambda n: load_trace(bundled_path(n)).num_indices)
-        html = write_report(load_trace(bundled_path(name)), report_path, command="dsacache demo")
+        html = write_report(
+            load_trace(bundled_path(SMALL_TRACE)), report_path, command="dsacache demo"
+        )
         click.echo(f"\nreport (miss-ratio curves, policies, per-layer hit rates): {html}")
 
 

@@ -139,6 +139,13 @@ def _command(out: str, texts: tuple[str, ...], settings: dict[str, Any]) -> str:
 @click.option("--sequences", type=int, default=4, show_default=True, help="Training texts.")
 @click.option("--tokens", type=int, default=512, show_default=True, help="Tokens per text.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--skip-tokens",
+    type=int,
+    default=8192,
+    show_default=True,
+    help="Text skipped at the start of each source (captures cut their prompts from there).",
+)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_indexer(model, out, device, quiet, **settings) -> None:

@@ -73,11 +73,11 @@ def configs(tiny: bool) -> list[Config]:
 def selections(cfg: Config, steps: int, seed: int) -> tuple[list[np.ndarray], int, int]:
     """``steps`` decode steps of layer 0: per step an int64 ``[batch, k]`` array of selected
     positions; also k and the context the cache must hold."""
-    from dsacache.traces import bundled, bundled_path, open_trace
+    from dsacache.traces import MAIN_TRACE, bundled_path, open_trace
 
     with tempfile.TemporaryDirectory() as tmp:
         if cfg.source == "bundled":
-            trace = open_trace(bundled_path(bundled()[0]))
+            trace = open_trace(bundled_path(MAIN_TRACE))
         else:
             from dsacache.tracer.synth import preset, synthesize
 

@@ -452,8 +452,10 @@ def test_distillation_learns_a_realizable_target():
 def test_capture_with_a_trained_lightning_indexer(backbone, tmp_path):
     from dsacache.tracer.lightning import LightningConfig, load_indexer, train
 
-    cfg = LightningConfig(heads=2, dim=8, steps=15, sequences=1, tokens=64)
+    cfg = LightningConfig(heads=2, dim=8, steps=15, sequences=1, tokens=64, skip_tokens=256)
     indexer = train(backbone, cfg)
+    text = indexer.training["text"][0]  # after the skipped start, so no capture prompt sees it
+    assert text["char_start"] > 0 and text["id"].startswith("python-docs")
     losses = indexer.training["kl_before_after_per_layer"]
     assert len(losses) == backbone.layers and all(after < before for before, after in losses)
     weights = tmp_path / "li.pt"

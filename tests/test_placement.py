@@ -11,7 +11,7 @@ from dsacache.cli import main
 from dsacache.errors import DsacacheError
 from dsacache.simulator.placement import Placement, parse_placement, place
 from dsacache.tracer import SynthConfig, synthesize
-from dsacache.traces import bundled, bundled_path, open_trace
+from dsacache.traces import MAIN_TRACE, bundled, bundled_path, open_trace
 
 M64 = (1 << 64) - 1
 
@@ -154,9 +154,9 @@ def test_combinations_roundtrip_spec():
         assert parse_placement(p.spec, 2, 2) == p
 
 
-@pytest.mark.skipif(not bundled(), reason="no bundled trace")
+@pytest.mark.skipif(MAIN_TRACE not in bundled(), reason="no bundled trace")
 def test_cli_place_on_bundled_trace(tmp_path):
-    path = bundled_path(bundled()[0])
+    path = bundled_path(MAIN_TRACE)
     runner = CliRunner()
     out = tmp_path / "p.csv"
     args = ["place", str(path), "--gpus", "4", "--nodes", "2", "--requests", "1"]

@@ -22,7 +22,7 @@ from dsacache.simulator.routefetch import (
 )
 from dsacache.tracer import SynthConfig, synthesize
 from dsacache.tracer.synth import PRESET_MODELS
-from dsacache.traces import bundled, bundled_path, open_trace
+from dsacache.traces import MAIN_TRACE, bundled, bundled_path, open_trace
 
 # One head of absorbed MLA: query 576 x 2 B = 1152 B, return 512 x 2 + 4 = 1028 B.
 ARCH = Arch("MLA", heads=1, qk_dim=576, v_dim=512, move_s_per_token=0.0)
@@ -209,9 +209,9 @@ def test_one_owner_has_nothing_remote(trace):
     assert t["fetch_ms_per_step"] == t["route_ms_per_step"] == t["model_ms_per_step"]
 
 
-@pytest.mark.skipif(not bundled(), reason="no bundled trace")
+@pytest.mark.skipif(MAIN_TRACE not in bundled(), reason="no bundled trace")
 def test_cli_route(tmp_path):
-    path = bundled_path(bundled()[0])
+    path = bundled_path(MAIN_TRACE)
     runner = CliRunner()
     png = tmp_path / "r.png"
     args = ["route", str(path), "--gpus", "2", "--nodes", "2", "--requests", "1", "--rows", "4"]
@@ -230,11 +230,11 @@ def test_cli_route(tmp_path):
         assert result.exit_code == 2 and needle in result.output, result.output
 
 
-@pytest.mark.skipif(not bundled(), reason="no bundled trace")
+@pytest.mark.skipif(MAIN_TRACE not in bundled(), reason="no bundled trace")
 def test_cli_route_with_coefficients_measured_on_the_h200():
     from dsacache.calibration import route_coefficients
 
-    path = bundled_path(bundled()[0])
+    path = bundled_path(MAIN_TRACE)
     args = ["route", str(path), "--gpus", "2", "--requests", "1", "--rows", "2"]
     runner = CliRunner()
     result = runner.invoke(main, [*args, "--layout", "mla-fp8", "--calibrated", "h200"])

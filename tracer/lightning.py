@@ -40,9 +40,15 @@ class LightningConfig:
     sequences: int = 4
     tokens: int = 512
     seed: int = 0
+    # text skipped at the start of every source: captures cut their prompts from the start,
+    # so training on what follows keeps it apart from any prompt up to SmolLM2's 8K context
+    skip_tokens: int = 8192
 
     def check(self) -> None:
         """Raise ``DsacacheError`` naming the first setting out of range."""
+        if self.skip_tokens < 0:
+            raise DsacacheError(f"lightning indexer: skip_tokens must be >= 0, got "
+                                f"{self.skip_tokens}")  # fmt: skip
         for name in ("heads", "dim", "steps", "sequences", "tokens"):
             if getattr(self, name) < 1:
                 raise DsacacheError(f"lightning indexer: {name} must be >= 1, got "
@@ -208,8 +214,10 @@ def train(
     cfg.check()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    prompts = make_prompts(backbone.tokenizer, cfg.sequences, cfg.tokens,
-                           sources or default_sources())  # fmt: skip
+    sources = sources or default_sources()
+    skipped = -(-cfg.skip_tokens // cfg.tokens) * len(sources)  # whole slices per source
+    prompts = make_prompts(backbone.tokenizer, skipped + cfg.sequences, cfg.tokens, sources)
+    prompts = prompts[skipped:]
     device = next(backbone.model.parameters()).device
     ids = torch.tensor([p.ids for p in prompts], dtype=torch.long, device=device)
     xs, targets = collect(backbone, ids)
@@ -224,7 +232,14 @@ def train(
         layers.append(m)
         losses.append((round(before, 4), round(after, 4)))
     training = {
-        "text": [p.provenance()["id"] for p in prompts],
+        "text": [
+            {
+                k: v
+                for k, v in p.provenance().items()
+                if k in ("id", "file", "char_start", "char_end")
+            }
+            for p in prompts
+        ],
         "tokens": cfg.sequences * cfg.tokens,
         "loss": "KL(dense attention mass summed over heads || softmax(indexer scores))",
         "kl_before_after_per_layer": losses,

@@ -17,6 +17,10 @@ from dsacache.traces.format import (
 DATA_DIR = Path(__file__).parent / "data"
 
 
+MAIN_TRACE = "smollm2-135m-oracle-k256"  # the demo's and the examples' real trace
+SMALL_TRACE = "smollm2-135m-oracle-k64"  # quick runs and reports; it carries indexer scores
+
+
 def bundled() -> list[str]:
     """Names of the traces shipped inside the package."""
     if not DATA_DIR.exists():
@@ -35,6 +39,8 @@ def bundled_path(name: str) -> Path:
 
 
 __all__ = [
+    "MAIN_TRACE",
+    "SMALL_TRACE",
     "SCHEMA_VERSION",
     "SelectionBatch",
     "Trace",
