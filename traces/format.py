@@ -49,6 +49,7 @@ ARROW_SCHEMA = pa.schema(
     ]
 )
 SCORES_FIELD = pa.field("scores", pa.list_(pa.float16()))
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ENCODING = {name: "DELTA_BINARY_PACKED" for name in SCALAR_COLUMNS}
 _ENCODING["indices.list.element"] = "DELTA_BINARY_PACKED"
 
@@ -162,10 +163,10 @@ def check_rows(batch: SelectionBatch, where: str) -> None:
         if len(idx) and not np.isfinite(batch.scores).all():
             raise TraceError(f"{where}: column 'scores' has values that are not finite")
         big = float(np.abs(batch.scores).max()) if len(idx) else 0.0
-        if big > np.finfo(np.float16).max:
+        if big > FLOAT16_MAX:
             raise TraceError(
                 f"{where}: score {big:g} is too large for the float16 'scores' column "
-                f"(at most {np.finfo(np.float16).max:g}); scale the scores down"
+                f"(at most {FLOAT16_MAX:g}); scale the scores down"
             )
 
     def fail(row: int, problem: str) -> None:
