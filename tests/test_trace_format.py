@@ -351,3 +351,13 @@ def test_scores_beyond_float16_are_refused_before_writing(tmp_path):
         with pytest.raises(TraceError, match="score 100000 is too large for the float16"):
             w.append(request=0, step=0, position=10, layer=0, group=0, indices=[1, 2],
                      scores=[1e5, 0.5])  # fmt: skip
+
+
+def test_bundled_traces_open_by_name():
+    from dsacache.traces import MAIN_TRACE, SMALL_TRACE, bundled
+
+    assert {MAIN_TRACE, SMALL_TRACE, "smollm2-135m-lightning-k64"} <= set(bundled())
+    trace = open_trace(SMALL_TRACE)
+    assert trace.path.name == f"{SMALL_TRACE}.dsatrace" and trace.manifest["scored"] is True
+    with pytest.raises(TraceError, match="nor a bundled trace name"):
+        open_trace("smollm2-nonexistent")

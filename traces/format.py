@@ -611,10 +611,16 @@ def _flat_list(column: pa.ChunkedArray, name: str, where: str) -> tuple[np.ndarr
 
 
 def open_trace(path: str | os.PathLike) -> Trace:
-    """Open a ``.dsatrace`` directory; checks the manifest, not yet the parts."""
+    """Open a ``.dsatrace`` directory, or a bundled trace by name (``bundled()``); checks the
+    manifest, not yet the parts."""
     path = Path(path)
     if not path.exists():
-        raise TraceError(f"{path}: no such trace directory")
+        from dsacache.traces import DATA_DIR
+
+        shipped = DATA_DIR / f"{path}.dsatrace"
+        if len(path.parts) != 1 or not shipped.is_dir():
+            raise TraceError(f"{path}: no such trace directory (nor a bundled trace name)")
+        path = shipped
     if not path.is_dir():
         raise TraceError(f"{path}: a trace is a directory (NAME.dsatrace/), this is a file")
     mpath = path / MANIFEST
