@@ -327,7 +327,7 @@ def load_sweep(out: str | os.PathLike) -> pd.DataFrame:
     parts = sorted(out.glob(f"{PART_PREFIX}*.parquet"))
     if not parts:
         raise DsacacheError(f"{out}: no finished sweep cells")
-    frames = [pq.read_table(p).to_pandas() for p in parts]
+    frames = [pq.read_table(p, use_threads=False).to_pandas() for p in parts]  # see format.py
     return pd.concat(frames, ignore_index=True)
 
 

@@ -482,7 +482,9 @@ class Trace:
                     f"{meta['sha256'][:16]}...): the file is damaged"
                 )
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            # one thread: pyarrow 26's reader thread pool can abort the process at exit
+            # ("terminate called without an active exception", about 1 in 10 runs under load)
+            table = pq.read_table(pa.BufferReader(data), use_threads=False)
         except (pa.ArrowException, OSError, ValueError) as e:
             raise TraceError(f"{where}: not a readable Parquet part ({e})") from None
         batch = _from_arrow(table, where)
