@@ -135,8 +135,16 @@ def canonical(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def cell_key(config: Mapping[str, Any], trace_id: str) -> str:
-    """Stable 16-hex-digit key of a canonical configuration on a trace."""
-    blob = json.dumps({"trace": trace_id, **config}, sort_keys=True, separators=(",", ":"))
+    """Stable 16-hex-digit key of a canonical configuration on a trace. A plug-in policy's
+    file content is part of it, so an edited plug-in is replayed again on --resume."""
+    extra = {}
+    policy = str(config.get("policy", ""))
+    if ".py:" in policy:
+        path = Path(policy.partition(".py:")[0] + ".py")
+        if path.exists():
+            extra["plugin_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    blob = json.dumps({"trace": trace_id, **config, **extra}, sort_keys=True,
+                      separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -205,3 +205,18 @@ def test_cli_sweep(trace_path, tmp_path, client):
     assert result.exit_code == 2 and "bogus" in result.output
     result = runner.invoke(main, ["sweep", str(trace_path), "--out", str(tmp_path / "none")])
     assert result.exit_code == 2 and "--grid" in result.output
+
+
+def test_an_edited_plugin_changes_its_cell_key(tmp_path):
+    from pathlib import Path
+
+    from dsacache.simulator.sweep import canonical, cell_key
+
+    src = Path(__file__).parent.parent / "docs" / "plugin_policy.py"
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(src.read_text())
+    cfg = canonical({"policy": f"{plugin}:lip"})
+    before = cell_key(cfg, "trace")
+    assert cell_key(cfg, "trace") == before  # stable
+    plugin.write_text(src.read_text() + "\n# edited\n")
+    assert cell_key(cfg, "trace") != before  # --resume replays the edited plug-in
