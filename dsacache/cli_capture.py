@@ -65,6 +65,12 @@ import click
 @click.option(
     "--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace)."
 )
+@click.option(
+    "--scores/--no-scores",
+    default=True,
+    show_default=True,
+    help="Record each selected token's indexer score (2 bytes per index).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing trace at --out.")
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted capture at --out (same settings)."
@@ -123,6 +129,9 @@ def _command(out: str, texts: tuple[str, ...], settings: dict[str, Any]) -> str:
     parts = ["dsacache", "capture"]
     for key in keys:
         if key == "indexer_weights" and not settings[key]:
+            continue
+        if key == "scores":
+            parts += [] if settings[key] else ["--no-scores"]
             continue
         parts += [f"--{key.replace('_', '-')}", str(settings[key])]
     for text in texts:

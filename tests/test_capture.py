@@ -375,10 +375,10 @@ def test_interrupted_capture_resumes_to_the_uninterrupted_trace(backbone, tmp_pa
 
     real = capture_module._step_rows
 
-    def dies_at_step_two(attn, layers, step, position):
+    def dies_at_step_two(attn, layers, step, *rest):
         if step == 2:
             raise RuntimeError("killed")
-        return real(attn, layers, step, position)
+        return real(attn, layers, step, *rest)
 
     monkeypatch.setattr(capture_module, "_step_rows", dies_at_step_two)
     with pytest.raises(RuntimeError, match="killed"):
@@ -483,3 +483,13 @@ def test_capture_with_a_trained_lightning_indexer(backbone, tmp_path):
         assert {0, 1} <= set(row.tolist()) and set(range(pos - 3, pos)) <= set(row.tolist())
     with pytest.raises(DsacacheError, match="needs --indexer-weights"):
         CaptureConfig(indexer="lightning").check()
+
+
+@needs_model
+def test_capture_without_scores(backbone, tmp_path):
+    cfg = CaptureConfig(k=12, steps=2, prompt_tokens=48, requests=1, sink=2, window=3,
+                        scores=False)  # fmt: skip
+    capture_trace(cfg, tmp_path / "plain.dsatrace", backbone=backbone)
+    trace = open_trace(tmp_path / "plain.dsatrace")
+    assert trace.manifest["scored"] is False and trace.read_all().scores is None
+    assert "scores" not in trace.indexer

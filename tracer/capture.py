@@ -55,6 +55,7 @@ class CaptureConfig:
     texts: tuple[str, ...] = ()
     device: str = "cpu"
     indexer_weights: str = ""  # lightning: trained weights (dsacache train-indexer)
+    scores: bool = True  # record each selected token's indexer score (2 bytes per index)
 
     def oracle(self) -> OracleConfig:
         """The indexer's parameters."""
@@ -157,7 +158,9 @@ class _Forward:
         return out.logits[:, -1].float()
 
 
-def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> SelectionBatch:
+def _step_rows(
+    attn: SparseAttention, layers: int, step: int, position: int, scores: bool = True
+) -> SelectionBatch:
     """One decode step's rows, ordered layer, request, group."""
     missing = [layer for layer in range(layers) if layer not in attn.selections]
     if missing or attn.calls != layers:
@@ -166,7 +169,7 @@ def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> 
             f"layers {missing[:5]}); capture needs one standard attention per layer"
         )
     sel = torch.stack([attn.selections[layer] for layer in range(layers)]).numpy()
-    scores = torch.stack([attn.scores[layer] for layer in range(layers)]).float().numpy()
+    picked = torch.stack([attn.scores[layer] for layer in range(layers)]).float().numpy()
     n_layer, batch, groups, kk = sel.shape
     rows = n_layer * batch * groups
     return SelectionBatch(
@@ -177,7 +180,7 @@ def _step_rows(attn: SparseAttention, layers: int, step: int, position: int) -> 
         group=np.tile(np.arange(groups), n_layer * batch),
         offsets=np.arange(rows + 1, dtype=np.int64) * kk,
         indices=sel.reshape(-1).astype(np.int32),
-        scores=scores.reshape(-1),
+        scores=picked.reshape(-1) if scores else None,
     )
 
 
@@ -281,6 +284,8 @@ def capture_trace(
     layers = backbone.layers
     lightning = None
     indexer_meta = oracle.manifest(backbone.heads, backbone.kv_heads)
+    if not cfg.scores:
+        indexer_meta.pop("scores", None)
     if cfg.indexer == "lightning":
         from dsacache.tracer.lightning import load_indexer
 
@@ -336,7 +341,7 @@ def capture_trace(
             attn.clear()
             attn.sparse = True
             logits = forward(token[:, None], sparse_cache)
-            rows = _step_rows(attn, layers, step, position)
+            rows = _step_rows(attn, layers, step, position, cfg.scores)
             if step == done_steps - 1 and previous is not None:
                 _check_same_step(out, rows)
             if step >= done_steps:  # (a step cut by a part boundary: only its missing rows)
