@@ -201,14 +201,19 @@ def _resumable(out: str | os.PathLike, cfg: CaptureConfig) -> dict[str, Any] | N
 
 
 def _check_same_step(out: str | os.PathLike, rows: SelectionBatch) -> None:
-    """Raise unless the trace at ``out`` holds exactly ``rows`` for their step."""
+    """Raise unless the rows the trace at ``out`` holds for this step (all of them, or the
+    first ones where a kill cut the step) equal ``rows``."""
     from dsacache.traces import open_trace
 
     step = int(rows.step[0])
     for part in open_trace(out).iter_steps():
         if int(part.step[0]) == step:
-            if not (np.array_equal(part.indices, rows.indices)
-                    and np.array_equal(part.offsets, rows.offsets)):  # fmt: skip
+            mine = rows.take(np.arange(len(part)))
+            same_scores = part.scores is None or np.array_equal(
+                part.scores, mine.scores.astype(np.float16).astype(np.float32)
+            )
+            if not (np.array_equal(part.indices, mine.indices)
+                    and np.array_equal(part.offsets, mine.offsets) and same_scores):  # fmt: skip
                 raise DsacacheError(
                     f"{out}: decoding again gave other selections at step {step} than the "
                     "interrupted run (a different machine or library version?); cannot resume"
@@ -342,8 +347,8 @@ def capture_trace(
             attn.sparse = True
             logits = forward(token[:, None], sparse_cache)
             rows = _step_rows(attn, layers, step, position, cfg.scores)
-            if step == done_steps - 1 and previous is not None:
-                _check_same_step(out, rows)
+            if previous is not None and step == (done_steps if done_rows else done_steps - 1):
+                _check_same_step(out, rows)  # the newest step the interrupted run wrote
             if step >= done_steps:  # (a step cut by a part boundary: only its missing rows)
                 skip = done_rows if step == done_steps else 0
                 writer.append_batch(rows.take(np.arange(skip, len(rows))))
