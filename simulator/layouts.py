@@ -51,6 +51,10 @@ class KVLayout:
             return plane.bytes_per_token // selection_groups
         return plane.bytes_per_token
 
+    def selection_bytes(self, selection_groups: int) -> int:
+        """Bytes one selection reads per token and layer (its group's slice of grouped planes)."""
+        return sum(self.read_bytes(p, selection_groups) for p in self.planes)
+
     def check_groups(self, selection_groups: int) -> None:
         """Raise unless a trace with ``selection_groups`` groups can be replayed on this layout."""
         if selection_groups <= 1:
@@ -144,6 +148,11 @@ LAYOUTS = {
     "gta": (_gta, "grouped-tied attention: tied K/V per group + shared RoPE key"),
     "gla": (_gla, "grouped latent attention; devices=N gives one device's shard"),
 }
+
+
+def trace_layout(trace: Any, layout: str | None = None) -> KVLayout:
+    """The KV layout named by ``layout``, or the one the trace's model implies."""
+    return make_layout(layout or default_layout(trace.model), trace.model)
 
 
 def make_layout(spec: str, model: dict[str, Any] | None = None) -> KVLayout:

@@ -37,7 +37,7 @@ from numba import njit
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.engine import line_numbers, next_use
-from dsacache.simulator.layouts import KVLayout, default_layout, make_layout
+from dsacache.simulator.layouts import trace_layout
 from dsacache.simulator.stream import build_step, plan_replay, trace_shape
 from dsacache.simulator.workload import CLASSES, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
@@ -486,16 +486,6 @@ def curve_error(
 # --------------------------------------------------------------------------------------------
 # Streams from traces
 # --------------------------------------------------------------------------------------------
-def trace_layout(trace: Trace, layout: str | None = None) -> KVLayout:
-    """The KV layout named by ``layout``, or the one the trace's model implies."""
-    return make_layout(layout or default_layout(trace.model), trace.model)
-
-
-def token_bytes(layout: KVLayout, groups: int) -> int:
-    """Bytes one selection reads per token and layer (its group's slice of grouped planes)."""
-    return sum(layout.read_bytes(p, groups) for p in layout.planes)
-
-
 def _batch_of(trace: Trace, batch: int | None) -> int:
     requests = trace_shape(trace)[2]
     if batch is None:
@@ -527,7 +517,7 @@ def token_object_bytes(trace: Trace, layout: str | None = None) -> int:
     groups = trace_shape(trace)[1]
     lay = trace_layout(trace, layout)
     lay.check_groups(groups)
-    return token_bytes(lay, groups)
+    return lay.selection_bytes(groups)
 
 
 def line_stream(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dsacache.errors import DsacacheError
-from dsacache.simulator.layouts import KVLayout, default_layout, make_layout
+from dsacache.simulator.layouts import KVLayout, trace_layout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,11 +177,6 @@ def parse_placement(spec: str, gpus: int = 1, nodes: int = 1) -> Placement:
         )
     p.check()
     return p
-
-
-def selection_bytes_per_token(layout: KVLayout, groups: int) -> int:
-    """Bytes of one token that one selection reads (a KV group reads only its slice)."""
-    return sum(layout.read_bytes(p, groups) for p in layout.planes)
 
 
 @dataclass
@@ -351,12 +346,12 @@ def place_rows(
     )
 
 
-def trace_layout(trace, layout: str | None = None) -> tuple[KVLayout, int]:
+def layout_and_groups(trace, layout: str | None = None) -> tuple[KVLayout, int]:
     """The trace's KV layout (or ``layout``) and its number of KV groups per selection."""
     from dsacache.simulator.stream import trace_shape
 
     groups = trace_shape(trace)[1]
-    kv = make_layout(layout or default_layout(trace.model), trace.model)
+    kv = trace_layout(trace, layout)
     kv.check_groups(groups)
     return kv, groups
 
@@ -384,8 +379,8 @@ def iter_place(
     """Per decode step of ``trace``, the placement counts of its rows (requests
     ``0..requests-1`` if given). Bytes per token come from the layout (default: the trace's)."""
     placement.check()
-    kv, groups = trace_layout(trace, layout)
-    bpt = selection_bytes_per_token(kv, groups)
+    kv, groups = layout_and_groups(trace, layout)
+    bpt = kv.selection_bytes(groups)
     lengths = None
     if placement.scheme == "contiguous" and not placement.length:
         lengths = request_lengths(trace, None if requests is None else range(requests))

@@ -37,7 +37,7 @@ import pandas as pd
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.layouts import KVLayout
-from dsacache.simulator.placement import LINK_KINDS, PlacementCounts, selection_bytes_per_token
+from dsacache.simulator.placement import LINK_KINDS, PlacementCounts
 from dsacache.units import parse_spec
 
 UNCALIBRATED = "model with default (uncalibrated) coefficients"
@@ -410,11 +410,11 @@ def model_for_trace(
     overrides: dict[str, float | str] | None = None,
 ) -> CostModel:
     """The cost model for a trace's architecture and layout on ``fabric``."""
-    from dsacache.simulator.placement import trace_layout
+    from dsacache.simulator.placement import layout_and_groups
 
-    kv, groups = trace_layout(trace, layout)
+    kv, groups = layout_and_groups(trace, layout)
     arch = resolve_arch(trace.model, kv, groups)
-    return CostModel.build(arch, selection_bytes_per_token(kv, groups), fabric, overrides)
+    return CostModel.build(arch, kv.selection_bytes(groups), fabric, overrides)
 
 
 UNIT_COLUMNS = (
