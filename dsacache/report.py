@@ -33,6 +33,7 @@ import pandas as pd
 from dsacache.errors import DsacacheError
 from dsacache.simulator import mrc
 from dsacache.simulator.analyze import TraceStats, analyze
+from dsacache.simulator.layouts import trace_layout
 from dsacache.simulator.stream import trace_shape
 from dsacache.simulator.workload import Workload
 from dsacache.traces import Trace, open_trace
@@ -216,7 +217,7 @@ def collect(
         "gpu": gpu,
         "cache model": cache["model"],
         "replayed cache": format_size(cache["cache_size"]),
-        "layout": mrc.trace_layout(tr, layout).spec,
+        "layout": trace_layout(tr, layout).spec,
         "token bytes (per layer)": token_bytes,
         "batch": batch,
         "policies": ", ".join(policies) or "(none)",

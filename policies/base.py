@@ -162,15 +162,24 @@ def registered() -> dict[str, PolicyType]:
     return dict(_REGISTRY)
 
 
+def split_plugin(spec: str) -> tuple[Path | None, str]:
+    """``path/to/file.py:name[:k=v,...]`` -> (the plug-in file, ``name[:k=v,...]``); a spec
+    without a file -> (None, spec)."""
+    if ".py:" not in spec:
+        return None, spec
+    path, _, rest = spec.partition(".py:")
+    return Path(path + ".py"), rest
+
+
 def make_policy(spec: str | Policy) -> Policy:
     """Parse ``name:key=value,...`` into a bound ``Policy``. ``path/to/file.py:name[:k=v,...]``
     first loads a plug-in file that registers ``name``."""
     if isinstance(spec, Policy):
         return spec
     _load_builtin()
-    if ".py:" in spec:
-        path, _, spec = spec.partition(".py:")
-        load_plugin(path + ".py")
+    plugin, spec = split_plugin(spec)
+    if plugin is not None:
+        load_plugin(plugin)
     parsed = parse_spec(spec, "policy")
     if parsed.name not in _REGISTRY:
         raise DsacacheError(

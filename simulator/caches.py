@@ -14,7 +14,7 @@ import numpy as np
 from dsacache.errors import DsacacheError
 from dsacache.policies import Policy, make_policy
 from dsacache.simulator import objects
-from dsacache.simulator.engine import Cache, CacheConfig, line_numbers
+from dsacache.simulator.engine import Cache, CacheConfig, line_numbers, lines_per_access
 from dsacache.simulator.workload import CLASS_ID
 
 KV, APPEND = CLASS_ID["kv"], CLASS_ID["append"]
@@ -175,8 +175,7 @@ class ReserveModel:
         for lay in np.unique(layer[kv]):
             mine = kv & (layer == lay)
             keys = np.unique(addr[mine])
-            lines = ((addr[mine] + nbytes[mine] - 1) // line) - addr[mine] // line + 1
-            self.footprint[lay] = lines.sum() * line
+            self.footprint[lay] = lines_per_access(addr[mine], nbytes[mine], line).sum() * line
             prev = self.previous.get(int(lay))
             if prev is not None and len(keys):
                 now = np.isin(keys, prev, assume_unique=True).mean()

@@ -311,11 +311,17 @@ _NO_FUTURE = np.zeros(0, np.int64)
 _INIT_CACHE: dict[int, object] = {}
 
 
+def lines_per_access(addr: np.ndarray, nbytes: np.ndarray, line: int) -> np.ndarray:
+    """How many ``line``-byte lines each access ``[addr, addr + nbytes)`` touches."""
+    shift = line.bit_length() - 1
+    addr = np.asarray(addr, np.int64)
+    return ((addr + np.asarray(nbytes, np.int64) - 1) >> shift) - (addr >> shift) + 1
+
+
 def line_numbers(addr: np.ndarray, nbytes: np.ndarray, line: int) -> np.ndarray:
     """The line number of every line access, in the order the engine makes them."""
-    shift = line.bit_length() - 1
-    first = np.asarray(addr, np.int64) >> shift
-    count = ((np.asarray(addr, np.int64) + np.asarray(nbytes, np.int64) - 1) >> shift) - first + 1
+    first = np.asarray(addr, np.int64) >> (line.bit_length() - 1)
+    count = lines_per_access(addr, nbytes, line)
     starts = np.repeat(first - np.cumsum(count) + count, count)
     return starts + np.arange(int(count.sum()), dtype=np.int64)
 

@@ -36,9 +36,8 @@ import numpy as np
 from numba import njit
 
 from dsacache.errors import DsacacheError
-from dsacache.simulator.engine import line_numbers, next_use
-from dsacache.simulator.layouts import trace_layout
-from dsacache.simulator.stream import build_step, plan_replay, trace_shape
+from dsacache.simulator.engine import line_numbers, lines_per_access, next_use
+from dsacache.simulator.stream import build_step, layout_and_groups, plan_replay, trace_shape
 from dsacache.simulator.workload import CLASSES, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
 
@@ -514,9 +513,7 @@ def token_stream(
 
 def token_object_bytes(trace: Trace, layout: str | None = None) -> int:
     """Footprint of one token object: the layout's bytes per token and layer (per group)."""
-    groups = trace_shape(trace)[1]
-    lay = trace_layout(trace, layout)
-    lay.check_groups(groups)
+    lay, groups = layout_and_groups(trace, layout)
     return lay.selection_bytes(groups)
 
 
@@ -546,15 +543,13 @@ def line_stream(
     wl = replace(base, classes=tuple(classes))
     amap = plan_replay(trace, wl)
     counted = np.array([c in count for c in CLASSES])
-    shift = line.bit_length() - 1
     for rows in trace.iter_steps():
         rows = rows.take(rows.request < wl.batch)
         if not len(rows):
             continue
         chunk = build_step(amap, rows)
         lines = line_numbers(chunk.addr, chunk.nbytes, line)
-        per = ((chunk.addr + chunk.nbytes - 1) >> shift) - (chunk.addr >> shift) + 1
-        yield lines, np.repeat(counted[chunk.cls], per)
+        yield lines, np.repeat(counted[chunk.cls], lines_per_access(chunk.addr, chunk.nbytes, line))
 
 
 def token_mrc(

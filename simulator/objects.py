@@ -401,11 +401,9 @@ def object_keys(
     addr: np.ndarray, nbytes: np.ndarray, is_token: np.ndarray, line: int
 ) -> np.ndarray:
     """The key of every object access ``run_objects`` makes, in order (for ``next_use``)."""
-    from dsacache.simulator.engine import line_numbers
+    from dsacache.simulator.engine import line_numbers, lines_per_access
 
-    shift = line.bit_length() - 1
-    n_lines = ((addr + nbytes - 1) >> shift) - (addr >> shift) + 1
-    count = np.where(is_token, 1, n_lines)
+    count = np.where(is_token, 1, lines_per_access(addr, nbytes, line))
     pos = np.cumsum(count) - count
     keys = np.empty(int(count.sum()), np.int64)
     keys[pos[is_token]] = addr[is_token]

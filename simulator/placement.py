@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dsacache.errors import DsacacheError
-from dsacache.simulator.layouts import KVLayout, trace_layout
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -346,16 +345,6 @@ def place_rows(
     )
 
 
-def layout_and_groups(trace, layout: str | None = None) -> tuple[KVLayout, int]:
-    """The trace's KV layout (or ``layout``) and its number of KV groups per selection."""
-    from dsacache.simulator.stream import trace_shape
-
-    groups = trace_shape(trace)[1]
-    kv = trace_layout(trace, layout)
-    kv.check_groups(groups)
-    return kv, groups
-
-
 def request_lengths(trace, requests: Iterable[int] | None = None) -> dict[int, int]:
     """Each request's longest context (max position) over the whole trace."""
     out: dict[int, int] = {}
@@ -379,6 +368,8 @@ def iter_place(
     """Per decode step of ``trace``, the placement counts of its rows (requests
     ``0..requests-1`` if given). Bytes per token come from the layout (default: the trace's)."""
     placement.check()
+    from dsacache.simulator.stream import layout_and_groups
+
     kv, groups = layout_and_groups(trace, layout)
     bpt = kv.selection_bytes(groups)
     lengths = None

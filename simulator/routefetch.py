@@ -410,7 +410,7 @@ def model_for_trace(
     overrides: dict[str, float | str] | None = None,
 ) -> CostModel:
     """The cost model for a trace's architecture and layout on ``fabric``."""
-    from dsacache.simulator.placement import layout_and_groups
+    from dsacache.simulator.stream import layout_and_groups
 
     kv, groups = layout_and_groups(trace, layout)
     arch = resolve_arch(trace.model, kv, groups)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsacache.errors import DsacacheError
+from dsacache.simulator.layouts import KVLayout, trace_layout
 from dsacache.simulator.workload import CLASS_ID, AddressMap, Workload, page_tier
 from dsacache.traces import SelectionBatch, Trace
 
@@ -188,6 +189,15 @@ def trace_shape(trace: Trace) -> tuple[int, int, int, int]:
                 shape[3] = max(shape[3], int(part.position.max()))
     shape[0] = max(shape[0], int(trace.model.get("layers", 0)))
     return tuple(shape)
+
+
+def layout_and_groups(trace: Trace, layout: str | None = None) -> tuple[KVLayout, int]:
+    """The trace's KV layout (or ``layout``) and its number of KV groups per selection,
+    checked to fit each other."""
+    groups = trace_shape(trace)[1]
+    kv = trace_layout(trace, layout)
+    kv.check_groups(groups)
+    return kv, groups
 
 
 def plan_replay(trace: Trace, workload: Workload) -> AddressMap:

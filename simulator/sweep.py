@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from dsacache.errors import DsacacheError
+from dsacache.policies.base import split_plugin
 from dsacache.units import parse_size, parse_spec
 
 MANIFEST = "_sweep.json"  # leading "_": Parquet readers skip it when reading the directory
@@ -109,10 +110,8 @@ PARAMS: dict[str, Param] = {
 def _policy_with_reservation(policy: str, reservation: int) -> tuple[str, int]:
     """The effective policy spec of a cell and the reservation that applies to it. A plug-in
     policy (``file.py:name[:k=v]``) keeps its file, made absolute so workers find it."""
-    plugin = ""
-    if ".py:" in policy:
-        path, _, policy = policy.partition(".py:")
-        plugin = str(Path(path + ".py").resolve()) + ":"
+    path, policy = split_plugin(policy)
+    plugin = "" if path is None else str(path.resolve()) + ":"
     spec = parse_spec(policy, "policy")
     if spec.name != "reserve" or not reservation:
         return plugin + str(spec), 0
@@ -138,11 +137,9 @@ def cell_key(config: Mapping[str, Any], trace_id: str) -> str:
     """Stable 16-hex-digit key of a canonical configuration on a trace. A plug-in policy's
     file content is part of it, so an edited plug-in is replayed again on --resume."""
     extra = {}
-    policy = str(config.get("policy", ""))
-    if ".py:" in policy:
-        path = Path(policy.partition(".py:")[0] + ".py")
-        if path.exists():
-            extra["plugin_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    path, _ = split_plugin(str(config.get("policy", "")))
+    if path is not None and path.exists():
+        extra["plugin_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     blob = json.dumps({"trace": trace_id, **config, **extra}, sort_keys=True,
                       separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
