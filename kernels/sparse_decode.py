@@ -3,9 +3,8 @@
 - MLA (DeepSeek-V3.2, absorbed form): ``q`` ``[B, H, 576]`` (latent 512 + RoPE 64), every
   head reads the same selected tokens; keys are the whole 576-dim record, values its first
   512 dims. The cache is bf16 (1152 B/token) or DeepSeek-V3.2's fp8 layout (656 B/token,
-  ``paged.quantize_mla_fp8``): fp8 latents are converted in registers and their per-128
-  scales are applied to the scores (``q . (s k) = s (q . k)``) and to the probabilities
-  before the value product (``p . (s v) = (p s) . v``), so no dequantised tile is built.
+  ``paged.quantize_mla_fp8``): each tile of fp8 latents is dequantised once in registers
+  (times its per-128 scales, to bf16) and feeds both the score and the value product.
 - GQA (SmolLM2-135M: 9 query heads, 3 KV heads, head dim 64): one selection per request
   shared by all KV heads (``indices`` ``[B, k]`` or ``[B, 1, k]``) or one per KV head
   (``[B, kv_heads, k]``), as a trace's groups are.
@@ -13,8 +12,10 @@
 Only the selected tokens are gathered, through the page table (``indices`` hold token
 positions, -1 = none). For small batches the selected tokens are split over several programs
 (split-K); each writes a partial output and log-sum-exp, merged by ``dsa_merge_splits``.
-Each kernel sits beside its float32 torch reference. The KV loads take an optional L2
-eviction hint (``evict``: "", "evict_first", "evict_last").
+Each kernel sits beside its float32 torch reference. Tolerances against it (tests): outputs
+within 3e-2 (bf16 output and bf16 tensor-core products); LSE within 1e-3 for bf16 caches and
+2e-2 for fp8 ones (the dequantised tile is rounded to bf16 for the tensor cores). The KV
+loads take an optional L2 eviction hint (``evict``: "", "evict_first", "evict_last").
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dsacache.kernels.paged import (
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 128
+_LATENT = tl.constexpr(MLA_LATENT)  # a global a Triton kernel may read
 
 
 @triton.jit
@@ -73,23 +75,6 @@ def _finish(acc, m, den, out_ptr, offs, lse_ptr, rows, hm, WRITE_LSE: tl.constex
 
 
 @triton.jit
-def _mla_latent(kv_bf16, kv_u8, kv_f32, slot, valid, c, PART: tl.constexpr, IS_FP8: tl.constexpr,
-                EVICT: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """Latent part ``PART`` (128 values) of the selected tokens and its fp8 scale (1 for bf16)."""
-    if IS_FP8:
-        k = tl.load(kv_u8 + slot[:, None] * 656 + PART * 128 + c[None, :], mask=valid[:, None],
-                    other=0, eviction_policy=EVICT)  # fmt: skip
-        k = _dot_in(k.to(tl.float8e4nv, bitcast=True), UPCAST)
-        sc = tl.load(kv_f32 + slot * 164 + 128 + PART, mask=valid, other=0.0, eviction_policy=EVICT)
-    else:
-        k = tl.load(kv_bf16 + slot[:, None] * 576 + PART * 128 + c[None, :], mask=valid[:, None],
-                    other=0.0, eviction_policy=EVICT)  # fmt: skip
-        k = _dot_in(k, UPCAST)
-        sc = tl.full(slot.shape, 1.0, tl.float32)
-    return k, sc
-
-
-@triton.jit
 def dsa_mla_sparse_decode(
     q_ptr, kv_bf16, kv_u8, kv_f32, table_ptr, idx_ptr, out_ptr, lse_ptr,
     H, K_SEL, qk_scale, stride_qb, stride_qh, stride_tb, stride_ib,
@@ -105,63 +90,50 @@ def dsa_mla_sparse_decode(
     b = pid // n_hb
     h = (pid % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
-    c = tl.arange(0, 128)
+    c = tl.arange(0, _LATENT)
     r = tl.arange(0, 64)
     q_row = q_ptr + b * stride_qb + h[:, None] * stride_qh
-    qmask = hm[:, None]
-    q0 = _dot_in(tl.load(q_row + c[None, :], mask=qmask, other=0.0), UPCAST)
-    q1 = _dot_in(tl.load(q_row + 128 + c[None, :], mask=qmask, other=0.0), UPCAST)
-    q2 = _dot_in(tl.load(q_row + 256 + c[None, :], mask=qmask, other=0.0), UPCAST)
-    q3 = _dot_in(tl.load(q_row + 384 + c[None, :], mask=qmask, other=0.0), UPCAST)
-    qr = _dot_in(tl.load(q_row + 512 + r[None, :], mask=qmask, other=0.0), UPCAST)
+    q_lat = _dot_in(tl.load(q_row + c[None, :], mask=hm[:, None], other=0.0), UPCAST)
+    q_rope = _dot_in(tl.load(q_row + _LATENT + r[None, :], mask=hm[:, None], other=0.0), UPCAST)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_H], tl.float32)
-    acc0 = tl.zeros([BLOCK_H, 128], tl.float32)
-    acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc = tl.zeros([BLOCK_H, _LATENT], tl.float32)
     start = split * CHUNK
-    end = start + CHUNK
-    if end > K_SEL:
-        end = K_SEL
+    end = tl.minimum(start + CHUNK, K_SEL)
     for it in range(0, CHUNK // BLOCK_N):  # constexpr trip count (the interpreter needs it)
         n = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
         tok = tl.load(idx_ptr + b * stride_ib + n, mask=n < end, other=-1)
         valid = tok >= 0
         page = tl.load(table_ptr + b * stride_tb + tok // PAGE, mask=valid, other=0)
         slot = page.to(tl.int64) * PAGE + (tok % PAGE)
-        k0, sc0 = _mla_latent(kv_bf16, kv_u8, kv_f32, slot, valid, c, 0, IS_FP8, EVICT, UPCAST)
-        k1, sc1 = _mla_latent(kv_bf16, kv_u8, kv_f32, slot, valid, c, 1, IS_FP8, EVICT, UPCAST)
-        k2, sc2 = _mla_latent(kv_bf16, kv_u8, kv_f32, slot, valid, c, 2, IS_FP8, EVICT, UPCAST)
-        k3, sc3 = _mla_latent(kv_bf16, kv_u8, kv_f32, slot, valid, c, 3, IS_FP8, EVICT, UPCAST)
         if IS_FP8:
+            # [tokens, 4 groups, 128] fp8 latents times their group's fp32 scale: the tile is
+            # dequantised once in registers and feeds both products
+            g = tl.arange(0, 4)
+            e = tl.arange(0, 128)
+            k8 = tl.load(kv_u8 + slot[:, None, None] * 656 + g[None, :, None] * 128
+                         + e[None, None, :], mask=valid[:, None, None], other=0,
+                         eviction_policy=EVICT)  # fmt: skip
+            sc = tl.load(kv_f32 + slot[:, None] * 164 + 128 + g[None, :], mask=valid[:, None],
+                         other=0.0, eviction_policy=EVICT)  # fmt: skip
+            k = k8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc[:, :, None]
+            k = _dot_in(tl.reshape(k, (BLOCK_N, _LATENT)), UPCAST)
             rope = kv_bf16 + slot[:, None] * 328 + 264 + r[None, :]
         else:
-            rope = kv_bf16 + slot[:, None] * 576 + 512 + r[None, :]
-        kr = _dot_in(tl.load(rope, mask=valid[:, None], other=0.0, eviction_policy=EVICT), UPCAST)
-        s = tl.dot(qr, tl.trans(kr))
-        if IS_FP8:
-            s += tl.dot(q0, tl.trans(k0)) * sc0[None, :]
-            s += tl.dot(q1, tl.trans(k1)) * sc1[None, :]
-            s += tl.dot(q2, tl.trans(k2)) * sc2[None, :]
-            s += tl.dot(q3, tl.trans(k3)) * sc3[None, :]
-        else:
-            s = tl.dot(q0, tl.trans(k0), s)
-            s = tl.dot(q1, tl.trans(k1), s)
-            s = tl.dot(q2, tl.trans(k2), s)
-            s = tl.dot(q3, tl.trans(k3), s)
+            k = tl.load(kv_bf16 + slot[:, None] * 576 + c[None, :], mask=valid[:, None], other=0.0,
+                        eviction_policy=EVICT)  # fmt: skip
+            k = _dot_in(k, UPCAST)
+            rope = kv_bf16 + slot[:, None] * 576 + _LATENT + r[None, :]
+        k_rope = _dot_in(tl.load(rope, mask=valid[:, None], other=0.0, eviction_policy=EVICT),
+                         UPCAST)  # fmt: skip
+        s = tl.dot(q_rope, tl.trans(k_rope))
+        s = tl.dot(q_lat, tl.trans(k), s)
         s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
         p, alpha, m, den = _softmax_step(s, m, den)
-        acc0 = tl.dot(_dot_in(p * sc0[None, :], UPCAST), k0, acc0 * alpha[:, None])
-        acc1 = tl.dot(_dot_in(p * sc1[None, :], UPCAST), k1, acc1 * alpha[:, None])
-        acc2 = tl.dot(_dot_in(p * sc2[None, :], UPCAST), k2, acc2 * alpha[:, None])
-        acc3 = tl.dot(_dot_in(p * sc3[None, :], UPCAST), k3, acc3 * alpha[:, None])
+        acc = tl.dot(_dot_in(p, UPCAST), k, acc * alpha[:, None])
     row = (b * tl.num_programs(1) + split) * H + h
-    offs = row.to(tl.int64)[:, None] * 512 + c[None, :]
-    _finish(acc0, m, den, out_ptr, offs, lse_ptr, row, hm, True)
-    _finish(acc1, m, den, out_ptr, offs + 128, lse_ptr, row, hm, False)
-    _finish(acc2, m, den, out_ptr, offs + 256, lse_ptr, row, hm, False)
-    _finish(acc3, m, den, out_ptr, offs + 384, lse_ptr, row, hm, False)
+    _finish(acc, m, den, out_ptr, row.to(tl.int64)[:, None] * _LATENT + c[None, :], lse_ptr,
+            row, hm, True)  # fmt: skip
 
 
 @triton.jit
@@ -252,13 +224,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _plan_splits(work: int, k_sel: int, block_n: int, device: torch.device,
-                 num_splits: int | None) -> tuple[int, int]:  # fmt: skip
-    """(splits, tokens per split): about two programs per SM, but at least ``MIN_SPLIT_TOKENS``
-    tokens per split (each program also loads its query heads; very short splits spend more
-    on that and on the merge than on the KV)."""
+                 num_splits: int | None, per_sm: int) -> tuple[int, int]:  # fmt: skip
+    """(splits, tokens per split) for ``work`` programs before the split: enough splits for
+    one wave of ``per_sm`` programs per SM (no more: a second wave and the merge of more
+    partials cost more than they hide), but at least ``MIN_SPLIT_TOKENS`` tokens per split
+    (each program also loads its query heads)."""
     if num_splits is None:
         most = max(1, k_sel // max(block_n, MIN_SPLIT_TOKENS))
-        num_splits = max(1, min(-(-2 * _sm_count(device) // work), most))
+        num_splits = max(1, min(per_sm * _sm_count(device) // work, most))
     chunk = -(-k_sel // max(1, num_splits))
     chunk = -(-chunk // block_n) * block_n
     return max(1, -(-k_sel // chunk)), chunk
@@ -293,7 +266,7 @@ def mla_sparse_decode(
     evict: str = "",
     num_splits: int | None = None,
     block_h: int | None = None,
-    block_n: int = 32,
+    block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +274,7 @@ def mla_sparse_decode(
 
     ``q`` ``[B, H, 576]`` bf16; ``indices`` int32 ``[B, k]`` (or ``[B, 1, k]``) token
     positions, -1 = none; ``sm_scale`` multiplies ``q . k``. ``num_splits`` (split-K over the
-    k tokens) defaults to about two programs per SM.
+    k tokens) defaults to one wave of programs, one per SM.
     """
     bsz, h, d = q.shape
     if d != MLA_DIM:
@@ -310,7 +283,8 @@ def mla_sparse_decode(
     k_sel = indices.shape[1]
     block_h = block_h or min(64, max(16, _pow2(h)))
     n_hb = -(-h // block_h)
-    splits, chunk = _plan_splits(bsz * n_hb, k_sel, block_n, q.device, num_splits)
+    # a program holds a [BLOCK_H, 512] float32 accumulator: 8 warps fill an SM's registers
+    splits, chunk = _plan_splits(bsz * n_hb, k_sel, block_n, q.device, num_splits, per_sm=1)
     out, lse = _outputs(bsz, splits, h, MLA_LATENT, q.device)
     pool = cache.pool
     fp8 = cache.fp8
@@ -340,7 +314,7 @@ def gqa_sparse_decode(
     *,
     evict: str = "",
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +339,8 @@ def gqa_sparse_decode(
     indices = indices.contiguous()
     k_sel = indices.shape[2]
     group = hq // hkv
-    splits, chunk = _plan_splits(bsz * hkv, k_sel, block_n, q.device, num_splits)
+    # small programs, several resident per SM (3 per SM measured best on the H200)
+    splits, chunk = _plan_splits(bsz * hkv, k_sel, block_n, q.device, num_splits, per_sm=3)
     out, lse = _outputs(bsz, splits, hq, d, q.device)
     table = cache.pages.table
     scale = d**-0.5 if sm_scale is None else sm_scale

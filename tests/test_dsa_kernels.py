@@ -211,7 +211,9 @@ def test_mla_sparse_decode_matches_reference(fp8, splits):
     ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
     assert out.shape == (3, 8, 512) and out.dtype == torch.bfloat16 and lse.shape == (3, 8)
     torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
+    # fp8 tiles are dequantised to bf16 before the products (the reference keeps float32),
+    # so the scores carry bf16 rounding of the keys: LSE within 2e-2 instead of 1e-3
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=2e-2 if fp8 else 1e-3)
 
 
 def test_mla_sparse_decode_pads_heads_and_reads_only_selected_tokens():
