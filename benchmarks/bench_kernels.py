@@ -8,9 +8,10 @@ graph (``time_us_graph``: no launch overhead, but L2 warm across repetitions), t
 must move and its FLOPs, and its fraction of the roofline bound
 ``max(bytes / copy bandwidth, FLOPs / bf16 matmul peak)``, both peaks measured here
 (device-to-device copy of 2 GiB counting read + write; 8192^3 bf16 matmul). DeepSeek's
-FlashMLA sparse fp8 decode (``flash_mla`` from the ``tokenspeed-flashmla`` wheel) is timed
-as a reference row when it imports, and its output is compared with the Triton kernel's on
-the same cache bytes (``max_abs_diff``).
+FlashMLA sparse fp8 decode (``kernels/flashmla.py`` over the ``tokenspeed-flashmla`` wheel)
+is timed as a reference row when it imports, alone and as the decode step's attention
+(``decode_step_flashmla``), and its output is compared with the Triton kernel's on the same
+cache bytes (``max_abs_diff``).
 
 Writes ``bench_kernels.csv`` and ``.parquet`` (one row per kernel x config, GPU metadata
 in ``meta_*`` columns) and ``bench_kernels_meta.json`` to ``--out`` (default ``$OUT``).
@@ -37,6 +38,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from dsacache.kernels import paged  # noqa: E402
+from dsacache.kernels.flashmla import flashmla_available, flashmla_sparse_decode  # noqa: E402
 from dsacache.kernels.indexer import indexer_logits, select_topk  # noqa: E402
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode  # noqa: E402
 
@@ -72,41 +74,6 @@ def peaks() -> dict[str, float]:
     b = torch.randn((8192, 8192), device="cuda", dtype=torch.bfloat16)
     tm = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median") * 1e-3
     return {"copy_GBps": 2 * n / t / 1e9, "matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
-
-
-def flash_mla_runner(q, cache: paged.MLACache, sel, table):
-    """A callable running FlashMLA's sparse fp8 decode on our cache, or (None, reason)."""
-    try:
-        import flash_mla
-    except Exception as e:  # not installed / wrong CUDA or torch ABI
-        return None, f"import flash_mla failed: {e!r}"[:300]
-    valid = sel >= 0
-    page = table.gather(1, (sel.clamp_min(0) // 64).long()).long()
-    phys = torch.where(valid, page * 64 + sel.clamp_min(0) % 64, -1).to(torch.int32)
-    phys = phys[:, None, :].contiguous()  # [B, 1, k]: physical slots, as FlashMLA wants
-    q4 = q[:, None].contiguous()  # [B, 1, H, 576]
-    pool = cache.pool.view(cache.pool.shape[0], 64, 1, paged.MLA_FP8_BYTES)
-    errors = []
-    for kv in (pool.view(torch.float8_e4m3fn), pool):
-        meta, _ = flash_mla.get_mla_metadata()
-
-        def run(kv=kv, meta=meta):
-            return flash_mla.flash_mla_with_kvcache(
-                q4, kv, None, None, 512, meta, None, softmax_scale=SCALE, is_fp8_kvcache=True,
-                indices=phys,
-            )  # fmt: skip
-
-        try:
-            run()
-            torch.cuda.synchronize()
-            return run, ""
-        except Exception as e:
-            errors.append(f"{kv.dtype}: {e!r}"[:300])
-    import inspect
-
-    sig = str(inspect.signature(flash_mla.flash_mla_with_kvcache))
-    print(f"FlashMLA call failed; signature {sig}; errors {errors}", file=sys.stderr)
-    return None, "; ".join(errors)
 
 
 def bench(args) -> list[dict]:
@@ -154,6 +121,8 @@ def bench_config(bsz: int, ctx: int, caches, pk: dict, gen, args) -> list[dict]:
     mla_flops = 2 * bsz * MLA_HEADS * K * (576 + 512)
     idx_bytes = bsz * K * 4 + bsz * (ctx // 64) * 4
     mla8_bytes = bsz * K * 656 + q_b + out_b + idx_bytes
+    step_bytes = bsz * ctx * (132 + 8) + bsz * K * 656 + q_b + out_b
+    step_flops = mla_flops + 2 * bsz * ctx * INDEX_HEADS * 128
 
     def step():
         sel = select_topk(indexer_logits(qi, w, ic, cl, ctx), cl, K, 4, 64)
@@ -170,9 +139,7 @@ def bench_config(bsz: int, ctx: int, caches, pk: dict, gen, args) -> list[dict]:
         ("gqa_sparse_triton", "gqa-bf16", lambda: gqa_sparse_decode(qg, gc, sel),
          bsz * K * 768 + bsz * GQA_HEADS * (GQA_DIM * 4 + 4) + idx_bytes,
          2 * bsz * GQA_HEADS * K * 2 * GQA_DIM),
-        ("decode_step_triton", "mla-fp8", step,
-         bsz * ctx * (132 + 8) + bsz * K * 656 + q_b + out_b,
-         mla_flops + 2 * bsz * ctx * INDEX_HEADS * 128),
+        ("decode_step_triton", "mla-fp8", step, step_bytes, step_flops),
     ]  # fmt: skip
     if bf16 is not None:
         mc16 = paged.MLACache(bf16.pool, pt)
@@ -184,16 +151,23 @@ def bench_config(bsz: int, ctx: int, caches, pk: dict, gen, args) -> list[dict]:
                       lambda h=hint: mla_sparse_decode(qm, mc8, sel, SCALE, evict=h),
                       mla8_bytes, mla_flops))  # fmt: skip
     extra: dict[str, dict] = {}
-    if not args.no_flashmla:
-        run, why = flash_mla_runner(qm, mc8, sel, pt.table)
-        if run is not None:
-            ours = mla_sparse_decode(qm, mc8, sel, SCALE)[0].float()
-            theirs = run()[0][:, 0].float()
-            diff = float((ours - theirs).abs().max())
-            cases.append(("flash_mla_sparse_fp8", "mla-fp8", run, mla8_bytes, mla_flops))
-            extra["flash_mla_sparse_fp8"] = {"max_abs_diff": diff}
-        else:
-            extra["note"] = {"flash_mla": why}
+    why = "skipped (--no-flashmla)" if args.no_flashmla else flashmla_available()
+    if why is None:
+
+        def step_flashmla():
+            sel = select_topk(indexer_logits(qi, w, ic, cl, ctx), cl, K, 4, 64)
+            return flashmla_sparse_decode(qm, mc8, sel, SCALE)
+
+        ours = mla_sparse_decode(qm, mc8, sel, SCALE)[0].float()
+        theirs = flashmla_sparse_decode(qm, mc8, sel, SCALE)[0].float()
+        extra["flash_mla_sparse_fp8"] = {"max_abs_diff": float((ours - theirs).abs().max())}
+        cases += [
+            ("flash_mla_sparse_fp8", "mla-fp8", lambda: flashmla_sparse_decode(qm, mc8, sel, SCALE),
+             mla8_bytes, mla_flops),
+            ("decode_step_flashmla", "mla-fp8", step_flashmla, step_bytes, step_flops),
+        ]  # fmt: skip
+    else:
+        extra["note"] = {"flash_mla": why}
     rows = []
     for name, layout, fn, nbytes, flops in cases:
         try:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsacache.kernels.flashmla import flashmla_sparse_decode
 from dsacache.kernels.indexer import indexer_logits, select_topk
 from dsacache.kernels.paged import (
     MLA_DIM,
@@ -43,6 +44,7 @@ from dsacache.kernels.paged import (
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
 
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
+BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
 DEEPSEEK_SM_SCALE = (128 + 64) ** -0.5  # DeepSeek-V3.2: qk head dim 192 before absorption
 
 
@@ -87,6 +89,7 @@ def decode_step(
     max_context: int | None = None,
     selection: torch.Tensor | None = None,
     attn_options: dict[str, Any] | None = None,
+    backend: str = "triton",
 ) -> StepOutput:
     """Indexer -> top-k -> sparse attention for one layer and a batch (no host sync).
 
@@ -94,15 +97,23 @@ def decode_step(
     ``q_attn``: ``[B, H, 576]`` (MLA) or ``[B, HQ, D]`` (GQA) bf16; ``context_lens`` int32
     ``[B]`` on the device (tokens each request has cached). The indexer always runs (its key
     reads are part of the step); ``selection`` (int32 ``[B, k]`` / ``[B, G, k]``, -1 padded)
-    replaces its top-k, e.g. with a trace's selection.
+    replaces its top-k, e.g. with a trace's selection. ``backend="flashmla"`` runs the sparse
+    attention with DeepSeek's FlashMLA (fp8 MLA caches, no L2 hints; ``kernels/flashmla.py``).
     """
     logits = indexer_logits(
         q_index, index_weights, caches.index, context_lens, max_context, evict=hints.index
     )
     if selection is None:
         selection = select_topk(logits, context_lens, k, sink, window)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     opts = attn_options or {}
-    if isinstance(caches.kv, MLACache):
+    if backend == "flashmla":
+        if not isinstance(caches.kv, MLACache) or hints.kv or opts:
+            raise ValueError("backend flashmla: fp8 MLA caches only, no KV hints or options")
+        scale = DEEPSEEK_SM_SCALE if sm_scale is None else sm_scale
+        out, lse = flashmla_sparse_decode(q_attn, caches.kv, selection, scale)
+    elif isinstance(caches.kv, MLACache):
         scale = DEEPSEEK_SM_SCALE if sm_scale is None else sm_scale
         out, lse = mla_sparse_decode(q_attn, caches.kv, selection, scale, evict=hints.kv, **opts)
     else:
@@ -236,6 +247,7 @@ class RunResult:
     batch: int
     layout: str
     seconds: float
+    backend: str = "triton"
     step_seconds: list[float] = field(default_factory=list)
     index_bytes: int = 0  # indexer key bytes read (all steps and layers)
     kv_bytes: int = 0  # KV bytes gathered
@@ -285,6 +297,7 @@ def run_trace(
     heads: int | None = None,
     capture: str | None = None,
     attn_options: dict[str, Any] | None = None,
+    backend: str = "triton",
 ) -> RunResult:
     """Run ``steps`` decode steps of ``trace`` (a path or an opened trace) through the kernels.
 
@@ -293,12 +306,20 @@ def run_trace(
     attention gathers the trace's selection (``use_trace_selection``) or the indexer's top-k
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
-    the indices the attention kernels read to a new trace at that path.
+    the indices the attention kernels read to a new trace at that path. ``backend``: the
+    sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     """
     from dsacache.traces import TraceWriter, open_trace
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "flashmla" and (layout != "mla-fp8" or hints.kv):
+        raise ValueError(
+            f"backend flashmla runs the mla-fp8 layout without KV hints, got layout {layout!r}"
+            + (f" and KV hint {hints.kv!r}" if hints.kv else "")
+        )
     tr = open_trace(trace) if not hasattr(trace, "iter_steps") else trace
     model, totals = tr.model, tr.manifest.get("totals", {})
     requests = max(1, int(totals.get("requests", 1)))
@@ -340,12 +361,13 @@ def run_trace(
         from dsacache.kernels.ncu import device_metadata
 
         meta = {"tool": "dsacache.kernels.decode_step", "layout": layout, "batch": batch,
+                "backend": backend,
                 "hints": {"index": hints.index, "kv": hints.kv},
                 "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
         writer = TraceWriter(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta)
         cap = IndexCapture(writer)
-    result = RunResult(0, n_layers, batch, layout, 0.0, capture=capture)
+    result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     sync()
@@ -373,7 +395,7 @@ def run_trace(
                     q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
                     window=window, hints=hints, max_context=max_ctx,
                     selection=sel_all[layer] if use_trace_selection else None,
-                    attn_options=attn_options,
+                    attn_options=attn_options, backend=backend,
                 )  # fmt: skip
                 if cap is not None:
                     cap.add(layer, res.indices)
@@ -412,12 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--indexer-topk", action="store_true", help="attend to the indexer's top-k")
     p.add_argument("--capture", default=None, help="write the indices read to this trace")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--backend", choices=BACKENDS, default="triton", help="sparse attention kernel")
     args = p.parse_args(argv)
     res = run_trace(
         args.trace, layout=args.layout, batch=args.batch, steps=args.steps, layers=args.layers,
         heads=args.heads, hints=Hints(args.index_evict, args.kv_evict), device=args.device,
         page_order=args.page_order, use_trace_selection=not args.indexer_topk,
-        capture=args.capture,
+        capture=args.capture, backend=args.backend,
     )  # fmt: skip
     summary = asdict(res)
     summary.pop("step_seconds")
