@@ -1,17 +1,21 @@
 """LRU: evict the line used least recently (per set).
 
-Each set keeps all its ways in a doubly-linked recency list: ``line_state`` holds every way's
-previous way (first half) and next way (second half), ``set_state`` each set's head = most
-recent (first half) and tail = least recent (second half). Hits, fills and the victim choice
-are O(1) at any associativity. The list starts as ways 0..ways-1; the engine fills ways in
-that order and moves each filled way to the front, so ways never filled stay behind every
-filled one and the tail is a true LRU victim once the set is full.
+Sets of up to 16 ways keep their recency order packed in one int64 of ``set_state``: nibble
+``k`` is the way of recency rank ``k`` (0 = most recent), so a hit, a fill and the victim are
+a few register operations on one word. Larger sets keep a doubly-linked recency list (which
+FIFO, SIEVE, hints and plug-ins reuse): ``line_state`` holds every way's previous way (first
+half) and next way (second half), ``set_state`` each set's head = most recent (first half)
+and tail = least recent (second half); O(1) at any associativity. Both orders start as ways
+0..ways-1; the engine fills ways in that order and moves each filled way to the front, so ways
+never filled stay behind every filled one and the last is a true LRU victim once the set is
+full.
 """
 
 import numpy as np
 from numba import njit
 
 from dsacache.policies.base import PolicyType, register
+from dsacache.simulator.engine import ctz
 
 
 @njit(inline="always")
@@ -54,15 +58,54 @@ def tail(line_state, set_state, glob, s, ways, clock, params):
     return set_state[set_state.shape[0] // 2 + s]
 
 
+PACKED_WAYS = 16
+_NIBBLES_7 = 0x7777777777777777
+_NIBBLES_8 = -0x7777777777777778  # 0x8888888888888888 as a signed 64-bit integer
+_NIBBLES_1 = 0x1111111111111111
+_IDENTITY = -0x0123456789ABCDF0  # 0xFEDCBA9876543210: way k at rank k
+
+
+@njit(inline="always")
+def packed_to_front(order, way):
+    """``order`` (ways as nibbles by recency rank) with ``way`` moved to rank 0."""
+    x = order ^ (way * _NIBBLES_1)  # way's nibble becomes 0
+    rank = ctz(~(((x & _NIBBLES_7) + _NIBBLES_7) | x) & _NIBBLES_8) >> 2  # exact zero-nibble test
+    below = (np.int64(1) << (4 * rank)) - 1
+    return (order & ~((below << 4) | 15)) | ((order & below) << 4) | way
+
+
+@njit(inline="always")
+def lru_init(line_state, set_state, glob, n_sets, ways, params):
+    if ways > PACKED_WAYS:
+        init(line_state, set_state, glob, n_sets, ways, params)
+    else:
+        set_state[:n_sets] = _IDENTITY
+
+
+@njit(inline="always")
+def lru_touch(line_state, set_state, glob, s, way, ways, clock, params):
+    if ways > PACKED_WAYS:
+        to_front(line_state, set_state, glob, s, way, ways, clock, params)
+    else:
+        set_state[s] = packed_to_front(set_state[s], way)
+
+
+@njit(inline="always")
+def lru_victim(line_state, set_state, glob, s, ways, clock, params):
+    if ways > PACKED_WAYS:
+        return tail(line_state, set_state, glob, s, ways, clock, params)
+    return (set_state[s] >> (4 * (ways - 1))) & 15
+
+
 LRU = register(
     PolicyType(
         name="lru",
         description="least recently used line in the set is evicted",
-        init=init,
-        on_hit=to_front,
-        on_fill=to_front,
-        victim=tail,
-        line_dtype=np.int32,
+        init=lru_init,
+        on_hit=lru_touch,
+        on_fill=lru_touch,
+        victim=lru_victim,
+        line_dtype=np.int64,
         line_words=2,
         set_words=2,
     )
