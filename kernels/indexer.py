@@ -7,7 +7,9 @@ For one query token per request, token ``t`` of request ``b`` scores
 (64 indexer heads of dim 128 in DeepSeek-V3.2; keys fp8 e4m3 with one fp32 scale per token;
 ``scale * ReLU(x) = ReLU(scale * x)`` since scales are positive). The Triton kernel reads the
 paged keys (``paged.IndexKeyCache``) one 64-token page per step: a page's keys are one 8 KiB
-block, the loads carry an optional L2 eviction hint. ``select_topk`` then keeps the k best
+block, the loads carry an optional L2 eviction hint. The key dim ``D`` is 128 by default; any
+power of two >= 16 works (the lightning indexer distilled for SmolLM2 has 32-dim keys), with
+the same page layout (keys block, then scales). ``select_topk`` then keeps the k best
 tokens per request in torch, with the first ``sink`` and last ``window`` tokens forced in.
 """
 
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsacache.kernels.paged import INDEX_BYTES, INDEX_DIM, IndexKeyCache
+from dsacache.kernels.paged import IndexKeyCache, check_index_dim
 
 INTERPRET = bool(triton.knobs.runtime.interpret)  # decided when the kernels are decorated
 EVICT_POLICIES = ("", "evict_first", "evict_last")
@@ -95,14 +97,16 @@ def indexer_logits(
 ) -> torch.Tensor:
     """Indexer logits ``[B, max_context]`` float32 (-inf past each request's context).
 
-    ``q`` ``[B, H, 128]`` (bf16), ``weights`` ``[B, H]`` (per-head weights, any float),
-    ``context_lens`` int32 ``[B]`` on the device. ``max_context`` defaults to the page
-    table's capacity (pass it to avoid scoring empty pages). ``evict`` is the L2 hint of the
-    key loads ("", "evict_first", "evict_last").
+    ``q`` ``[B, H, D]`` (bf16; D = the cache's key dim, 128 for DeepSeek-V3.2, any power of
+    two >= 16), ``weights`` ``[B, H]`` (per-head weights, any float), ``context_lens`` int32
+    ``[B]`` on the device. ``max_context`` defaults to the page table's capacity (pass it to
+    avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
+    "evict_last").
     """
     b, h, d = q.shape
-    if d != INDEX_DIM or cache.pool.shape[1] != cache.pages.page_size * INDEX_BYTES:
-        raise ValueError(f"indexer keys are {INDEX_DIM}-dim fp8 (+ fp32 scale) per token")
+    check_index_dim(d)
+    if d != cache.dim:
+        raise ValueError(f"indexer queries have {d} dims but the cached keys {cache.dim}")
     pt = cache.pages
     max_context = pt.capacity if max_context is None else max_context
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
@@ -135,7 +139,7 @@ def indexer_logits_reference(
     for b, n in enumerate(ctx):
         if n == 0:
             continue
-        keys = cache.keys(b, torch.arange(n)).to(q.device)  # [n, 128] float32
+        keys = cache.keys(b, torch.arange(n)).to(q.device)  # [n, D] float32
         s = torch.relu(q[b].float() @ keys.T) * weights[b].float()[:, None]
         out[b, :n] = s.sum(0)
     return out

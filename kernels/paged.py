@@ -9,7 +9,9 @@ Layouts (bytes per token per layer, as ``simulator/layouts.py`` counts them):
 - Indexer keys (lightning indexer): 128 fp8 e4m3 values and one fp32 scale per token, 132 B.
   A page is ``[64 * 132]`` uint8 stored key-major: the 64 keys (64 x 128 B) first, then the 64
   scales (64 x 4 B), so a page's keys are one contiguous 8 KiB block (as DeepGEMM's paged
-  MQA-logits kernels read them).
+  MQA-logits kernels read them). Other key dims ``D`` (a power of two >= 16, e.g. the 32-dim
+  keys of the lightning indexer distilled for SmolLM2) keep this layout: ``[64 * (D + 4)]``
+  per page, keys block then scales.
 - GQA K/V (SmolLM2-135M: 3 KV heads x 64 dims): two pools ``[num_pages, 64, kv_heads,
   head_dim]`` bf16 (vLLM's arrangement): 2 x 3 x 64 x 2 = 768 B.
 
@@ -32,7 +34,7 @@ MLA_DIM = MLA_LATENT + MLA_ROPE  # 576: q and k head dim of DeepSeek's absorbed 
 FP8_GROUP = 128  # latent values per fp32 scale
 MLA_BF16_BYTES = MLA_DIM * 2  # 1152
 MLA_FP8_BYTES = MLA_LATENT + 4 * (MLA_LATENT // FP8_GROUP) + 2 * MLA_ROPE  # 656
-INDEX_DIM = 128
+INDEX_DIM = 128  # DeepSeek-V3.2's indexer key dim (the default; any power of two >= 16 works)
 INDEX_BYTES = INDEX_DIM + 4  # 132
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 PAGE_ORDERS = ("contiguous", "shuffled")
@@ -154,11 +156,27 @@ def dequantize_mla_fp8(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([latent, rope], dim=-1)
 
 
+def check_index_dim(dim: int) -> int:
+    """Return ``dim`` if it is a valid indexer key dim (a power of two >= 16, what the Triton
+    kernel's ``tl.dot`` takes), else raise ``ValueError``."""
+    if not isinstance(dim, int) or dim < 16 or dim & (dim - 1):
+        raise ValueError(
+            f"indexer keys must have a power-of-two dim >= 16 (DeepSeek-V3.2: {INDEX_DIM}), "
+            f"got {dim}"
+        )
+    return dim
+
+
+def index_bytes(dim: int = INDEX_DIM) -> int:
+    """Bytes per token of an indexer key cache with ``dim``-dim keys (fp8 values + fp32 scale)."""
+    return check_index_dim(dim) + 4
+
+
 def quantize_index_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexer keys ``[..., 128]`` -> (fp8 e4m3 values as uint8 ``[..., 128]``, fp32 scale
-    ``[...]``), one scale per token (``key = fp8 * scale``)."""
-    if keys.shape[-1] != INDEX_DIM:
-        raise ValueError(f"indexer keys have {INDEX_DIM} values, got {keys.shape[-1]}")
+    """Indexer keys ``[..., D]`` (D = 128 in DeepSeek-V3.2; any power of two >= 16) -> (fp8
+    e4m3 values as uint8 ``[..., D]``, fp32 scale ``[...]``), one scale per token
+    (``key = fp8 * scale``)."""
+    check_index_dim(keys.shape[-1])
     scale = _fp8_scale(keys.float().abs().amax(-1))
     q = (keys.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(torch.uint8), scale
@@ -193,21 +211,31 @@ class MLACache:
 
 @dataclass
 class IndexKeyCache:
-    """One layer's indexer keys: uint8 ``[P, 64 * 132]`` (64 fp8 keys, then 64 fp32 scales)."""
+    """One layer's indexer keys: uint8 ``[P, 64 * (D + 4)]`` (64 fp8 keys, then 64 fp32
+    scales); ``D`` = 128 (132 bytes per token) for DeepSeek-V3.2."""
 
     pool: torch.Tensor
     pages: PageTable
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fp8 values as uint8 ``[P, 64, 128]``, fp32 scales ``[P, 64]``) viewing the pool."""
+    @property
+    def dim(self) -> int:
+        """Key dim ``D`` (from the pool's width)."""
+        width = self.pool.shape[1]
         page = self.pages.page_size
-        p = self.pool.shape[0]
-        values = self.pool[:, : page * INDEX_DIM].view(p, page, INDEX_DIM)
-        scales = self.pool[:, page * INDEX_DIM :].view(torch.float32)
+        if width % page:
+            raise ValueError(f"indexer key pool width {width} is not a multiple of {page}")
+        return check_index_dim(width // page - 4)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp8 values as uint8 ``[P, 64, D]``, fp32 scales ``[P, 64]``) viewing the pool."""
+        page = self.pages.page_size
+        p, d = self.pool.shape[0], self.dim
+        values = self.pool[:, : page * d].view(p, page, d)
+        scales = self.pool[:, page * d :].view(torch.float32)
         return values, scales
 
     def keys(self, b: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Float32 ``[n, 128]`` keys of request ``b``'s tokens (dequantised)."""
+        """Float32 ``[n, D]`` keys of request ``b``'s tokens (dequantised)."""
         values, scales = self.views()
         v = from_pages(values, self.pages, b, tokens)
         s = from_pages(scales.unsqueeze(-1), self.pages, b, tokens)[:, 0]
@@ -239,15 +267,17 @@ def build_mla_cache(rows: Sequence[torch.Tensor], pt: PageTable, fp8: bool) -> M
 
 
 def build_index_cache(keys: Sequence[torch.Tensor], pt: PageTable) -> IndexKeyCache:
-    """Indexer key cache from per-request keys ``keys[b]`` ``[L_b, 128]``."""
+    """Indexer key cache from per-request keys ``keys[b]`` ``[L_b, D]`` (D = 128 for
+    DeepSeek-V3.2; any power of two >= 16)."""
     page = pt.page_size
+    dim = check_index_dim(int(keys[0].shape[-1]))
     quant = [quantize_index_keys(k) for k in keys]
-    values = to_pages([v for v, _ in quant], pt)  # [P, page, 128] uint8
+    values = to_pages([v for v, _ in quant], pt)  # [P, page, D] uint8
     scales = to_pages([s for _, s in quant], pt)  # [P, page] float32
     pool = torch.cat(
         [values.reshape(pt.num_pages, -1), scales.contiguous().view(torch.uint8)], dim=1
     )
-    assert pool.shape[1] == page * INDEX_BYTES
+    assert pool.shape[1] == page * index_bytes(dim)
     return IndexKeyCache(pool.contiguous(), pt)
 
 
@@ -280,18 +310,19 @@ def random_mla_cache(
 
 
 def random_index_cache(
-    pt: PageTable, *, seed: int = 0, device: torch.device | str = "cpu", chunk_pages: int = 4096
-) -> IndexKeyCache:
-    """An indexer key cache of random keys filling every page (for benchmarks)."""
+    pt: PageTable, *, seed: int = 0, device: torch.device | str = "cpu", chunk_pages: int = 4096,
+    dim: int = INDEX_DIM,
+) -> IndexKeyCache:  # fmt: skip
+    """An indexer key cache of random ``dim``-dim keys filling every page (for benchmarks)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     page = pt.page_size
-    pool = torch.empty((pt.num_pages, page * INDEX_BYTES), dtype=torch.uint8, device=device)
+    pool = torch.empty((pt.num_pages, page * index_bytes(dim)), dtype=torch.uint8, device=device)
     for p0 in range(0, pt.num_pages, chunk_pages):
         p1 = min(p0 + chunk_pages, pt.num_pages)
-        x = torch.randn((p1 - p0, page, INDEX_DIM), generator=gen, device=device)
+        x = torch.randn((p1 - p0, page, dim), generator=gen, device=device)
         v, s = quantize_index_keys(x)
-        pool[p0:p1, : page * INDEX_DIM] = v.reshape(p1 - p0, -1)
-        pool[p0:p1, page * INDEX_DIM :] = s.view(torch.uint8)
+        pool[p0:p1, : page * dim] = v.reshape(p1 - p0, -1)
+        pool[p0:p1, page * dim :] = s.view(torch.uint8)
     return IndexKeyCache(pool, pt)
 
 
@@ -316,7 +347,10 @@ def append_mla(cache: MLACache, context_lens: torch.Tensor, kv: torch.Tensor) ->
 
 
 def append_index_keys(cache: IndexKeyCache, context_lens: torch.Tensor, keys: torch.Tensor) -> None:
-    """Write each request's new indexer key ``keys[b]`` ``[128]`` at ``context_lens[b]``."""
+    """Write each request's new indexer key ``keys[b]`` ``[D]`` at ``context_lens[b]`` (a
+    device-side scatter, no host sync)."""
+    if keys.shape[-1] != cache.dim:
+        raise ValueError(f"new indexer keys have {keys.shape[-1]} dims, the cache {cache.dim}")
     slots = _append_slots(cache.pages, context_lens)
     values, scales = cache.views()
     v, s = quantize_index_keys(keys)
