@@ -63,6 +63,14 @@ import click
 )
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option(
+    "--backend",
+    type=click.Choice(["auto", "eager", "triton"]),
+    default="auto",
+    show_default=True,
+    help="Sparse decode through dsacache's Triton DSA kernels (triton) or eager torch; auto: "
+    "triton on a CUDA device, eager otherwise.",
+)
+@click.option(
     "--out", required=True, type=click.Path(), help="Output trace directory (NAME.dsatrace)."
 )
 @click.option(
@@ -82,6 +90,8 @@ def capture(out, force, resume, quiet, texts, **settings) -> None:
     The prompt is prefilled densely; at every decode step each layer attends only to the k
     tokens the oracle indexer picks (most true attention mass, plus --sink first and --window
     last tokens). Also reports how often the sparse model's next token equals the dense one.
+    On a GPU (--device cuda) the sparse steps run through the Triton DSA kernels (paged KV,
+    device top-k, indexer and sparse attention kernels); --backend eager keeps torch.
 
     \b
     Example:
@@ -115,6 +125,7 @@ def capture(out, force, resume, quiet, texts, **settings) -> None:
     click.echo(f"attention mass held by the selection: {result.mass_recall:.3f} (mean)")
     if result.indexer_recall is not None:
         click.echo(f"lightning indexer recall of the oracle top-k: {result.indexer_recall:.3f}")
+    click.echo(f"backend: {result.backend}")
     t = result.timing_s
     click.echo(
         f"time: load {t['load_and_prompts']:.1f} s, prefill {t['prefill']:.1f} s, "

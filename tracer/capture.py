@@ -11,6 +11,11 @@ Beside the sparse decode runs a dense reference on the same tokens (teacher-forc
 sparse model's tokens, its own dense KV cache): the share of steps where both pick the same
 next token is the manifest's ``agreement``. Up to the first disagreement of a request, the
 sparse and a free-running dense greedy decode produce identical text.
+
+``backend`` says what computes the sparse steps: ``eager`` (torch, float32; the CPU path and
+the test oracle) or ``triton`` (dsacache's Triton DSA kernels: paged bf16 K/V mirror, device
+top-k, the lightning indexer's logits kernel, sparse GQA decode; see ``kernel_attention``);
+``auto`` takes ``triton`` on a CUDA device. The manifest's ``capture.backend`` records it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ import torch
 
 from dsacache.errors import DsacacheError
 from dsacache.tracer.indexers import INDEXERS, OracleConfig
+from dsacache.tracer.kernel_attention import (
+    BACKENDS,
+    TIE_ATOL,
+    TIE_RTOL,
+    KernelAttention,
+    resolve_backend,
+)
 from dsacache.tracer.models import Backbone, load_backbone, resolve_model
 from dsacache.tracer.sparse import SparseAttention
 from dsacache.tracer.texts import default_sources, file_source, make_prompts
@@ -56,6 +68,7 @@ class CaptureConfig:
     device: str = "cpu"
     indexer_weights: str = ""  # lightning: trained weights (dsacache train-indexer)
     scores: bool = True  # record each selected token's indexer score (2 bytes per index)
+    backend: str = "auto"  # eager, triton (Triton DSA kernels) or auto (triton on CUDA)
 
     def oracle(self) -> OracleConfig:
         """The indexer's parameters."""
@@ -90,6 +103,11 @@ class CaptureConfig:
             raise DsacacheError(f"unknown device {self.device!r}; use cpu or cuda[:N]") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise DsacacheError(f"device {self.device!r}: this torch sees no CUDA GPU; use cpu")
+        if self.backend not in BACKENDS:
+            raise DsacacheError(
+                f"unknown backend {self.backend!r}; choose one of: {', '.join(BACKENDS)}"
+            )
+        resolve_backend(self.backend, self.device)
 
 
 @dataclass
@@ -104,6 +122,8 @@ class CaptureResult:
     mass_recall: float
     timing_s: dict[str, float] = field(default_factory=dict)
     indexer_recall: float | None = None  # lightning: share of the oracle's top-k it picked
+    backend: str = "eager"  # the backend that ran (auto resolved)
+    check: dict[str, Any] | None = None  # check=True: kernels vs eager on the same inputs
 
 
 def _device_name(device: str) -> str:
@@ -161,15 +181,11 @@ class _Forward:
 def _step_rows(
     attn: SparseAttention, layers: int, step: int, position: int, scores: bool = True
 ) -> SelectionBatch:
-    """One decode step's rows, ordered layer, request, group."""
-    missing = [layer for layer in range(layers) if layer not in attn.selections]
-    if missing or attn.calls != layers:
-        raise DsacacheError(
-            f"the model ran {attn.calls} attention calls for {layers} layers (no selection for "
-            f"layers {missing[:5]}); capture needs one standard attention per layer"
-        )
-    sel = torch.stack([attn.selections[layer] for layer in range(layers)]).numpy()
-    picked = torch.stack([attn.scores[layer] for layer in range(layers)]).float().numpy()
+    """One decode step's rows, ordered layer, request, group (the step's per-layer results
+    come to the host once, ``attn.collect``; they stay in ``attn.host``)."""
+    attn.host = attn.collect(layers)
+    sel = attn.host["selections"]
+    picked = attn.host["scores"]
     n_layer, batch, groups, kk = sel.shape
     rows = n_layer * batch * groups
     return SelectionBatch(
@@ -195,7 +211,10 @@ def _resumable(out: str | os.PathLike, cfg: CaptureConfig) -> dict[str, Any] | N
     if trace.complete:
         raise DsacacheError(f"{out} is already complete; nothing to resume")
     meta = trace.manifest.get("capture", {})
-    if meta.get("config") != json.loads(json.dumps(asdict(cfg))):
+    mine = json.loads(json.dumps(asdict(cfg)))
+    if "backend" not in (meta.get("config") or {}):  # captured before backends existed
+        mine.pop("backend")
+    if meta.get("config") != mine:
         raise DsacacheError(f"{out} was captured with other settings; cannot resume it with these")
     return meta
 
@@ -231,13 +250,16 @@ def capture_trace(
     command: str | None = None,
     backbone: Backbone | None = None,
     part_rows: int = 65536,
+    check: bool = False,
 ) -> CaptureResult:
     """Decode ``cfg.requests`` real-text prompts with oracle sparse attention; write the trace.
 
     ``resume=True`` continues an interrupted capture at ``out`` with the same settings: the
     decode is deterministic and the KV cache is not checkpointed, so it decodes again from the
     prompt but writes only the rows the trace does not hold yet (after checking that the last
-    finished step comes out identical)."""
+    finished step comes out identical). ``check=True`` (triton backend) also recomputes every
+    sparse layer's eager selection and attention on the same inputs and reports the agreement
+    per layer (``CaptureResult.check``, manifest ``capture.kernel_check``)."""
     cfg.check()
     previous = _resumable(out, cfg) if resume else None
     if Path(out).exists() and not overwrite and previous is None:
@@ -260,6 +282,12 @@ def capture_trace(
 
     model = backbone.model
     device = next(model.parameters()).device
+    backend = resolve_backend(cfg.backend, device)
+    if check and backend != "triton":
+        raise DsacacheError("check=True compares the triton backend with eager; use backend triton")
+    kernels = None
+    if backend == "triton":
+        kernels = KernelAttention(cfg.requests, cfg.prompt_tokens + cfg.steps, device)
     ids = torch.tensor([p.ids for p in prompts], dtype=torch.long, device=device)
     oracle = cfg.oracle()
     forward = _Forward(model)
@@ -280,7 +308,18 @@ def capture_trace(
             "position": "cached tokens at the step = prompt_tokens + step",
         },
         "prompts": prompt_meta,
+        "backend": {
+            "name": backend,
+            "requested": cfg.backend,
+            **(kernels.manifest() if kernels is not None else {}),
+        },
     }
+    if backend == "triton":
+        capture_meta["backend"]["kernels"] = (
+            "kernels.indexer.select_topk (top-k, sink/window), "
+            + ("kernels.indexer.indexer_logits (fp8 keys), " if cfg.indexer == "lightning" else "")
+            + "kernels.sparse_decode.gqa_sparse_decode"
+        )
     if previous is not None:
         if previous.get("prompts") != json.loads(json.dumps(prompt_meta)):
             raise DsacacheError(f"{out}: its prompts differ from this run's; cannot resume it")
@@ -299,11 +338,20 @@ def capture_trace(
         )
         for m in lightning.layers:
             m.to(device)
+        dim = lightning.config.dim
+        if backend == "triton" and (dim < 16 or dim & (dim - 1)):
+            raise DsacacheError(
+                f"--backend triton: the indexer kernel takes keys of a power-of-two dim >= 16; "
+                f"{cfg.indexer_weights} has {dim}-dim keys (train with --dim 32, or capture "
+                "with --backend eager)"
+            )
         indexer_meta = {**indexer_meta, **lightning.manifest()}
     oracle_recall_sum = np.zeros(layers)
     recall_sum = np.zeros(layers)
     recall_rows = 0
     recall_min = 1.0
+    check_sum: dict[str, np.ndarray] = {}
+    check_max = {name: np.zeros(layers) for name in ("out_diff", "out_scale", "score_diff")}
     agree = np.zeros((cfg.requests, cfg.steps), dtype=bool)
     generated: list[torch.Tensor] = []
     dense_next: list[torch.Tensor] = []
@@ -314,7 +362,9 @@ def capture_trace(
 
         steps = tqdm(steps, desc="capture", unit="step", file=sys.stderr)
     with (
-        SparseAttention(model, oracle, backbone.kv_heads, lightning=lightning) as attn,
+        SparseAttention(
+            model, oracle, backbone.kv_heads, lightning=lightning, kernels=kernels, check=check
+        ) as attn,
         TraceWriter(
             out,
             model=backbone.manifest(),
@@ -341,24 +391,35 @@ def capture_trace(
         generated.append(token)
         t_prefill = time.perf_counter() - t1
         t2 = time.perf_counter()
+        t_sparse = 0.0
         for step in steps:
             position = cfg.prompt_tokens + step
             attn.clear()
             attn.sparse = True
+            t3 = time.perf_counter()
             logits = forward(token[:, None], sparse_cache)
             rows = _step_rows(attn, layers, step, position, cfg.scores)
+            t_sparse += time.perf_counter() - t3  # (the rows' host copy synchronises)
             if previous is not None and step == (done_steps if done_rows else done_steps - 1):
                 _check_same_step(out, rows)  # the newest step the interrupted run wrote
             if step >= done_steps:  # (a step cut by a part boundary: only its missing rows)
                 skip = done_rows if step == done_steps else 0
                 writer.append_batch(rows.take(np.arange(skip, len(rows))))
-            recall = torch.stack([attn.recall[layer] for layer in range(layers)]).double()
-            recall_sum += recall.sum(dim=(1, 2)).numpy()
-            recall_rows += recall[0].numel()
+            recall = attn.host["recall"].astype(np.float64)
+            recall_sum += recall.sum(axis=(1, 2))
+            recall_rows += recall[0].size
             recall_min = min(recall_min, float(recall.min()))
             if lightning is not None:
-                hits = torch.stack([attn.oracle_recall[layer] for layer in range(layers)])
-                oracle_recall_sum += hits.double().mean(dim=(1, 2)).numpy()
+                oracle_recall_sum += attn.host["oracle_recall"].astype(np.float64).mean(axis=(1, 2))
+            if check:
+                for name in ("equal", "tied"):
+                    per_layer_rows = attn.host[f"check_{name}"].reshape(layers, -1)
+                    check_sum[name] = check_sum.get(name, 0) + per_layer_rows.sum(1)
+                    check_sum[f"steps_{name}"] = check_sum.get(f"steps_{name}", 0) + int(
+                        per_layer_rows.all()
+                    )
+                for name in ("out_diff", "out_scale", "score_diff"):
+                    check_max[name] = np.maximum(check_max[name], attn.host[f"check_{name}"])
             attn.sparse = False
             attn.index_record = False  # the dense reference adds no indexer keys
             dense = forward(token[:, None], dense_cache).argmax(-1)
@@ -382,6 +443,8 @@ def capture_trace(
             "prefill": round(t_prefill, 3),
             "decode": round(t_decode, 3),
             "decode_per_step": round(t_decode / cfg.steps, 4),
+            "sparse_steps": round(t_sparse, 3),
+            "sparse_per_step": round(t_sparse / cfg.steps, 5),
         }
         capture_meta.update(
             agreement={
@@ -409,6 +472,30 @@ def capture_trace(
                 "definition": "share of the oracle's top-k (same k, sink, window) that the "
                 "lightning indexer also picked, at the same decode state",
             }
+        check_meta = None
+        if check:
+            rows_per_layer = cfg.steps * cfg.requests * oracle.groups(backbone.kv_heads)
+            same, tied = (check_sum[n] / rows_per_layer for n in ("equal", "tied"))
+            check_meta = {
+                "rows_per_layer": rows_per_layer,
+                "identical_per_layer": [round(float(x), 5) for x in same],
+                "identical_modulo_ties_per_layer": [round(float(x), 5) for x in tied],
+                "steps_identical": check_sum["steps_equal"] / cfg.steps,
+                "steps_identical_modulo_ties": check_sum["steps_tied"] / cfg.steps,
+                "max_abs_out_diff_per_layer": [float(x) for x in check_max["out_diff"]],
+                "max_abs_out_per_layer": [float(x) for x in check_max["out_scale"]],
+                "max_score_diff_rel_per_layer": [float(x) for x in check_max["score_diff"]],
+                "tie_rtol": TIE_RTOL,
+                "tie_atol": TIE_ATOL,
+                "definition": "every sparse layer also ran the eager selection and attention "
+                "on the same inputs; identical: same selected set; modulo ties: every "
+                "differing token's eager score is within tie_atol + tie_rtol * max|score| of "
+                "the eager k-th score (kernel_attention.selection_ties); out diff: kernel "
+                "output vs eager float32 attention over the kernel's selection (max |out| "
+                "beside it); score diff: max |kernel - eager score| / max |eager score| of a "
+                "row (0 for the oracle, whose mass both compute alike)",
+            }
+            capture_meta["kernel_check"] = check_meta
         writer.manifest["capture"] = capture_meta
     return CaptureResult(
         path=Path(out),
@@ -419,4 +506,6 @@ def capture_trace(
         mass_recall=float(per_layer.mean()),
         timing_s=timing,
         indexer_recall=(capture_meta.get("indexer_recall_of_oracle") or {}).get("mean"),
+        backend=backend,
+        check=check_meta,
     )

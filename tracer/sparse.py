@@ -6,17 +6,25 @@ e.g. for the prefill and for a dense reference decode. While ``sparse`` is on, e
 step (one new query per sequence) computes the dense attention probabilities, lets the oracle
 indexer pick the top-k cached tokens per layer (or KV group), and then attends only to those
 tokens and to the new token itself; the selections are kept for the trace writer.
+
+With a ``KernelAttention`` (``kernels=``, the capture's ``triton`` backend) the sparse steps
+run through the Triton DSA kernels instead (paged K/V mirror, ``select_topk``, the lightning
+indexer's logits kernel, ``gqa_sparse_decode``); ``check=True`` recomputes the eager
+selection and attention beside them on the same inputs and keeps the comparison per layer
+(see ``kernel_attention`` for when the two may differ).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dsacache.errors import DsacacheError
 from dsacache.tracer.indexers import OracleConfig, head_mass, oracle_topk
+from dsacache.tracer.kernel_attention import selection_ties
 
 ATTENTION_NAME = "dsacache_oracle"
 _ACTIVE: list[SparseAttention] = []
@@ -49,9 +57,25 @@ class SparseAttention:
     ...     attn.selections[layer]  # [batch, groups, k] int64, ascending
     """
 
-    def __init__(self, model: Any, cfg: OracleConfig, kv_heads: int, lightning: Any = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cfg: OracleConfig,
+        kv_heads: int,
+        lightning: Any = None,
+        kernels: Any = None,
+        check: bool = False,
+    ) -> None:
         cfg.check()
+        if check and kernels is None:
+            raise DsacacheError("check=True compares the kernels with eager: it needs kernels")
         self.model = model
+        # kernel_attention.KernelAttention: sparse steps through the Triton kernels; its paged
+        # K/V mirror follows the cache while ``index_record`` is on (like the indexer keys)
+        self.kernels = kernels
+        self.check = check
+        self.checks: dict[int, dict[str, torch.Tensor]] = {}  # per layer, with ``check``
+        self._pinned: dict[tuple, torch.Tensor] = {}
         self.cfg = cfg
         self.kv_heads = kv_heads
         self.sparse = False
@@ -122,7 +146,42 @@ class SparseAttention:
         self.recall.clear()
         self.scores.clear()
         self.oracle_recall.clear()
+        self.checks.clear()
         self.calls = 0
+
+    def collect(self, layers: int) -> dict[str, np.ndarray]:
+        """The step's per-layer results stacked over layers, on the host: ``selections``
+        ``[L, B, G, k']`` (int64), ``scores``, ``recall`` and, where kept, ``oracle_recall``
+        and the ``check_*`` comparisons. On a GPU the layers are stacked on the device and
+        copied with non-blocking copies into pinned buffers, then one synchronisation."""
+        missing = [layer for layer in range(layers) if layer not in self.selections]
+        if missing or self.calls != layers:
+            raise DsacacheError(
+                f"the model ran {self.calls} attention calls for {layers} layers (no selection "
+                f"for layers {missing[:5]}); capture needs one standard attention per layer"
+            )
+        found: dict[str, torch.Tensor] = {
+            "selections": torch.stack([self.selections[i] for i in range(layers)]),
+            "scores": torch.stack([self.scores[i] for i in range(layers)]).float(),
+            "recall": torch.stack([self.recall[i] for i in range(layers)]),
+        }
+        if self.oracle_recall:
+            found["oracle_recall"] = torch.stack([self.oracle_recall[i] for i in range(layers)])
+        if self.checks:
+            for name in self.checks[0]:
+                found[f"check_{name}"] = torch.stack([self.checks[i][name] for i in range(layers)])
+        device = found["selections"].device
+        if device.type != "cuda":
+            return {name: t.numpy().copy() for name, t in found.items()}
+        host = {}
+        for name, t in found.items():
+            key = (name, tuple(t.shape), t.dtype)
+            if key not in self._pinned:
+                self._pinned[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name] = self._pinned[key]
+            host[name].copy_(t, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+        return {name: t.numpy().copy() for name, t in host.items()}
 
     def attend(
         self,
@@ -143,10 +202,14 @@ class SparseAttention:
         keys = key.repeat_interleave(rep, dim=1) if rep > 1 else key
         values = value.repeat_interleave(rep, dim=1) if rep > 1 else value
         layer = int(getattr(module, "layer_idx", len(self.selections)))
-        if self.lightning is not None and self.index_record:
+        kernels = self.kernels
+        eager_keys = self.lightning is not None and (kernels is None or self.check)
+        if eager_keys and self.index_record:
             new = self.lightning.layers[layer].keys(self._hidden[layer])
             old = self.index_keys.get(layer) if q_len == 1 else None
             self.index_keys[layer] = new if old is None else torch.cat((old, new), dim=1)
+        if kernels is not None and self.index_record:
+            self._mirror(layer, key, value)
         if self.record_training and q_len > 1:
             self.training_data[layer] = (self._hidden[layer].float().cpu(),
                                          _head_mean_probs(query, keys, scale).cpu())  # fmt: skip
@@ -157,30 +220,117 @@ class SparseAttention:
         probs = torch.softmax(scores, dim=-1)  # [B, H, S]: dense attention of the new query
         position = scores.shape[-1] - 1  # cached tokens; the last key is the new token's own
         mass = head_mass(probs, self.kv_heads, self.cfg.granularity)[..., :position]
-        if self.lightning is None:
-            score = mass
-            chosen = oracle_topk(mass, self.cfg)  # [B, G, k']
-        else:
-            x = self._hidden[layer][:, -1:]
-            cached = self.index_keys[layer][:, :position]  # the new token's own key is last
-            score = self.lightning.layers[layer].scores(x, cached)[:, :1].expand_as(mass)
-            chosen = oracle_topk(score, self.cfg)
+        if kernels is not None:
+            return self._attend_kernels(layer, query, scores, values, mass, position, scale, rep)
+        score, chosen = self._eager_select(layer, mass, position)
+        if self.lightning is not None:
             oracle = oracle_topk(mass, self.cfg)
             hit = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, oracle, True)
             self.oracle_recall[layer] = (hit.gather(-1, chosen).float().mean(-1)).cpu()
-        allowed = torch.zeros(*mass.shape[:-1], position + 1, dtype=torch.bool, device=key.device)
-        allowed.scatter_(-1, chosen, True)
-        allowed[..., position] = True
-        if self.cfg.granularity == "group":
-            allowed = allowed.repeat_interleave(rep, dim=1)
-        weights = torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1)
-        out = torch.matmul(weights.unsqueeze(2).to(values.dtype), values)  # [B, H, 1, D]
+        out = _sparse_out(scores, values, chosen, position, rep, self.cfg.granularity)
         self.selections[layer] = chosen.cpu()
         total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
         picked = mass.gather(-1, chosen)
         self.scores[layer] = score.gather(-1, chosen).cpu()
         self.recall[layer] = (picked.sum(-1) / total).cpu()
         return out.transpose(1, 2).contiguous()
+
+    def _eager_select(
+        self, layer: int, mass: torch.Tensor, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager indexer's scores ``[B, G, P]`` and selection ``[B, G, k']`` (int64)."""
+        if self.lightning is None:
+            return mass, oracle_topk(mass, self.cfg)
+        x = self._hidden[layer][:, -1:]
+        cached = self.index_keys[layer][:, :position]  # the new token's own key is last
+        score = self.lightning.layers[layer].scores(x, cached)[:, :1].expand_as(mass)
+        return score, oracle_topk(score, self.cfg)
+
+    def _mirror(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Keep the kernels' paged K/V (and lightning key) caches equal to the model's cache:
+        filled by a prefill, appended with the new token of a decode step."""
+        kernels = self.kernels
+        x = self._hidden[layer]
+        q_len = x.shape[1]
+        position = key.shape[2] - q_len  # tokens cached before this call
+        if q_len > 1 or layer not in kernels.kv:
+            if position:
+                raise DsacacheError("the kernel backend needs the prefill to start the cache")
+            kernels.fill(layer, key, value)
+            if self.lightning is not None:
+                keys = self.lightning.layers[layer].keys(x, fp8=False)
+                kernels.fill_index(layer, keys)
+            return
+        kernels.append(layer, key[:, :, -1], value[:, :, -1], position)
+        if self.lightning is not None:
+            new = self.lightning.layers[layer].keys(x[:, -1], fp8=False)
+            kernels.append_index(layer, new, position)
+
+    def _attend_kernels(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        scores: torch.Tensor,
+        values: torch.Tensor,
+        mass: torch.Tensor,
+        position: int,
+        scale: float,
+        rep: int,
+    ) -> torch.Tensor:
+        """One sparse decode layer through the Triton kernels (see ``kernel_attention``)."""
+        kernels = self.kernels
+        if self.lightning is None:
+            score = mass
+            chosen = kernels.select(mass, self.cfg)  # int32 [B, G, k'], on the device
+        else:
+            m = self.lightning.layers[layer]
+            x = self._hidden[layer][:, -1].float()  # [B, hidden]
+            q = m.wq(x).view(x.shape[0], m.heads, m.dim)
+            logits = kernels.index_logits(layer, q, m.ww(x), position)  # [B, P]
+            score = logits[:, None].expand_as(mass)
+            chosen = kernels.select(score, self.cfg)
+            oracle = kernels.select(mass, self.cfg).long()
+            hit = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, oracle, True)
+            self.oracle_recall[layer] = hit.gather(-1, chosen.long()).float().mean(-1)
+        out = kernels.attend(layer, query[:, :, 0], chosen, position, scale)  # [B, H, D] bf16
+        self.selections[layer] = chosen
+        picked = chosen.long()
+        total = mass.sum(-1).clamp_min(torch.finfo(mass.dtype).tiny)
+        self.scores[layer] = score.gather(-1, picked)
+        self.recall[layer] = mass.gather(-1, picked).sum(-1) / total
+        if self.check:
+            e_score, e_chosen = self._eager_select(layer, mass, position)
+            equal, tied = selection_ties(e_chosen, chosen, e_score, self.cfg.sink, self.cfg.window)
+            ref = _sparse_out(scores, values, picked, position, rep, self.cfg.granularity)
+            ref = ref[:, :, 0].float()
+            big = e_score.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
+            self.checks[layer] = {
+                "equal": equal,
+                "tied": tied,
+                "out_diff": (out.float() - ref).abs().amax(),
+                "out_scale": ref.abs().amax(),
+                "score_diff": ((score.float() - e_score.float()).abs().amax(-1) / big).amax(),
+            }
+        return out.to(query.dtype)[:, None]
+
+
+def _sparse_out(
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    chosen: torch.Tensor,
+    position: int,
+    rep: int,
+    granularity: str,
+) -> torch.Tensor:
+    """Eager sparse attention ``[B, H, 1, D]``: softmax of ``scores`` ``[B, H, P + 1]`` over
+    the ``chosen`` ``[B, G, k']`` tokens and the new token (at ``position``)."""
+    allowed = torch.zeros(*chosen.shape[:-1], position + 1, dtype=torch.bool, device=values.device)
+    allowed.scatter_(-1, chosen, True)
+    allowed[..., position] = True
+    if granularity == "group":
+        allowed = allowed.repeat_interleave(rep, dim=1)
+    weights = torch.softmax(scores.masked_fill(~allowed, -torch.inf), dim=-1)
+    return torch.matmul(weights.unsqueeze(2).to(values.dtype), values)
 
 
 def _decoder_layers(model: Any) -> list[Any]:
