@@ -114,6 +114,23 @@ def ctz(typingctx, x):
     return types.int64(types.int64), codegen
 
 
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Ask the CPU to start loading ``arr[index]``'s cache line; a hint, no effect on results."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn_t = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch.p0i8", fnty=fn_t)
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), i8p)
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        return context.get_dummy_value()
+
+    return types.void(arr, types.int64), codegen
+
+
 @njit(inline="always")
 def _find_way(tags, base, ln, ways):
     """The way of set ``tags[base : base + ways]`` that holds line ``ln``, or -1."""

@@ -6,7 +6,8 @@ traffic, one cache line. Its footprint is the whole lines it spans, as a sectore
 store it. Objects live in ``parts`` independent LRU lists, each with its own byte capacity
 (one list shared by all layers, or one per layer). Lookup is an open-addressing hash table
 (linear probing, backward-shift deletion); recency is a doubly-linked list per part, so every
-operation is O(1) expected.
+operation is O(1) expected. A slot's key and node sit side by side and a node's fields fill
+one 64-byte record, so a hit touches a few cache lines instead of one per field.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from dsacache.simulator.engine import prefetch
+
 EMPTY = -1
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+# a node's record: NODE_WORDS int64 fields, one cache line
+PREV, NEXT, SIZE, PART, SLOT, VALID, NEXT_USE, VER = range(8)
+NODE_WORDS = 8
 
 
 @njit(inline="always")
@@ -24,60 +30,69 @@ def _slot(key, mask):
 
 
 @njit(inline="always")
-def _find(tkeys, tnode, mask, key):
+def _find(table, mask, key):
+    """Slot of ``key`` in ``table`` (pairs key, node), or -1 - (the first empty slot)."""
     i = _slot(key, mask)
     while True:
-        k = tkeys[i]
+        k = table[2 * i]
         if k == key:
             return i
         if k == EMPTY:
-            return -1 - i  # not found; -1 - (first empty slot)
+            return -1 - i
         i = (i + 1) & mask
 
 
 @njit(inline="always")
-def _delete(tkeys, tnode, node_slot, mask, i):
-    tkeys[i] = EMPTY
+def _delete(table, nodes, mask, i):
+    table[2 * i] = EMPTY
     j = i
     while True:
         j = (j + 1) & mask
-        k = tkeys[j]
+        k = table[2 * j]
         if k == EMPTY:
             return
         home = _slot(k, mask)
         # move j back to the hole at i unless its home lies cyclically in (i, j]
         if (i <= j and (home <= i or home > j)) or (i > j and home <= i and home > j):
-            tkeys[i] = k
-            tnode[i] = tnode[j]
-            node_slot[tnode[i]] = i
-            tkeys[j] = EMPTY
+            n = table[2 * j + 1]
+            table[2 * i] = k
+            table[2 * i + 1] = n
+            nodes[n * NODE_WORDS + SLOT] = i
+            table[2 * j] = EMPTY
             i = j
 
 
 @njit(inline="always")
-def _unlink(prev, nxt, head, tail, p, n):
-    a = prev[n]
-    b = nxt[n]
+def _unlink(nodes, head, tail, p, n):
+    a = nodes[n * NODE_WORDS + PREV]
+    b = nodes[n * NODE_WORDS + NEXT]
     if a >= 0:
-        nxt[a] = b
+        nodes[a * NODE_WORDS + NEXT] = b
     else:
         head[p] = b
     if b >= 0:
-        prev[b] = a
+        nodes[b * NODE_WORDS + PREV] = a
     else:
         tail[p] = a
 
 
 @njit(inline="always")
-def _push_front(prev, nxt, head, tail, p, n):
+def _push_front(nodes, head, tail, p, n):
     h = head[p]
-    prev[n] = -1
-    nxt[n] = h
+    nodes[n * NODE_WORDS + PREV] = -1
+    nodes[n * NODE_WORDS + NEXT] = h
     if h >= 0:
-        prev[h] = n
+        nodes[h * NODE_WORDS + PREV] = n
     else:
         tail[p] = n
     head[p] = n
+
+
+def _aligned_zeros(n: int, align: int = 64) -> np.ndarray:
+    """Zeroed int64[n] whose data starts on an ``align``-byte boundary (records in one line)."""
+    raw = np.zeros(n + align // 8, np.int64)
+    skip = (-raw.ctypes.data % align) // 8
+    return raw[skip : skip + n]
 
 
 class ObjectStore:
@@ -88,16 +103,8 @@ class ObjectStore:
         parts = len(self.capacity)
         n = max(int(max_objects), 1) + parts
         size = 1 << max(int(2 * n - 1).bit_length(), 4)
-        self.tkeys = np.full(size, EMPTY, np.int64)
-        self.tnode = np.zeros(size, np.int64)
-        self.node_key = np.zeros(n, np.int64)
-        self.node_size = np.zeros(n, np.int64)
-        self.node_part = np.zeros(n, np.int64)
-        self.node_slot = np.zeros(n, np.int64)
-        self.node_valid = np.zeros(n, np.int64)
-        self.node_next_use = np.zeros(n, np.int64)
-        self.prev = np.full(n, -1, np.int64)
-        self.nxt = np.full(n, -1, np.int64)
+        self.table = np.full(2 * size, EMPTY, np.int64)  # slot i: key at 2i, node at 2i + 1
+        self.nodes = _aligned_zeros(n * NODE_WORDS)
         self.head = np.full(parts, -1, np.int64)
         self.tail = np.full(parts, -1, np.int64)
         self.used = np.zeros(parts, np.int64)
@@ -109,35 +116,32 @@ class ObjectStore:
         self.heap_node = np.zeros(heap, np.int64)
         self.heap_ver = np.zeros(heap, np.int64)
         self.heap_size = np.zeros(1, np.int64)
-        self.node_ver = np.zeros(n, np.int64)
 
     def arrays(self) -> tuple:
         return (
-            self.tkeys, self.tnode, self.node_key, self.node_size, self.node_part,
-            self.node_slot, self.node_valid, self.node_next_use, self.prev, self.nxt,
-            self.head, self.tail, self.used, self.capacity, self.free, self.n_free,
-            self.heap_key, self.heap_node, self.heap_ver, self.heap_size, self.node_ver,
+            self.table, self.nodes, self.head, self.tail, self.used, self.capacity, self.free,
+            self.n_free, self.heap_key, self.heap_node, self.heap_ver, self.heap_size,
         )  # fmt: skip
 
 
 @njit(inline="always")
 def remove(st, n):
     """Drop node ``n`` from its part's list and the table, and free it."""
-    tkeys, tnode, node_size, node_part, node_slot = st[0], st[1], st[3], st[4], st[5]
-    prev, nxt, head, tail, used, free, n_free = st[8], st[9], st[10], st[11], st[12], st[14], st[15]
-    p = node_part[n]
-    _unlink(prev, nxt, head, tail, p, n)
-    _delete(tkeys, tnode, node_slot, tkeys.shape[0] - 1, node_slot[n])
-    used[p] -= node_size[n]
-    node_part[n] = -1  # not in the store: heap entries of it are stale
-    st[20][n] += 1
+    table, nodes, head, tail, used, free, n_free = st[0], st[1], st[2], st[3], st[4], st[6], st[7]
+    rec = n * NODE_WORDS
+    p = nodes[rec + PART]
+    _unlink(nodes, head, tail, p, n)
+    _delete(table, nodes, table.shape[0] // 2 - 1, nodes[rec + SLOT])
+    used[p] -= nodes[rec + SIZE]
+    nodes[rec + PART] = -1  # not in the store: heap entries of it are stale
+    nodes[rec + VER] += 1
     free[n_free[0]] = n
     n_free[0] += 1
 
 
 @njit(inline="always")
 def _heap_push(st, key, node):
-    hk, hn, hv, size, ver = st[16], st[17], st[18], st[19], st[20]
+    hk, hn, hv, size = st[8], st[9], st[10], st[11]
     if size[0] == hk.shape[0]:
         _heap_rebuild(st)
     i = size[0]
@@ -148,13 +152,13 @@ def _heap_push(st, key, node):
             break
         hk[i], hn[i], hv[i] = hk[parent], hn[parent], hv[parent]
         i = parent
-    hk[i], hn[i], hv[i] = key, node, ver[node]
+    hk[i], hn[i], hv[i] = key, node, st[1][node * NODE_WORDS + VER]
 
 
 @njit(inline="always")
 def _heap_pop(st):
     """Remove the top entry; return its (next use, node, version)."""
-    hk, hn, hv, size = st[16], st[17], st[18], st[19]
+    hk, hn, hv, size = st[8], st[9], st[10], st[11]
     top = (hk[0], hn[0], hv[0])
     size[0] -= 1
     k, n, v = hk[size[0]], hn[size[0]], hv[size[0]]
@@ -176,64 +180,64 @@ def _heap_pop(st):
 @njit
 def _heap_rebuild(st):
     """Drop stale entries: re-push one entry per live node."""
-    st[19][0] = 0
-    head, nxt, node_next_use = st[10], st[9], st[7]
-    n = head[0]
+    st[11][0] = 0
+    nodes = st[1]
+    n = st[2][0]
     while n >= 0:
-        _heap_push(st, node_next_use[n], n)
-        n = nxt[n]
+        _heap_push(st, nodes[n * NODE_WORDS + NEXT_USE], n)
+        n = nodes[n * NODE_WORDS + NEXT]
 
 
 @njit(inline="always")
 def _evict_furthest(st, p):
     """Belady at object granularity: evict the object of part ``p`` used furthest ahead.
     One part: pop the heap, skipping stale entries (O(log n)); several: walk the list."""
-    head, nxt, node_next_use, node_part, ver = st[10], st[9], st[7], st[4], st[20]
+    nodes, head = st[1], st[2]
     if head.shape[0] == 1:
         while True:
             _, node, v = _heap_pop(st)
-            if node_part[node] == p and ver[node] == v:
+            rec = node * NODE_WORDS
+            if nodes[rec + PART] == p and nodes[rec + VER] == v:
                 remove(st, node)
                 return
     best = -1
     far = -1
     n = head[p]
     while n >= 0:
-        if node_next_use[n] > far:
-            far = node_next_use[n]
+        if nodes[n * NODE_WORDS + NEXT_USE] > far:
+            far = nodes[n * NODE_WORDS + NEXT_USE]
             best = n
-        n = nxt[n]
+        n = nodes[n * NODE_WORDS + NEXT]
     remove(st, best)
 
 
 @njit(inline="always")
 def lookup(st, key):
     """Node id of ``key``, or -1."""
-    tkeys, tnode = st[0], st[1]
-    i = _find(tkeys, tnode, tkeys.shape[0] - 1, key)
-    return tnode[i] if i >= 0 else -1
+    table = st[0]
+    i = _find(table, table.shape[0] // 2 - 1, key)
+    return table[2 * i + 1] if i >= 0 else -1
 
 
 @njit(inline="always")
 def touch(st, n, next_use, furthest=False):
-    prev, nxt, head, tail, node_part, node_next_use = st[8], st[9], st[10], st[11], st[4], st[7]
-    p = node_part[n]
-    node_next_use[n] = next_use
+    nodes, head, tail = st[1], st[2], st[3]
+    rec = n * NODE_WORDS
+    p = nodes[rec + PART]
+    nodes[rec + NEXT_USE] = next_use
     if furthest and head.shape[0] == 1:
-        st[20][n] += 1
+        nodes[rec + VER] += 1
         _heap_push(st, next_use, n)
     if head[p] != n:
-        _unlink(prev, nxt, head, tail, p, n)
-        _push_front(prev, nxt, head, tail, p, n)
+        _unlink(nodes, head, tail, p, n)
+        _push_front(nodes, head, tail, p, n)
 
 
 @njit(inline="always")
 def insert(st, key, size, p, valid, next_use, furthest):
     """Insert ``key`` (absent) into part ``p``, evicting LRU (or furthest-used) objects to make
     room. An object larger than its part's capacity is not inserted (returns -1)."""
-    tkeys, tnode, node_key, node_size, node_part = st[0], st[1], st[2], st[3], st[4]
-    node_slot, node_valid, node_next_use = st[5], st[6], st[7]
-    prev, nxt, head, tail, used, capacity, free, n_free = st[8:16]
+    table, nodes, head, tail, used, capacity, free, n_free = st[0:8]
     if size > capacity[p]:
         return -1
     while used[p] + size > capacity[p]:
@@ -241,21 +245,25 @@ def insert(st, key, size, p, valid, next_use, furthest):
             _evict_furthest(st, p)
         else:
             remove(st, tail[p])  # least recently used
+            t = tail[p]  # the next victim: its record is hot, start loading what evicting it reads
+            if t >= 0:
+                prefetch(nodes, max(nodes[t * NODE_WORDS + PREV], 0) * NODE_WORDS)
+                prefetch(table, 2 * nodes[t * NODE_WORDS + SLOT])
     n_free[0] -= 1
     n = free[n_free[0]]
-    i = -1 - _find(tkeys, tnode, tkeys.shape[0] - 1, key)
-    tkeys[i] = key
-    tnode[i] = n
-    node_slot[n] = i
-    node_key[n] = key
-    node_size[n] = size
-    node_part[n] = p
-    node_valid[n] = valid
-    node_next_use[n] = next_use
+    i = -1 - _find(table, table.shape[0] // 2 - 1, key)
+    table[2 * i] = key
+    table[2 * i + 1] = n
+    rec = n * NODE_WORDS
+    nodes[rec + SLOT] = i
+    nodes[rec + SIZE] = size
+    nodes[rec + PART] = p
+    nodes[rec + VALID] = valid
+    nodes[rec + NEXT_USE] = next_use
     used[p] += size
-    _push_front(prev, nxt, head, tail, p, n)
+    _push_front(nodes, head, tail, p, n)
     if furthest and head.shape[0] == 1:
-        st[20][n] += 1
+        nodes[rec + VER] += 1
         _heap_push(st, next_use, n)
     return n
 
@@ -276,6 +284,15 @@ def sets_of(keys, n_sets):
 
 
 LINE_TAG = np.int64(1) << np.int64(61)  # keeps line objects apart from token objects
+PREFETCH_AHEAD = 8  # accesses
+
+
+@njit(inline="always")
+def _key_of(a, is_token, line_shift):
+    """The object key of an access's first object."""
+    return a if is_token else (a >> line_shift) | LINE_TAG
+
+
 ADMIT_NEVER, ADMIT_ALWAYS, ADMIT_SECOND = 0, 1, 2  # what a token read miss does (run_objects)
 
 
@@ -308,10 +325,18 @@ def run_objects(
     cache), ``ADMIT_ALWAYS`` (insert it) or ``ADMIT_SECOND`` (insert it if ``ghost`` remembers
     an earlier miss of it, else remember this one)."""
     has_future = future.shape[0] > 0
-    n_parts = st[10].shape[0]
+    n_parts = st[2].shape[0]
+    mask = st[0].shape[0] // 2 - 1
     k = 0
     line_bytes = 1 << line_shift
     for i in range(addr.shape[0]):
+        # Lookups are random memory reads: start loading the table slot of a later access, and
+        # for a nearer one the record of the node in its home slot (most keys sit there).
+        j = min(i + 2 * PREFETCH_AHEAD, addr.shape[0] - 1)
+        prefetch(st[0], 2 * _slot(_key_of(addr[j], is_token[j], line_shift), mask))
+        j = min(i + PREFETCH_AHEAD, addr.shape[0] - 1)
+        home = 2 * _slot(_key_of(addr[j], is_token[j], line_shift), mask)
+        prefetch(st[1], max(st[0][home + 1], 0) * NODE_WORDS)
         a = addr[i]
         end = a + nbytes[i]
         first = a >> line_shift
@@ -373,7 +398,7 @@ def run_objects(
             if is_write[i]:
                 counters[b, 5] += n_wanted
                 if node >= 0:
-                    st[6][node] |= wanted
+                    st[1][node * NODE_WORDS + VALID] |= wanted
                     touch(st, node, nu, furthest)
                 else:
                     insert(st, key, line_bytes, p_line, wanted, nu, furthest)
@@ -381,13 +406,13 @@ def run_objects(
             counters[b, 0] += 1
             counters[b, 2] += n_wanted
             if node >= 0:
-                v = st[6][node]
+                v = st[1][node * NODE_WORDS + VALID]
                 missing = 0
                 m = wanted & ~v
                 while m:
                     missing += 1
                     m &= m - 1
-                st[6][node] = v | wanted
+                st[1][node * NODE_WORDS + VALID] = v | wanted
                 touch(st, node, nu, furthest)
                 counters[b, 1] += missing == 0
             else:
