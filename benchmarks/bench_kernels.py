@@ -7,7 +7,9 @@ every repetition; launch gaps included, which dominate at batch 1) and replayed 
 graph (``time_us_graph``: no launch overhead, but L2 warm across repetitions), the bytes it
 must move and its FLOPs, and its fraction of the roofline bound
 ``max(bytes / copy bandwidth, FLOPs / bf16 matmul peak)``, both peaks measured here
-(device-to-device copy of 2 GiB counting read + write; 8192^3 bf16 matmul). DeepSeek's
+(device-to-device copy of 2 GiB counting read + write; 8192^3 bf16 matmul). Top-k is timed
+twice: ``topk_torch`` (plain ``torch.topk`` + sort, the baseline) and ``topk_radix`` (ours,
+what ``select_topk`` runs; its bytes count its five passes over the logits). DeepSeek's
 FlashMLA sparse fp8 decode (``kernels/flashmla.py`` over the ``tokenspeed-flashmla`` wheel)
 is timed as a reference row when it imports, alone and as the decode step's attention
 (``decode_step_flashmla``), and its output is compared with the Triton kernel's on the same
@@ -62,6 +64,22 @@ def graph_us(fn) -> float:
     except Exception as e:
         print(f"CUDA-graph timing failed: {e!r}"[:200])
         return float("nan")
+
+
+def torch_topk(logits: torch.Tensor, context_lens: torch.Tensor, k: int, sink: int,
+               window: int) -> torch.Tensor:  # fmt: skip
+    """The baseline of ``select_topk`` in plain torch (``torch.topk`` then a sort), same
+    forced sink/window tokens and ranking of invalid scores (ties in any order)."""
+    width = logits.shape[1]
+    ctx = context_lens.to(logits.device, torch.int64)[:, None]
+    pos = torch.arange(width, device=logits.device)[None, :]
+    lowest = torch.finfo(torch.float32).min
+    score = torch.nan_to_num(logits.float(), nan=lowest, neginf=lowest, posinf=lowest)
+    score = torch.where((pos < sink) | (pos >= ctx - window), torch.inf, score)
+    score = torch.where(pos < ctx, score, -torch.inf)
+    top = torch.topk(score, min(k, width), dim=1, sorted=False).indices
+    top = torch.sort(torch.where(top < ctx, top, width), dim=1).values
+    return torch.where(top < width, top, -1).to(torch.int32)
 
 
 def peaks() -> dict[str, float]:
@@ -132,8 +150,10 @@ def bench_config(bsz: int, ctx: int, caches, pk: dict, gen, args) -> list[dict]:
         ("indexer_logits", "index-fp8", lambda: indexer_logits(qi, w, ic, cl, ctx),
          bsz * ctx * (132 + 4) + bsz * INDEX_HEADS * (128 * 2 + 4),
          2 * bsz * ctx * INDEX_HEADS * 128),
-        ("topk_torch", "-", lambda: select_topk(logits, cl, K, 4, 64),
+        ("topk_torch", "-", lambda: torch_topk(logits, cl, K, 4, 64),
          bsz * ctx * 4 + bsz * K * 4, 0),
+        ("topk_radix", "-", lambda: select_topk(logits, cl, K, 4, 64),
+         5 * bsz * ctx * 4 + bsz * K * 4, 0),
         ("mla_sparse_triton", "mla-fp8", lambda: mla_sparse_decode(qm, mc8, sel, SCALE),
          mla8_bytes, mla_flops),
         ("gqa_sparse_triton", "gqa-bf16", lambda: gqa_sparse_decode(qg, gc, sel),

@@ -6,11 +6,15 @@ For one query token per request, token ``t`` of request ``b`` scores
 
 (64 indexer heads of dim 128 in DeepSeek-V3.2; keys fp8 e4m3 with one fp32 scale per token;
 ``scale * ReLU(x) = ReLU(scale * x)`` since scales are positive). The Triton kernel reads the
-paged keys (``paged.IndexKeyCache``) one 64-token page per step: a page's keys are one 8 KiB
-block, the loads carry an optional L2 eviction hint. The key dim ``D`` is 128 by default; any
-power of two >= 16 works (the lightning indexer distilled for SmolLM2 has 32-dim keys), with
-the same page layout (keys block, then scales). ``select_topk`` then keeps the k best
-tokens per request in torch, with the first ``sink`` and last ``window`` tokens forced in.
+paged keys (``paged.IndexKeyCache``) two 64-token pages per step (a page's keys are one
+8 KiB block; the loads carry an optional L2 eviction hint) and multiplies keys by queries on
+the tensor cores in fp8: the query is quantised to fp8 e4m3 per head, its scale folded into
+the head's weight, as DeepGEMM's fp8 MQA-logits kernels that DeepSeek-V3.2 uses take it
+(``query_fp8=False`` keeps bf16 queries). The key dim ``D`` is 128 by default; any power of
+two >= 16 works (the lightning indexer distilled for SmolLM2 has 32-dim keys), with the same
+page layout (keys block, then scales). ``select_topk`` then keeps the k best tokens per
+request (radix select, ``kernels/topk.py``), with the first ``sink`` and last ``window``
+tokens forced in.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dsacache.kernels.paged import IndexKeyCache, check_index_dim
+from dsacache.kernels.paged import FP8_MAX, IndexKeyCache, check_index_dim
+from dsacache.kernels.topk import radix_topk
 
 INTERPRET = bool(triton.knobs.runtime.interpret)  # decided when the kernels are decorated
 EVICT_POLICIES = ("", "evict_first", "evict_last")
+_FP8_MAX = tl.constexpr(FP8_MAX)  # a global a Triton kernel may read
+PAGES_PER_STEP = 2  # pages per loop step of the logits kernel (H200 sweep: 1.0-1.1x of 1 or 4)
 
 
 def _check_evict(evict: str) -> str:
@@ -32,51 +39,69 @@ def _check_evict(evict: str) -> str:
 
 
 @triton.jit
+def _e4m3_grid(x):
+    """``x`` (float32, ``|x| <= 448``) rounded to the nearest fp8 e4m3 value, ties to even, as
+    float32: what ``x.to(tl.float8e4nv)`` gives on the GPU. The CPU interpreter's own
+    conversion mis-rounds values just below a power of two (Triton 3.6: 31.6 -> 16)."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = tl.maximum((bits >> 23) & 0xFF, 121)  # exponent, at least e4m3's smallest normal (-6)
+    ulp = ((e - 3) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    y = x / ulp  # |y| < 16: adding 1.5 * 2**23 rounds it to an integer, ties to even
+    return ((y + 12582912.0) - 12582912.0) * ulp
+
+
+@triton.jit
 def dsa_indexer_logits(
     q_ptr, w_ptr, keys_u8, keys_f32, table_ptr, ctx_ptr, out_ptr,
     H, stride_qb, stride_qh, stride_wb, stride_tb, stride_ob, max_pages,
     BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGES_PER_PROG: tl.constexpr,
-    EVICT: tl.constexpr, UPCAST: tl.constexpr,
+    PAGES_PER_STEP: tl.constexpr, QUERY_FP8: tl.constexpr, EVICT: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Logits of ``PAGES_PER_PROG`` pages of one request: program (page block, request).
-    Tokens at or past the request's context length get -inf. ``UPCAST`` feeds float32 to
-    ``tl.dot`` (only under the CPU interpreter, whose bf16 dot is wrong in Triton 3.6)."""
+    """Logits of ``PAGES_PER_PROG`` pages of one request: program (page block, request), in
+    steps of ``PAGES_PER_STEP`` pages. Tokens at or past the request's context length get
+    -inf. The product is computed as keys x queries (``[tokens, heads]``) so that the sum over
+    heads stays inside each warp. ``UPCAST`` feeds float32 to ``tl.dot`` (only under the CPU
+    interpreter, whose bf16 dot is wrong in Triton 3.6)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, D)
-    t = tl.arange(0, PAGE)
-    q = tl.load(
-        q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=h[:, None] < H, other=0.0
-    )
+    t = tl.arange(0, PAGES_PER_STEP * PAGE)
+    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=h[:, None] < H,
+                other=0.0).to(tl.float32)  # fmt: skip
     w = tl.load(w_ptr + b * stride_wb + h, mask=h < H, other=0.0).to(tl.float32)
-    if UPCAST:
-        q = q.to(tl.float32)
-    else:
-        q = q.to(tl.bfloat16)
-    page_bytes = PAGE * (D + 4)
-    for i in range(PAGES_PER_PROG):
-        p = pid * PAGES_PER_PROG + i
-        tok = p * PAGE + t
-        if p * PAGE < ctx:
-            page = tl.load(table_ptr + b * stride_tb + p).to(tl.int64)
-            k = tl.load(
-                keys_u8 + page * page_bytes + t[:, None] * D + d[None, :], eviction_policy=EVICT
-            )
-            scale = tl.load(keys_f32 + page * (page_bytes // 4) + (PAGE * D) // 4 + t,
-                            eviction_policy=EVICT)  # fmt: skip
-            k = k.to(tl.float8e4nv, bitcast=True)
-            if UPCAST:
-                k = k.to(tl.float32)
-            else:
-                k = k.to(tl.bfloat16)
-            s = tl.dot(q, tl.trans(k))  # [BLOCK_H, PAGE], float32
-            s = tl.maximum(s, 0.0) * w[:, None]
-            score = tl.sum(s, axis=0) * scale
-            score = tl.where(tok < ctx, score, float("-inf"))
+    if QUERY_FP8:  # per-head scale, folded into the head's weight
+        qs = tl.max(tl.abs(q), axis=1) / _FP8_MAX
+        qs = tl.where(qs == 0.0, 1.0, qs)
+        w = w * qs
+        if UPCAST:
+            q = _e4m3_grid(q / qs[:, None])
         else:
-            score = tl.full([PAGE], float("-inf"), tl.float32)
+            q = (q / qs[:, None]).to(tl.float8e4nv)
+    elif not UPCAST:
+        q = q.to(tl.bfloat16)
+    q_t = tl.trans(q)
+    page_bytes = PAGE * (D + 4)
+    for i in range(PAGES_PER_PROG // PAGES_PER_STEP):
+        tok = (pid * PAGES_PER_PROG + i * PAGES_PER_STEP) * PAGE + t
+        p = tok // PAGE
+        live = tok < ctx
+        page = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
+        base = page * page_bytes
+        k = tl.load(keys_u8 + base[:, None] + (t % PAGE)[:, None] * D + d[None, :],
+                    mask=live[:, None], other=0, eviction_policy=EVICT)  # fmt: skip
+        scale = tl.load(keys_f32 + base // 4 + (PAGE * D) // 4 + t % PAGE, mask=live, other=0.0,
+                        eviction_policy=EVICT)  # fmt: skip
+        k = k.to(tl.float8e4nv, bitcast=True)
+        if UPCAST:
+            k = k.to(tl.float32)
+        elif not QUERY_FP8:
+            k = k.to(tl.bfloat16)
+        s = tl.dot(k, q_t)  # [tokens, heads], float32
+        score = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1) * scale
+        score = tl.where(live, score, float("-inf"))
         tl.store(out_ptr + b * stride_ob + tok, score, mask=p < max_pages)
 
 
@@ -92,8 +117,10 @@ def indexer_logits(
     max_context: int | None = None,
     *,
     evict: str = "",
+    query_fp8: bool = True,
     pages_per_prog: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Indexer logits ``[B, max_context]`` float32 (-inf past each request's context).
 
@@ -101,7 +128,8 @@ def indexer_logits(
     two >= 16), ``weights`` ``[B, H]`` (per-head weights, any float), ``context_lens`` int32
     ``[B]`` on the device. ``max_context`` defaults to the page table's capacity (pass it to
     avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
-    "evict_last").
+    "evict_last"). ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's
+    indexer) rather than multiply in bf16.
     """
     b, h, d = q.shape
     check_index_dim(d)
@@ -110,8 +138,10 @@ def indexer_logits(
     pt = cache.pages
     max_context = pt.capacity if max_context is None else max_context
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
-    if pages_per_prog is None:  # enough programs to fill the GPU, a few pages each
-        pages_per_prog = max(1, min(8, (b * max_pages) // 1024))
+    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, from 2 to 32
+        pages_per_prog = min(32, max(PAGES_PER_STEP, _pow2(b * max_pages // 512 + 1) // 2))
+    if pages_per_prog % PAGES_PER_STEP:
+        raise ValueError(f"pages_per_prog must be a multiple of {PAGES_PER_STEP}")
     grid = (-(-max_pages // pages_per_prog), b)
     out = torch.empty((b, grid[0] * pages_per_prog * pt.page_size), device=q.device,
                       dtype=torch.float32)  # fmt: skip
@@ -120,7 +150,8 @@ def indexer_logits(
         q, weights, cache.pool, cache.pool.view(torch.float32), table, context_lens, out,
         h, q.stride(0), q.stride(1), weights.stride(0), table.stride(0), out.stride(0), max_pages,
         BLOCK_H=max(16, _pow2(h)), D=d, PAGE=pt.page_size, PAGES_PER_PROG=pages_per_prog,
-        EVICT=_check_evict(evict), UPCAST=INTERPRET, num_warps=num_warps,
+        PAGES_PER_STEP=PAGES_PER_STEP, QUERY_FP8=query_fp8, EVICT=_check_evict(evict),
+        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out[:, :max_context]
 
@@ -131,16 +162,25 @@ def indexer_logits_reference(
     cache: IndexKeyCache,
     context_lens: torch.Tensor,
     max_context: int | None = None,
+    *,
+    query_fp8: bool = True,
 ) -> torch.Tensor:
-    """Plain torch (float32) reference of ``indexer_logits``: keys read through the pages."""
+    """Plain torch (float32) reference of ``indexer_logits``: keys read through the pages,
+    the query quantised to fp8 per head exactly as the kernel does when ``query_fp8``."""
     ctx = [int(c) for c in context_lens.tolist()]
     width = max(ctx) if max_context is None else max_context
     out = torch.full((q.shape[0], width), float("-inf"), dtype=torch.float32, device=q.device)
+    q, w = q.float(), weights.float()
+    if query_fp8:
+        qs = q.abs().amax(-1) / FP8_MAX
+        qs = torch.where(qs == 0, 1.0, qs)
+        q = (q / qs[..., None]).to(torch.float8_e4m3fn).float()
+        w = w * qs
     for b, n in enumerate(ctx):
         if n == 0:
             continue
         keys = cache.keys(b, torch.arange(n)).to(q.device)  # [n, D] float32
-        s = torch.relu(q[b].float() @ keys.T) * weights[b].float()[:, None]
+        s = torch.relu(q[b] @ keys.T) * w[b][:, None]
         out[b, :n] = s.sum(0)
     return out
 
@@ -152,36 +192,20 @@ def select_topk(
     when a context holds fewer than k tokens (then all its tokens are chosen).
 
     The first ``sink`` and last ``window`` tokens of each context are always chosen (they count
-    towards k, so ``sink + window <= k``). Invalid logits (NaN) rank below every valid token.
-    Runs on the device with no host sync (torch.topk + sort).
+    towards k, so ``sink + window <= k``). Non-finite logits (NaN, +-inf) rank below every
+    finite one; among equal logits the lower position wins. Runs on the device with no host
+    sync (radix select, ``kernels/topk.py``).
     """
     if k < 1 or sink < 0 or window < 0 or sink + window > k:
         raise ValueError(f"need k >= 1 and 0 <= sink + window <= k, got k={k} {sink=} {window=}")
-    bsz, width = logits.shape
-    ctx = context_lens.to(logits.device, torch.int64)[:, None]
-    pos = torch.arange(width, device=logits.device)[None, :]
-    valid = pos < ctx
-    forced = (pos < sink) | (pos >= ctx - window)
-    lowest = torch.finfo(torch.float32).min
-    score = torch.nan_to_num(logits.float(), nan=lowest, neginf=lowest, posinf=lowest)
-    score = torch.where(forced, torch.inf, score)
-    score = torch.where(valid, score, -torch.inf)
-    kk = min(k, width)
-    top = torch.topk(score, kk, dim=1, sorted=False).indices
-    top = torch.where(top < ctx, top, width)  # invalid picks (context < k) sort to the end
-    top = torch.sort(top, dim=1).values
-    top = torch.where(top < width, top, -1).to(torch.int32)
-    if kk < k:
-        pad = torch.full((bsz, k - kk), -1, dtype=torch.int32, device=logits.device)
-        top = torch.cat([top, pad], dim=1)
-    return top
+    return radix_topk(logits, context_lens, k, sink, window)
 
 
 def select_topk_reference(
     logits: torch.Tensor, context_lens: torch.Tensor, k: int, sink: int = 0, window: int = 0
 ) -> list[torch.Tensor]:
     """Plain reference of ``select_topk``: per request, the sorted chosen positions (int64);
-    NaN scores rank last."""
+    non-finite scores rank last, ties go to the lower position."""
     out = []
     for b, n in enumerate(int(c) for c in context_lens.tolist()):
         if n <= k:
@@ -189,7 +213,8 @@ def select_topk_reference(
             continue
         forced = set(range(min(sink, n))) | set(range(max(0, n - window), n))
         rest = [t for t in range(n) if t not in forced]
-        scores = torch.nan_to_num(logits[b, rest].float().cpu(), nan=-torch.inf)
+        scores = logits[b, rest].float().cpu()
+        scores = torch.where(torch.isfinite(scores), scores, -torch.inf)
         order = torch.argsort(scores, descending=True, stable=True)[: k - len(forced)]
         chosen = sorted(forced | {rest[i] for i in order.tolist()})
         out.append(torch.tensor(chosen, dtype=torch.int64))

@@ -225,7 +225,7 @@ class KernelAttention:
         ctx = torch.full((self.batch,), position, dtype=torch.int32, device=self.device)
         return indexer_logits(
             q.to(torch.bfloat16).contiguous(), weights.float().contiguous(), self.index[layer],
-            ctx, position,
+            ctx, position, query_fp8=False,
         )  # fmt: skip
 
     def select(self, score: torch.Tensor, cfg: OracleConfig) -> torch.Tensor:

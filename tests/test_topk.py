@@ -1,0 +1,86 @@
+"""The radix-select top-k kernel (kernels/topk.py) against the plain reference, on the CPU
+under ``TRITON_INTERPRET=1`` (small rows) and, marked ``gpu``, at DeepSeek-V3.2 scale."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dsacache.kernels.indexer import select_topk, select_topk_reference  # noqa: E402
+from dsacache.kernels.topk import radix_topk  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _check(logits, ctx, k, sink=0, window=0):
+    cl = torch.tensor(ctx, dtype=torch.int32, device=DEVICE)
+    got = radix_topk(logits.to(DEVICE), cl, k, sink, window).cpu()
+    assert got.shape == (len(ctx), k) and got.dtype == torch.int32
+    for b, want in enumerate(select_topk_reference(logits.cpu(), cl.cpu(), k, sink, window)):
+        n = len(want)
+        assert torch.equal(got[b, :n].long(), want), f"row {b}"
+        assert (got[b, n:] == -1).all()
+
+
+def test_radix_topk_ranks_ties_nonfinite_and_forced_tokens_as_documented():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn((4, 3000), generator=g)
+    logits[0, 10:20] = float("nan")
+    logits[0, 30] = float("inf")  # non-finite: ranks lowest, like NaN
+    logits[0, 31] = float("-inf")
+    logits[1, 40:400] = 0.5  # a long run of equal scores straddling the k-th: lower positions win
+    logits[2, :] = 1.0  # every score equal
+    _check(logits, [3000, 2500, 2999, 0], 64, sink=2, window=4)
+
+
+@pytest.mark.parametrize("ctx", [[10, 64, 65, 200], [1, 0, 3, 70]])
+def test_radix_topk_short_contexts_take_every_token_and_pad(ctx):
+    logits = torch.randn((4, 200), generator=torch.Generator().manual_seed(1))
+    _check(logits, ctx, 64, sink=4, window=16)
+
+
+def test_radix_topk_negative_scores_and_k_beyond_the_row():
+    logits = -torch.rand((2, 300), generator=torch.Generator().manual_seed(2)) * 1e-30
+    logits[1] = -logits[1] * 1e31  # one row of tiny negatives, one of large positives
+    _check(logits, [300, 300], 512)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    width=st.integers(1, 2500),
+    k=st.integers(1, 300),
+    forced=st.tuples(st.integers(0, 8), st.integers(0, 8)),
+    levels=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_radix_topk_equals_reference_on_random_rows(rows, width, k, forced, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    sink, window = forced if sum(forced) <= k else (0, 0)
+    # few distinct levels: many exact ties around the k-th score
+    logits = torch.randint(0, levels, (rows, width), generator=g).float() / levels - 0.5
+    ctx = torch.randint(0, width + 1, (rows,), generator=g).tolist()
+    _check(logits, ctx, k, sink, window)
+
+
+def test_select_topk_runs_the_radix_kernel():
+    logits = torch.randn((2, 500), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    cl = torch.tensor([500, 100], dtype=torch.int32, device=DEVICE)
+    assert torch.equal(select_topk(logits, cl, 32, 2, 2), radix_topk(logits, cl, 32, 2, 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+def test_gpu_radix_topk_deepseek_scale():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn((4, 131072), generator=g)
+    logits[1, 5000:9000] = 3.0  # ties at the top
+    _check(logits, [131072, 70000, 2048, 100], 2048, sink=4, window=64)
