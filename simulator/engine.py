@@ -156,6 +156,34 @@ def _flush(counters, b, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes):
     counters[b, 6] += n_bytes
 
 
+@njit(inline="always")
+def _set_index(ln, per, inv_per, partitions, part_shift, hash_kind):
+    """The set of line ``ln``: its partition's block of ``per`` sets, hashed within it."""
+    if partitions == 1:
+        rest = ln
+        part = 0
+    elif part_shift >= 0:
+        rest = ln >> part_shift
+        part = ln & (partitions - 1)
+    else:
+        rest = ln // partitions
+        part = ln - rest * partitions
+    if hash_kind == 1:
+        rest = rest ^ (rest >> 17) ^ (rest >> 29)
+    elif hash_kind == 2:
+        rest = ((rest * _HASH_MUL) >> 20) & 0x7FFFFFFFFFF
+    if rest < 4503599627370496:  # 2**52: exact in float64, one correction suffices
+        q = np.int64(rest * inv_per)  # remainder by multiplication: a division costs ~40 cycles
+        r = rest - q * per
+        if r >= per:
+            r -= per
+        elif r < 0:
+            r += per
+    else:
+        r = rest % per
+    return part * per + r
+
+
 def _kernel(policy: Policy):
     """The compiled replay loop for ``policy``'s type (compiled on first use, then cached)."""
     key = policy.name + ":" + str(id(policy.type))
@@ -192,8 +220,10 @@ def _kernel(policy: Policy):
         popcount8,
     ):
         per = n_sets // partitions
-        inv_per = 1.0 / per  # remainder by multiplication: a 64-bit division costs ~40 cycles
+        inv_per = 1.0 / per
         line_bytes = 1 << line_shift
+        n_sectors = 1 << (line_shift - sector_shift)
+        all_sectors = (1 << n_sectors) - 1
         has_future = future.shape[0] > 0
         k = 0  # line accesses so far in this call: index into ``future``
         # Counters add up in locals while consecutive accesses share a bucket (streams have
@@ -213,33 +243,15 @@ def _kernel(policy: Policy):
             glob[1] = klass[i]
             for ln in range(a >> line_shift, ((end - 1) >> line_shift) + 1):
                 start = ln << line_shift
-                s0 = (max(a, start) - start) >> sector_shift
-                s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
-                wanted = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
-                n_wanted = s1 - s0 + 1
-                if partitions == 1:
-                    rest = ln
-                    part = 0
-                elif part_shift >= 0:
-                    rest = ln >> part_shift
-                    part = ln & (partitions - 1)
+                if a <= start and end >= start + line_bytes:  # the whole line (the common case)
+                    wanted = all_sectors
+                    n_wanted = n_sectors
                 else:
-                    rest = ln // partitions
-                    part = ln - rest * partitions
-                if hash_kind == 1:
-                    rest = rest ^ (rest >> 17) ^ (rest >> 29)
-                elif hash_kind == 2:
-                    rest = ((rest * _HASH_MUL) >> 20) & 0x7FFFFFFFFFF
-                if rest < 4503599627370496:  # 2**52: exact in float64, one correction suffices
-                    q = np.int64(rest * inv_per)
-                    r = rest - q * per
-                    if r >= per:
-                        r -= per
-                    elif r < 0:
-                        r += per
-                else:
-                    r = rest % per
-                s = part * per + r
+                    s0 = (max(a, start) - start) >> sector_shift
+                    s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
+                    wanted = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
+                    n_wanted = s1 - s0 + 1
+                s = _set_index(ln, per, inv_per, partitions, part_shift, hash_kind)
                 base = s * ways
                 glob[2] = ln
                 way = _find_way(tags, base, ln, ways)
