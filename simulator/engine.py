@@ -184,9 +184,13 @@ def _set_index(ln, per, inv_per, partitions, part_shift, hash_kind):
     return part * per + r
 
 
-def _kernel(policy: Policy):
-    """The compiled replay loop for ``policy``'s type (compiled on first use, then cached)."""
-    key = policy.name + ":" + str(id(policy.type))
+def _kernel(policy: Policy, ways: int):
+    """The compiled replay loop for ``policy``'s type (compiled on first use, then cached).
+    Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own build with the way count a
+    constant: the tag match is then one compare without the chunk loop, and the policy's
+    branches on ``ways`` fold away."""
+    fixed_ways = ways if ways == MATCH_WIDTH else 0
+    key = f"{policy.name}:{id(policy.type)}:{fixed_ways}"
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
@@ -219,6 +223,8 @@ def _kernel(policy: Policy):
         write_allocate,
         popcount8,
     ):
+        if fixed_ways:
+            ways = fixed_ways
         per = n_sets // partitions
         inv_per = 1.0 / per
         line_bytes = 1 << line_shift
@@ -309,7 +315,7 @@ class Cache:
             )
         if self.policy.type.check is not None:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
-        self._kernel = _kernel(self.policy)
+        self._kernel = _kernel(self.policy, config.ways)
         self.reset()
 
     def reset(self) -> None:
