@@ -9,7 +9,7 @@ must move and its FLOPs, and its fraction of the roofline bound
 ``max(bytes / copy bandwidth, FLOPs / bf16 matmul peak)``, both peaks measured here
 (device-to-device copy of 2 GiB counting read + write; 8192^3 bf16 matmul). Top-k is timed
 twice: ``topk_torch`` (plain ``torch.topk`` + sort, the baseline) and ``topk_radix`` (ours,
-what ``select_topk`` runs; its bytes count its five passes over the logits). DeepSeek's
+what ``select_topk`` runs; its bytes count its passes over the logits). DeepSeek's
 FlashMLA sparse fp8 decode (``kernels/flashmla.py`` over the ``tokenspeed-flashmla`` wheel)
 is timed as a reference row when it imports, alone and as the decode step's attention
 (``decode_step_flashmla``), and its output is compared with the Triton kernel's on the same
@@ -43,6 +43,7 @@ from dsacache.kernels import paged  # noqa: E402
 from dsacache.kernels.flashmla import flashmla_available, flashmla_sparse_decode  # noqa: E402
 from dsacache.kernels.indexer import indexer_logits, select_topk  # noqa: E402
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode  # noqa: E402
+from dsacache.kernels.topk import PASSES  # noqa: E402
 
 K = 2048
 MLA_HEADS = 128
@@ -153,7 +154,7 @@ def bench_config(bsz: int, ctx: int, caches, pk: dict, gen, args) -> list[dict]:
         ("topk_torch", "-", lambda: torch_topk(logits, cl, K, 4, 64),
          bsz * ctx * 4 + bsz * K * 4, 0),
         ("topk_radix", "-", lambda: select_topk(logits, cl, K, 4, 64),
-         5 * bsz * ctx * 4 + bsz * K * 4, 0),
+         (PASSES + 2) * bsz * ctx * 4 + bsz * K * 4, 0),
         ("mla_sparse_triton", "mla-fp8", lambda: mla_sparse_decode(qm, mc8, sel, SCALE),
          mla8_bytes, mla_flops),
         ("gqa_sparse_triton", "gqa-bf16", lambda: gqa_sparse_decode(qg, gc, sel),

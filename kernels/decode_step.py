@@ -170,7 +170,7 @@ class IndexCapture:
         self._raise()
         pinned = torch.device(device).type == "cuda"
         host = self._buffer(shape, pinned)
-        host.fill_(-1)
+        host.numpy().fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
         self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
@@ -365,7 +365,11 @@ def run_trace(
                 "hints": {"index": hints.index, "kv": hints.kv},
                 "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
-        writer = TraceWriter(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta)
+        # a part every 8 steps: the writer thread encodes and writes while the GPU decodes,
+        # instead of leaving the whole trace to the final flush
+        rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
+        writer = TraceWriter(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta,
+                             part_rows=8 * rows_per_step)  # fmt: skip
         cap = IndexCapture(writer)
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

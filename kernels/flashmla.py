@@ -20,6 +20,7 @@ import torch
 from dsacache.kernels.paged import MLA_FP8_BYTES, MLA_LATENT, MLACache
 
 WHEEL = "tokenspeed-flashmla==1.0.0.post20260429"
+TOPK_BLOCK = 64  # FlashMLA's sparse decode reads k in blocks of 64 (-1 = no token)
 _SCHEDULES: dict[tuple[Any, ...], Any] = {}  # FlashMLA's tile-scheduler state per shape
 
 
@@ -67,6 +68,9 @@ def flashmla_sparse_decode(
     flash_mla = _flash_mla()
     bsz, heads, _ = q.shape
     indices = indices.reshape(bsz, -1)
+    if indices.shape[1] % TOPK_BLOCK:  # FlashMLA takes the selection in blocks of 64
+        pad = TOPK_BLOCK - indices.shape[1] % TOPK_BLOCK
+        indices = torch.nn.functional.pad(indices, (0, pad), value=-1)
     pages = cache.pages
     slots = physical_slots(indices, pages.table, pages.page_size)
     pool = cache.pool.view(cache.pool.shape[0], pages.page_size, 1, MLA_FP8_BYTES)

@@ -29,6 +29,7 @@ from dsacache.kernels.topk import radix_topk
 INTERPRET = bool(triton.knobs.runtime.interpret)  # decided when the kernels are decorated
 EVICT_POLICIES = ("", "evict_first", "evict_last")
 _FP8_MAX = tl.constexpr(FP8_MAX)  # a global a Triton kernel may read
+FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims stay bf16
 PAGES_PER_STEP = 2  # pages per loop step of the logits kernel (H200 sweep: 1.0-1.1x of 1 or 4)
 
 
@@ -129,10 +130,11 @@ def indexer_logits(
     ``[B]`` on the device. ``max_context`` defaults to the page table's capacity (pass it to
     avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
     "evict_last"). ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's
-    indexer) rather than multiply in bf16.
+    indexer) rather than multiply in bf16 (key dims >= 32 only; smaller ones stay bf16).
     """
     b, h, d = q.shape
     check_index_dim(d)
+    query_fp8 = query_fp8 and d >= FP8_DOT_MIN_DIM
     if d != cache.dim:
         raise ValueError(f"indexer queries have {d} dims but the cached keys {cache.dim}")
     pt = cache.pages
@@ -171,7 +173,7 @@ def indexer_logits_reference(
     width = max(ctx) if max_context is None else max_context
     out = torch.full((q.shape[0], width), float("-inf"), dtype=torch.float32, device=q.device)
     q, w = q.float(), weights.float()
-    if query_fp8:
+    if query_fp8 and q.shape[-1] >= FP8_DOT_MIN_DIM:
         qs = q.abs().amax(-1) / FP8_MAX
         qs = torch.where(qs == 0, 1.0, qs)
         q = (q / qs[..., None]).to(torch.float8_e4m3fn).float()

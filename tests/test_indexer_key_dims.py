@@ -49,7 +49,10 @@ def test_index_cache_layout_and_logits_at_any_power_of_two_dim(dim):
     ref = indexer_logits_reference(q, w, cache, ctx)
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-4, atol=1e-3)
+    # fp8 queries (dim >= 32): SM90's fp8 tensor-core products accumulate less exactly
+    gpu_fp8 = DEVICE == "cuda" and dim >= 32
+    tol = {"rtol": 2e-3, "atol": 2e-2} if gpu_fp8 else {"rtol": 1e-4, "atol": 1e-3}
+    torch.testing.assert_close(got[fin], ref[fin], **tol)
     sel = select_topk(got, ctx, 32, 2, 4)
     for b, want in enumerate(select_topk_reference(ref, ctx, 32, 2, 4)):
         row = sel[b][sel[b] >= 0].cpu().long()

@@ -345,6 +345,10 @@ class TraceWriter:
         self._pending_rows += len(batch)
         while self._pending_rows >= self.part_rows:
             whole = SelectionBatch.concat(self._pending)
+            if len(whole) == self.part_rows:  # the common case when parts hold whole steps
+                self._write_part(whole)
+                self._pending, self._pending_rows = [], 0
+                break
             self._write_part(whole.take(np.arange(self.part_rows)))
             rest = whole.take(np.arange(self.part_rows, len(whole)))
             self._pending = [rest] if len(rest) else []
