@@ -150,6 +150,27 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+STALE_L2 = True  # the probes' L2 starts full of other data (see fill_with_stale_lines)
+
+
+def fill_with_stale_lines(cache, capacity: int) -> None:
+    """Fill ``cache`` with lines no probe address matches, at normal priority (the ``append``
+    class, which no hint of the probes names): a GPU's L2 is never empty, and before the
+    profiled steps the probe has just written its caches. Under LRU this changes nothing (a
+    stale line is evicted exactly when an empty way would be filled), but under eviction
+    hints it does: an ``evict_first`` line is then the first victim of the next fill in its
+    set, instead of sitting in a way nobody else needed."""
+    from dsacache.simulator.workload import CLASS_ID, CLASSES
+
+    line = 128
+    n = 2 * capacity // line  # sequential lines over twice the capacity
+    addr = (1 << 44) + np.arange(n, dtype=np.int64) * line
+    cls = np.full(n, CLASS_ID["append"], np.int8)
+    counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
+    cache.run_chunk(addr, np.full(n, line, np.int64), np.zeros(n, bool), cls,
+                    np.zeros(n, np.int16), cls.astype(np.int64), counters)  # fmt: skip
+
+
 def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> pd.DataFrame:
     """Per (step, class) hit rates of the ``decode`` probe's trace replayed by dsacache.
 
@@ -174,6 +195,8 @@ def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> 
     config = CacheConfig.of(model.capacity, ways=model.ways, set_hash=model.set_hash)
     cache = make_model(config, model.policy, layers)
     rows = []
+    if STALE_L2:
+        fill_with_stale_lines(cache, model.capacity)
     with tempfile.TemporaryDirectory() as tmp:
         trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
         amap = plan_replay(trace, Workload(layout="mla-fp8", classes=("index", "kv")))
