@@ -6,11 +6,13 @@ keeps the priority of the access that last touched it; a victim is the least rec
 line of the lowest priority present in the set (first < normal < last). Recency is the LRU
 list of ``lru.py``; the victim search walks it from the tail.
 
-Measured on the H100 through Triton's ``eviction_policy`` (dsacache/data/h100/README.md):
-evict_first on the indexer-key loads lifts the next step's KV hit rate from 4% to 37-44%,
-which this model predicts within about 7 points; evict_last on the KV gathers alone changes
-nothing on the GPU, while this model predicts it protects them. Use ``kv=normal`` for
-Triton's evict_last until the hardware's rule is understood.
+evict_last is the priority of persisting accesses, and the CUDA programming guide (L2 cache
+control) gives persisting accesses prioritised use of the L2 set-aside only. So only the
+``persist_ways`` most recent evict_last lines of a set keep their priority; the others, and
+all of them when nothing is set aside (a GPU's default, ``persist_ways=0``), act as normal.
+That matches the H100 and H200 measurements (dsacache/data/*/README.md): evict_first on the
+indexer-key loads lifts the next step's KV hit rate from 4% to 37-54%, evict_last on the KV
+gathers alone changes nothing.
 """
 
 import numpy as np
@@ -43,11 +45,21 @@ def victim(line_state, set_state, glob, s, ways, clock, params):
     n = line_state.shape[0] // 3
     n_sets = set_state.shape[0] // 2
     base = s * ways
+    persist_ways = np.int64(params[len(CLASS_ORDER)])
+    n_last = 0
+    for w in range(ways):
+        if line_state[2 * n + base + w] == 2:
+            n_last += 1
     best = -1
     best_level = 3
+    seen_last = 0
     way = set_state[n_sets + s]  # the tail: least recently used
     while way >= 0:
         level = line_state[2 * n + base + way]
+        if level == 2:
+            seen_last += 1
+            if n_last - seen_last >= persist_ways:  # outside the set-aside: a normal line
+                level = 1
         if level < best_level:
             best, best_level = way, level
             if level == 0:
@@ -67,6 +79,16 @@ HINTS = register(
         params=tuple(
             Param(c, "choice", "normal", f"eviction priority of {c} loads", LEVELS)
             for c in CLASS_ORDER
+        )
+        + (
+            Param(
+                "persist_ways",
+                "int",
+                0,
+                "ways per set where evict_last lines keep their priority (the L2 set-aside for "
+                "persisting accesses; 0, a GPU's default: evict_last acts as normal)",
+                low=0,
+            ),
         ),
         line_dtype=np.int32,
         line_words=3,

@@ -38,15 +38,19 @@ def test_evict_first_lines_go_first():
     assert hits.tolist() == [False] * 5 + [True, False]
 
 
-def test_evict_last_lines_survive_a_scan():
+def test_evict_last_lines_survive_a_scan_only_inside_the_set_aside():
     kv, index = CLASSES.index("kv"), CLASSES.index("index")
     seq = [0, 1] + list(range(10, 20)) + [0, 1]
     klass = [kv, kv] + [index] * 10 + [kv, kv]
-    assert _run("hints:kv=last", seq, klass)[-2:].tolist() == [True, True]
+    assert _run("hints:kv=last,persist_ways=2", seq, klass)[-2:].tolist() == [True, True]
+    # one way set aside: only the most recent evict_last line (1) keeps its priority
+    assert _run("hints:kv=last,persist_ways=1", seq, klass)[-2:].tolist() == [False, True]
+    # nothing set aside (a GPU's default): evict_last acts as normal, as measured
+    assert _run("hints:kv=last", seq, klass)[-2:].tolist() == [False, False]
     assert _run("lru", seq, klass)[-2:].tolist() == [False, False]
 
 
-def _python_hints(levels, lines, klass, ways, sets):
+def _python_hints(levels, lines, klass, ways, sets, persist_ways):
     cache = [OrderedDict() for _ in range(sets)]  # line -> priority, oldest first
     hits = []
     for ln, k in zip(lines, klass, strict=True):
@@ -56,24 +60,32 @@ def _python_hints(levels, lines, klass, ways, sets):
         if hit:
             s.move_to_end(ln)
         elif len(s) == ways:
-            low = min(s.values())
-            victim = next(x for x, p in s.items() if p == low)
+            # evict_last (2) counts only for the persist_ways most recent such lines
+            last = [x for x, p in s.items() if p == 2]
+            kept = set(last[len(last) - persist_ways :]) if persist_ways else set()
+            level = {x: (1 if p == 2 and x not in kept else p) for x, p in s.items()}
+            low = min(level.values())
+            victim = next(x for x in s if level[x] == low)
             del s[victim]
         s[ln] = levels[k]
     return np.array(hits)
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     levels=st.lists(st.sampled_from(LEVELS), min_size=4, max_size=4),
     seed=st.integers(0, 2**31),
     ways=st.sampled_from([1, 2, 4, 8]),
     sets=st.sampled_from([1, 3, 4]),
+    persist_ways=st.sampled_from([0, 1, 2, 8]),
 )
-def test_hints_equal_python_model(levels, seed, ways, sets):
+def test_hints_equal_python_model(levels, seed, ways, sets, persist_ways):
     rng = np.random.default_rng(seed)
     lines = rng.integers(0, ways * sets * 3, 400).tolist()
     klass = rng.integers(0, 4, 400).tolist()
     spec = "hints:" + ",".join(f"{c}={lv}" for c, lv in zip(CLASS_ORDER, levels, strict=True))
-    expect = _python_hints([LEVELS.index(lv) for lv in levels], lines, klass, ways, sets)
+    spec += f",persist_ways={persist_ways}"
+    expect = _python_hints(
+        [LEVELS.index(lv) for lv in levels], lines, klass, ways, sets, persist_ways
+    )
     np.testing.assert_array_equal(_run(spec, lines, klass, ways, sets), expect)
