@@ -2,6 +2,13 @@ import numpy as np
 import pytest
 
 from dsacache.tracer import SynthConfig, synthesize
+from dsacache.tracer.models import missing_capture_libraries
+
+CAPTURE_MISSING = missing_capture_libraries(model_package=True)
+needs_model = pytest.mark.skipif(
+    bool(CAPTURE_MISSING),
+    reason=f"capture from SmolLM2-135M needs {', '.join(CAPTURE_MISSING)} installed",
+)
 
 
 @pytest.fixture

