@@ -18,9 +18,10 @@ from numba import njit
 from dsacache.simulator.engine import prefetch
 
 EMPTY = -1
+EVICT_AHEAD = 3  # LRU evictions whose list nodes and table slots are prefetched
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
-# a node's record: NODE_WORDS int64 fields, one cache line
-PREV, NEXT, SIZE, PART, SLOT, VALID, NEXT_USE, VER = range(8)
+# a node's record: NODE_WORDS int32 fields (two spare), 32 bytes: half a cache line
+PREV, NEXT, SIZE, PART, SLOT, VALID = range(6)
 NODE_WORDS = 8
 
 
@@ -88,10 +89,12 @@ def _push_front(nodes, head, tail, p, n):
     head[p] = n
 
 
-def _aligned_zeros(n: int, align: int = 64) -> np.ndarray:
-    """Zeroed int64[n] whose data starts on an ``align``-byte boundary (records in one line)."""
-    raw = np.zeros(n + align // 8, np.int64)
-    skip = (-raw.ctypes.data % align) // 8
+def _aligned_zeros(n: int, dtype, align: int = 64) -> np.ndarray:
+    """Zeroed ``dtype[n]`` whose data starts on an ``align``-byte boundary (so no record
+    straddles two cache lines)."""
+    size = np.dtype(dtype).itemsize
+    raw = np.zeros(n + align // size, dtype)
+    skip = (-raw.ctypes.data % align) // size
     return raw[skip : skip + n]
 
 
@@ -104,7 +107,7 @@ class ObjectStore:
         n = max(int(max_objects), 1) + parts
         size = 1 << max(int(2 * n - 1).bit_length(), 4)
         self.table = np.full(2 * size, EMPTY, np.int64)  # slot i: key at 2i, node at 2i + 1
-        self.nodes = _aligned_zeros(n * NODE_WORDS)
+        self.nodes = _aligned_zeros(n * NODE_WORDS, np.int32)
         self.head = np.full(parts, -1, np.int64)
         self.tail = np.full(parts, -1, np.int64)
         self.used = np.zeros(parts, np.int64)
@@ -116,11 +119,14 @@ class ObjectStore:
         self.heap_node = np.zeros(heap, np.int64)
         self.heap_ver = np.zeros(heap, np.int64)
         self.heap_size = np.zeros(1, np.int64)
+        self.next_use = np.zeros(n, np.int64)  # per node, read by Belady only
+        self.ver = np.zeros(n if parts == 1 else 1, np.int64)  # per node: heap entry versions
 
     def arrays(self) -> tuple:
         return (
             self.table, self.nodes, self.head, self.tail, self.used, self.capacity, self.free,
             self.n_free, self.heap_key, self.heap_node, self.heap_ver, self.heap_size,
+            self.next_use, self.ver,
         )  # fmt: skip
 
 
@@ -134,7 +140,6 @@ def remove(st, n):
     _delete(table, nodes, table.shape[0] // 2 - 1, nodes[rec + SLOT])
     used[p] -= nodes[rec + SIZE]
     nodes[rec + PART] = -1  # not in the store: heap entries of it are stale
-    nodes[rec + VER] += 1
     free[n_free[0]] = n
     n_free[0] += 1
 
@@ -152,7 +157,7 @@ def _heap_push(st, key, node):
             break
         hk[i], hn[i], hv[i] = hk[parent], hn[parent], hv[parent]
         i = parent
-    hk[i], hn[i], hv[i] = key, node, st[1][node * NODE_WORDS + VER]
+    hk[i], hn[i], hv[i] = key, node, st[13][node]
 
 
 @njit(inline="always")
@@ -184,7 +189,7 @@ def _heap_rebuild(st):
     nodes = st[1]
     n = st[2][0]
     while n >= 0:
-        _heap_push(st, nodes[n * NODE_WORDS + NEXT_USE], n)
+        _heap_push(st, st[12][n], n)
         n = nodes[n * NODE_WORDS + NEXT]
 
 
@@ -192,20 +197,19 @@ def _heap_rebuild(st):
 def _evict_furthest(st, p):
     """Belady at object granularity: evict the object of part ``p`` used furthest ahead.
     One part: pop the heap, skipping stale entries (O(log n)); several: walk the list."""
-    nodes, head = st[1], st[2]
+    nodes, head, next_use = st[1], st[2], st[12]
     if head.shape[0] == 1:
         while True:
             _, node, v = _heap_pop(st)
-            rec = node * NODE_WORDS
-            if nodes[rec + PART] == p and nodes[rec + VER] == v:
+            if nodes[node * NODE_WORDS + PART] == p and st[13][node] == v:
                 remove(st, node)
                 return
     best = -1
     far = -1
     n = head[p]
     while n >= 0:
-        if nodes[n * NODE_WORDS + NEXT_USE] > far:
-            far = nodes[n * NODE_WORDS + NEXT_USE]
+        if next_use[n] > far:
+            far = next_use[n]
             best = n
         n = nodes[n * NODE_WORDS + NEXT]
     remove(st, best)
@@ -224,10 +228,11 @@ def touch(st, n, next_use, furthest=False):
     nodes, head, tail = st[1], st[2], st[3]
     rec = n * NODE_WORDS
     p = nodes[rec + PART]
-    nodes[rec + NEXT_USE] = next_use
-    if furthest and head.shape[0] == 1:
-        nodes[rec + VER] += 1
-        _heap_push(st, next_use, n)
+    if furthest:
+        st[12][n] = next_use
+        if head.shape[0] == 1:
+            st[13][n] += 1
+            _heap_push(st, next_use, n)
     if head[p] != n:
         _unlink(nodes, head, tail, p, n)
         _push_front(nodes, head, tail, p, n)
@@ -245,10 +250,15 @@ def insert(st, key, size, p, valid, next_use, furthest):
             _evict_furthest(st, p)
         else:
             remove(st, tail[p])  # least recently used
-            t = tail[p]  # the next victim: its record is hot, start loading what evicting it reads
-            if t >= 0:
-                prefetch(nodes, max(nodes[t * NODE_WORDS + PREV], 0) * NODE_WORDS)
+            # Start loading what the next evictions read, walking up from the new tail: each
+            # record on the way was requested by an earlier eviction, the last one is new.
+            t = tail[p]
+            for _ in range(EVICT_AHEAD):
+                if t < 0:
+                    break
                 prefetch(table, 2 * nodes[t * NODE_WORDS + SLOT])
+                t = nodes[t * NODE_WORDS + PREV]
+                prefetch(nodes, max(t, 0) * NODE_WORDS)
     n_free[0] -= 1
     n = free[n_free[0]]
     i = -1 - _find(table, table.shape[0] // 2 - 1, key)
@@ -259,12 +269,13 @@ def insert(st, key, size, p, valid, next_use, furthest):
     nodes[rec + SIZE] = size
     nodes[rec + PART] = p
     nodes[rec + VALID] = valid
-    nodes[rec + NEXT_USE] = next_use
     used[p] += size
     _push_front(nodes, head, tail, p, n)
-    if furthest and head.shape[0] == 1:
-        nodes[rec + VER] += 1
-        _heap_push(st, next_use, n)
+    if furthest:
+        st[12][n] = next_use
+        if head.shape[0] == 1:
+            st[13][n] += 1
+            _heap_push(st, next_use, n)
     return n
 
 
