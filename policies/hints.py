@@ -29,27 +29,35 @@ CLASS_ORDER = ("weights", "index", "kv", "append")  # as simulator.workload.CLAS
 @njit(inline="always")
 def init(line_state, set_state, glob, n_sets, ways, params):
     n = n_sets * ways
-    lru_init(line_state[: 2 * n], set_state, glob, n_sets, ways, params)
+    lru_init(line_state[: 2 * n], set_state[: 2 * n_sets], glob, n_sets, ways, params)
     line_state[2 * n :] = 1
+    set_state[2 * n_sets :] = 0  # evict_first lines per set
 
 
 @njit(inline="always")
 def touch(line_state, set_state, glob, s, way, ways, clock, params):
     n = line_state.shape[0] // 3
-    to_front(line_state[: 2 * n], set_state, glob, s, way, ways, clock, params)
-    line_state[2 * n + s * ways + way] = np.int32(params[glob[1]])
+    n_sets = set_state.shape[0] // 3
+    to_front(line_state[: 2 * n], set_state[: 2 * n_sets], glob, s, way, ways, clock, params)
+    i = 2 * n + s * ways + way
+    level = np.int32(params[glob[1]])
+    set_state[2 * n_sets + s] += np.int32(level == 0) - np.int32(line_state[i] == 0)
+    line_state[i] = level
 
 
 @njit(inline="always")
 def victim(line_state, set_state, glob, s, ways, clock, params):
     n = line_state.shape[0] // 3
-    n_sets = set_state.shape[0] // 2
+    n_sets = set_state.shape[0] // 3
     base = s * ways
     persist_ways = np.int64(params[len(CLASS_ORDER)])
+    if persist_ways == 0 and set_state[2 * n_sets + s] == 0:
+        return set_state[n_sets + s]  # every line acts as normal: the LRU tail
     n_last = 0
-    for w in range(ways):
-        if line_state[2 * n + base + w] == 2:
-            n_last += 1
+    if persist_ways > 0:  # else every evict_last line acts as normal: nothing to count
+        for w in range(ways):
+            if line_state[2 * n + base + w] == 2:
+                n_last += 1
     best = -1
     best_level = 3
     seen_last = 0
@@ -58,7 +66,7 @@ def victim(line_state, set_state, glob, s, ways, clock, params):
         level = line_state[2 * n + base + way]
         if level == 2:
             seen_last += 1
-            if n_last - seen_last >= persist_ways:  # outside the set-aside: a normal line
+            if persist_ways == 0 or n_last - seen_last >= persist_ways:  # not set aside
                 level = 1
         if level < best_level:
             best, best_level = way, level
@@ -92,6 +100,6 @@ HINTS = register(
         ),
         line_dtype=np.int32,
         line_words=3,
-        set_words=2,
+        set_words=3,
     )
 )

@@ -62,7 +62,7 @@ def _python_hints(levels, lines, klass, ways, sets, persist_ways):
         elif len(s) == ways:
             # evict_last (2) counts only for the persist_ways most recent such lines
             last = [x for x, p in s.items() if p == 2]
-            kept = set(last[len(last) - persist_ways :]) if persist_ways else set()
+            kept = set(last[max(0, len(last) - persist_ways) :])
             level = {x: (1 if p == 2 and x not in kept else p) for x, p in s.items()}
             low = min(level.values())
             victim = next(x for x in s if level[x] == low)
