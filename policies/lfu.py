@@ -5,13 +5,18 @@ In-cache LFU: a line's count starts at 1 when it is filled and grows by one on e
 (also a hit whose sectors were partly missing); the count is forgotten when the line is
 evicted. Among lines with the lowest count the victim is the one whose last access (fill or
 hit) is oldest, which is what libCacheSim's LFU does with its per-frequency FIFO lists (a line
-enters a frequency's list at its latest access). ``line_state`` holds per way the count (first
-half) and the engine clock of its last access (second half); the victim is one O(ways) scan.
+enters a frequency's list at its latest access). ``line_state`` holds one word per way: the
+count in the high bits and the engine clock of the last access (fill or hit) in the low
+``CLOCK_BITS``, so the smallest word of the set is the victim (one O(ways) scan of one array).
 """
 
 from numba import njit
 
 from dsacache.policies.base import PolicyType, register
+
+CLOCK_BITS = 40  # accesses a replay may make before clocks wrap: 1.1e12
+_COUNT = 1 << CLOCK_BITS
+_CLOCK_MASK = _COUNT - 1
 
 
 @njit(inline="always")
@@ -22,28 +27,23 @@ def init(line_state, set_state, glob, n_sets, ways, params):
 @njit(inline="always")
 def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
     i = s * ways + way
-    line_state[i] += 1
-    line_state[line_state.shape[0] // 2 + i] = clock
+    line_state[i] = ((line_state[i] >> CLOCK_BITS) + 1) * _COUNT + (clock & _CLOCK_MASK)
 
 
 @njit(inline="always")
 def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
-    i = s * ways + way
-    line_state[i] = 1
-    line_state[line_state.shape[0] // 2 + i] = clock
+    line_state[s * ways + way] = _COUNT + (clock & _CLOCK_MASK)
 
 
 @njit(inline="always")
 def victim(line_state, set_state, glob, s, ways, clock, params):
     base = s * ways
-    last = line_state.shape[0] // 2 + base
     best = 0
-    best_count = line_state[base]
-    best_time = line_state[last]
+    best_key = line_state[base]
     for w in range(1, ways):
-        c = line_state[base + w]
-        if c < best_count or (c == best_count and line_state[last + w] < best_time):
-            best, best_count, best_time = w, c, line_state[last + w]
+        key = line_state[base + w]
+        if key < best_key:
+            best, best_key = w, key
     return best
 
 
@@ -55,7 +55,7 @@ LFU = register(
         on_hit=on_hit,
         on_fill=on_fill,
         victim=victim,
-        line_words=2,
+        line_words=1,
         set_words=1,
     )
 )
