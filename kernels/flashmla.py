@@ -1,9 +1,9 @@
 """DeepSeek's FlashMLA sparse fp8 decode (SM90) on dsacache's paged MLA cache.
 
 FlashMLA reads the same 656-byte fp8 token layout as ``paged.quantize_mla_fp8`` and takes
-the selection as *physical* slots (``page * 64 + offset``) rather than token positions, so
-this wrapper translates the positions through the page table on the device (no host sync)
-and returns what ``sparse_decode.mla_sparse_decode`` returns: ``(out bf16 [B, H, 512],
+the selection as *physical* slots (``page * 64 + offset``) rather than token positions, in
+whole blocks of 64, so this wrapper translates the positions through the page table on the
+device (one small Triton kernel, no host sync) and returns what ``sparse_decode.mla_sparse_decode`` returns: ``(out bf16 [B, H, 512],
 lse float32 [B, H])``. It makes FlashMLA a backend of the decode-step driver
 (``decode_step(..., backend="flashmla")``) and of ``benchmarks/bench_kernels.py``.
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 from dsacache.kernels.paged import MLA_FP8_BYTES, MLA_LATENT, MLACache
 
@@ -50,12 +52,43 @@ def flashmla_available() -> str | None:
 
 
 def physical_slots(indices: torch.Tensor, table: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Token positions ``[B, k]`` (-1 = none) -> physical slots ``[B, 1, k]`` int32 (-1 kept)."""
+    """Token positions ``[B, k]`` (-1 = none) -> physical slots ``[B, 1, k]`` int32 (-1 kept):
+    the plain torch reference of ``slots_for_flashmla``."""
     valid = indices >= 0
     pos = indices.clamp_min(0).long()
     page = table.gather(1, pos // page_size).long()
     slots = torch.where(valid, page * page_size + pos % page_size, -1)
     return slots.to(torch.int32)[:, None, :].contiguous()
+
+
+@triton.jit
+def dsa_positions_to_slots(
+    idx_ptr, table_ptr, out_ptr, K, K_OUT, stride_ib, stride_tb,
+    PAGE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Program (block of the selection, request): physical slots of BLOCK token positions
+    through the page table; -1 for -1 and for the padding from K up to K_OUT."""
+    blk = tl.program_id(0)
+    b = tl.program_id(1)
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    tok = tl.load(idx_ptr + b * stride_ib + j, mask=j < K, other=-1)
+    valid = tok >= 0
+    page = tl.load(table_ptr + b * stride_tb + tok // PAGE, mask=valid, other=0)
+    tl.store(out_ptr + b * K_OUT + j, tl.where(valid, page * PAGE + tok % PAGE, -1),
+             mask=j < K_OUT)  # fmt: skip
+
+
+def slots_for_flashmla(indices: torch.Tensor, table: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``physical_slots`` in one launch, padded with -1 to whole blocks of ``TOPK_BLOCK``:
+    int32 ``[B, 1, k']`` as FlashMLA takes the selection."""
+    bsz, k = indices.shape
+    k_out = -(-k // TOPK_BLOCK) * TOPK_BLOCK
+    out = torch.empty((bsz, 1, k_out), dtype=torch.int32, device=indices.device)
+    dsa_positions_to_slots[(k_out // TOPK_BLOCK, bsz)](
+        indices, table, out, k, k_out, indices.stride(0), table.stride(0),
+        PAGE=page_size, BLOCK=TOPK_BLOCK,
+    )  # fmt: skip
+    return out
 
 
 def flashmla_sparse_decode(
@@ -67,14 +100,10 @@ def flashmla_sparse_decode(
         raise ValueError("FlashMLA's sparse decode reads the fp8 MLA layout (656 B/token) only")
     flash_mla = _flash_mla()
     bsz, heads, _ = q.shape
-    indices = indices.reshape(bsz, -1)
-    if indices.shape[1] % TOPK_BLOCK:  # FlashMLA takes the selection in blocks of 64
-        pad = TOPK_BLOCK - indices.shape[1] % TOPK_BLOCK
-        indices = torch.nn.functional.pad(indices, (0, pad), value=-1)
     pages = cache.pages
-    slots = physical_slots(indices, pages.table, pages.page_size)
+    slots = slots_for_flashmla(indices.reshape(bsz, -1), pages.table, pages.page_size)
     pool = cache.pool.view(cache.pool.shape[0], pages.page_size, 1, MLA_FP8_BYTES)
-    key = (q.device, bsz, heads, pages.page_size, indices.shape[1])
+    key = (q.device, bsz, heads, pages.page_size, slots.shape[2])
     if key not in _SCHEDULES:
         _SCHEDULES[key] = flash_mla.get_mla_metadata()[0]
     out, lse = flash_mla.flash_mla_with_kvcache(

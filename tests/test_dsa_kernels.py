@@ -30,6 +30,7 @@ from dsacache.kernels.flashmla import (  # noqa: E402
     flashmla_available,
     flashmla_sparse_decode,
     physical_slots,
+    slots_for_flashmla,
 )
 from dsacache.kernels.indexer import (  # noqa: E402
     INTERPRET,
@@ -366,6 +367,17 @@ def test_physical_slots_follow_the_page_table():
         keep = sel[b] >= 0
         assert torch.equal(got[b, 0, keep].long(), pt.slots(b, sel[b][keep]).to(DEVICE))
         assert (got[b, 0, ~keep] == -1).all()
+
+
+@pytest.mark.parametrize("k", [4, 64, 70])
+def test_slots_for_flashmla_equal_the_reference_padded_to_64(k):
+    pt = _table([150, 70, 300], order="shuffled")
+    sel = select_topk(torch.randn((3, 300), generator=_gen(5)).to(DEVICE),
+                      torch.tensor([150, 70, 300], dtype=torch.int32, device=DEVICE), k)  # fmt: skip
+    got = slots_for_flashmla(sel, pt.table, pt.page_size)
+    assert got.shape == (3, 1, -(-k // 64) * 64) and got.dtype == torch.int32
+    assert torch.equal(got[:, :, :k], physical_slots(sel, pt.table, pt.page_size))
+    assert (got[:, :, k:] == -1).all()
 
 
 def test_run_trace_rejects_backends_it_cannot_run(tmp_path):
