@@ -6,11 +6,10 @@ decode batch of a few requests leaves the GPU idle (on the H200: ~100 us at batc
 row, and the k-th largest key is found by a radix select over the order-preserving integer
 image of the scores: four histogram passes of 8 bits narrow the k-th key down to one value
 ``T``; a fifth pass counts the tokens equal to ``T`` per chunk, and the last one writes every
-token above ``T`` plus the lowest-positioned ties needed to make k. (Histograms of 11 bits,
-three passes, ran 3.6x slower than ``torch.topk`` at batch 64 x 128K on the H200: Triton's
-histogram costs grow with the bins.) Each pass
-derives the prefix found so far from the previous passes' histograms itself, so no host sync
-and no extra launch are needed between passes.
+token above ``T`` plus the lowest-positioned ties needed to make k. Each pass derives the
+prefix found so far from the previous passes' histograms itself, so no host sync and no extra
+launch are needed between passes. (Three passes of 11-bit histograms ran 3.6x slower than
+``torch.topk`` at batch 64 x 128K on the H200: Triton's histogram cost grows with the bins.)
 
 Ranking, as ``indexer.select_topk`` documents it: the first ``sink`` and last ``window``
 tokens of each context rank above everything; NaN and infinite scores rank below every
