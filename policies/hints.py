@@ -3,8 +3,10 @@
 On Hopper a load can carry an L2 eviction priority (PTX ``ld.global.L2::evict_first`` /
 ``L2::evict_last``; Triton's ``tl.load(..., eviction_policy=...)``). The model: every line
 keeps the priority of the access that last touched it; a victim is the least recently used
-line of the lowest priority present in the set (first < normal < last). Recency is the LRU
-list of ``lru.py``; the victim search walks it from the tail.
+line of the lowest priority present in the set (first < normal < last). Recency is
+``lru.py``'s (a packed order up to 16 ways, a linked list above); the victim search walks it
+from the least recent line, and is the plain LRU victim while a set holds no evict_first line
+and nothing is set aside.
 
 evict_last is the priority of persisting accesses, and the CUDA programming guide (L2 cache
 control) gives persisting accesses prioritised use of the L2 set-aside only. So only the
@@ -19,8 +21,7 @@ import numpy as np
 from numba import njit
 
 from dsacache.policies.base import Param, PolicyType, register
-from dsacache.policies.lru import init as lru_init
-from dsacache.policies.lru import to_front
+from dsacache.policies.lru import PACKED_WAYS, lru_init, lru_touch, lru_victim
 
 LEVELS = ("first", "normal", "last")
 CLASS_ORDER = ("weights", "index", "kv", "append")  # as simulator.workload.CLASSES
@@ -38,41 +39,59 @@ def init(line_state, set_state, glob, n_sets, ways, params):
 def touch(line_state, set_state, glob, s, way, ways, clock, params):
     n = line_state.shape[0] // 3
     n_sets = set_state.shape[0] // 3
-    to_front(line_state[: 2 * n], set_state[: 2 * n_sets], glob, s, way, ways, clock, params)
+    lru_touch(line_state[: 2 * n], set_state[: 2 * n_sets], glob, s, way, ways, clock, params)
     i = 2 * n + s * ways + way
-    level = np.int32(params[glob[1]])
-    set_state[2 * n_sets + s] += np.int32(level == 0) - np.int32(line_state[i] == 0)
+    level = params[glob[1]]
+    set_state[2 * n_sets + s] += np.int64(level == 0) - np.int64(line_state[i] == 0)
     line_state[i] = level
+
+
+@njit(inline="always")
+def _consider(way, level, n_last, seen_last, persist_ways, best, best_level):
+    """One step of the victim walk (least recent first): the lowest level wins, the first
+    (least recent) of it; evict_last lines outside the set-aside count as normal."""
+    if level == 2:
+        seen_last += 1
+        if persist_ways == 0 or n_last - seen_last >= persist_ways:
+            level = 1
+    if level < best_level:
+        best, best_level = way, level
+    return seen_last, best, best_level
 
 
 @njit(inline="always")
 def victim(line_state, set_state, glob, s, ways, clock, params):
     n = line_state.shape[0] // 3
     n_sets = set_state.shape[0] // 3
-    base = s * ways
+    levels = 2 * n + s * ways
     persist_ways = np.int64(params[len(CLASS_ORDER)])
-    if persist_ways == 0 and set_state[2 * n_sets + s] == 0:
-        return set_state[n_sets + s]  # every line acts as normal: the LRU tail
+    if persist_ways == 0 and set_state[2 * n_sets + s] == 0:  # every line acts as normal
+        return lru_victim(line_state[: 2 * n], set_state[: 2 * n_sets], glob, s, ways, clock,
+                          params)  # fmt: skip
     n_last = 0
     if persist_ways > 0:  # else every evict_last line acts as normal: nothing to count
         for w in range(ways):
-            if line_state[2 * n + base + w] == 2:
+            if line_state[levels + w] == 2:
                 n_last += 1
-    best = -1
-    best_level = 3
-    seen_last = 0
-    way = set_state[n_sets + s]  # the tail: least recently used
-    while way >= 0:
-        level = line_state[2 * n + base + way]
-        if level == 2:
-            seen_last += 1
-            if persist_ways == 0 or n_last - seen_last >= persist_ways:  # not set aside
-                level = 1
-        if level < best_level:
-            best, best_level = way, level
-            if level == 0:
+    best, best_level, seen_last = -1, 3, 0
+    if ways <= PACKED_WAYS:  # recency ranks packed in one word, least recent at the top
+        order = set_state[s]
+        for rank in range(ways - 1, -1, -1):
+            way = (order >> (4 * rank)) & 15
+            seen_last, best, best_level = _consider(
+                way, line_state[levels + way], n_last, seen_last, persist_ways, best, best_level
+            )
+            if best_level == 0:
                 break
-        way = line_state[base + way]  # previous = more recent
+    else:  # the linked list, from its tail
+        way = set_state[n_sets + s]
+        while way >= 0:
+            seen_last, best, best_level = _consider(
+                way, line_state[levels + way], n_last, seen_last, persist_ways, best, best_level
+            )
+            if best_level == 0:
+                break
+            way = line_state[s * ways + way]  # previous = more recent
     return best
 
 
@@ -98,7 +117,7 @@ HINTS = register(
                 low=0,
             ),
         ),
-        line_dtype=np.int32,
+        line_dtype=np.int64,  # the packed recency order is one int64 per set
         line_words=3,
         set_words=3,
     )

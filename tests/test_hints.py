@@ -71,11 +71,11 @@ def _python_hints(levels, lines, klass, ways, sets, persist_ways):
     return np.array(hits)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     levels=st.lists(st.sampled_from(LEVELS), min_size=4, max_size=4),
     seed=st.integers(0, 2**31),
-    ways=st.sampled_from([1, 2, 4, 8]),
+    ways=st.sampled_from([1, 2, 4, 8, 16, 32]),  # up to 16: packed recency; 32: linked list
     sets=st.sampled_from([1, 3, 4]),
     persist_ways=st.sampled_from([0, 1, 2, 8]),
 )
