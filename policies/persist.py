@@ -25,6 +25,7 @@ from dsacache.simulator.workload import CLASSES
 
 MAX_PERSISTING_BYTES = 39_321_600  # cudaDevAttrMaxPersistingL2CacheSize: H200 (H100: 32,768,000)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_OTHER_KIND = np.int64(1) << np.int64(62)  # above any engine clock
 
 
 @njit(inline="always")
@@ -64,11 +65,13 @@ def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
 def victim(line_state, set_state, glob, s, ways, clock, params):
     # evict persisting lines only when a persisting line comes in and the set-aside is full
     want = 1 if (set_state[s] >= glob[4] and glob[4] > 0 and _persisting(glob, params)) else 0
-    best, oldest = -1, np.int64(1) << np.int64(62)
+    # the least recent line of the wanted kind: clocks of the other kind sort after every clock
+    base = 2 * s * ways
+    best, best_key = 0, np.int64(0x7FFFFFFFFFFFFFFF)
     for w in range(ways):
-        i = 2 * (s * ways + w)
-        if line_state[i + 1] == want and line_state[i] < oldest:
-            best, oldest = w, line_state[i]
+        key = line_state[base + 2 * w] + (line_state[base + 2 * w + 1] ^ want) * _OTHER_KIND
+        if key < best_key:
+            best, best_key = w, key
     if line_state[2 * (s * ways + best) + 1] == 1:
         set_state[s] -= 1
     return best
