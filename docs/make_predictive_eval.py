@@ -114,6 +114,12 @@ FEASIBILITY = """## Hardware feasibility
 | admit by indexer score | none beyond what the indexer computes | 0 | software: the indexer's top-k pass already ranks the selection; load the top share with `evict_last` (or into a persisting window over a compacted copy), the rest with `evict_first` |
 | learned per-layer split | reuse EMA and footprint per layer (two floats per layer) | 0 | per-layer choice of `evict_last` vs normal KV loads, or of which layer's KV sits in the persisting window |
 | OPT-managed reservation | the future selection | n/a | not implementable (offline bound) |
+
+Every `evict_last` above needs an L2 set-aside for persisting accesses
+(`cudaLimitPersistingL2CacheSize` > 0): evict_last is the persisting priority, which keeps its
+protection only inside the set-aside. Measured on the H100 without one, evict_last on the KV
+loads changed nothing (dsacache/data/h100); the `hints` policy models this with
+`persist_ways` (0 by default).
 """
 
 if __name__ == "__main__":
