@@ -74,6 +74,20 @@ class StepOutput:
     logits: torch.Tensor  # float32 [B, T]: the indexer's scores
 
 
+def check_backend(backend: str, layout: str, hints: Hints, attn_options: dict | None) -> None:
+    """Raise ``ValueError`` unless ``backend`` can run the sparse attention of ``layout`` with
+    these hints and options (FlashMLA: the mla-fp8 layout only, no KV hint, no options)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "flashmla" and (layout != "mla-fp8" or hints.kv or attn_options):
+        raise ValueError(
+            f"backend flashmla runs the mla-fp8 layout without KV hints or kernel options, got "
+            f"layout {layout!r}"
+            + (f" and KV hint {hints.kv!r}" if hints.kv else "")
+            + (f" and options {attn_options}" if attn_options else "")
+        )
+
+
 def decode_step(
     q_index: torch.Tensor,
     index_weights: torch.Tensor,
@@ -100,24 +114,23 @@ def decode_step(
     replaces its top-k, e.g. with a trace's selection. ``backend="flashmla"`` runs the sparse
     attention with DeepSeek's FlashMLA (fp8 MLA caches, no L2 hints; ``kernels/flashmla.py``).
     """
+    opts = attn_options or {}
+    kv = caches.kv
+    layout = ("mla-fp8" if kv.fp8 else "mla-bf16") if isinstance(kv, MLACache) else "gqa"
+    check_backend(backend, layout, hints, opts)
     logits = indexer_logits(
         q_index, index_weights, caches.index, context_lens, max_context, evict=hints.index
     )
     if selection is None:
         selection = select_topk(logits, context_lens, k, sink, window)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    opts = attn_options or {}
-    if backend == "flashmla":
-        if not isinstance(caches.kv, MLACache) or hints.kv or opts:
-            raise ValueError("backend flashmla: fp8 MLA caches only, no KV hints or options")
+    if isinstance(kv, MLACache):
         scale = DEEPSEEK_SM_SCALE if sm_scale is None else sm_scale
-        out, lse = flashmla_sparse_decode(q_attn, caches.kv, selection, scale)
-    elif isinstance(caches.kv, MLACache):
-        scale = DEEPSEEK_SM_SCALE if sm_scale is None else sm_scale
-        out, lse = mla_sparse_decode(q_attn, caches.kv, selection, scale, evict=hints.kv, **opts)
+        if backend == "flashmla":
+            out, lse = flashmla_sparse_decode(q_attn, kv, selection, scale)
+        else:
+            out, lse = mla_sparse_decode(q_attn, kv, selection, scale, evict=hints.kv, **opts)
     else:
-        out, lse = gqa_sparse_decode(q_attn, caches.kv, selection, sm_scale, evict=hints.kv, **opts)
+        out, lse = gqa_sparse_decode(q_attn, kv, selection, sm_scale, evict=hints.kv, **opts)
     return StepOutput(out, lse, selection, logits)
 
 
@@ -313,13 +326,7 @@ def run_trace(
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "flashmla" and (layout != "mla-fp8" or hints.kv):
-        raise ValueError(
-            f"backend flashmla runs the mla-fp8 layout without KV hints, got layout {layout!r}"
-            + (f" and KV hint {hints.kv!r}" if hints.kv else "")
-        )
+    check_backend(backend, layout, hints, attn_options)
     tr = open_trace(trace) if not hasattr(trace, "iter_steps") else trace
     model, totals = tr.model, tr.manifest.get("totals", {})
     requests = max(1, int(totals.get("requests", 1)))

@@ -51,16 +51,6 @@ def flashmla_available() -> str | None:
     return None
 
 
-def physical_slots(indices: torch.Tensor, table: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Token positions ``[B, k]`` (-1 = none) -> physical slots ``[B, 1, k]`` int32 (-1 kept):
-    the plain torch reference of ``slots_for_flashmla``."""
-    valid = indices >= 0
-    pos = indices.clamp_min(0).long()
-    page = table.gather(1, pos // page_size).long()
-    slots = torch.where(valid, page * page_size + pos % page_size, -1)
-    return slots.to(torch.int32)[:, None, :].contiguous()
-
-
 @triton.jit
 def dsa_positions_to_slots(
     idx_ptr, table_ptr, out_ptr, K, K_OUT, stride_ib, stride_tb,
@@ -79,8 +69,9 @@ def dsa_positions_to_slots(
 
 
 def slots_for_flashmla(indices: torch.Tensor, table: torch.Tensor, page_size: int) -> torch.Tensor:
-    """``physical_slots`` in one launch, padded with -1 to whole blocks of ``TOPK_BLOCK``:
-    int32 ``[B, 1, k']`` as FlashMLA takes the selection."""
+    """Physical slots of token positions ``[B, k]`` (-1 = none, kept) through the page table
+    (as ``PageTable.slots``), padded with -1 to whole blocks of ``TOPK_BLOCK``: int32
+    ``[B, 1, k']`` as FlashMLA takes the selection."""
     bsz, k = indices.shape
     k_out = -(-k // TOPK_BLOCK) * TOPK_BLOCK
     out = torch.empty((bsz, 1, k_out), dtype=torch.int32, device=indices.device)

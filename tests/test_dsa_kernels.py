@@ -29,7 +29,6 @@ from dsacache.kernels.decode_step import Hints, LayerCaches, decode_step, run_tr
 from dsacache.kernels.flashmla import (  # noqa: E402
     flashmla_available,
     flashmla_sparse_decode,
-    physical_slots,
     slots_for_flashmla,
 )
 from dsacache.kernels.indexer import (  # noqa: E402
@@ -358,26 +357,30 @@ def test_run_trace_gqa_per_group_and_indexer_topk(tmp_path):
         assert len(r.indices) == min(24, r.position) and np.all(np.diff(r.indices) > 0)
 
 
-def test_physical_slots_follow_the_page_table():
+def _check_slots(sel, pt):
+    """``slots_for_flashmla`` against the page table's own ``slots``: -1 kept, -1 padding."""
+    k = sel.shape[1]
+    got = slots_for_flashmla(sel, pt.table, pt.page_size)
+    assert got.shape == (len(sel), 1, -(-k // 64) * 64) and got.dtype == torch.int32
+    for b in range(len(sel)):
+        keep = sel[b] >= 0
+        assert torch.equal(got[b, 0, :k][keep].long(), pt.slots(b, sel[b][keep]).to(DEVICE))
+        assert (got[b, 0, :k][~keep] == -1).all()
+    assert (got[:, :, k:] == -1).all()
+
+
+def test_slots_for_flashmla_follow_the_page_table():
     pt = _table([150, 70], order="shuffled")
     sel = torch.tensor([[0, 63, 64, 149], [5, 69, -1, -1]], dtype=torch.int32, device=DEVICE)
-    got = physical_slots(sel, pt.table, pt.page_size)
-    assert got.shape == (2, 1, 4) and got.dtype == torch.int32
-    for b in range(2):
-        keep = sel[b] >= 0
-        assert torch.equal(got[b, 0, keep].long(), pt.slots(b, sel[b][keep]).to(DEVICE))
-        assert (got[b, 0, ~keep] == -1).all()
+    _check_slots(sel, pt)
 
 
 @pytest.mark.parametrize("k", [4, 64, 70])
-def test_slots_for_flashmla_equal_the_reference_padded_to_64(k):
-    pt = _table([150, 70, 300], order="shuffled")
+def test_slots_for_flashmla_padded_to_64(k):
+    pt = _table([150, 40, 300], order="shuffled")  # request 1 holds fewer than k = 64, 70
     sel = select_topk(torch.randn((3, 300), generator=_gen(5)).to(DEVICE),
-                      torch.tensor([150, 70, 300], dtype=torch.int32, device=DEVICE), k)  # fmt: skip
-    got = slots_for_flashmla(sel, pt.table, pt.page_size)
-    assert got.shape == (3, 1, -(-k // 64) * 64) and got.dtype == torch.int32
-    assert torch.equal(got[:, :, :k], physical_slots(sel, pt.table, pt.page_size))
-    assert (got[:, :, k:] == -1).all()
+                      torch.tensor([150, 40, 300], dtype=torch.int32, device=DEVICE), k)  # fmt: skip
+    _check_slots(sel, pt)
 
 
 def test_run_trace_rejects_backends_it_cannot_run(tmp_path):
