@@ -153,13 +153,6 @@ class KernelAttention:
             "kv": "bf16 GQA pools [pages, 64, kv_heads, head_dim] (kernels.paged.GQACache)",
         }
 
-    def _slots(self, tokens: int) -> torch.Tensor:
-        """Physical slots ``[B * tokens]`` of every request's first ``tokens`` positions."""
-        pt = self.pages
-        pos = torch.arange(tokens, device=pt.table.device)
-        pages = pt.table[:, pos // pt.page_size].to(torch.int64)  # [B, tokens]
-        return (pages * pt.page_size + pos % pt.page_size).reshape(-1)
-
     def _check_room(self, tokens: int) -> None:
         if tokens > self.capacity:
             raise DsacacheError(
@@ -169,18 +162,12 @@ class KernelAttention:
 
     def fill(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Mirror the prefill's K/V ``[B, kv_heads, S, head_dim]`` of ``layer``."""
-        from dsacache.kernels.paged import GQACache
+        from dsacache.kernels.paged import build_gqa_cache
 
-        b, kv, s, d = key.shape
-        self._check_room(s)
-        n = self.pages.num_pages * self.pages.page_size
-        k = torch.zeros((n, kv, d), dtype=torch.bfloat16, device=self.device)
-        v = torch.zeros_like(k)
-        slots = self._slots(s)
-        k.index_copy_(0, slots, key.transpose(1, 2).reshape(b * s, kv, d).to(torch.bfloat16))
-        v.index_copy_(0, slots, value.transpose(1, 2).reshape(b * s, kv, d).to(torch.bfloat16))
-        shape = (self.pages.num_pages, self.pages.page_size, kv, d)
-        self.kv[layer] = GQACache(k.view(shape), v.view(shape), self.pages)
+        self._check_room(key.shape[2])
+        self.kv[layer] = build_gqa_cache(
+            list(key.transpose(1, 2)), list(value.transpose(1, 2)), self.pages
+        )
 
     def _append_slots(self, position: int) -> torch.Tensor:
         from dsacache.kernels.paged import _append_slots
