@@ -361,3 +361,49 @@ def test_bundled_traces_open_by_name():
     assert trace.path.name == f"{SMALL_TRACE}.dsatrace" and trace.manifest["scored"] is True
     with pytest.raises(TraceError, match="nor a bundled trace name"):
         open_trace("smollm2-nonexistent")
+
+
+def _first_bad_row(rows: list[np.ndarray], positions: list[int]) -> int | None:
+    """Plain per-row statement of the format's index rules (the oracle for check_rows)."""
+    for r, (idx, pos) in enumerate(zip(rows, positions, strict=True)):
+        if any(i < 0 or i >= pos for i in idx) or any(
+            idx[j + 1] <= idx[j] for j in range(len(idx) - 1)
+        ):
+            return r
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(1, 40), st.lists(st.integers(-3, 45), max_size=12)),
+        min_size=1,
+        max_size=8,
+    ),
+    int64=st.booleans(),
+)
+def test_check_rows_agrees_with_per_row_rules(rows, int64):
+    """The vectorised validation (first and last index per row after an ascending check)
+    rejects exactly the batches a per-row check rejects, naming the same row: empty rows,
+    rows at either end, duplicates, negatives and out-of-range values included."""
+    from dsacache.traces.format import check_rows
+
+    positions = [p for p, _ in rows]
+    values = [np.array(v, dtype=np.int64) for _, v in rows]
+    lengths = np.array([len(v) for v in values])
+    n = len(rows)
+    batch = SelectionBatch(
+        request=np.zeros(n, np.int32),
+        step=np.zeros(n, np.int32),
+        position=np.array(positions, np.int32),
+        layer=np.arange(n, dtype=np.int16),
+        group=np.zeros(n, np.int16),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        indices=np.concatenate(values).astype(np.int64 if int64 else np.int32),
+    )
+    bad = _first_bad_row(values, positions)
+    if bad is None:
+        check_rows(batch, "t")
+    else:
+        with pytest.raises(TraceError, match=rf"t: row {bad} "):
+            check_rows(batch, "t")

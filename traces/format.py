@@ -184,17 +184,32 @@ def check_rows(batch: SelectionBatch, where: str) -> None:
         fail(int(bad[0]), f"position {batch.position[bad[0]]} must be >= 1")
     if not len(idx):
         return
-    row_of = np.repeat(np.arange(n), lengths)
-    bad = np.flatnonzero((idx < 0) | (idx >= batch.position[row_of]))
-    if bad.size:
-        r = int(row_of[bad[0]])
-        fail(r, f"index {idx[bad[0]]} is outside 0 <= index < position ({batch.position[r]})")
-    same_row = row_of[1:] == row_of[:-1]
-    bad = np.flatnonzero(same_row & (np.diff(idx.astype(np.int64)) <= 0))
-    if bad.size:
-        r = int(row_of[bad[0]])
-        a, b = idx[bad[0]], idx[bad[0] + 1]
-        fail(r, f"indices must be unique and ascending, found {a} followed by {b}")
+    # Vectorised: find the first row that breaks a rule, then say what is wrong with it. A
+    # row with ascending indices is in range when its first and last index are, so the range
+    # check reads two values per row instead of gathering a position per index.
+    candidates = []
+    neg = np.flatnonzero(idx < 0)
+    if neg.size:
+        candidates.append(int(np.searchsorted(offsets, neg[0], side="right") - 1))
+    # a difference of two non-negative signed values cannot overflow (unsigned ones can)
+    step = np.diff(idx if idx.dtype.kind == "i" else idx.astype(np.int64))
+    borders = offsets[1:-1]
+    step[borders[(borders > 0) & (borders < len(idx))] - 1] = 1  # across rows: no rule
+    unsorted = np.flatnonzero(step <= 0)
+    if unsorted.size:
+        candidates.append(int(np.searchsorted(offsets, unsorted[0], side="right") - 1))
+    rows = np.flatnonzero(lengths)
+    high = np.flatnonzero(idx[offsets[rows + 1] - 1] >= batch.position[rows])
+    if high.size:  # exact for every row before the first unsorted one, which is all we need
+        candidates.append(int(rows[high[0]]))
+    if candidates:
+        r = min(candidates)
+        row, pos = idx[offsets[r] : offsets[r + 1]], batch.position[r]
+        out = np.flatnonzero((row < 0) | (row >= pos))
+        if out.size:
+            fail(r, f"index {row[out[0]]} is outside 0 <= index < position ({pos})")
+        i = int(np.flatnonzero(np.diff(row.astype(np.int64)) <= 0)[0])
+        fail(r, f"indices must be unique and ascending, found {row[i]} followed by {row[i + 1]}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -387,7 +402,7 @@ class TraceWriter:
             _to_arrow(batch),
             sink,
             compression="zstd",
-            compression_level=9,
+            compression_level=3,  # the delta encoding does most of the work: level 9 saved 2% for 2.4x the time
             use_dictionary=False,
             column_encoding=_ENCODING,
             write_statistics=["step", "layer", "request"],
