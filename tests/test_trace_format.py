@@ -407,3 +407,27 @@ def test_check_rows_agrees_with_per_row_rules(rows, int64):
     else:
         with pytest.raises(TraceError, match=rf"t: row {bad} "):
             check_rows(batch, "t")
+
+
+def test_every_bundled_trace_is_intact_and_documented():
+    """Each bundled trace validates (sha256 of every part, the row rules), has its provenance
+    note beside it, and says where it was captured; those captured on a GPU went through the
+    Triton kernels (issue: traces from real kernels)."""
+    from dsacache.traces import DATA_DIR, bundled
+
+    gpu = []
+    for name in bundled():
+        trace = open_trace(name)
+        summary = trace.validate()
+        assert summary["complete"] and summary["rows"] == trace.rows > 0, name
+        assert (DATA_DIR / f"{name}.md").read_text().startswith(f"# {name}\n"), name
+        capture = trace.manifest["capture"]
+        assert capture["command"].startswith("dsacache capture"), name
+        if capture["config"]["device"].startswith("cuda"):
+            assert capture["backend"]["name"] == "triton", name
+            gpu.append(trace)
+    assert len(gpu) >= 3
+    assert {t.indexer["kind"] for t in gpu} == {"oracle", "lightning"}
+    assert max(t.indexer["k"] for t in gpu) == 1024
+    assert all(t.manifest["totals"]["requests"] >= 4 for t in gpu)
+    assert all(t.manifest["totals"]["max_position"] >= 2048 + 255 for t in gpu)

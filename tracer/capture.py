@@ -314,6 +314,10 @@ def capture_trace(
             **(kernels.manifest() if kernels is not None else {}),
         },
     }
+    if str(device).startswith("cuda"):
+        from dsacache.kernels.ncu import device_metadata
+
+        capture_meta["gpu"] = device_metadata()  # driver, clocks, L2, CUDA and Triton versions
     if backend == "triton":
         capture_meta["backend"]["kernels"] = (
             "kernels.indexer.select_topk (top-k, sink/window), "
