@@ -4,9 +4,9 @@ The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
 indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. It runs
 ``--repeats`` times without capture and as often with ``capture=PATH`` (per layer a
-non-blocking copy of the index tensor into a pinned buffer; per step one CUDA event and a
-writer thread that appends the step's rows to the trace), interleaved so that drift hits
-both alike. Reported: median wall time per decode step of each (the step loop until its
+non-blocking copy of the index tensor into a pinned buffer; per step one CUDA event, a thread
+that waits for it and sends the step to the trace writer's child process), interleaved so
+that drift hits both alike. Reported: median wall time per decode step of each (the step loop until its
 last kernel and the writer are done; building the random caches is not timed), their
 ratio, and the capture overhead in percent. A first run compiles the kernels untimed.
 
@@ -50,14 +50,19 @@ def main(argv: list[str] | None = None) -> None:
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
 
+    stats: list[dict[str, float]] = []
+
     def run(capture: Path | None) -> float:
         """Seconds per decode step: the step loop to its final sync and the writer's close
         (``RunResult.seconds``; building the caches is not in it)."""
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
                         capture=str(capture) if capture else None)  # fmt: skip
+        if capture:
+            stats.append({k: v / res.steps for k, v in res.capture_stats.items() if k != "rows"})
         return res.seconds / res.steps
 
     run(work / "warm.dsatrace")  # compiles every kernel, fills the allocator
+    stats.clear()
     off, on = [], []
     for i in range(args.repeats):
         off.append(run(None))
@@ -70,6 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": statistics.median(on) / statistics.median(off),
         "runs_without": [round(1e3 * x, 3) for x in off],
         "runs_with": [round(1e3 * x, 3) for x in on],
+        # per step, medians over the runs: where the capture's time goes
+        **{
+            f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats)
+            for key in stats[0]
+        },  # fmt: skip
         "captured_rows": int(captured.manifest["totals"]["rows"]),
         "config": vars(args) | {"k": 2048, "layout": "mla-fp8", "heads": 128},
         "gpu": torch.cuda.get_device_name(),
@@ -79,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}): "
           f"{result['step_ms_without_capture']:.3f} ms without capture, "
           f"{result['step_ms_with_capture']:.3f} ms with: ratio {result['ratio']:.3f} "
-          f"({result['overhead_pct']:+.1f}%), medians of {args.repeats}")  # fmt: skip
+          f"({result['overhead_pct']:+.1f}%), medians of {args.repeats}; per step the launching "
+          f"thread waited {result['launcher_wait_ms_per_step']:.3f} ms for a buffer, the hand-off "
+          f"thread {result['copy_wait_ms_per_step']:.3f} ms for the copies and "
+          f"{result['send_ms_per_step']:.3f} ms sending; the writer process was busy "
+          f"{result['writer_busy_ms_per_step']:.3f} ms")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_capture.json").write_text(json.dumps(result, indent=1))

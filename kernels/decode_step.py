@@ -7,9 +7,9 @@ then for each decode step of the trace and each layer runs the indexer over ever
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
 indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer) and a
-background thread waits for the step's CUDA event and writes the step's rows with
-``dsacache.traces.TraceWriter``.
+copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); a
+background thread waits for the step's CUDA event and sends the step to a trace writer in a
+child process (``dsacache.traces.background``), so encoding never holds this process's GIL.
 
 Command line (the workload to profile)::
 
@@ -19,6 +19,7 @@ Command line (the workload to profile)::
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -144,23 +145,30 @@ class _StepCapture:
 
 
 class IndexCapture:
-    """Copy the kernels' index tensors to pinned host buffers as they are produced and write
-    them to a ``TraceWriter`` from a background thread, one step at a time.
+    """Copy the kernels' index tensors to pinned host buffers as they are produced; a thread
+    hands each finished step to a ``BackgroundWriter`` (a trace writer in a child process).
 
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
-    ``end_step()`` records a CUDA event and hands the buffer to the writer thread, which
-    waits for that event only. ``buffers`` host buffers are in flight at most (back-pressure:
-    the launching thread waits only when the writer is that far behind).
+    ``end_step()`` records a CUDA event and hands the buffer to the thread, which waits for
+    that event only, then sends the step through a pipe (the GIL is released while it waits
+    and copies; encoding runs in the other process). ``buffers`` host buffers are in flight
+    at most (back-pressure: the launching thread waits only when the writer is that far
+    behind). ``path`` and ``writer_kwargs`` are ``TraceWriter``'s.
     """
 
-    def __init__(self, writer: Any, buffers: int = 3) -> None:
-        self.writer = writer
+    def __init__(self, path: str, buffers: int = 3, **writer_kwargs: Any) -> None:
+        from dsacache.traces.background import BackgroundWriter
+
+        self.writer = BackgroundWriter(path, **writer_kwargs)
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._buffers = buffers
         self._made = 0
         self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
         self._error: BaseException | None = None
         self._current: _StepCapture | None = None
+        # seconds: the launching thread blocked for a free buffer; the hand-off thread
+        # waiting for the copies, then sending; (from the child) encoding and writing
+        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "send_s": 0.0}
         self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
         self._thread.start()
 
@@ -173,7 +181,9 @@ class IndexCapture:
                     self._made += 1
                     return torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
             else:
+                t0 = time.perf_counter()
                 buf = self._free.get()  # the writer is behind: wait for a buffer
+                self.stats["launcher_wait_s"] += time.perf_counter() - t0
             if tuple(buf.shape) == shape:
                 return buf
             self._made -= 1  # the width changed: drop this buffer, make another
@@ -203,47 +213,37 @@ class IndexCapture:
             cur.event.record()
         self._todo.put(cur)
 
-    def close(self) -> None:
-        """Wait for the writer thread to finish every queued step, then re-raise its error."""
+    def close(self, complete: bool = True) -> None:
+        """Wait until every queued step is written, finish the trace (``complete=False``: keep
+        the rows, leave it marked incomplete), then re-raise an error of the thread or child."""
         self._todo.put(None)
         self._thread.join()
+        try:
+            child = self.writer.close(complete=complete and self._error is None)
+        except BaseException as e:
+            self._error = self._error or e
+        else:
+            self.stats.update(child)
         self._raise()
 
     def _raise(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"index capture failed: {self._error!r}") from self._error
+            raise RuntimeError(f"index capture failed: {self._error}") from self._error
 
     def _work(self) -> None:
-        from dsacache.traces import SelectionBatch
-
         while True:
             item = self._todo.get()
             if item is None:
                 return
             try:
+                t0 = time.perf_counter()
                 if item.event is not None:
                     item.event.synchronize()  # this thread waits; the launching thread does not
-                arr = item.host.numpy()  # [L, B, G, W]
-                layers, batch, groups, _ = arr.shape
-                lay, req, grp = np.meshgrid(
-                    np.arange(layers), np.arange(batch), np.arange(groups), indexing="ij"
-                )
-                rows = arr.reshape(-1, arr.shape[-1])
-                keep = rows >= 0
-                lengths = keep.sum(1)
-                offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-                np.cumsum(lengths, out=offsets[1:])
-                n = len(rows)
-                batch_rows = SelectionBatch(
-                    request=req.reshape(-1).astype(np.int32),
-                    step=np.full(n, item.step, np.int32),
-                    position=np.repeat(item.positions.reshape(-1), groups).astype(np.int32),
-                    layer=lay.reshape(-1).astype(np.int16),
-                    group=grp.reshape(-1).astype(np.int16),
-                    offsets=offsets,
-                    indices=rows[keep].astype(np.int32),
-                )
-                self.writer.append_batch(batch_rows)
+                t1 = time.perf_counter()
+                if self._error is None:
+                    self.writer.put_step(item.step, item.positions, item.host.numpy())
+                self.stats["copy_wait_s"] += t1 - t0
+                self.stats["send_s"] += time.perf_counter() - t1
             except BaseException as e:  # surfaced by the next begin_step / close
                 self._error = e
             finally:
@@ -265,6 +265,7 @@ class RunResult:
     index_bytes: int = 0  # indexer key bytes read (all steps and layers)
     kv_bytes: int = 0  # KV bytes gathered
     capture: str | None = None
+    capture_stats: dict[str, float] = field(default_factory=dict)  # IndexCapture.stats
 
 
 def _kv_bytes_per_token(layout: str, kv_heads: int, head_dim: int, groups: int) -> int:
@@ -322,7 +323,7 @@ def run_trace(
     the indices the attention kernels read to a new trace at that path. ``backend``: the
     sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     """
-    from dsacache.traces import TraceWriter, open_trace
+    from dsacache.traces import open_trace
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
@@ -363,7 +364,7 @@ def run_trace(
     weights = torch.rand((batch, index_heads), generator=gen, device=dev) / index_heads**0.5
     q_attn = rand(batch, n_heads, head_dim)
 
-    writer = cap = None
+    cap = None
     if capture:
         from dsacache.kernels.ncu import device_metadata
 
@@ -375,9 +376,8 @@ def run_trace(
         # a part every 8 steps: the writer thread encodes and writes while the GPU decodes,
         # instead of leaving the whole trace to the final flush
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        writer = TraceWriter(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta,
-                             part_rows=8 * rows_per_step)  # fmt: skip
-        cap = IndexCapture(writer)
+        cap = IndexCapture(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta,
+                           part_rows=8 * rows_per_step)  # fmt: skip
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -417,11 +417,14 @@ def run_trace(
             result.steps += 1
             result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
         sync()
-    finally:
+    except BaseException:
         if cap is not None:
-            cap.close()
-        if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):  # the loop's error is the one to report
+                cap.close(complete=False)  # keep the steps captured so far, marked incomplete
+        raise
+    if cap is not None:
+        cap.close()
+        result.capture_stats = dict(cap.stats)
     result.seconds = time.perf_counter() - t_all
     return result
 

@@ -275,7 +275,7 @@ class TraceWriter:
         self._pending_rows = 0
         self._last_key: tuple[int, int] | None = None
         self._closed = False
-        self.rows_written = 0
+        self.rows_written = 0  # rows in finished parts (on disk)
         if resume and (self.path / MANIFEST).exists():
             self._resume(model, indexer, capture or {})
             return
@@ -409,6 +409,7 @@ class TraceWriter:
         )
         data = sink.getvalue().to_pybytes()
         _atomic_write(self.path / name, data)
+        self.rows_written += len(batch)
         self.manifest["parts"].append(
             {
                 "file": name,
