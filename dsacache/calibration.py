@@ -13,7 +13,7 @@ same quantity as the simulator's ``sector_hits / sectors``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +53,7 @@ class _Sim:
     """Feeds a sequence of buffer reads, writes and gathers to one cache model."""
 
     def __init__(self, m: Model) -> None:
-        self.model = make_model(
-            CacheConfig.of(m.capacity, ways=m.ways, set_hash=m.set_hash), m.policy
-        )
+        self.model = make_model(m.config(), m.policy)
 
     def access(self, addr: np.ndarray, nbytes: np.ndarray, write: bool = False) -> float:
         counters = np.zeros((1, len(COUNTERS)), np.int64)
@@ -79,16 +77,31 @@ class _Sim:
 
 @dataclass(frozen=True)
 class Model:
-    """One L2 model to compare: policy, capacity, associativity and set hash."""
+    """One L2 model to compare: policy, capacity, associativity, set hash and partitions
+    (``replicate``: the GH100's two L2 halves, a far read keeping a near copy)."""
 
     policy: str = "lru"
     capacity: int = 50 * 2**20
     ways: int = 16
     set_hash: str = "mod"
+    partitions: int = 1
+    replicate: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.policy} {self.capacity / 2**20:g}MiB {self.ways}-way {self.set_hash}"
+        label = f"{self.policy} {self.capacity / 2**20:g}MiB {self.ways}-way {self.set_hash}"
+        return label + (f" {self.partitions} halves replicating" if self.replicate else "")
+
+    def config(self) -> CacheConfig:
+        """The cache geometry of this model."""
+        return CacheConfig.of(
+            self.capacity, ways=self.ways, set_hash=self.set_hash,
+            partitions=self.partitions, replicate=self.replicate,
+        )  # fmt: skip
+
+    def with_policy(self, policy: str) -> Model:
+        """The same geometry under another policy."""
+        return replace(self, policy=policy)
 
 
 # The H100 model fit to the reuse probe (fit_reuse): 28 MiB of effective capacity for reuse,
@@ -192,8 +205,7 @@ def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> 
     steps = int(df["step"].max()) + 1
     context = int(df[(df["role"] == "index") & (df["step"] == 0)]["bytes"].iloc[0]) // 132
     cfg = decode_config(layers, context, steps, k, 0.45)
-    config = CacheConfig.of(model.capacity, ways=model.ways, set_hash=model.set_hash)
-    cache = make_model(config, model.policy, layers)
+    cache = make_model(model.config(), model.policy, layers)
     rows = []
     if STALE_L2:
         fill_with_stale_lines(cache, model.capacity)
@@ -282,7 +294,7 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
                 # own (fitted) capacity
                 aside = PERSIST_SET_ASIDE * base.capacity // int(m["meta_l2_bytes"].iloc[0])
                 policy = hint.format(aside=aside)
-            model = Model(policy, base.capacity, base.ways, base.set_hash)
+            model = base.with_policy(policy)
             sim = simulate_decode(m, model, first_from)
             j = meas.merge(sim, on=["step", "role"])
             rows += [
@@ -366,7 +378,7 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
                 policy = hint if hint != "lru" else base.policy
                 res = replay(
                     trace, policies=[policy], cache_size=base.capacity, ways=base.ways,
-                    set_hash=base.set_hash,
+                    set_hash=base.set_hash, replicate=base.replicate,
                     workload=Workload(layout="mla-fp8", classes=("index", "kv"), page_order="shuffled", reads_per_token=reads),
                 )  # fmt: skip
                 k = res[res["class"] == "kv"].groupby("step")[["sector_hits", "sectors"]].sum()

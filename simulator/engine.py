@@ -36,6 +36,7 @@ class CacheConfig:
     set_hash: str = "mod"
     partitions: int = 1
     write_allocate: bool = True
+    replicate: bool = False  # partitions as a GPU's L2 halves: reads keep a near copy
 
     @classmethod
     def of(cls, size: int | str, **kw) -> CacheConfig:
@@ -70,6 +71,10 @@ class CacheConfig:
         if self.partitions < 1 or self.n_sets % self.partitions:
             raise DsacacheError(
                 f"{self.n_sets} sets do not split into {self.partitions} partitions"
+            )
+        if self.replicate and (self.partitions < 2 or self.partitions & (self.partitions - 1)):
+            raise DsacacheError(
+                f"replicate needs a power-of-two number of partitions >= 2, got {self.partitions}"
             )
         if self.set_hash not in SET_HASHES:
             raise DsacacheError(
@@ -184,16 +189,39 @@ def _set_index(ln, per, inv_per, partitions, part_shift, hash_kind):
     return part * per + r
 
 
-def _kernel(policy: Policy, ways: int):
+@njit(inline="always")
+def reader_partition(clock, partitions):
+    """The partition of the SM that issues the access starting at line clock ``clock``: a
+    multiplicative hash of it, so the SMs of both halves share every stream evenly."""
+    return ((clock * _HASH_MUL) >> 32) & (partitions - 1)
+
+
+def _kernel(policy: Policy, ways: int, replicate: bool = False):
     """The compiled replay loop for ``policy``'s type (compiled on first use, then cached).
     Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own build with the way count a
     constant: the tag match is then one compare without the chunk loop, and the policy's
-    branches on ``ways`` fold away."""
+    branches on ``ways`` fold away.
+
+    ``replicate`` builds the loop of a GPU L2 made of partitions joined by a fabric (GH100):
+    a line's home partition comes from its address; a read by an SM of another partition
+    (``reader_partition``) looks up that partition's near copy first, then the home, and
+    leaves a copy in both; a write goes to the home and drops the copies elsewhere."""
     fixed_ways = ways if ways == MATCH_WIDTH else 0
-    key = f"{policy.name}:{id(policy.type)}:{fixed_ways}"
+    key = f"{policy.name}:{id(policy.type)}:{fixed_ways}:{int(replicate)}"
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
+
+    @njit(inline="always")
+    def allocate(tags, valid, line_state, set_state, glob, s, ways, ln, wanted, clock, params):
+        """Fill line ``ln`` into set ``s``: its first empty way, else the policy's victim."""
+        base = s * ways
+        way = _find_way(tags, base, -1, ways)
+        if way < 0:
+            way = victim(line_state, set_state, glob, s, ways, clock, params)
+        tags[base + way] = ln
+        valid[base + way] = wanted
+        on_fill(line_state, set_state, glob, s, way, ways, clock, params)
 
     # _nrt=False: without it Numba reference-counts the state arrays handed to the inlined
     # policy hooks on every access, which made LRU 4-5x slower.
@@ -247,6 +275,7 @@ def _kernel(policy: Policy, ways: int):
             n_bytes += nbytes[i]
             write = is_write[i]
             glob[1] = klass[i]
+            reader = reader_partition(clock, partitions) if replicate else 0
             for ln in range(a >> line_shift, ((end - 1) >> line_shift) + 1):
                 start = ln << line_shift
                 if a <= start and end >= start + line_bytes:  # the whole line (the common case)
@@ -265,6 +294,48 @@ def _kernel(policy: Policy, ways: int):
                 if has_future:
                     glob[0] = future[k]
                 k += 1
+                if replicate:
+                    home = s // per
+                    if write:  # the home takes the write; copies elsewhere are stale
+                        for p in range(partitions):
+                            if p != home:
+                                other = (s + (p - home) * per) * ways
+                                w = _find_way(tags, other, ln, ways)
+                                if w >= 0:
+                                    tags[other + w] = -1
+                                    valid[other + w] = 0
+                    elif reader != home:
+                        n_acc += 1
+                        n_sec += n_wanted
+                        near = s + (reader - home) * per
+                        near_way = _find_way(tags, near * ways, ln, ways)
+                        v_near = 0
+                        if near_way >= 0:
+                            v_near = valid[near * ways + near_way]
+                            if wanted & ~v_near == 0:  # the near copy serves the read
+                                on_hit(line_state, set_state, glob, near, near_way, ways, clock,
+                                       params)  # fmt: skip
+                                n_hit += 1
+                                continue
+                        if way >= 0:
+                            v = valid[base + way]
+                            missing = popcount8[wanted & ~(v | v_near) & 0xFF]
+                            valid[base + way] = v | wanted
+                            on_hit(line_state, set_state, glob, s, way, ways, clock, params)
+                        else:
+                            missing = popcount8[wanted & ~v_near & 0xFF]
+                            allocate(tags, valid, line_state, set_state, glob, s, ways, ln,
+                                     wanted, clock, params)  # fmt: skip
+                        n_sec_miss += missing
+                        n_hit += missing == 0
+                        if near_way >= 0:
+                            valid[near * ways + near_way] = v_near | wanted
+                            on_hit(line_state, set_state, glob, near, near_way, ways, clock,
+                                   params)  # fmt: skip
+                        else:
+                            allocate(tags, valid, line_state, set_state, glob, near, ways, ln,
+                                     wanted, clock, params)  # fmt: skip
+                        continue
                 if write:
                     n_written += n_wanted
                     if way >= 0:
@@ -286,13 +357,9 @@ def _kernel(policy: Policy, ways: int):
                         n_hit += missing == 0
                         continue
                     n_sec_miss += n_wanted
-                # allocate: the first empty way while the set is filling, else the policy's victim
-                way = _find_way(tags, base, -1, ways)
-                if way < 0:
-                    way = victim(line_state, set_state, glob, s, ways, clock, params)
-                tags[base + way] = ln
-                valid[base + way] = wanted
-                on_fill(line_state, set_state, glob, s, way, ways, clock, params)
+                allocate(
+                    tags, valid, line_state, set_state, glob, s, ways, ln, wanted, clock, params
+                )
         if addr.shape[0]:
             _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes)
         return clock
@@ -315,7 +382,7 @@ class Cache:
             )
         if self.policy.type.check is not None:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
-        self._kernel = _kernel(self.policy, config.ways)
+        self._kernel = _kernel(self.policy, config.ways, config.replicate)
         self.reset()
 
     def reset(self) -> None:

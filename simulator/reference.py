@@ -42,6 +42,13 @@ def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) 
     return part * per + rest % per
 
 
+def reference_reader(clock: int, partitions: int) -> int:
+    """The partition whose SM issues an access that starts after ``clock`` line accesses
+    (bits 32.. of clock x 0x9E3779B97F4A7C15 mod 2**64): SMs of all partitions share a
+    stream evenly, as a GPU's block scheduler spreads it."""
+    return ((clock * 0x9E3779B97F4A7C15) % 2**64 >> 32) % partitions
+
+
 class ReferenceCache:
     """Sectored set-associative LRU cache, one Python object per line (slow on purpose)."""
 
@@ -54,13 +61,16 @@ class ReferenceCache:
         set_hash: str = "mod",
         partitions: int = 1,
         write_allocate: bool = True,
+        replicate: bool = False,
     ) -> None:
         self.line, self.sector, self.ways = line, sector, ways
         self.n_sets = size // (ways * line)
         self.set_hash, self.partitions = set_hash, partitions
         self.write_allocate = write_allocate
+        self.replicate = replicate
         self.sets = [OrderedDict() for _ in range(self.n_sets)]
         self.counts: dict[tuple, dict[str, int]] = {}
+        self.clock = 0  # line accesses so far: the reader partition of ``replicate`` hashes it
 
     def _bucket(self, key: tuple) -> dict[str, int]:
         if key not in self.counts:
@@ -72,16 +82,28 @@ class ReferenceCache:
         c = self._bucket(key)
         c["bytes"] += nbytes
         end = addr + nbytes  # exclusive
+        reader = reference_reader(self.clock, self.partitions)
         for line_no in range(addr // self.line, (end - 1) // self.line + 1):
+            self.clock += 1
             lo = max(addr, line_no * self.line) - line_no * self.line
             hi = min(end, (line_no + 1) * self.line) - line_no * self.line
             wanted = 0
             for s in range(lo // self.sector, (hi - 1) // self.sector + 1):
                 wanted |= 1 << s
             n_wanted = bin(wanted).count("1")
-            cache_set = self.sets[
-                reference_set_index(line_no, self.n_sets, self.set_hash, self.partitions)
-            ]
+            home_index = reference_set_index(line_no, self.n_sets, self.set_hash, self.partitions)
+            cache_set = self.sets[home_index]
+            if self.replicate:
+                per = self.n_sets // self.partitions
+                home = home_index // per
+                copies = [self.sets[home_index + (p - home) * per] for p in range(self.partitions)]
+                if write:  # the home takes the write; the copies in other partitions go
+                    for p, other in enumerate(copies):
+                        if p != home:
+                            other.pop(line_no, None)
+                elif reader != home:
+                    self._read_far(copies[reader], cache_set, line_no, wanted, c)
+                    continue
             present = line_no in cache_set
             if write:
                 c["write_sectors"] += n_wanted
@@ -104,6 +126,37 @@ class ReferenceCache:
             c["sector_hits"] += n_wanted - missing
             c["sector_misses"] += missing
             c["line_hits"] += int(present and missing == 0)
+
+    def _read_far(
+        self, near: OrderedDict, home: OrderedDict, line_no: int, wanted: int, c: dict
+    ) -> None:
+        """A read by an SM of another partition than the line's home: the near copy serves
+        it if it holds every wanted sector; else the home (or memory) does, and both the
+        home and the near partition keep the line."""
+        n_wanted = bin(wanted).count("1")
+        c["accesses"] += 1
+        c["sectors"] += n_wanted
+        near_valid = near.get(line_no, 0)
+        if line_no in near and wanted & ~near_valid == 0:
+            near.move_to_end(line_no)
+            c["sector_hits"] += n_wanted
+            c["line_hits"] += 1
+            return
+        home_valid = home.get(line_no, 0)
+        missing = bin(wanted & ~(near_valid | home_valid)).count("1")
+        if line_no in home:
+            home[line_no] = home_valid | wanted
+            home.move_to_end(line_no)
+        else:
+            self._insert(home, line_no, wanted)
+        if line_no in near:
+            near[line_no] = near_valid | wanted
+            near.move_to_end(line_no)
+        else:
+            self._insert(near, line_no, wanted)
+        c["sector_hits"] += n_wanted - missing
+        c["sector_misses"] += missing
+        c["line_hits"] += int(missing == 0)
 
     def _insert(self, cache_set: OrderedDict, line_no: int, sectors: int) -> None:
         if len(cache_set) >= self.ways:

@@ -87,13 +87,15 @@ def replay(
     workload: Workload | None = None,
     hierarchy: Hierarchy | None = None,
     progress: bool = False,
+    replicate: bool = False,
 ) -> pd.DataFrame:
     """Replay ``trace`` through the GPU's L2 under each policy; one row per (policy, step,
-    layer, class, tier) with the counters of ``RESULT_COLUMNS``."""
+    layer, class, tier) with the counters of ``RESULT_COLUMNS``. ``replicate``: the L2's
+    partitions keep near copies of far reads (``CacheConfig.replicate``)."""
     if not policies:
         raise DsacacheError("replay needs at least one policy")
     preset = gpu_preset(gpu)
-    overrides = {"set_hash": set_hash}
+    overrides = {"set_hash": set_hash, "replicate": replicate}
     if ways is not None:
         overrides["ways"] = ways
     config: CacheConfig = preset.cache(cache_size, **overrides)
