@@ -7,9 +7,9 @@ then for each decode step of the trace and each layer runs the indexer over ever
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
 indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); a
-background thread waits for the step's CUDA event and sends the step to a trace writer in a
-child process (``dsacache.traces.background``), so encoding never holds this process's GIL.
+copied with ``non_blocking=True`` (no device-wide sync per layer) into page-locked shared
+memory that a trace writer in a child process (``dsacache.traces.background``) reads once the
+step's CUDA event has completed, so encoding never holds this process's GIL.
 
 Command line (the workload to profile)::
 
@@ -20,9 +20,8 @@ Command line (the workload to profile)::
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,61 +139,74 @@ def decode_step(
 class _StepCapture:
     step: int
     positions: np.ndarray  # int64 [L, B]
-    host: torch.Tensor  # int32 [L, B, G, W], filled by non_blocking copies
+    slot: int  # the BackgroundWriter slot the copies land in
+    host: torch.Tensor  # int32 [L, B, G, W] over that slot, filled by non_blocking copies
     event: Any = None  # torch.cuda.Event recorded after the last copy (None on the CPU)
 
 
-class IndexCapture:
-    """Copy the kernels' index tensors to pinned host buffers as they are produced; a thread
-    hands each finished step to a ``BackgroundWriter`` (a trace writer in a child process).
+def _cuda_pin(address: int, nbytes: int) -> None:
+    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of shared memory failed ({err})")
 
-    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
-    ``end_step()`` records a CUDA event and hands the buffer to the thread, which waits for
-    that event only, then sends the step through a pipe (the GIL is released while it waits
-    and copies; encoding runs in the other process). ``buffers`` host buffers are in flight
-    at most (back-pressure: the launching thread waits only when the writer is that far
-    behind). ``path`` and ``writer_kwargs`` are ``TraceWriter``'s.
+
+def _cuda_unpin(address: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)
+
+
+class IndexCapture:
+    """Copy the kernels' index tensors straight into page-locked shared memory as they are
+    produced and hand each finished step to a trace writer in a child process.
+
+    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking) into the
+    step's slot of a ``dsacache.traces.background.BackgroundWriter``; per step: ``end_step()``
+    records a CUDA event. A step goes to the writer (a message of a few bytes) once its event
+    has completed, checked without waiting at the next step; the launching thread waits only
+    when all ``slots`` are in flight (the writer is that far behind). No thread of this
+    process touches the rows, so the decode loop keeps the GIL. ``path`` and
+    ``writer_kwargs`` are ``TraceWriter``'s.
     """
 
-    def __init__(self, path: str, buffers: int = 3, **writer_kwargs: Any) -> None:
+    def __init__(self, path: str, cuda: bool, slots: int = 4, **writer_kwargs: Any) -> None:
         from dsacache.traces.background import BackgroundWriter
 
-        self.writer = BackgroundWriter(path, **writer_kwargs)
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        self._buffers = buffers
-        self._made = 0
-        self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
-        self._error: BaseException | None = None
+        self.writer = BackgroundWriter(
+            path, slots=slots, pin=_cuda_pin if cuda else None,
+            unpin=_cuda_unpin if cuda else None, **writer_kwargs,
+        )  # fmt: skip
+        self._cuda = cuda
+        self._pending: deque[_StepCapture] = deque()
         self._current: _StepCapture | None = None
-        # seconds: the launching thread blocked for a free buffer; the hand-off thread
-        # waiting for the copies, then sending; (from the child) encoding and writing
-        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "send_s": 0.0}
-        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
-        self._thread.start()
+        # seconds the launching thread spent waiting: for a slot, for a step's copies
+        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0}
 
-    def _buffer(self, shape: tuple[int, ...], pinned: bool) -> torch.Tensor:
-        while True:
-            if self._made < self._buffers:
-                try:
-                    buf = self._free.get_nowait()
-                except queue.Empty:
-                    self._made += 1
-                    return torch.empty(shape, dtype=torch.int32, pin_memory=pinned)
-            else:
+    def _hand_over(self, block: bool) -> None:
+        """Submit the pending steps whose copies are done (``block``: at least the oldest)."""
+        while self._pending:
+            cur = self._pending[0]
+            if cur.event is not None and not cur.event.query():
+                if not block:
+                    return
                 t0 = time.perf_counter()
-                buf = self._free.get()  # the writer is behind: wait for a buffer
-                self.stats["launcher_wait_s"] += time.perf_counter() - t0
-            if tuple(buf.shape) == shape:
-                return buf
-            self._made -= 1  # the width changed: drop this buffer, make another
+                cur.event.synchronize()
+                self.stats["copy_wait_s"] += time.perf_counter() - t0
+            self._pending.popleft()
+            self.writer.submit(cur.slot, cur.step, cur.positions, tuple(cur.host.shape))
+            block = False
 
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...], device) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        self._raise()
-        pinned = torch.device(device).type == "cuda"
-        host = self._buffer(shape, pinned)
-        host.numpy().fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
-        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
+        self._hand_over(block=False)
+        got = self.writer.acquire(shape, block=False)
+        if got is None:
+            t0 = time.perf_counter()
+            self._hand_over(block=True)  # the writer frees slots only for steps it was given
+            got = self.writer.acquire(shape)
+            self.stats["launcher_wait_s"] += time.perf_counter() - t0
+        slot, array = got
+        array.fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
+        host = torch.from_numpy(array)
+        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), slot, host)
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
         """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
@@ -205,49 +217,27 @@ class IndexCapture:
         dst.copy_(idx, non_blocking=idx.is_cuda)
 
     def end_step(self) -> None:
-        """Hand the step to the writer thread (records a CUDA event; does not wait for it)."""
+        """Close the step (records a CUDA event; does not wait for it)."""
         cur, self._current = self._current, None
         assert cur is not None
-        if cur.host.is_pinned():
+        if self._cuda:
             cur.event = torch.cuda.Event()
             cur.event.record()
-        self._todo.put(cur)
+        self._pending.append(cur)
+        self._hand_over(block=False)
 
     def close(self, complete: bool = True) -> None:
-        """Wait until every queued step is written, finish the trace (``complete=False``: keep
-        the rows, leave it marked incomplete), then re-raise an error of the thread or child."""
-        self._todo.put(None)
-        self._thread.join()
+        """Hand over every step, finish the trace (``complete=False``: keep the rows, leave it
+        marked incomplete) and wait for the writer; raises its error."""
         try:
-            child = self.writer.close(complete=complete and self._error is None)
-        except BaseException as e:
-            self._error = self._error or e
-        else:
-            self.stats.update(child)
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"index capture failed: {self._error}") from self._error
-
-    def _work(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            try:
-                t0 = time.perf_counter()
-                if item.event is not None:
-                    item.event.synchronize()  # this thread waits; the launching thread does not
-                t1 = time.perf_counter()
-                if self._error is None:
-                    self.writer.put_step(item.step, item.positions, item.host.numpy())
-                self.stats["copy_wait_s"] += t1 - t0
-                self.stats["send_s"] += time.perf_counter() - t1
-            except BaseException as e:  # surfaced by the next begin_step / close
-                self._error = e
-            finally:
-                self._free.put(item.host)
+            if complete:
+                while self._pending:
+                    self._hand_over(block=True)
+            self.stats.update(self.writer.close(complete=complete))
+        finally:
+            self._pending.clear()
+            self._current = None
+            self.writer.close(complete=False)  # no-op once closed; releases the slots
 
 
 # -- the trace-driven workload --------------------------------------------------------------------
@@ -376,7 +366,8 @@ def run_trace(
         # a part every 8 steps: the writer thread encodes and writes while the GPU decodes,
         # instead of leaving the whole trace to the final flush
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        cap = IndexCapture(capture, model=dict(model), indexer=dict(tr.indexer), capture=meta,
+        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
+                           indexer=dict(tr.indexer), capture=meta,
                            part_rows=8 * rows_per_step)  # fmt: skip
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

@@ -1,11 +1,14 @@
-"""A ``TraceWriter`` in a child process, fed whole decode steps as dense index arrays.
+"""A ``TraceWriter`` in a child process, fed whole decode steps through shared memory.
 
 Capturing from a GPU decode loop must not slow the loop. Encoding a step's rows (validation,
 delta + zstd Parquet, fsync) costs milliseconds of CPU; done in a thread of the decoding
 process it competes for the GIL with the thread that launches the kernels (measured on the
-H200: +68% per decode step in a thread, see docs/results/h200-kernels/). Here it runs in a
-spawned process: the parent only sends each step's ``int32 [layers, batch, groups, width]``
-array (``-1`` pads a row) through a pipe, which releases the GIL while it copies.
+H200: +68% per decode step, see docs/results/h200-kernels/), and pushing each step's array
+through a pipe from a thread was worse still (+255%: the sending thread re-takes the GIL for
+every chunk). Here the parent takes a slot of shared memory (``acquire``), fills it (the GPU
+capture copies device-to-host straight into it: ``pin`` page-locks each slot), and hands it
+over with a message of a few bytes (``submit``); a spawned child maps the slot, turns it into
+rows, frees the slot and encodes while the parent decodes on.
 
 Crash safety is the ``TraceWriter``'s: each finished part is on disk; if the parent dies the
 child sees the pipe close, flushes what it has and leaves the trace marked incomplete.
@@ -13,10 +16,16 @@ child sees the pipe close, flushes what it has and leaves the trace marked incom
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,7 +38,8 @@ from dsacache.traces.format import SelectionBatch, TraceWriter
 def rows_from_dense(step: int, positions: np.ndarray, dense: np.ndarray) -> SelectionBatch:
     """Trace rows of one decode step from ``dense`` ``[L, B, G, W]`` indices (``-1``: none),
     ``positions`` ``[L, B]`` the context length of each (layer, request); row order layer,
-    request, group (step-major, as the format prefers)."""
+    request, group (step-major, as the format prefers). The result shares no memory with
+    ``dense``."""
     layers, batch, groups, width = dense.shape
     if positions.shape != (layers, batch):
         raise TraceError(f"positions has shape {positions.shape}; expected {(layers, batch)}")
@@ -45,7 +55,7 @@ def rows_from_dense(step: int, positions: np.ndarray, dense: np.ndarray) -> Sele
         layer=np.repeat(np.arange(layers, dtype=np.int16), batch * groups),
         group=np.tile(np.arange(groups, dtype=np.int16), layers * batch),
         offsets=offsets,
-        indices=rows[keep].astype(np.int32, copy=False),
+        indices=rows[keep].astype(np.int32),
     )
 
 
@@ -62,29 +72,38 @@ def _send(conn: Connection, msg: tuple) -> None:
         pass
 
 
-def _serve(conn: Connection, path: str, writer_kwargs: dict[str, Any]) -> None:
-    """Child process: open the writer, append each received step, report how long it worked."""
+def _serve(conn: Connection, path: str, slots_dir: str, writer_kwargs: dict[str, Any]) -> None:
+    """Child process: open the writer; per message map the slot, take its rows, free it,
+    append them; report how long it worked. Removes the slot files if the parent died."""
     try:
         writer = TraceWriter(path, **writer_kwargs)
     except BaseException as e:  # e.g. the path exists: the parent raises it
         _send(conn, ("error", _describe(e)))
         return
     _send(conn, ("ready",))
+    maps: dict[str, mmap.mmap] = {}
     busy = 0.0
     try:
         while True:
             try:
-                header = conn.recv()
-            except EOFError:  # the parent closed the pipe or died: keep the parts, incomplete
+                msg = conn.recv()
+            except (EOFError, OSError):  # the parent closed the pipe or died: keep what we have
                 writer.flush()
+                shutil.rmtree(slots_dir, ignore_errors=True)
                 return
-            if header is None:
+            if msg is None:
                 break
-            step, positions, shape = header
-            data = conn.recv_bytes()
+            slot, file, step, positions, shape = msg
             t0 = time.perf_counter()
-            dense = np.frombuffer(data, dtype=np.int32).reshape(shape)
-            writer.append_batch(rows_from_dense(step, positions, dense))
+            if file not in maps:
+                with open(file, "rb") as f:
+                    maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            count = int(np.prod(shape))
+            dense = np.frombuffer(maps[file], dtype=np.int32, count=count).reshape(shape)
+            rows = rows_from_dense(step, positions, dense)
+            del dense
+            _send(conn, ("free", slot))
+            writer.append_batch(rows)
             busy += time.perf_counter() - t0
         writer.close()
     except BaseException as e:
@@ -96,75 +115,159 @@ def _serve(conn: Connection, path: str, writer_kwargs: dict[str, Any]) -> None:
     _send(conn, ("closed", {"writer_busy_s": busy, "rows": float(writer.rows_written)}))
 
 
+@dataclass
+class _Slot:
+    file: str
+    mem: mmap.mmap
+    array: np.ndarray  # int32 over the whole mapping
+
+
 class BackgroundWriter:
-    """Write a trace from a child process; ``put_step`` per decode step, then ``close``.
+    """Write a trace from a child process: ``acquire`` a slot, fill it, ``submit`` it; then
+    ``close``.
 
     ``path`` and ``writer_kwargs`` are ``TraceWriter``'s (``model``, ``indexer``, ``capture``,
-    ``part_rows``, ``overwrite``). Errors of the child (a row that breaks the format, a full
-    disk) are raised here as ``TraceError`` by the next ``put_step`` or by ``close``.
+    ``part_rows``, ``overwrite``). ``slots`` steps can be in flight; ``acquire`` waits for the
+    child beyond that. ``pin(address, nbytes)`` / ``unpin(address)`` are called for each slot
+    mapping made / dropped (the GPU capture page-locks them for asynchronous copies). Errors
+    of the child (a row that breaks the format, a full disk) are raised here as
+    ``TraceError`` by the next call.
     """
 
-    def __init__(self, path: str | os.PathLike, **writer_kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        slots: int = 3,
+        pin: Callable[[int, int], None] | None = None,
+        unpin: Callable[[int], None] | None = None,
+        **writer_kwargs: Any,
+    ) -> None:
+        self.path = str(path)
+        self._pin, self._unpin = pin, unpin
+        self._dir = tempfile.mkdtemp(
+            prefix="dsatrace-slots-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
+        self._slots: list[_Slot | None] = [None] * slots
+        self._free = list(range(slots))
+        self.stats: dict[str, float] = {}
+        self._closed = False
         ctx = multiprocessing.get_context("spawn")  # fork is unsafe once CUDA is initialised
         self._conn, child = ctx.Pipe()
-        self.path = str(path)
         self._proc = ctx.Process(
-            target=_serve, args=(child, self.path, writer_kwargs), name="dsa-trace-writer",
+            target=_serve, args=(child, self.path, self._dir, writer_kwargs), name="dsa-trace-writer",
             daemon=True,
         )  # fmt: skip
         self._proc.start()
         child.close()
-        self.stats: dict[str, float] = {}
-        self._closed = False
-        self._expect("ready")
-
-    def _expect(self, kind: str) -> tuple:
         try:
-            msg = self._conn.recv()
-        except EOFError:
-            self._proc.join(5)
-            raise TraceError(
-                f"{self.path}: the trace writer process ended (exit code {self._proc.exitcode})"
-            ) from None
-        if msg[0] == "error":
-            self._closed = True
-            self._proc.join(5)
-            raise TraceError(f"{self.path}: trace writer failed: {msg[1]}")
-        assert msg[0] == kind, msg
-        return msg
+            self._receive("ready")
+        except BaseException:
+            self._release_slots()
+            raise
 
-    def put_step(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
-        """Queue one step: ``dense`` ``int32 [L, B, G, W]`` (``-1`` pads), ``positions``
-        ``[L, B]``. Blocks only while the child is more than a pipe buffer behind."""
+    # -- messages from the child -----------------------------------------------------------
+    def _receive(self, want: str) -> tuple:
+        """Handle messages until one of kind ``want`` arrives (``free`` ones free slots)."""
+        while True:
+            try:
+                msg = self._conn.recv()
+            except EOFError:
+                self._proc.join(5)
+                self._closed = True
+                raise TraceError(
+                    f"{self.path}: the trace writer process ended (exit code {self._proc.exitcode})"
+                ) from None
+            if msg[0] == "error":
+                self._closed = True
+                self._proc.join(5)
+                raise TraceError(f"{self.path}: trace writer failed: {msg[1]}")
+            if msg[0] == "free":
+                self._free.append(msg[1])
+            if msg[0] == want:
+                return msg
+
+    def _poll(self) -> None:
+        while self._conn.poll():
+            self._receive("free")
+
+    # -- the parent's side of a step --------------------------------------------------------
+    def acquire(self, shape: tuple[int, ...], block: bool = True) -> tuple[int, np.ndarray] | None:
+        """A free slot and an ``int32`` array of ``shape`` over its shared memory (contents
+        undefined), or ``None`` when ``block`` is false and every slot is in flight."""
         if self._closed:
             raise TraceError(f"{self.path}: writer is closed")
-        if self._conn.poll():  # the child only speaks early to report an error
-            self._expect("closed")
-        dense = np.ascontiguousarray(dense, dtype=np.int32)
+        self._poll()
+        if not self._free:
+            if not block:
+                return None
+            self._receive("free")
+        slot = self._free.pop(0)
+        count = int(np.prod(shape))
+        have = self._slots[slot]
+        if have is None or have.array.size < count:
+            if have is not None:
+                self._drop(have)
+            self._slots[slot] = have = self._make(slot, max(count, 1))
+        return slot, have.array[:count].reshape(shape)
+
+    def submit(self, slot: int, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Hand the filled slot to the child: step ``step``, ``positions`` ``[L, B]``."""
+        info = self._slots[slot]
+        assert info is not None
         try:
-            self._conn.send((int(step), np.asarray(positions, dtype=np.int64), dense.shape))
-            self._conn.send_bytes(memoryview(dense).cast("B"))
+            self._conn.send(
+                (slot, info.file, int(step), np.asarray(positions, dtype=np.int64), tuple(shape))
+            )
         except (BrokenPipeError, ConnectionResetError):
-            self._expect("closed")  # raises the child's error
+            self._receive("closed")  # raises the child's error
 
     def close(self, complete: bool = True) -> dict[str, float]:
         """Finish the trace (``complete=False``: keep the rows, leave it marked incomplete)
         and wait for the child; returns its stats (``writer_busy_s``, ``rows``)."""
         if self._closed:
+            self._release_slots()
             return self.stats
         self._closed = True
-        if not complete:
-            self._conn.close()  # the child flushes on end-of-file
-            self._proc.join()
-            return self.stats
         try:
-            self._conn.send(None)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the child ended early: its message says why
-        try:
-            self.stats = dict(self._expect("closed")[1])
-        finally:
-            self._closed = True
+            if not complete:
+                self._conn.close()  # the child flushes on end-of-file
+                self._proc.join()
+                return self.stats
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the child ended early: its message says why
+            self.stats = dict(self._receive("closed")[1])
             self._proc.join()
             self._conn.close()
-        return self.stats
+            return self.stats
+        finally:
+            self._release_slots()
+
+    # -- shared memory -------------------------------------------------------------------------
+    def _make(self, slot: int, count: int) -> _Slot:
+        file = os.path.join(self._dir, f"slot{slot}-{count}")
+        with open(file, "wb+") as f:
+            f.truncate(4 * count)
+            mem = mmap.mmap(f.fileno(), 4 * count)
+        array = np.frombuffer(mem, dtype=np.int32)
+        if self._pin is not None:
+            self._pin(array.ctypes.data, array.nbytes)
+        return _Slot(file, mem, array)
+
+    def _drop(self, info: _Slot) -> None:
+        if self._unpin is not None:
+            self._unpin(info.array.ctypes.data)
+        info.array = np.empty(0, np.int32)  # the mapping can close once no view is left
+        with contextlib.suppress(BufferError):  # a caller still holds a view: the GC closes it
+            info.mem.close()
+        with contextlib.suppress(FileNotFoundError):  # the child cleaned up after close(False)
+            os.unlink(info.file)
+
+    def _release_slots(self) -> None:
+        for i, info in enumerate(self._slots):
+            if info is not None:
+                self._drop(info)
+                self._slots[i] = None
+        shutil.rmtree(self._dir, ignore_errors=True)
