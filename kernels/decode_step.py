@@ -7,9 +7,9 @@ then for each decode step of the trace and each layer runs the indexer over ever
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
 indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied with ``non_blocking=True`` (no device-wide sync per layer) into page-locked shared
-memory that a trace writer in a child process (``dsacache.traces.background``) reads once the
-step's CUDA event has completed, so encoding never holds this process's GIL.
+copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); once
+the step's CUDA event has completed it goes through shared memory to a trace writer in a child
+process (``dsacache.traces.background``), so encoding never holds this process's GIL.
 
 Command line (the workload to profile)::
 
@@ -139,45 +139,33 @@ def decode_step(
 class _StepCapture:
     step: int
     positions: np.ndarray  # int64 [L, B]
-    slot: int  # the BackgroundWriter slot the copies land in
-    host: torch.Tensor  # int32 [L, B, G, W] over that slot, filled by non_blocking copies
+    host: torch.Tensor  # int32 [L, B, G, W], pinned on CUDA, filled by non_blocking copies
     event: Any = None  # torch.cuda.Event recorded after the last copy (None on the CPU)
 
 
-def _cuda_pin(address: int, nbytes: int) -> None:
-    err = torch.cuda.cudart().cudaHostRegister(address, nbytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of shared memory failed ({err})")
-
-
-def _cuda_unpin(address: int) -> None:
-    torch.cuda.cudart().cudaHostUnregister(address)
-
-
 class IndexCapture:
-    """Copy the kernels' index tensors straight into page-locked shared memory as they are
-    produced and hand each finished step to a trace writer in a child process.
+    """Copy the kernels' index tensors into pinned host buffers as they are produced and
+    hand each finished step to a trace writer in a child process.
 
-    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking) into the
-    step's slot of a ``dsacache.traces.background.BackgroundWriter``; per step: ``end_step()``
-    records a CUDA event. A step goes to the writer (a message of a few bytes) once its event
-    has completed, checked without waiting at the next step; the launching thread waits only
-    when all ``slots`` are in flight (the writer is that far behind). No thread of this
-    process touches the rows, so the decode loop keeps the GIL. ``path`` and
-    ``writer_kwargs`` are ``TraceWriter``'s.
+    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
+    ``end_step()`` records a CUDA event. Once a step's event has completed (checked without
+    waiting at the next step) its buffer is copied into a shared-memory slot of a
+    ``dsacache.traces.background.BackgroundWriter`` and the step goes over as a message of a
+    few bytes. The launching thread waits only when ``slots`` steps are in flight (the
+    writer is that far behind). No thread of this process encodes rows, so the decode loop
+    keeps the GIL. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s.
     """
 
     def __init__(self, path: str, cuda: bool, slots: int = 4, **writer_kwargs: Any) -> None:
         from dsacache.traces.background import BackgroundWriter
 
-        self.writer = BackgroundWriter(
-            path, slots=slots, pin=_cuda_pin if cuda else None,
-            unpin=_cuda_unpin if cuda else None, **writer_kwargs,
-        )  # fmt: skip
+        self.writer = BackgroundWriter(path, slots=slots, **writer_kwargs)
         self._cuda = cuda
+        self._slots = slots
         self._pending: deque[_StepCapture] = deque()
+        self._spare: list[torch.Tensor] = []  # host buffers of handed-over steps
         self._current: _StepCapture | None = None
-        # seconds the launching thread spent waiting: for a slot, for a step's copies
+        # seconds the launching thread spent waiting: for the writer, for a step's copies
         self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0}
 
     def _hand_over(self, block: bool) -> None:
@@ -190,23 +178,32 @@ class IndexCapture:
                 t0 = time.perf_counter()
                 cur.event.synchronize()
                 self.stats["copy_wait_s"] += time.perf_counter() - t0
+            shape = tuple(cur.host.shape)
+            got = self.writer.acquire(shape, block=False)
+            if got is None:
+                if not block:
+                    return
+                t0 = time.perf_counter()
+                got = self.writer.acquire(shape)
+                self.stats["launcher_wait_s"] += time.perf_counter() - t0
+            slot, array = got
+            np.copyto(array, cur.host.numpy())
+            self.writer.submit(slot, cur.step, cur.positions, shape)
             self._pending.popleft()
-            self.writer.submit(cur.slot, cur.step, cur.positions, tuple(cur.host.shape))
+            self._spare.append(cur.host)
             block = False
 
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...], device) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        self._hand_over(block=False)
-        got = self.writer.acquire(shape, block=False)
-        if got is None:
-            t0 = time.perf_counter()
-            self._hand_over(block=True)  # the writer frees slots only for steps it was given
-            got = self.writer.acquire(shape)
-            self.stats["launcher_wait_s"] += time.perf_counter() - t0
-        slot, array = got
-        array.fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
-        host = torch.from_numpy(array)
-        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), slot, host)
+        self._hand_over(block=len(self._pending) >= self._slots)
+        host = next((b for b in self._spare if tuple(b.shape) == shape), None)
+        if host is None:
+            self._spare.clear()  # the width changed: older buffers are of no use
+            host = torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
+        else:
+            self._spare.remove(host)
+        host.numpy().fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
+        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
         """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""

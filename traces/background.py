@@ -5,10 +5,11 @@ delta + zstd Parquet, fsync) costs milliseconds of CPU; done in a thread of the 
 process it competes for the GIL with the thread that launches the kernels (measured on the
 H200: +68% per decode step, see docs/results/h200-kernels/), and pushing each step's array
 through a pipe from a thread was worse still (+255%: the sending thread re-takes the GIL for
-every chunk). Here the parent takes a slot of shared memory (``acquire``), fills it (the GPU
-capture copies device-to-host straight into it: ``pin`` page-locks each slot), and hands it
-over with a message of a few bytes (``submit``); a spawned child maps the slot, turns it into
-rows, frees the slot and encodes while the parent decodes on.
+every chunk). Here the parent takes a slot of shared memory (``acquire``), fills it with one
+memcpy and hands it over with a message of a few bytes (``submit``); a spawned child maps the
+slot, turns it into rows, frees the slot and encodes while the parent decodes on. (The GPU's
+copies cannot land in the slot itself: page-locked with ``cudaHostRegister``, torch still
+copied into it synchronously, one device sync per layer, measured on the H200.)
 
 Crash safety is the ``TraceWriter``'s: each finished part is on disk; if the parent dies the
 child sees the pipe close, flushes what it has and leaves the trace marked incomplete.
@@ -24,12 +25,12 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from dsacache.errors import TraceError
 from dsacache.traces.format import SelectionBatch, TraceWriter
@@ -75,6 +76,12 @@ def _send(conn: Connection, msg: tuple) -> None:
 def _serve(conn: Connection, path: str, slots_dir: str, writer_kwargs: dict[str, Any]) -> None:
     """Child process: open the writer; per message map the slot, take its rows, free it,
     append them; report how long it worked. Removes the slot files if the parent died."""
+    # The decode loop comes first: one encoding thread, at a lower priority, so that on a host
+    # with few cores the writer takes idle time instead of the launching thread's.
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    with contextlib.suppress(OSError):
+        os.nice(5)
     try:
         writer = TraceWriter(path, **writer_kwargs)
     except BaseException as e:  # e.g. the path exists: the parent raises it
@@ -128,23 +135,20 @@ class BackgroundWriter:
 
     ``path`` and ``writer_kwargs`` are ``TraceWriter``'s (``model``, ``indexer``, ``capture``,
     ``part_rows``, ``overwrite``). ``slots`` steps can be in flight; ``acquire`` waits for the
-    child beyond that. ``pin(address, nbytes)`` / ``unpin(address)`` are called for each slot
-    mapping made / dropped (the GPU capture page-locks them for asynchronous copies). Errors
-    of the child (a row that breaks the format, a full disk) are raised here as
-    ``TraceError`` by the next call.
+    child beyond that. Slots live in ``/dev/shm`` where it exists (else the temp folder);
+    space is reserved when a slot is made, so a full ``/dev/shm`` is an ``OSError`` there,
+    not a crash later. Errors of the child (a row that breaks the format, a full disk) are
+    raised here as ``TraceError`` by the next call.
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
         *,
-        slots: int = 3,
-        pin: Callable[[int, int], None] | None = None,
-        unpin: Callable[[int], None] | None = None,
+        slots: int = 4,
         **writer_kwargs: Any,
     ) -> None:
         self.path = str(path)
-        self._pin, self._unpin = pin, unpin
         self._dir = tempfile.mkdtemp(
             prefix="dsatrace-slots-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
         )
@@ -249,16 +253,17 @@ class BackgroundWriter:
     def _make(self, slot: int, count: int) -> _Slot:
         file = os.path.join(self._dir, f"slot{slot}-{count}")
         with open(file, "wb+") as f:
-            f.truncate(4 * count)
+            try:
+                os.posix_fallocate(f.fileno(), 0, 4 * count)
+            except OSError as e:
+                raise TraceError(
+                    f"no room for a {4 * count:,}-byte capture slot in {self._dir} ({e.strerror}); "
+                    "free space there or set TMPDIR to a larger folder"
+                ) from None
             mem = mmap.mmap(f.fileno(), 4 * count)
-        array = np.frombuffer(mem, dtype=np.int32)
-        if self._pin is not None:
-            self._pin(array.ctypes.data, array.nbytes)
-        return _Slot(file, mem, array)
+        return _Slot(file, mem, np.frombuffer(mem, dtype=np.int32))
 
     def _drop(self, info: _Slot) -> None:
-        if self._unpin is not None:
-            self._unpin(info.array.ctypes.data)
         info.array = np.empty(0, np.int32)  # the mapping can close once no view is left
         with contextlib.suppress(BufferError):  # a caller still holds a view: the GC closes it
             info.mem.close()
