@@ -6,7 +6,7 @@ process it competes for the GIL with the thread that launches the kernels (measu
 H200: +68% per decode step, see docs/results/h200-kernels/), and pushing each step's array
 through a pipe from a thread was worse still (+255%: the sending thread re-takes the GIL for
 every chunk). Here the parent takes a slot of shared memory (``acquire``), fills it with one
-memcpy and hands it over with a message of a few bytes (``submit``); a spawned child maps the
+memcpy and hands it over with a message of a few bytes (``submit``); a child process maps the
 slot, turns it into rows, frees the slot and encodes while the parent decodes on. (The GPU's
 copies cannot land in the slot itself: page-locked with ``cudaHostRegister``, torch still
 copied into it synchronously, one device sync per layer, measured on the H200.)
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import multiprocessing
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -156,15 +158,19 @@ class BackgroundWriter:
         self._free = list(range(slots))
         self.stats: dict[str, float] = {}
         self._closed = False
-        ctx = multiprocessing.get_context("spawn")  # fork is unsafe once CUDA is initialised
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(
-            target=_serve, args=(child, self.path, self._dir, writer_kwargs), name="dsa-trace-writer",
-            daemon=True,
+        # A plain child process (not multiprocessing's spawn, which re-runs the caller's main
+        # module there): it imports only this module and cannot see the GPU, so it never
+        # holds a CUDA context that would time-slice the GPU with the decoding process.
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(sys.path))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "dsacache.traces.background", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=env,
         )  # fmt: skip
-        self._proc.start()
-        child.close()
+        theirs.close()
+        self._conn = Connection(ours.detach())
         try:
+            self._conn.send((self.path, self._dir, writer_kwargs))
             self._receive("ready")
         except BaseException:
             self._release_slots()
@@ -177,19 +183,23 @@ class BackgroundWriter:
             try:
                 msg = self._conn.recv()
             except EOFError:
-                self._proc.join(5)
+                self._wait(5)
                 self._closed = True
                 raise TraceError(
-                    f"{self.path}: the trace writer process ended (exit code {self._proc.exitcode})"
+                    f"{self.path}: the trace writer process ended (exit code {self._proc.returncode})"
                 ) from None
             if msg[0] == "error":
                 self._closed = True
-                self._proc.join(5)
+                self._wait(5)
                 raise TraceError(f"{self.path}: trace writer failed: {msg[1]}")
             if msg[0] == "free":
                 self._free.append(msg[1])
             if msg[0] == want:
                 return msg
+
+    def _wait(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout)
 
     def _poll(self) -> None:
         while self._conn.poll():
@@ -236,14 +246,14 @@ class BackgroundWriter:
         try:
             if not complete:
                 self._conn.close()  # the child flushes on end-of-file
-                self._proc.join()
+                self._wait()
                 return self.stats
             try:
                 self._conn.send(None)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the child ended early: its message says why
             self.stats = dict(self._receive("closed")[1])
-            self._proc.join()
+            self._wait()
             self._conn.close()
             return self.stats
         finally:
@@ -276,3 +286,9 @@ class BackgroundWriter:
                 self._drop(info)
                 self._slots[i] = None
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+if __name__ == "__main__":  # the child: python -m dsacache.traces.background FD
+    _conn = Connection(int(sys.argv[1]))
+    _path, _slots_dir, _kwargs = _conn.recv()
+    _serve(_conn, _path, _slots_dir, _kwargs)
