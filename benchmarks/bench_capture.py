@@ -4,9 +4,9 @@ The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
 indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. It runs
 ``--repeats`` times without capture and as often with ``capture=PATH`` (per layer a
-non-blocking copy of the index tensor into page-locked shared memory; per step one CUDA
-event, after which the step goes to the trace writer's child process), interleaved so that
-drift hits both alike. Reported: median wall time per decode step of each (the step loop until its
+non-blocking copy of the index tensor into a pinned buffer; per step one CUDA event and a
+writer thread that appends the step's rows to the trace), interleaved so that drift hits
+both alike. Reported: median wall time per decode step of each (the step loop until its
 last kernel and the writer are done; building the random caches is not timed), their
 ratio, and the capture overhead in percent. A first run compiles the kernels untimed.
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
                         capture=str(capture) if capture else None)  # fmt: skip
         if capture:
-            stats.append({k: v / res.steps for k, v in res.capture_stats.items() if k != "rows"})
+            stats.append({k: v / res.steps for k, v in res.capture_stats.items()})
         return res.seconds / res.steps
 
     run(work / "warm.dsatrace")  # compiles every kernel, fills the allocator
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{result['step_ms_without_capture']:.3f} ms without capture, "
           f"{result['step_ms_with_capture']:.3f} ms with: ratio {result['ratio']:.3f} "
           f"({result['overhead_pct']:+.1f}%), medians of {args.repeats}; per step the launching "
-          f"thread waited {result['launcher_wait_ms_per_step']:.3f} ms for a free slot and "
-          f"{result['copy_wait_ms_per_step']:.3f} ms for copies; the writer process was busy "
+          f"thread waited {result['launcher_wait_ms_per_step']:.3f} ms for a free buffer and "
+          f"{result['copy_wait_ms_per_step']:.3f} ms for copies; the writer thread was busy "
           f"{result['writer_busy_ms_per_step']:.3f} ms")  # fmt: skip
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

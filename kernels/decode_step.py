@@ -7,9 +7,9 @@ then for each decode step of the trace and each layer runs the indexer over ever
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
 indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); once
-the step's CUDA event has completed it goes through shared memory to a trace writer in a child
-process (``dsacache.traces.background``), so encoding never holds this process's GIL.
+copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer) and a
+background thread waits for the step's CUDA event and writes the step's rows with
+``dsacache.traces.TraceWriter``.
 
 Command line (the workload to profile)::
 
@@ -20,8 +20,9 @@ Command line (the workload to profile)::
 from __future__ import annotations
 
 import contextlib
+import queue
+import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ from dsacache.kernels.paged import (
     random_mla_cache,
 )
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
+from dsacache.traces import SelectionBatch
 
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
@@ -144,64 +146,53 @@ class _StepCapture:
 
 
 class IndexCapture:
-    """Copy the kernels' index tensors into pinned host buffers as they are produced and
-    hand each finished step to a trace writer in a child process.
+    """Copy the kernels' index tensors to pinned host buffers as they are produced and write
+    them to a ``TraceWriter`` from a background thread, one step at a time.
 
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
-    ``end_step()`` records a CUDA event. Once a step's event has completed (checked without
-    waiting at the next step) its buffer is copied into a shared-memory slot of a
-    ``dsacache.traces.background.BackgroundWriter`` and the step goes over as a message of a
-    few bytes. The launching thread waits only when ``slots`` steps are in flight (the
-    writer is that far behind). No thread of this process encodes rows, so the decode loop
-    keeps the GIL. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s.
+    ``end_step()`` records a CUDA event and hands the buffer to the writer thread, which
+    waits for that event only. ``buffers`` host buffers are in flight at most (back-pressure:
+    the launching thread waits only when the writer is that far behind). ``path`` and
+    ``writer_kwargs`` are ``TraceWriter``'s.
     """
 
-    def __init__(self, path: str, cuda: bool, slots: int = 4, **writer_kwargs: Any) -> None:
-        from dsacache.traces.background import BackgroundWriter
+    def __init__(self, path: str, cuda: bool, buffers: int = 3, **writer_kwargs: Any) -> None:
+        from dsacache.traces import TraceWriter
 
-        self.writer = BackgroundWriter(path, slots=slots, **writer_kwargs)
+        self.writer = TraceWriter(path, **writer_kwargs)
         self._cuda = cuda
-        self._slots = slots
-        self._pending: deque[_StepCapture] = deque()
-        self._spare: list[torch.Tensor] = []  # host buffers of handed-over steps
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._buffers = buffers
+        self._made = 0
+        self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
+        self._error: BaseException | None = None
         self._current: _StepCapture | None = None
-        # seconds the launching thread spent waiting: for the writer, for a step's copies
-        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0}
+        # seconds: the launching thread blocked for a free buffer; the writer thread waiting
+        # for the copies, then building, checking, encoding and writing rows
+        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "writer_busy_s": 0.0}
+        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
+        self._thread.start()
 
-    def _hand_over(self, block: bool) -> None:
-        """Submit the pending steps whose copies are done (``block``: at least the oldest)."""
-        while self._pending:
-            cur = self._pending[0]
-            if cur.event is not None and not cur.event.query():
-                if not block:
-                    return
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        while True:
+            if self._made < self._buffers:
+                try:
+                    buf = self._free.get_nowait()
+                except queue.Empty:
+                    self._made += 1
+                    return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
+            else:
                 t0 = time.perf_counter()
-                cur.event.synchronize()
-                self.stats["copy_wait_s"] += time.perf_counter() - t0
-            shape = tuple(cur.host.shape)
-            got = self.writer.acquire(shape, block=False)
-            if got is None:
-                if not block:
-                    return
-                t0 = time.perf_counter()
-                got = self.writer.acquire(shape)
+                buf = self._free.get()  # the writer is behind: wait for a buffer
                 self.stats["launcher_wait_s"] += time.perf_counter() - t0
-            slot, array = got
-            np.copyto(array, cur.host.numpy())
-            self.writer.submit(slot, cur.step, cur.positions, shape)
-            self._pending.popleft()
-            self._spare.append(cur.host)
-            block = False
+            if tuple(buf.shape) == shape:
+                return buf
+            self._made -= 1  # the width changed: drop this buffer, make another
 
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...], device) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        self._hand_over(block=len(self._pending) >= self._slots)
-        host = next((b for b in self._spare if tuple(b.shape) == shape), None)
-        if host is None:
-            self._spare.clear()  # the width changed: older buffers are of no use
-            host = torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
-        else:
-            self._spare.remove(host)
+        self._raise()
+        host = self._buffer(shape)
         host.numpy().fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
         self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
 
@@ -214,27 +205,50 @@ class IndexCapture:
         dst.copy_(idx, non_blocking=idx.is_cuda)
 
     def end_step(self) -> None:
-        """Close the step (records a CUDA event; does not wait for it)."""
+        """Hand the step to the writer thread (records a CUDA event; does not wait for it)."""
         cur, self._current = self._current, None
         assert cur is not None
         if self._cuda:
             cur.event = torch.cuda.Event()
             cur.event.record()
-        self._pending.append(cur)
-        self._hand_over(block=False)
+        self._todo.put(cur)
 
     def close(self, complete: bool = True) -> None:
-        """Hand over every step, finish the trace (``complete=False``: keep the rows, leave it
-        marked incomplete) and wait for the writer; raises its error."""
-        try:
-            if complete:
-                while self._pending:
-                    self._hand_over(block=True)
-            self.stats.update(self.writer.close(complete=complete))
-        finally:
-            self._pending.clear()
-            self._current = None
-            self.writer.close(complete=False)  # no-op once closed; releases the slots
+        """Wait for the writer thread to write every queued step, then finish the trace
+        (``complete=False``, or after an error: keep the rows, leave it marked incomplete);
+        re-raises the thread's error."""
+        self._todo.put(None)
+        self._thread.join()
+        if complete and self._error is None:
+            self.writer.close()
+        else:
+            self.writer.__exit__(RuntimeError, None, None)  # flush, stay incomplete
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"index capture failed: {self._error!r}") from self._error
+
+    def _work(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            try:
+                t0 = time.perf_counter()
+                if item.event is not None:
+                    item.event.synchronize()  # this thread waits; the launching thread does not
+                t1 = time.perf_counter()
+                if self._error is None:
+                    self.writer.append_batch(
+                        SelectionBatch.from_dense(item.step, item.positions, item.host.numpy())
+                    )
+                self.stats["copy_wait_s"] += t1 - t0
+                self.stats["writer_busy_s"] += time.perf_counter() - t1
+            except BaseException as e:  # surfaced by the next begin_step / close
+                self._error = e
+            finally:
+                self._free.put(item.host)
 
 
 # -- the trace-driven workload --------------------------------------------------------------------

@@ -340,6 +340,29 @@ def test_run_trace_replays_and_captures_the_trace_selections(tmp_path, layout):
     assert res.kv_bytes == sum(len(v[1]) for v in got.values()) * (656 if "fp8" in layout else 1152)
 
 
+def test_a_failing_replay_leaves_its_capture_incomplete(tmp_path, monkeypatch):
+    """An error mid-run keeps the steps captured so far and does not mark the trace
+    complete (it used to be closed as complete)."""
+    import dsacache.kernels.decode_step as ds
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path))
+    real, calls = ds.decode_step, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:  # steps 0 and 1 of 2 layers succeed
+            raise RuntimeError("kernel launch failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ds, "decode_step", failing)
+    out = tmp_path / "partial.dsatrace"
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        run_trace(src, layout="mla-fp8", batch=2, device=DEVICE, index_heads=8, capture=str(out))
+    cap = open_trace(out)
+    assert not cap.complete and cap.validate()["rows"] == 2 * 2 * 2
+
+
 def test_run_trace_gqa_per_group_and_indexer_topk(tmp_path):
     from dsacache.traces import open_trace
 

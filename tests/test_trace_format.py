@@ -431,3 +431,26 @@ def test_every_bundled_trace_is_intact_and_documented():
     assert max(t.indexer["k"] for t in gpu) == 1024
     assert all(t.manifest["totals"]["requests"] >= 4 for t in gpu)
     assert all(t.manifest["totals"]["max_position"] >= 2048 + 255 for t in gpu)
+
+
+def test_rows_from_a_dense_step_array():
+    """SelectionBatch.from_dense (the GPU capture's [L, B, G, W] copy, -1 padded) against a
+    plain loop: step-major order layer, request, group; padding dropped."""
+    rng = np.random.default_rng(3)
+    layers, batch, groups, width = 3, 2, 2, 6
+    positions = rng.integers(width, 40, size=(layers, batch))
+    dense = np.full((layers, batch, groups, width), -1, np.int32)
+    for (layer, req, grp), _ in np.ndenumerate(dense[..., 0]):
+        n = int(rng.integers(0, width + 1))
+        dense[layer, req, grp, :n] = np.sort(rng.choice(positions[layer, req], n, replace=False))
+    got = SelectionBatch.from_dense(7, positions, dense)
+    i = 0
+    for (layer, req, grp), _ in np.ndenumerate(dense[..., 0]):
+        key = (got.step[i], got.layer[i], got.request[i], got.group[i], got.position[i])
+        assert key == (7, layer, req, grp, positions[layer, req])
+        row = dense[layer, req, grp]
+        np.testing.assert_array_equal(got.row(i), row[row >= 0])
+        i += 1
+    assert i == len(got)
+    with pytest.raises(TraceError, match=r"positions has shape \(2, 2\); expected \(3, 2\)"):
+        SelectionBatch.from_dense(7, positions[:2], dense)

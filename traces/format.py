@@ -98,6 +98,28 @@ class SelectionBatch:
         )
 
     @staticmethod
+    def from_dense(step: int, positions: np.ndarray, dense: np.ndarray) -> SelectionBatch:
+        """Rows of one decode step from ``dense`` ``[L, B, G, W]`` indices (``-1``: none; what
+        the GPU capture copies out), ``positions`` ``[L, B]`` the context length of each
+        (layer, request); row order layer, request, group (step-major)."""
+        layers, batch, groups, width = dense.shape
+        if positions.shape != (layers, batch):
+            raise TraceError(f"positions has shape {positions.shape}; expected {(layers, batch)}")
+        rows = dense.reshape(-1, width)
+        keep = rows >= 0
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(keep.sum(1), out=offsets[1:])
+        return SelectionBatch(
+            request=np.tile(np.repeat(np.arange(batch, dtype=np.int32), groups), layers),
+            step=np.full(len(rows), step, np.int32),
+            position=np.repeat(positions.reshape(-1), groups).astype(np.int32),
+            layer=np.repeat(np.arange(layers, dtype=np.int16), batch * groups),
+            group=np.tile(np.arange(groups, dtype=np.int16), layers * batch),
+            offsets=offsets,
+            indices=rows[keep].astype(np.int32),
+        )
+
+    @staticmethod
     def concat(batches: list[SelectionBatch]) -> SelectionBatch:
         """Join batches end to end."""
         if not batches:
