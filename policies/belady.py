@@ -42,6 +42,7 @@ BELADY = register(
         on_fill=remember_next_use,
         victim=furthest,
         line_dtype=np.int64,
+        reads_access=False,
         needs_future=True,
     )
 )

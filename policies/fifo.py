@@ -21,6 +21,7 @@ FIFO = register(
         on_fill=to_front,
         victim=tail,
         line_dtype=np.int32,
+        reads_access=False,
         line_words=2,
         set_words=2,
     )

@@ -57,5 +57,6 @@ LFU = register(
         victim=victim,
         line_words=1,
         set_words=1,
+        reads_access=False,
     )
 )

@@ -106,6 +106,7 @@ LRU = register(
         on_fill=lru_touch,
         victim=lru_victim,
         line_dtype=np.int64,
+        reads_access=False,
         line_words=2,
         set_words=2,
     )

@@ -64,6 +64,7 @@ PLRU = register(
         on_fill=touch,
         victim=victim,
         line_dtype=np.int32,
+        reads_access=False,
         line_words=1,
         set_words=1,
         check=check,

@@ -35,5 +35,6 @@ RANDOM = register(
         on_fill=on_access,
         victim=victim,
         params=(Param("seed", "int", 0, "random seed", low=0),),
+        reads_access=False,
     )
 )

@@ -153,6 +153,7 @@ SRRIP = register(
         victim=srrip_victim,
         params=(_BITS,),
         line_dtype=np.int32,
+        reads_access=False,
     )
 )
 
@@ -166,6 +167,7 @@ BRRIP = register(
         victim=srrip_victim,
         params=(_BITS, _EPSILON, _SEED),
         line_dtype=np.int32,
+        reads_access=False,
     )
 )
 
@@ -185,5 +187,6 @@ DRRIP = register(
             _SEED,
         ),
         line_dtype=np.int32,
+        reads_access=False,
     )
 )

@@ -70,6 +70,7 @@ SIEVE = register(
         on_fill=on_fill,
         victim=victim,
         line_dtype=np.int32,
+        reads_access=False,
         line_words=3,
         set_words=3,
     )

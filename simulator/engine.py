@@ -136,6 +136,9 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, types.int64), codegen
 
 
+PREFETCH_AHEAD = 8  # accesses between a set's prefetch and its lookup (a power of two)
+
+
 @njit(inline="always")
 def _find_way(tags, base, ln, ways):
     """The way of set ``tags[base : base + ways]`` that holds line ``ln``, or -1."""
@@ -211,6 +214,7 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
+    access_context = policy.type.reads_access  # a constant of this build
 
     @njit(inline="always")
     def allocate(tags, valid, line_state, set_state, glob, s, ways, ln, wanted, clock, params):
@@ -250,6 +254,7 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         hash_kind,
         write_allocate,
         popcount8,
+        ring,
     ):
         if fixed_ways:
             ways = fixed_ways
@@ -264,19 +269,40 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         # long runs of one step, layer and class) and are flushed when the bucket changes.
         cur = bucket[0] if addr.shape[0] else 0
         n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = 0
-        for i in range(addr.shape[0]):
+        n = addr.shape[0]
+        for j in range(min(PREFETCH_AHEAD, n)):
+            ring[j] = _set_index(addr[j] >> line_shift, per, inv_per, partitions, part_shift,
+                                 hash_kind)  # fmt: skip
+        for i in range(n):
             b = bucket[i]
             if b != cur:
                 _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes)
                 n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = 0
                 cur = b
+            # The set of this access's first line was computed PREFETCH_AHEAD accesses ago,
+            # when its tag, valid and recency words were prefetched: on a scattered stream
+            # those loads miss the host's caches, and waiting for them one access at a time
+            # was most of the replay's time.
+            first_set = ring[i & (PREFETCH_AHEAD - 1)]
+            j = i + PREFETCH_AHEAD
+            if j < n:
+                ahead = _set_index(addr[j] >> line_shift, per, inv_per, partitions, part_shift,
+                                   hash_kind)  # fmt: skip
+                ring[j & (PREFETCH_AHEAD - 1)] = ahead
+                prefetch(tags, ahead * ways)
+                prefetch(tags, ahead * ways + ways - 1)
+                prefetch(valid, ahead * ways)
+                if ahead < set_state.shape[0]:
+                    prefetch(set_state, ahead)
             a = addr[i]
             end = a + nbytes[i]
             n_bytes += nbytes[i]
             write = is_write[i]
-            glob[1] = klass[i]
+            if access_context:
+                glob[1] = klass[i]
             reader = reader_partition(clock, partitions) if replicate else 0
-            for ln in range(a >> line_shift, ((end - 1) >> line_shift) + 1):
+            first_line = a >> line_shift
+            for ln in range(first_line, ((end - 1) >> line_shift) + 1):
                 start = ln << line_shift
                 if a <= start and end >= start + line_bytes:  # the whole line (the common case)
                     wanted = all_sectors
@@ -286,9 +312,13 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                     s1 = (min(end, start + line_bytes) - start - 1) >> sector_shift
                     wanted = ((1 << (s1 + 1)) - 1) ^ ((1 << s0) - 1)
                     n_wanted = s1 - s0 + 1
-                s = _set_index(ln, per, inv_per, partitions, part_shift, hash_kind)
+                if ln == first_line:
+                    s = first_set
+                else:
+                    s = _set_index(ln, per, inv_per, partitions, part_shift, hash_kind)
                 base = s * ways
-                glob[2] = ln
+                if access_context:
+                    glob[2] = ln
                 way = _find_way(tags, base, ln, ways)
                 clock += 1
                 if has_future:
@@ -383,6 +413,7 @@ class Cache:
         if self.policy.type.check is not None:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
         self._kernel = _kernel(self.policy, config.ways, config.replicate)
+        self._ring = np.zeros(PREFETCH_AHEAD, np.int64)  # sets of the next accesses (scratch)
         self.reset()
 
     def reset(self) -> None:
@@ -447,6 +478,7 @@ class Cache:
             SET_HASHES.index(cfg.set_hash),
             cfg.write_allocate,
             _POPCOUNT8,
+            self._ring,
         )
 
 
