@@ -27,19 +27,21 @@ from dsacache.tracer import SynthConfig, synthesize
 from dsacache.traces import open_trace
 
 geometries = st.tuples(
-    st.sampled_from([1, 2, 4, 8]),  # ways
+    st.sampled_from([1, 2, 4, 8, 16]),  # ways (16: the fixed-way kernel build)
     st.sampled_from([1, 2, 3, 8, 16]),  # sets per partition
-    st.sampled_from([1, 2]),  # partitions
+    st.sampled_from([1, 2, 4]),  # partitions
     st.sampled_from([(128, 32), (64, 16), (128, 128), (256, 32)]),  # line, sector
     st.sampled_from(["mod", "xor", "hash"]),
     st.booleans(),  # write-allocate
+    st.booleans(),  # replicate: partitions keep near copies of lines read from afar
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(geom=geometries, seed=st.integers(0, 2**31), n=st.integers(1, 600))
 def test_engine_equals_reference_cache(geom, seed, n):
-    ways, sets, parts, (line, sector), set_hash, walloc = geom
+    ways, sets, parts, (line, sector), set_hash, walloc, replicate = geom
+    replicate = replicate and parts > 1  # replication needs two partitions or more
     size = ways * sets * parts * line
     rng = np.random.default_rng(seed)
     span = size * rng.choice([1, 2, 4])
@@ -47,12 +49,15 @@ def test_engine_equals_reference_cache(geom, seed, n):
     nbytes = rng.integers(1, 3 * line, n)
     write = rng.random(n) < 0.2
     bucket = rng.integers(0, 3, n)
-    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc)
+    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc, replicate=replicate)
     for a, b, w, k in zip(addr, nbytes, write, bucket, strict=True):
         ref.access(int(a), int(b), bool(w), (int(k),))
-    cfg = CacheConfig(size, ways, line, sector, set_hash, parts, walloc)
+    cfg = CacheConfig(size, ways, line, sector, set_hash, parts, walloc, replicate=replicate)
+    cache = Cache(cfg, "lru")
     counters = np.zeros((3, len(COUNTERS)), np.int64)
-    Cache(cfg, "lru").run(addr, nbytes, write, bucket, counters)
+    half = n // 2  # two calls: the state (and the reader hash) must carry across them
+    for sl in (slice(0, half), slice(half, n)):
+        cache.run(addr[sl], nbytes[sl], write[sl], bucket[sl], counters)
     for k in range(3):
         expect = ref.counts.get((k,), dict.fromkeys(COUNTERS, 0))
         assert dict(zip(COUNTERS, counters[k].tolist(), strict=True)) == expect

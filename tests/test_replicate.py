@@ -3,44 +3,12 @@ the far half keeps a near copy) against the slow pure-Python reference, counter 
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator import Cache, CacheConfig
 from dsacache.simulator.reference import COUNTERS, ReferenceCache, reference_reader
 
-geometries = st.tuples(
-    st.sampled_from([1, 2, 4, 16]),  # ways (16: the fixed-way kernel build)
-    st.sampled_from([1, 3, 8]),  # sets per partition
-    st.sampled_from([2, 4]),  # partitions
-    st.sampled_from([(128, 32), (64, 16)]),  # line, sector
-    st.sampled_from(["mod", "hash"]),
-    st.booleans(),  # write-allocate
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(geom=geometries, seed=st.integers(0, 2**31), n=st.integers(1, 600))
-def test_replicating_engine_equals_reference(geom, seed, n):
-    ways, sets, parts, (line, sector), set_hash, walloc = geom
-    size = ways * sets * parts * line
-    rng = np.random.default_rng(seed)
-    addr = rng.integers(0, size * rng.choice([1, 2, 4]), n)
-    nbytes = rng.integers(1, 3 * line, n)
-    write = rng.random(n) < 0.2
-    bucket = rng.integers(0, 3, n)
-    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc, replicate=True)
-    for a, b, w, k in zip(addr, nbytes, write, bucket, strict=True):
-        ref.access(int(a), int(b), bool(w), (int(k),))
-    cache = Cache(CacheConfig(size, ways, line, sector, set_hash, parts, walloc, replicate=True))
-    counters = np.zeros((3, len(COUNTERS)), np.int64)
-    half = n // 2  # two calls: the reader hash must continue across them
-    for sl in (slice(0, half), slice(half, n)):
-        cache.run(addr[sl], nbytes[sl], write[sl], bucket[sl], counters)
-    for k in range(3):
-        expect = ref.counts.get((k,), dict.fromkeys(COUNTERS, 0))
-        assert dict(zip(COUNTERS, counters[k].tolist(), strict=True)) == expect
+# The replicating engine against ReferenceCache: tests/test_engine_vs_reference.py.
 
 
 def test_far_read_keeps_two_copies():
