@@ -323,6 +323,7 @@ def _rows(trace):
 @pytest.mark.parametrize("layout", ["mla-fp8", "mla-bf16"])
 def test_run_trace_replays_and_captures_the_trace_selections(tmp_path, layout):
     from dsacache.traces import open_trace
+    from dsacache.traces.spool import spool_path
 
     src = open_trace(_small_trace(tmp_path))
     out = tmp_path / "captured.dsatrace"
@@ -332,6 +333,7 @@ def test_run_trace_replays_and_captures_the_trace_selections(tmp_path, layout):
     cap = open_trace(out)
     cap.validate()
     assert cap.complete and cap.manifest["capture"]["layout"] == layout
+    assert not spool_path(out).exists()  # encoded into the trace at close, then removed
     want, got = _rows(src), _rows(cap)
     # slots 0 and 1 replay requests 0 and 1; slot 2 replays request 0 again
     for (step, layer, req, group), row in got.items():

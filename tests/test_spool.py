@@ -1,0 +1,68 @@
+"""The capture's raw step spool (``traces.spool``): round trip, a crash cut, recovery."""
+
+import numpy as np
+import pytest
+
+from dsacache.errors import TraceError
+from dsacache.traces import SelectionBatch, TraceWriter, open_trace
+from dsacache.traces.spool import StepSpool, read_spool, recover, spool_path
+
+MODEL = {"name": "test", "layers": 2, "attention": "MLA"}
+INDEXER = {"kind": "oracle", "k": 6}
+
+
+def _step(rng, layers, batch, groups, width):
+    positions = rng.integers(width, 50, size=(layers, batch))
+    dense = np.full((layers, batch, groups, width), -1, np.int32)
+    for (layer, req, grp), _ in np.ndenumerate(dense[..., 0]):
+        n = int(rng.integers(0, width + 1))
+        dense[layer, req, grp, :n] = np.sort(rng.choice(positions[layer, req], n, replace=False))
+    return positions, dense
+
+
+def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "s.spool"
+    spool = StepSpool(path, sync_every=2)
+    sent = [(s, *_step(rng, 2, 3, 1 + s % 2, 4 + s)) for s in range(5)]  # shapes vary
+    for step, pos, dense in sent:
+        spool.append(step, pos, dense)
+    spool.close()
+    got = list(read_spool(path))
+    assert len(got) == 5
+    for (step, pos, dense), (s2, p2, d2) in zip(sent, got, strict=True):
+        assert step == s2
+        np.testing.assert_array_equal(pos, p2)
+        np.testing.assert_array_equal(dense, d2)
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])  # a crash in the middle of the last record
+    assert [s for s, _, _ in read_spool(path)] == [0, 1, 2, 3]
+    path.write_bytes(b"garbage!" * 4)
+    with pytest.raises(TraceError, match="not a dsacache step spool"):
+        list(read_spool(path))
+
+
+def test_recover_finishes_an_interrupted_capture(tmp_path):
+    rng = np.random.default_rng(1)
+    trace = tmp_path / "t.dsatrace"
+    writer = TraceWriter(trace, model=MODEL, indexer=INDEXER, capture={"tool": "test"})
+    spool = StepSpool(spool_path(trace))
+    steps = [(s, *_step(rng, 2, 2, 1, 6)) for s in range(3)]
+    for step, pos, dense in steps:
+        spool.append(step, pos, dense)
+    spool.close()
+    del writer  # the process "dies": the trace has no parts and is incomplete
+    assert not open_trace(trace).complete and open_trace(trace).rows == 0
+    with pytest.raises(TraceError, match="a capture was interrupted; recover it"):
+        StepSpool(spool_path(trace))
+    assert recover(trace) == 3
+    done = open_trace(trace)
+    assert done.complete and done.validate()["rows"] == 3 * 2 * 2
+    assert done.manifest["capture"] == {"tool": "test"}
+    want = SelectionBatch.concat([SelectionBatch.from_dense(*s) for s in steps])
+    got = done.read_all()
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.offsets, want.offsets)
+    assert not spool_path(trace).exists()
+    with pytest.raises(TraceError, match="no spool"):
+        recover(trace)

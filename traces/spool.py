@@ -1,0 +1,116 @@
+"""A raw, append-only spool of decode steps, turned into a trace after the capture.
+
+Encoding rows (validation, delta + zstd Parquet) costs milliseconds of CPU per decode step,
+and on the machines measured that time is taken from the launch-bound decode loop wherever
+it runs: in a thread it holds the GIL, in another process it shares the CPU (see
+docs/results/h200-kernels/README.md). While the GPU decodes, the capture therefore only
+appends each step's dense index array to ``TRACE.spool`` beside the trace (one ``write``,
+which releases the GIL); ``to_trace`` encodes the spool into the trace's Parquet parts
+afterwards.
+
+Record: ``int32[6]`` header (magic, step, layers, batch, groups, width), ``int32`` positions
+``[layers, batch]``, ``int32`` indices ``[layers, batch, groups, width]`` (``-1`` pads a row).
+The spool is fsynced every ``sync_every`` steps; after a crash, ``recover(trace_path)``
+writes every complete record into the (incomplete) trace and completes it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from dsacache.errors import TraceError
+from dsacache.traces.format import SelectionBatch, TraceWriter, open_trace
+
+MAGIC = 0x44534153  # "DSAS"
+HEADER = 6
+
+
+def spool_path(trace_path: str | os.PathLike) -> Path:
+    """Where the spool of the trace at ``trace_path`` lives (beside it)."""
+    return Path(f"{os.fspath(trace_path).rstrip('/')}.spool")
+
+
+class StepSpool:
+    """Append decode steps to a spool file (created; an existing one is refused)."""
+
+    def __init__(self, path: str | os.PathLike, sync_every: int = 8) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except FileExistsError:
+            raise TraceError(
+                f"{self.path} exists: a capture was interrupted; recover it with "
+                "dsacache.traces.spool.recover(TRACE) or remove it"
+            ) from None
+        self.sync_every = sync_every
+        self.steps = 0
+
+    def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
+        """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
+        layers, batch, groups, width = dense.shape
+        header = np.array([MAGIC, step, layers, batch, groups, width], np.int32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        data = np.ascontiguousarray(dense, dtype=np.int32)
+        os.writev(self._fd, [header, pos, data])  # one syscall; the GIL is released during it
+        self.steps += 1
+        if self.steps % self.sync_every == 0:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Flush the spool to disk and close it."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The complete records of a spool as ``(step, positions, dense)``; a record cut short by
+    a crash ends the iteration."""
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(4 * HEADER)
+            if len(raw) < 4 * HEADER:
+                return
+            header = np.frombuffer(raw, np.int32)
+            if header[0] != MAGIC or (header[2:] < 0).any():
+                raise TraceError(f"{path}: not a dsacache step spool (bad record header)")
+            step, layers, batch, groups, width = (int(v) for v in header[1:])
+            count = layers * batch
+            pos = f.read(4 * count)
+            dense = f.read(4 * count * groups * width)
+            if len(pos) < 4 * count or len(dense) < 4 * count * groups * width:
+                return
+            yield (
+                step,
+                np.frombuffer(pos, np.int32).reshape(layers, batch),
+                np.frombuffer(dense, np.int32).reshape(layers, batch, groups, width),
+            )
+
+
+def to_trace(spool: str | os.PathLike, writer: TraceWriter) -> int:
+    """Append every complete record of ``spool`` to ``writer``; returns the steps written."""
+    steps = 0
+    for step, positions, dense in read_spool(spool):
+        writer.append_batch(SelectionBatch.from_dense(step, positions, dense))
+        steps += 1
+    return steps
+
+
+def recover(trace_path: str | os.PathLike, part_rows: int = 65536) -> int:
+    """Finish a capture that died before its spool was encoded: rewrite the trace from the
+    spool's complete records (parts written by an encoding cut short are replaced), mark it
+    complete and remove the spool. Returns the steps recovered."""
+    spool = spool_path(trace_path)
+    if not spool.exists():
+        raise TraceError(f"no spool {spool} to recover")
+    m = open_trace(trace_path).manifest
+    with TraceWriter(trace_path, model=m["model"], indexer=m["indexer"], capture=m["capture"],
+                     part_rows=part_rows, overwrite=True) as writer:  # fmt: skip
+        steps = to_trace(spool, writer)
+    spool.unlink()
+    return steps
