@@ -7,9 +7,9 @@ then for each decode step of the trace and each layer runs the indexer over ever
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
 indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer) and a
-background thread waits for the step's CUDA event and writes the step's rows with
-``dsacache.traces.TraceWriter``.
+copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); a
+background thread waits for the step's CUDA event and appends the step to a raw spool, which
+``close`` encodes into the trace (``dsacache.traces.spool``).
 
 Command line (the workload to profile)::
 
