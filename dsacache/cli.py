@@ -133,6 +133,25 @@ def info(trace, as_json) -> None:
 
 
 @main.command()
+@click.argument("trace", type=click.Path(exists=True))
+def recover(trace) -> None:
+    """Finish a GPU capture that died before encoding its spool (TRACE.spool beside TRACE).
+
+    The decode-step driver's capture appends raw steps to the spool during the decode and
+    encodes them into the trace when it closes; this does that encoding for a run that
+    never closed, keeping every complete step.
+
+    \b
+    Example:
+      dsacache recover replayed.dsatrace
+    """
+    from dsacache.traces.spool import recover as recover_spool
+
+    steps = recover_spool(trace)
+    click.echo(f"{trace}: {steps} step(s) recovered from the spool; the trace is complete")
+
+
+@main.command()
 @click.argument("trace", type=click.Path())
 def validate(trace) -> None:
     """Check every part of a trace (checksums, schema, index ranges); exit 2 on a problem.

@@ -157,7 +157,7 @@ class IndexCapture:
     ``close``. ``buffers`` host buffers are in flight at most (back-pressure: the launching
     thread waits only when the thread is that far behind). ``path`` and ``writer_kwargs``
     are ``TraceWriter``'s. If the process dies before ``close``, the spool is left beside the
-    trace: ``dsacache.traces.spool.recover(path)`` finishes it.
+    trace: ``dsacache recover PATH`` finishes it.
     """
 
     def __init__(self, path: str, cuda: bool, buffers: int = 3, **writer_kwargs: Any) -> None:

@@ -55,7 +55,13 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
     assert not open_trace(trace).complete and open_trace(trace).rows == 0
     with pytest.raises(TraceError, match="a capture was interrupted; recover it"):
         StepSpool(spool_path(trace))
-    assert recover(trace) == 3
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    out = CliRunner().invoke(main, ["recover", str(trace)])
+    assert out.exit_code == 0, out.output
+    assert "3 step(s) recovered" in out.output
     done = open_trace(trace)
     assert done.complete and done.validate()["rows"] == 3 * 2 * 2
     assert done.manifest["capture"] == {"tool": "test"}
@@ -66,3 +72,5 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
     assert not spool_path(trace).exists()
     with pytest.raises(TraceError, match="no spool"):
         recover(trace)
+    out = CliRunner().invoke(main, ["recover", str(trace)])
+    assert out.exit_code != 0 and "no spool" in out.output and "Traceback" not in out.output

@@ -11,7 +11,7 @@ afterwards.
 Record: ``int32[6]`` header (magic, step, layers, batch, groups, width), ``int32`` positions
 ``[layers, batch]``, ``int32`` indices ``[layers, batch, groups, width]`` (``-1`` pads a row).
 The spool is fsynced every ``sync_every`` steps; after a crash, ``recover(trace_path)``
-writes every complete record into the (incomplete) trace and completes it.
+(``dsacache recover TRACE``) writes every complete record into the trace and completes it.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class StepSpool:
         except FileExistsError:
             raise TraceError(
                 f"{self.path} exists: a capture was interrupted; recover it with "
-                "dsacache.traces.spool.recover(TRACE) or remove it"
+                "`dsacache recover TRACE` or remove it"
             ) from None
         self.sync_every = sync_every
         self.steps = 0
