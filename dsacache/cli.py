@@ -11,6 +11,7 @@ import click
 
 from dsacache.cli_common import load_trace, save_table
 from dsacache.errors import DsacacheError
+from dsacache.simulator.engine import SET_HASHES
 from dsacache.units import format_size, parse_size
 
 
@@ -196,7 +197,7 @@ def _replay_options(f):
         ),
         click.option(
             "--set-hash",
-            type=click.Choice(["mod", "xor", "hash"]),
+            type=click.Choice(list(SET_HASHES)),
             default="mod",
             show_default=True,
         ),

@@ -109,6 +109,11 @@ class PolicyType:
     # The hooks read glob[1] (traffic class) or glob[2] (line number); False spares the engine
     # two stores per access (about 5% of a replay on a Zipf stream).
     reads_access: bool = True
+    # Optional ``prefetch(line_state, set_state, s, ways)``: start loading the policy state of
+    # set ``s``, which the engine looks up a few accesses later (hints to the CPU's caches,
+    # for policies whose per-set state spans several cache lines; the engine already
+    # prefetches ``set_state[s * set_words]``).
+    prefetch: Callable | None = None
     # Optional ``check(ways, n_sets, policy)`` run when a cache is built: raises
     # ``DsacacheError`` for a geometry the policy cannot handle (e.g. tree-PLRU needs 2**k ways).
     check: Callable | None = None

@@ -34,6 +34,7 @@ import numpy as np
 from numba import njit
 
 from dsacache.policies.base import Param, PolicyType, register
+from dsacache.simulator.engine import prefetch
 
 # A set's block: one 4-word record per way (line number low/high half, frequency, unused),
 # then S's ring, M's ring, G's low halves, G's high halves (``ways`` words each).
@@ -130,6 +131,16 @@ def _ghost_take(line_state, set_state, ghost, ways, head_at, cap, lo, hi):
 
 
 @njit(inline="always")
+def prefetch_set(line_state, set_state, s, ways):
+    """A miss walks S's and M's rings and G's two halves: four cache lines of the set's block."""
+    base = s * LINE_WORDS * ways
+    prefetch(line_state, base + S_RING * ways)
+    prefetch(line_state, base + M_RING * ways)
+    prefetch(line_state, base + G_LO * ways)
+    prefetch(line_state, base + G_HI * ways)
+
+
+@njit(inline="always")
 def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
     i = s * LINE_WORDS * ways + REC * way + R_FREQ
     if line_state[i] < 3:
@@ -198,5 +209,6 @@ S3FIFO = register(
         line_dtype=np.int32,
         line_words=LINE_WORDS,
         set_words=SET_WORDS,
+        prefetch=prefetch_set,
     )
 )

@@ -20,7 +20,7 @@ from dsacache.policies import Policy, make_policy
 from dsacache.simulator.reference import COUNTERS
 from dsacache.units import format_size, parse_size
 
-SET_HASHES = ("mod", "xor", "hash")
+SET_HASHES = ("mod", "xor", "hash", "mix")
 _HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
@@ -136,6 +136,11 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, types.int64), codegen
 
 
+@njit(inline="always")
+def _no_prefetch(line_state, set_state, s, ways):
+    pass
+
+
 PREFETCH_AHEAD = 8  # accesses between a set's prefetch and its lookup (a power of two)
 
 
@@ -180,6 +185,12 @@ def _set_index(ln, per, inv_per, partitions, part_shift, hash_kind):
         rest = rest ^ (rest >> 17) ^ (rest >> 29)
     elif hash_kind == 2:
         rest = ((rest * _HASH_MUL) >> 20) & 0x7FFFFFFFFFF
+    elif hash_kind == 3:  # splitmix64's finalizer: every line lands in a pseudo-random set
+        z = rest * _HASH_MUL  # int64 products wrap like uint64; shifts are masked to logical
+        z = (z ^ ((z >> 30) & 0x3FFFFFFFF)) * -4658895280553007687  # 0xBF58476D1CE4E5B9
+        z = (z ^ ((z >> 27) & 0x1FFFFFFFFF)) * -7723592293110705685  # 0x94D049BB133111EB
+        z = z ^ ((z >> 31) & 0x1FFFFFFFF)
+        rest = (z >> 11) & 0x1FFFFFFFFFFF
     if rest < 4503599627370496:  # 2**52: exact in float64, one correction suffices
         q = np.int64(rest * inv_per)  # remainder by multiplication: a division costs ~40 cycles
         r = rest - q * per
@@ -214,7 +225,9 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
-    access_context = policy.type.reads_access  # a constant of this build
+    access_context = policy.type.reads_access  # constants of this build
+    set_words = policy.type.set_words
+    policy_prefetch = policy.type.prefetch or _no_prefetch
 
     @njit(inline="always")
     def allocate(tags, valid, line_state, set_state, glob, s, ways, ln, wanted, clock, params):
@@ -292,8 +305,9 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                 prefetch(tags, ahead * ways)
                 prefetch(tags, ahead * ways + ways - 1)
                 prefetch(valid, ahead * ways)
-                if ahead < set_state.shape[0]:
-                    prefetch(set_state, ahead)
+                if ahead * set_words < set_state.shape[0]:  # set-major policy state
+                    prefetch(set_state, ahead * set_words)
+                policy_prefetch(line_state, set_state, ahead, ways)
             a = addr[i]
             end = a + nbytes[i]
             n_bytes += nbytes[i]

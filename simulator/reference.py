@@ -27,7 +27,9 @@ COUNTERS = (
 def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) -> int:
     """Which set a line maps to. ``mod``: line mod sets; ``xor``: fold higher line bits in
     first; ``hash``: a multiplicative hash (bits 20..62 of line x 0x9E3779B97F4A7C15 mod 2**64),
-    a stand-in for a GPU's undisclosed address hash.
+    a stand-in for a GPU's undisclosed address hash; ``mix``: splitmix64's finalizer of that
+    product (bits 11..55), so that every line lands in a pseudo-random set, as a buffer's lines
+    do under a hash of physical addresses (the fitted H200 model uses it).
 
     With ``partitions`` > 1 consecutive lines alternate between partitions (each with
     ``n_sets / partitions`` sets), then map into their partition's sets.
@@ -39,6 +41,12 @@ def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) 
         rest = rest ^ (rest >> 17) ^ (rest >> 29)
     elif set_hash == "hash":
         rest = ((rest * 0x9E3779B97F4A7C15) % 2**64 >> 20) & (2**43 - 1)
+    elif set_hash == "mix":
+        z = (rest * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        z ^= z >> 31
+        rest = (z >> 11) & (2**45 - 1)
     return part * per + rest % per
 
 

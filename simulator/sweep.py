@@ -251,8 +251,12 @@ def check_cell(trace, cfg: Mapping[str, Any]) -> None:
     from dsacache.simulator.stream import plan_replay
 
     policy = make_policy(cfg["policy"])
-    if cfg["set_hash"] not in ("mod", "xor", "hash"):
-        raise DsacacheError(f"sweep parameter set_hash={cfg['set_hash']!r}: use mod, xor or hash")
+    from dsacache.simulator.engine import SET_HASHES
+
+    if cfg["set_hash"] not in SET_HASHES:
+        raise DsacacheError(
+            f"sweep parameter set_hash={cfg['set_hash']!r}: use one of {', '.join(SET_HASHES)}"
+        )
     overrides: dict[str, Any] = {"set_hash": cfg["set_hash"]}
     if cfg["ways"]:
         overrides["ways"] = cfg["ways"]

@@ -100,7 +100,9 @@ def test_persisting_window_on_the_h200_and_its_model():
     assert kv[kv["layer"] < 5]["hit"].mean() > 0.25 and kv[kv["layer"] >= 5]["hit"].mean() < 0.05
     df = calibration.compare("h200", (calibration.H200_FIT,))
     later = df[df["point"].str.endswith("kv") & ~df["point"].str.startswith("step 0")]
-    for name, tol in (("decode-large-persist5", 4.5), ("decode-large-persist5-half", 1.5)):
+    # hit ratio 1.0: the model is 4-6 points high (the earlier "hash" 31 MiB 8-way fit was 3-4
+    # high, but 25.5 points off on the evict_first keys, which the "mix" fit gets within 8.3)
+    for name, tol in (("decode-large-persist5", 6.5), ("decode-large-persist5-half", 1.5)):
         rows = later[later["experiment"] == name]
         assert len(rows) == 3 and rows["error_points"].abs().max() < tol, rows
     # the model ranks the window's hit ratios as the GPU does

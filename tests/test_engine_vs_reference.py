@@ -31,7 +31,7 @@ geometries = st.tuples(
     st.sampled_from([1, 2, 3, 8, 16]),  # sets per partition
     st.sampled_from([1, 2, 4]),  # partitions
     st.sampled_from([(128, 32), (64, 16), (128, 128), (256, 32)]),  # line, sector
-    st.sampled_from(["mod", "xor", "hash"]),
+    st.sampled_from(["mod", "xor", "hash", "mix"]),
     st.booleans(),  # write-allocate
     st.booleans(),  # replicate: partitions keep near copies of lines read from afar
 )
