@@ -55,7 +55,13 @@ class StepSpool:
         header = np.array([MAGIC, step, layers, batch, groups, width], np.int32)
         pos = np.ascontiguousarray(positions, dtype=np.int32)
         data = np.ascontiguousarray(dense, dtype=np.int32)
-        os.writev(self._fd, [header, pos, data])  # one syscall; the GIL is released during it
+        parts = [header, pos, data]
+        written = os.writev(self._fd, parts)  # one syscall; the GIL is released during it
+        total = sum(p.nbytes for p in parts)
+        if written < total:  # a short write (a signal, a full disk): finish it or fail loudly
+            rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
+            while len(rest):
+                rest = rest[os.write(self._fd, rest) :]
         self.steps += 1
         if self.steps % self.sync_every == 0:
             os.fsync(self._fd)
