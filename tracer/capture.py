@@ -184,20 +184,9 @@ def _step_rows(
     """One decode step's rows, ordered layer, request, group (the step's per-layer results
     come to the host once, ``attn.collect``; they stay in ``attn.host``)."""
     attn.host = attn.collect(layers)
-    sel = attn.host["selections"]
-    picked = attn.host["scores"]
-    n_layer, batch, groups, kk = sel.shape
-    rows = n_layer * batch * groups
-    return SelectionBatch(
-        request=np.tile(np.repeat(np.arange(batch), groups), n_layer),
-        step=np.full(rows, step),
-        position=np.full(rows, position),
-        layer=np.repeat(np.arange(n_layer), batch * groups),
-        group=np.tile(np.arange(groups), n_layer * batch),
-        offsets=np.arange(rows + 1, dtype=np.int64) * kk,
-        indices=sel.reshape(-1).astype(np.int32),
-        scores=picked.reshape(-1) if scores else None,
-    )
+    sel = attn.host["selections"]  # [L, B, G, k], every entry a selected token
+    positions = np.full(sel.shape[:2], position)
+    return SelectionBatch.from_dense(step, positions, sel, attn.host["scores"] if scores else None)
 
 
 def _resumable(out: str | os.PathLike, cfg: CaptureConfig) -> dict[str, Any] | None:

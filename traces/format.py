@@ -98,10 +98,13 @@ class SelectionBatch:
         )
 
     @staticmethod
-    def from_dense(step: int, positions: np.ndarray, dense: np.ndarray) -> SelectionBatch:
+    def from_dense(
+        step: int, positions: np.ndarray, dense: np.ndarray, scores: np.ndarray | None = None
+    ) -> SelectionBatch:
         """Rows of one decode step from ``dense`` ``[L, B, G, W]`` indices (``-1``: none; what
-        the GPU capture copies out), ``positions`` ``[L, B]`` the context length of each
-        (layer, request); row order layer, request, group (step-major)."""
+        a capture collects per step), ``positions`` ``[L, B]`` the context length of each
+        (layer, request) and optionally ``scores`` beside the indices; row order layer,
+        request, group (step-major)."""
         layers, batch, groups, width = dense.shape
         if positions.shape != (layers, batch):
             raise TraceError(f"positions has shape {positions.shape}; expected {(layers, batch)}")
@@ -117,6 +120,7 @@ class SelectionBatch:
             group=np.tile(np.arange(groups, dtype=np.int16), layers * batch),
             offsets=offsets,
             indices=rows[keep].astype(np.int32),
+            scores=None if scores is None else scores.reshape(-1, width)[keep],
         )
 
     @staticmethod
