@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         for step in range(args.steps):
             if cap:
-                cap.begin_step(step, positions, shape, "cpu")
+                cap.begin_step(step, positions, shape)
             for layer in range(args.layers):
                 for _ in range(args.ops):
                     x.add_(1.0)

@@ -195,7 +195,7 @@ class IndexCapture:
                 return buf
             self._made -= 1  # the width changed: drop this buffer, make another
 
-    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...], device) -> None:
+    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
         self._raise()
         host = self._buffer(shape)
@@ -229,15 +229,15 @@ class IndexCapture:
         self._thread.join()
         self._spool.close()
         t0 = time.perf_counter()
+        finished = False
         try:
             to_trace(self._spool.path, self.writer)
-        except BaseException:
-            self.writer.__exit__(RuntimeError, None, None)  # keep what was written, incomplete
-            raise
-        if complete and self._error is None:
-            self.writer.close()
-        else:
-            self.writer.__exit__(RuntimeError, None, None)  # flush, stay incomplete
+            finished = complete and self._error is None
+        finally:
+            if finished:
+                self.writer.close()
+            else:
+                self.writer.flush()  # keep what was written; the trace stays incomplete
         self.stats["encode_s"] += time.perf_counter() - t0
         self._spool.path.unlink()
         self._raise()
@@ -389,8 +389,7 @@ def run_trace(
                 "hints": {"index": hints.index, "kv": hints.kv},
                 "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
-        # a part every 8 steps: the writer thread encodes and writes while the GPU decodes,
-        # instead of leaving the whole trace to the final flush
+        # parts of 8 whole steps: the writer takes them without splitting or gathering rows
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
         cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
                            indexer=dict(tr.indexer), capture=meta,
@@ -417,7 +416,7 @@ def run_trace(
             if cap is not None:
                 out_groups = groups if use_trace_selection else 1
                 out_width = width if use_trace_selection else k
-                cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width), dev)
+                cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
             for layer in range(n_layers):
                 res = decode_step(
                     q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,

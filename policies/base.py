@@ -22,8 +22,8 @@ The engine writes context into ``glob`` before every hook call: ``glob[0]`` is t
 the next access to the current line (only for policies with ``needs_future``; Belady),
 ``glob[1]`` the traffic class of the current access, ``glob[2]`` the line number (address >>
 line bits) of the current access (ghost lists need it; both only for policies with
-``reads_access``, the default), ``glob[3]`` the line size in bytes (set before ``init``). ``glob[0:4]`` belong to the engine;
-policies keep their own global state in ``glob[4:]``. Register a policy with
+``reads_access``, the default), ``glob[3]`` the line size in bytes (set before ``init``).
+``glob[0:4]`` belong to the engine; policies keep their own global state in ``glob[4:]``. Register a policy with
 ``register``; users add their own from a Python file (``dsacache replay --plugin FILE``)
 without editing the package.
 """
