@@ -120,6 +120,7 @@ def indexer_logits(
     evict: str = "",
     query_fp8: bool = True,
     pages_per_prog: int | None = None,
+    pages_per_step: int = PAGES_PER_STEP,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -131,6 +132,8 @@ def indexer_logits(
     avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
     "evict_last"). ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's
     indexer) rather than multiply in bf16 (key dims >= 32 only; smaller ones stay bf16).
+    ``pages_per_prog``, ``pages_per_step``, ``num_warps``, ``num_stages``: launch parameters
+    (``benchmarks/tune_kernels.py`` sweeps them on a GPU).
     """
     b, h, d = q.shape
     check_index_dim(d)
@@ -141,9 +144,9 @@ def indexer_logits(
     max_context = pt.capacity if max_context is None else max_context
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
     if pages_per_prog is None:  # the largest power of two <= b * pages / 512, from 2 to 32
-        pages_per_prog = min(32, max(PAGES_PER_STEP, _pow2(b * max_pages // 512 + 1) // 2))
-    if pages_per_prog % PAGES_PER_STEP:
-        raise ValueError(f"pages_per_prog must be a multiple of {PAGES_PER_STEP}")
+        pages_per_prog = min(32, max(pages_per_step, _pow2(b * max_pages // 512 + 1) // 2))
+    if pages_per_prog % pages_per_step:
+        raise ValueError(f"pages_per_prog must be a multiple of pages_per_step={pages_per_step}")
     grid = (-(-max_pages // pages_per_prog), b)
     out = torch.empty((b, grid[0] * pages_per_prog * pt.page_size), device=q.device,
                       dtype=torch.float32)  # fmt: skip
@@ -152,7 +155,7 @@ def indexer_logits(
         q, weights, cache.pool, cache.pool.view(torch.float32), table, context_lens, out,
         h, q.stride(0), q.stride(1), weights.stride(0), table.stride(0), out.stride(0), max_pages,
         BLOCK_H=max(16, _pow2(h)), D=d, PAGE=pt.page_size, PAGES_PER_PROG=pages_per_prog,
-        PAGES_PER_STEP=PAGES_PER_STEP, QUERY_FP8=query_fp8, EVICT=_check_evict(evict),
+        PAGES_PER_STEP=pages_per_step, QUERY_FP8=query_fp8, EVICT=_check_evict(evict),
         UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out[:, :max_context]
