@@ -3,10 +3,10 @@
 The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3.2-shaped
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
 indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. It runs
-``--repeats`` times without capture and as often with ``capture=PATH`` (per layer a
-non-blocking copy of the index tensor into a pinned buffer; per step one CUDA event and a
-thread that appends the step to a raw spool; the spool is encoded into the trace at close),
-interleaved so that drift hits both alike. Reported: median wall time per decode step of
+``--repeats`` times without capture and as often with ``capture=PATH`` (per step one
+non-blocking copy of the selections every layer reads into a pinned buffer, a CUDA event,
+and a thread that appends the step to a raw spool; the spool is encoded into the trace at
+close), interleaved so that drift hits both alike. Reported: median wall time per decode step of
 each (the step loop until its last kernel and the spool are done; building the random
 caches is not timed), their ratio, the capture overhead in percent, and apart from it the
 encoding at close per step. A first run compiles the kernels untimed.

@@ -8,7 +8,7 @@ beside the defaults the library picks. Combinations that do not compile or run (
 memory, registers) are recorded with their error. The defaults in ``kernels/`` come from
 this script's results (``docs/results/h200-kernels/tune_kernels.csv``).
 
-    python benchmarks/tune_kernels.py [--kernels indexer,gqa,mla] [--out DIR]
+    python benchmarks/tune_kernels.py [--kernels indexer,gqa,mla] [--shapes 64x65536] [--out DIR]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def cases(kernel: str, x: dict) -> tuple[Callable[..., object], int]:
 
 def sweep(kernel: str, shapes: list[tuple[int, int]], budget_s: float) -> list[dict]:
     grid = GRIDS[kernel]
-    combos = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    combos = [dict(zip(grid, v, strict=True)) for v in itertools.product(*grid.values())]
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict] = []
     t0 = time.time()
@@ -95,7 +95,7 @@ def sweep(kernel: str, shapes: list[tuple[int, int]], budget_s: float) -> list[d
             if time.time() - t0 > budget_s:
                 break
             try:
-                us, err = graph_us(lambda kw=kw: fn(**kw)), ""
+                us, err = graph_us(lambda kw=kw, fn=fn: fn(**kw)), ""
             except Exception as e:  # out of shared memory / registers: keep going
                 us, err = float("nan"), repr(e)[:200]
             rows.append({"kernel": kernel, "batch": bsz, "context": ctx, "params": str(kw),
@@ -113,6 +113,7 @@ def sweep(kernel: str, shapes: list[tuple[int, int]], budget_s: float) -> list[d
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", default="indexer,gqa,mla")
+    p.add_argument("--shapes", help="BATCHxCONTEXT,... instead of each kernel's own list")
     p.add_argument("--budget-s", type=float, default=120, help="per kernel")
     p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
@@ -122,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for kernel in args.kernels.split(","):
-        rows += sweep(kernel, SHAPES[kernel], args.budget_s)
+        shapes = SHAPES[kernel]
+        if args.shapes:
+            shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+        rows += sweep(kernel, shapes, args.budget_s)
     df = pd.DataFrame(rows)
     df["gpu"] = torch.cuda.get_device_name()
     df["command"] = " ".join([sys.executable, *sys.argv])

@@ -141,6 +141,7 @@ class _StepCapture:
     step: int
     positions: np.ndarray  # int64 [L, B]
     host: torch.Tensor  # int32 [L, B, G, W], pinned on CUDA, filled by non_blocking copies
+    added: np.ndarray  # bool [L]: layers whose copy is queued
     event: Any = None  # torch.cuda.Event recorded after the last copy (None on the CPU)
 
 
@@ -149,7 +150,8 @@ class IndexCapture:
     background thread appends each finished step to a raw spool beside the trace
     (``dsacache.traces.spool``), and ``close`` encodes the spool into the trace.
 
-    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking); per step:
+    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
+    step for every layer, ``add_all``); per step:
     ``end_step()`` records a CUDA event and hands the buffer to the thread, which waits for
     that event, then writes the buffer with one system call (the GIL is released while it
     waits and writes). Encoding rows during the decode cost +68% per step on the H200 (the
@@ -199,23 +201,40 @@ class IndexCapture:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
         self._raise()
         host = self._buffer(shape)
-        host.numpy().fill(-1)  # numpy: torch's fill_ wakes its thread pool (ms on a busy host)
-        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host)
+        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host,
+                                     np.zeros(shape[0], bool))  # fmt: skip
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
         """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
+        self._queue(layer, indices if indices.dim() == 3 else indices[:, None, :])
+
+    def add_all(self, indices: torch.Tensor) -> None:
+        """Queue one copy of every layer's indices (``[L, B, W]`` or ``[L, B, G, W]``): one
+        transfer per step when the selections of all layers exist before the layers run."""
+        self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
+
+    def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
         cur = self._current
         assert cur is not None, "begin_step first"
-        idx = indices if indices.dim() == 3 else indices[:, None, :]
-        dst = cur.host[layer, :, : idx.shape[1], : idx.shape[2]]
-        dst.copy_(idx, non_blocking=idx.is_cuda)
+        host = cur.host[layers]
+        if tuple(idx.shape) != tuple(host.shape):  # a narrower copy: pad the rest
+            host.numpy().fill(-1)  # before the copy is queued (it is asynchronous)
+        host[..., : idx.shape[-2], : idx.shape[-1]].copy_(idx, non_blocking=idx.is_cuda)
+        cur.added[layers] = True
 
     def end_step(self) -> None:
         """Hand the step to the writer thread (records a CUDA event; does not wait for it)."""
         cur, self._current = self._current, None
         assert cur is not None
+        # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
+        # fill_ wakes its thread pool, ms on a busy host); filling every buffer up front cost
+        # the launching thread a pass over the whole buffer per step
+        cur.host.numpy()[~cur.added] = -1
         if self._cuda:
-            cur.event = torch.cuda.Event()
+            # blocking: the spool thread sleeps until the copies are done; a default event
+            # spins a CPU in synchronize(), and on the H200 host that spinning alone cost the
+            # launch-bound decode loop +12% per step (capture/capexp3_b8_l8.json)
+            cur.event = torch.cuda.Event(blocking=True)
             cur.event.record()
         self._todo.put(cur)
 
@@ -417,6 +436,8 @@ def run_trace(
                 out_groups = groups if use_trace_selection else 1
                 out_width = width if use_trace_selection else k
                 cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
+                if use_trace_selection:  # the selections every layer reads: one copy
+                    cap.add_all(sel_all)
             for layer in range(n_layers):
                 res = decode_step(
                     q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
@@ -424,7 +445,7 @@ def run_trace(
                     selection=sel_all[layer] if use_trace_selection else None,
                     attn_options=attn_options, backend=backend,
                 )  # fmt: skip
-                if cap is not None:
+                if cap is not None and not use_trace_selection:
                     cap.add(layer, res.indices)
                 result.index_bytes += int(pos_np[layer].sum()) * 132
                 result.kv_bytes += int((sel_np[layer] >= 0).sum()) * kv_tok

@@ -30,7 +30,11 @@ INTERPRET = bool(triton.knobs.runtime.interpret)  # decided when the kernels are
 EVICT_POLICIES = ("", "evict_first", "evict_last")
 _FP8_MAX = tl.constexpr(FP8_MAX)  # a global a Triton kernel may read
 FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims stay bf16
-PAGES_PER_STEP = 2  # pages per loop step of the logits kernel (H200 sweep: 1.0-1.1x of 1 or 4)
+# launch defaults from benchmarks/tune_kernels.py on the H200 (docs/results/h200-kernels/
+# tune_kernels.csv): one page per loop step, 16 pages per program, 4 warps, 2 stages were
+# fastest at batch 8-64 x context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages
+PAGES_PER_STEP = 1
+MAX_PAGES_PER_PROG = 16
 
 
 def _check_evict(evict: str) -> str:
@@ -122,7 +126,7 @@ def indexer_logits(
     pages_per_prog: int | None = None,
     pages_per_step: int = PAGES_PER_STEP,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Indexer logits ``[B, max_context]`` float32 (-inf past each request's context).
 
@@ -143,8 +147,9 @@ def indexer_logits(
     pt = cache.pages
     max_context = pt.capacity if max_context is None else max_context
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
-    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, from 2 to 32
-        pages_per_prog = min(32, max(pages_per_step, _pow2(b * max_pages // 512 + 1) // 2))
+    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, at most 16
+        pages_per_prog = _pow2(b * max_pages // 512 + 1) // 2
+        pages_per_prog = min(MAX_PAGES_PER_PROG, max(pages_per_step, pages_per_prog))
     if pages_per_prog % pages_per_step:
         raise ValueError(f"pages_per_prog must be a multiple of pages_per_step={pages_per_step}")
     grid = (-(-max_pages // pages_per_prog), b)

@@ -314,7 +314,7 @@ def gqa_sparse_decode(
     *,
     evict: str = "",
     num_splits: int | None = None,
-    block_n: int = 128,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,7 +322,8 @@ def gqa_sparse_decode(
 
     ``q`` ``[B, HQ, D]`` bf16; ``indices`` int32 ``[B, k]``, ``[B, 1, k]`` (one selection
     shared by all KV heads) or ``[B, kv_heads, k]`` (one per KV head); -1 = none.
-    ``sm_scale`` defaults to ``D ** -0.5``.
+    ``sm_scale`` defaults to ``D ** -0.5``; ``block_n`` (tokens per tile) to 256 when the
+    requests' KV heads fill the SMs, else 128.
     """
     bsz, hq, d = q.shape
     hkv = cache.kv_heads
@@ -339,6 +340,8 @@ def gqa_sparse_decode(
     indices = indices.contiguous()
     k_sel = indices.shape[2]
     group = hq // hkv
+    if block_n is None:  # H200 sweep (tune_kernels.csv): 256 tokens per tile is 5% faster
+        block_n = 256 if bsz * hkv >= _sm_count(q.device) else 128  # once programs fill the SMs
     # small programs, several resident per SM (3 per SM measured best on the H200)
     splits, chunk = _plan_splits(bsz * hkv, k_sel, block_n, q.device, num_splits, per_sm=3)
     out, lse = _outputs(bsz, splits, hq, d, q.device)

@@ -23,7 +23,7 @@ def _step(rng, layers, batch, groups, width):
 def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "s.spool"
-    spool = StepSpool(path, sync_every=2)
+    spool = StepSpool(path, sync_seconds=0.0)
     sent = [(s, *_step(rng, 2, 3, 1 + s % 2, 4 + s)) for s in range(5)]  # shapes vary
     for step, pos, dense in sent:
         spool.append(step, pos, dense)
@@ -74,3 +74,40 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
         recover(trace)
     out = CliRunner().invoke(main, ["recover", str(trace)])
     assert out.exit_code != 0 and "no spool" in out.output and "Traceback" not in out.output
+
+
+def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
+    """One host buffer reused for every step: rows of a narrower copy and layers a step
+    never wrote must not keep the previous step's indices."""
+    import torch
+
+    from dsacache.kernels.decode_step import IndexCapture
+
+    trace = tmp_path / "c.dsatrace"
+    cap = IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL, indexer=INDEXER,
+                       capture={"tool": "test"})  # fmt: skip
+    positions = np.full((3, 2), 40)
+    full = torch.arange(16, dtype=torch.int32).reshape(2, 8)
+    cap.begin_step(0, positions, (3, 2, 1, 8))
+    for layer in range(3):
+        cap.add(layer, full + layer)
+    cap.end_step()
+    cap.begin_step(1, positions, (3, 2, 1, 8))
+    cap.add(0, full)
+    cap.add(1, torch.tensor([[1, 2, 3], [4, 5, -1]], dtype=torch.int32))  # narrower: padded
+    cap.end_step()  # layer 2 left out: its rows are empty
+    cap.begin_step(2, positions, (3, 2, 1, 8))
+    cap.add_all(torch.arange(36, dtype=torch.int32).reshape(3, 2, 6))  # every layer, narrower
+    cap.end_step()
+    cap.close()
+    got = open_trace(trace).read_all()
+    second = got.take(np.flatnonzero(got.step == 1))
+    assert [second.row(i).tolist() for i in range(len(second))] == [
+        list(range(8)), list(range(8, 16)), [1, 2, 3], [4, 5], [], []
+    ]  # fmt: skip
+    first = got.take(np.flatnonzero(got.step == 0))
+    assert first.row(5).tolist() == list(range(10, 18))
+    third = got.take(np.flatnonzero(got.step == 2))
+    assert [third.row(i).tolist() for i in range(6)] == [
+        list(range(6 * i, 6 * i + 6)) for i in range(6)
+    ]
