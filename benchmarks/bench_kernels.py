@@ -84,15 +84,19 @@ def torch_topk(logits: torch.Tensor, context_lens: torch.Tensor, k: int, sink: i
 
 
 def peaks() -> dict[str, float]:
-    """Device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul peak."""
+    """Device-to-device copy bandwidth (bytes read + written per second), the bf16 matmul
+    peak, and for reference (not in the bound) the read-only bandwidth of a float32 sum."""
     n = 2 * 2**30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t = do_bench(lambda: dst.copy_(src), warmup=10, rep=50, return_mode="median") * 1e-3
+    words = src.view(torch.float32).zero_()
+    t_read = do_bench(lambda: words.sum(), warmup=10, rep=50, return_mode="median") * 1e-3
     a = torch.randn((8192, 8192), device="cuda", dtype=torch.bfloat16)
     b = torch.randn((8192, 8192), device="cuda", dtype=torch.bfloat16)
     tm = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median") * 1e-3
-    return {"copy_GBps": 2 * n / t / 1e9, "matmul_TFLOPs": 2 * 8192**3 / tm / 1e12}
+    return {"copy_GBps": 2 * n / t / 1e9, "matmul_TFLOPs": 2 * 8192**3 / tm / 1e12,
+            "read_GBps": n / t_read / 1e9}  # fmt: skip
 
 
 def bench(args) -> list[dict]:
@@ -101,7 +105,8 @@ def bench(args) -> list[dict]:
     contexts = [int(x) for x in args.contexts.split(",")]
     bmax, cmax = max(batches), max(contexts)
     pk = peaks()
-    print(f"copy {pk['copy_GBps']:.0f} GB/s, bf16 matmul {pk['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"copy {pk['copy_GBps']:.0f} GB/s, bf16 matmul {pk['matmul_TFLOPs']:.0f} TFLOP/s, "
+          f"read-only (float32 sum) {pk['read_GBps']:.0f} GB/s")  # fmt: skip
     # one pool per layout at the largest size; smaller configs use a corner of its page table
     full = paged.make_page_table([cmax] * bmax, order="shuffled", seed=0, device="cuda")
     icache = paged.random_index_cache(full, seed=1, device="cuda")

@@ -87,17 +87,22 @@ MATCH_WIDTH = 16  # tags compared per vector compare; the tag array is padded by
 
 
 @intrinsic
-def _match16(typingctx, arr, start, key):
+def match16(typingctx, arr, start, key):
     """Bit ``w`` set where ``arr[start + w] == key``, for w < 16: one vector compare (LLVM
-    lowers it to the CPU's SIMD), where a loop with an early exit mispredicts on every hit."""
+    lowers it to the CPU's SIMD), where a loop with an early exit mispredicts on every hit.
+    ``arr`` is an integer array (``key`` is truncated to its width); the caller makes sure 16
+    elements from ``start`` lie inside it."""
+    width = arr.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        vec_t = ir.VectorType(ir.IntType(64), MATCH_WIDTH)
+        elem = ir.IntType(width)
+        vec_t = ir.VectorType(elem, MATCH_WIDTH)
         vec = builder.load(
-            builder.bitcast(builder.gep(data, [args[1]]), vec_t.as_pointer()), align=8
+            builder.bitcast(builder.gep(data, [args[1]]), vec_t.as_pointer()), align=width // 8
         )
-        splat = builder.insert_element(ir.Constant(vec_t, ir.Undefined), args[2], ir.IntType(32)(0))
+        key = args[2] if width == 64 else builder.trunc(args[2], elem)
+        splat = builder.insert_element(ir.Constant(vec_t, ir.Undefined), key, ir.IntType(32)(0))
         zeros = ir.Constant(ir.VectorType(ir.IntType(32), MATCH_WIDTH), [0] * MATCH_WIDTH)
         splat = builder.shuffle_vector(splat, ir.Constant(vec_t, ir.Undefined), zeros)
         bits = builder.bitcast(builder.icmp_signed("==", vec, splat), ir.IntType(MATCH_WIDTH))
@@ -149,7 +154,7 @@ def _find_way(tags, base, ln, ways):
     """The way of set ``tags[base : base + ways]`` that holds line ``ln``, or -1."""
     c = 0
     while c < ways:  # not range(0, ways, 16): Numba sizes a stepped range with a division
-        m = _match16(tags, base + c, ln)
+        m = match16(tags, base + c, ln)
         if ways - c < MATCH_WIDTH:  # the last chunk reads past the set: drop those bits
             m &= (1 << (ways - c)) - 1
         if m:

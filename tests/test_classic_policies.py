@@ -168,6 +168,24 @@ def test_engine_equals_reference(spec, sets, ways, geometry, set_hash, seed):
     assert ours == expect
 
 
+@pytest.mark.parametrize("ways", [4, 8, 16, 24])
+def test_s3fifo_ghost_tells_apart_lines_with_equal_low_halves(ways):
+    """S3-FIFO keeps line numbers as two int32 halves and matches its ghost on the low half
+    first (16 at a time for ways >= 8): lines 2**31 apart must not be taken for each other."""
+    sets = 4
+    rng = np.random.default_rng(ways)
+    lines = rng.integers(0, 3 * sets * ways, 6000) + rng.integers(0, 2, 6000) * 2**31 * sets
+    addrs = lines * LINE
+    ref = ReferencePolicyCache(sets * ways * LINE, ways, "s3fifo", LINE, LINE)
+    for a in addrs.tolist():
+        ref.access(a, 1)
+    n = len(addrs)
+    counters = np.zeros((n, len(COUNTERS)), np.int64)
+    cache = Cache(CacheConfig(sets * ways * LINE, ways, LINE, LINE), "s3fifo")
+    cache.run(addrs, np.ones(n, np.int64), np.zeros(n, bool), np.arange(n), counters)
+    np.testing.assert_array_equal(counters[:, 1].astype(bool), np.array(ref.hits))
+
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_engine_equals_reference_per_access(spec):
     """Every access's hit/miss, on a stream big enough for DRRIP's PSEL to move both ways."""

@@ -56,7 +56,10 @@ _ENCODING["indices.list.element"] = "DELTA_BINARY_PACKED"
 
 @dataclass
 class SelectionBatch:
-    """A block of trace rows as numpy arrays; row ``i`` selected ``indices[offsets[i]:offsets[i+1]]``."""
+    """A block of trace rows as numpy arrays; row ``i`` selected ``indices[offsets[i]:offsets[i+1]]``.
+
+    Batches read from a trace may hold read-only views of the decoded Parquet columns (no
+    copy of 10^8 indices); copy an array before changing it."""
 
     request: np.ndarray
     step: np.ndarray
@@ -119,15 +122,17 @@ class SelectionBatch:
             layer=np.repeat(np.arange(layers, dtype=np.int16), batch * groups),
             group=np.tile(np.arange(groups, dtype=np.int16), layers * batch),
             offsets=offsets,
-            indices=rows[keep].astype(np.int32),
+            indices=rows[keep].astype(np.int32, copy=False),
             scores=None if scores is None else scores.reshape(-1, width)[keep],
         )
 
     @staticmethod
     def concat(batches: list[SelectionBatch]) -> SelectionBatch:
-        """Join batches end to end."""
+        """Join batches end to end (one batch comes back as it is, not copied)."""
         if not batches:
             return SelectionBatch.empty()
+        if len(batches) == 1:
+            return batches[0]
         offsets = [np.zeros(1, dtype=np.int64)]
         base = 0
         for b in batches:
@@ -264,9 +269,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _to_arrow(batch: SelectionBatch) -> pa.Table:
     lists = pa.ListArray.from_arrays(
-        pa.array(batch.offsets.astype(np.int32)), pa.array(batch.indices.astype(np.int32))
+        pa.array(batch.offsets.astype(np.int32)),
+        pa.array(batch.indices.astype(np.int32, copy=False)),
     )
-    cols = [pa.array(getattr(batch, name).astype(dt)) for name, dt in SCALAR_COLUMNS.items()]
+    cols = [
+        pa.array(getattr(batch, name).astype(dt, copy=False)) for name, dt in SCALAR_COLUMNS.items()
+    ]
     if batch.scores is None:
         return pa.Table.from_arrays([*cols, lists], schema=ARROW_SCHEMA)
     scores = pa.ListArray.from_arrays(
@@ -629,8 +637,7 @@ def _from_arrow(table: pa.Table, where: str) -> SelectionBatch:
     if lists.null_count:
         raise TraceError(f"{where}: column 'indices' has missing rows")
     offsets, values = _flat_list(lists, "indices", where)
-    values = values.astype(np.int64)
-    if len(values) and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
+    if len(values) and (values.min() < 0 or int(values.max()) > np.iinfo(np.int32).max):
         raise TraceError(f"{where}: column 'indices' has values outside int32 / negative")
     scores = None
     if "scores" in names:
@@ -645,7 +652,9 @@ def _from_arrow(table: pa.Table, where: str) -> SelectionBatch:
         if not np.array_equal(score_offsets, offsets):
             raise TraceError(f"{where}: rows have a different number of scores than indices")
         scores = scores.astype(np.float32)
-    return SelectionBatch(**cols, offsets=offsets, indices=values.astype(np.int32), scores=scores)
+    return SelectionBatch(
+        **cols, offsets=offsets, indices=values.astype(np.int32, copy=False), scores=scores
+    )
 
 
 def _flat_list(column: pa.ChunkedArray, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
