@@ -19,6 +19,7 @@ Command line (the workload to profile)::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -146,23 +147,28 @@ class _StepCapture:
 
 
 class IndexCapture:
-    """Copy the kernels' index tensors to pinned host buffers as they are produced; a
-    background thread appends each finished step to a raw spool beside the trace
-    (``dsacache.traces.spool``), and ``close`` encodes the spool into the trace.
+    """Copy the kernels' index tensors to pinned host buffers as they are produced, append
+    each finished step to a raw spool beside the trace (``dsacache.traces.spool``), and let
+    ``close`` encode the spool into the trace.
 
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
-    step for every layer, ``add_all``); per step:
-    ``end_step()`` records a CUDA event and hands the buffer to the thread, which waits for
-    that event, then writes the buffer with one system call (the GIL is released while it
-    waits and writes). Encoding rows during the decode cost +68% per step on the H200 (the
-    encoding took the launching thread's GIL and CPU); it now runs after the decode, in
-    ``close``. ``buffers`` host buffers are in flight at most (back-pressure: the launching
-    thread waits only when the thread is that far behind). ``path`` and ``writer_kwargs``
+    step for every layer, ``add_all``); per step: ``end_step()`` records a CUDA event. With
+    ``background=True`` a thread waits for that event and writes the buffer with one system
+    call (the GIL is released while it waits and writes). With ``background=False`` there is
+    no thread: ``end_step`` writes the steps whose copies have finished (``Event.query``, no
+    wait) from the launching thread, which waits only when all ``buffers`` are in flight.
+    Which costs the launch-bound decode loop less is measured by ``benchmarks/
+    bench_capture.py``: with the thread, a capture that writes nothing cost as much as one
+    that writes (+12% per step at batch 8 x 8 layers on the H200), so the thread's wake-ups
+    on the loop's GIL and CPUs are suspected. Encoding rows during the decode cost +68% per
+    step on the H200; it runs after the decode, in ``close``. ``path`` and ``writer_kwargs``
     are ``TraceWriter``'s. If the process dies before ``close``, the spool is left beside the
     trace: ``dsacache recover PATH`` finishes it.
     """
 
-    def __init__(self, path: str, cuda: bool, buffers: int = 3, **writer_kwargs: Any) -> None:
+    def __init__(
+        self, path: str, cuda: bool, buffers: int = 3, background: bool = True, **writer_kwargs: Any
+    ) -> None:
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
@@ -178,8 +184,12 @@ class IndexCapture:
         # seconds: the launching thread blocked for a free buffer; the spool thread waiting
         # for the copies, then writing; close encoding the spool into the trace
         self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "spool_s": 0.0, "encode_s": 0.0}
-        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
-        self._thread.start()
+        self._inflight: collections.deque[_StepCapture] = collections.deque()  # no thread
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._work, name="dsa-index-capture",
+                                            daemon=True)  # fmt: skip
+            self._thread.start()
 
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         while True:
@@ -191,6 +201,8 @@ class IndexCapture:
                     return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
             else:
                 t0 = time.perf_counter()
+                if self._thread is None and self._free.empty():
+                    self._spool_step(self._inflight.popleft())  # waits for its copies
                 buf = self._free.get()  # the writer is behind: wait for a buffer
                 self.stats["launcher_wait_s"] += time.perf_counter() - t0
             if tuple(buf.shape) == shape:
@@ -231,12 +243,18 @@ class IndexCapture:
         # the launching thread a pass over the whole buffer per step
         cur.host.numpy()[~cur.added] = -1
         if self._cuda:
-            # blocking: the spool thread sleeps until the copies are done; a default event
-            # spins a CPU in synchronize(), and on the H200 host that spinning alone cost the
-            # launch-bound decode loop +12% per step (capture/capexp3_b8_l8.json)
+            # blocking: a wait for the copies sleeps instead of spinning a CPU (the loop's time
+            # on the H200 was the same either way: capture/capexp4_b8_l8.json)
             cur.event = torch.cuda.Event(blocking=True)
             cur.event.record()
-        self._todo.put(cur)
+        if self._thread is not None:
+            self._todo.put(cur)
+            return
+        self._inflight.append(cur)
+        while self._inflight and (
+            self._inflight[0].event is None or self._inflight[0].event.query()
+        ):
+            self._spool_step(self._inflight.popleft())
 
     def close(self, complete: bool = True) -> None:
         """Wait for the thread to spool every queued step, encode the spool into the trace and
@@ -244,8 +262,11 @@ class IndexCapture:
         incomplete); re-raises the thread's error."""
         from dsacache.traces.spool import to_trace
 
-        self._todo.put(None)
-        self._thread.join()
+        if self._thread is not None:
+            self._todo.put(None)
+            self._thread.join()
+        while self._inflight:
+            self._spool_step(self._inflight.popleft())
         self._spool.close()
         t0 = time.perf_counter()
         finished = False
@@ -270,19 +291,24 @@ class IndexCapture:
             item = self._todo.get()
             if item is None:
                 return
-            try:
-                t0 = time.perf_counter()
-                if item.event is not None:
-                    item.event.synchronize()  # this thread waits; the launching thread does not
-                t1 = time.perf_counter()
-                if self._error is None:
-                    self._spool.append(item.step, item.positions, item.host.numpy())
-                self.stats["copy_wait_s"] += t1 - t0
-                self.stats["spool_s"] += time.perf_counter() - t1
-            except BaseException as e:  # surfaced by the next begin_step / close
-                self._error = e
-            finally:
-                self._free.put(item.host)
+            self._spool_step(item)
+
+    def _spool_step(self, item: _StepCapture) -> None:
+        """Wait for a step's copies, append it to the spool and free its buffer; an error is
+        kept for the next ``begin_step`` / ``close`` to raise."""
+        try:
+            t0 = time.perf_counter()
+            if item.event is not None:
+                item.event.synchronize()
+            t1 = time.perf_counter()
+            if self._error is None:
+                self._spool.append(item.step, item.positions, item.host.numpy())
+            self.stats["copy_wait_s"] += t1 - t0
+            self.stats["spool_s"] += time.perf_counter() - t1
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._free.put(item.host)
 
 
 # -- the trace-driven workload --------------------------------------------------------------------
@@ -347,6 +373,7 @@ def run_trace(
     capture: str | None = None,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
+    capture_thread: bool = True,
 ) -> RunResult:
     """Run ``steps`` decode steps of ``trace`` (a path or an opened trace) through the kernels.
 
@@ -355,7 +382,8 @@ def run_trace(
     attention gathers the trace's selection (``use_trace_selection``) or the indexer's top-k
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
-    the indices the attention kernels read to a new trace at that path. ``backend``: the
+    the indices the attention kernels read to a new trace at that path (spooled by a thread,
+    or with ``capture_thread=False`` from the loop itself; see ``IndexCapture``). ``backend``: the
     sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     """
     from dsacache.traces import open_trace
@@ -410,8 +438,8 @@ def run_trace(
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
         # parts of 8 whole steps: the writer takes them without splitting or gathering rows
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
-                           indexer=dict(tr.indexer), capture=meta,
+        cap = IndexCapture(capture, dev.type == "cuda", background=capture_thread,
+                           model=dict(model), indexer=dict(tr.indexer), capture=meta,
                            part_rows=8 * rows_per_step)  # fmt: skip
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

@@ -76,16 +76,18 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
     assert out.exit_code != 0 and "no spool" in out.output and "Traceback" not in out.output
 
 
-def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "no-thread"])
+def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path, background):
     """One host buffer reused for every step: rows of a narrower copy and layers a step
-    never wrote must not keep the previous step's indices."""
+    never wrote must not keep the previous step's indices (spooled by the capture's thread
+    or by the caller's)."""
     import torch
 
     from dsacache.kernels.decode_step import IndexCapture
 
     trace = tmp_path / "c.dsatrace"
-    cap = IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL, indexer=INDEXER,
-                       capture={"tool": "test"})  # fmt: skip
+    cap = IndexCapture(str(trace), cuda=False, buffers=1, background=background, model=MODEL,
+                       indexer=INDEXER, capture={"tool": "test"})  # fmt: skip
     positions = np.full((3, 2), 40)
     full = torch.arange(16, dtype=torch.int32).reshape(2, 8)
     cap.begin_step(0, positions, (3, 2, 1, 8))
