@@ -417,6 +417,19 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
     return run
 
 
+def _aligned(count: int, dtype: type, fill: int, align: int = 128) -> np.ndarray:
+    """``np.full(count, fill, dtype)`` starting on an ``align``-byte boundary. numpy aligns
+    to 16 bytes, so a 16-way set's 128 bytes of tags spanned three host cache lines instead
+    of two. Aligned, random streams replay about 5% faster (same-process A/B on Zipf and
+    uniform streams: 1.054 and 1.048, medians of 11 rounds)."""
+    size = count * np.dtype(dtype).itemsize
+    buf = np.empty(size + align, np.uint8)
+    start = -buf.ctypes.data % align
+    out = buf[start : start + size].view(dtype)
+    out[:] = fill
+    return out
+
+
 class Cache:
     """A cache level with its policy and state; feed it access arrays with ``run``."""
 
@@ -439,8 +452,8 @@ class Cache:
         """Empty the cache and its policy state."""
         cfg = self.config
         n = cfg.n_sets * cfg.ways
-        self.tags = np.full(n + MATCH_WIDTH, -1, np.int64)  # padded for the vector compare
-        self.valid = np.zeros(n, np.uint8)
+        self.tags = _aligned(n + MATCH_WIDTH, np.int64, -1)  # padded for the vector compare
+        self.valid = _aligned(n, np.uint8, 0)
         ptype = self.policy.type
         self.line_state = np.zeros(n * ptype.line_words, ptype.line_dtype)
         self.set_state = np.zeros(cfg.n_sets * ptype.set_words, ptype.line_dtype)
