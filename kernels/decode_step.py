@@ -137,6 +137,11 @@ def decode_step(
 
 
 # -- index capture without a sync per layer ------------------------------------------------------
+def _copy_event() -> Any:
+    """The CUDA event a step's copies are waited on with (tests replace it)."""
+    return torch.cuda.Event(blocking=True)
+
+
 @dataclass
 class _StepCapture:
     step: int
@@ -174,15 +179,17 @@ class IndexCapture:
 
         self.writer = TraceWriter(path, **writer_kwargs)
         self._spool = StepSpool(spool_path(path))
-        self._cuda = cuda
+        self._cuda = cuda  # pinned buffers
+        self._events = cuda  # a CUDA event per step marks its copies done
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._buffers = buffers
         self._made = 0
         self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
         self._error: BaseException | None = None
         self._current: _StepCapture | None = None
-        # seconds: the launching thread blocked for a free buffer; the spool thread waiting
-        # for the copies, then writing; close encoding the spool into the trace
+        # seconds: the launching thread blocked for a free buffer; waiting for the copies,
+        # then writing the spool (by the thread, or without one by the launching thread);
+        # close encoding the spool into the trace
         self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "spool_s": 0.0, "encode_s": 0.0}
         self._inflight: collections.deque[_StepCapture] = collections.deque()  # no thread
         self._thread = None
@@ -200,9 +207,9 @@ class IndexCapture:
                     self._made += 1
                     return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
             else:
-                t0 = time.perf_counter()
                 if self._thread is None and self._free.empty():
                     self._spool_step(self._inflight.popleft())  # waits for its copies
+                t0 = time.perf_counter()
                 buf = self._free.get()  # the writer is behind: wait for a buffer
                 self.stats["launcher_wait_s"] += time.perf_counter() - t0
             if tuple(buf.shape) == shape:
@@ -212,6 +219,7 @@ class IndexCapture:
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
         self._raise()
+        assert self._current is None, "end_step first"
         host = self._buffer(shape)
         self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host,
                                      np.zeros(shape[0], bool))  # fmt: skip
@@ -228,6 +236,7 @@ class IndexCapture:
     def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
         cur = self._current
         assert cur is not None, "begin_step first"
+        assert not cur.added[layers].any(), "a layer's indices are copied once per step"
         host = cur.host[layers]
         if tuple(idx.shape) != tuple(host.shape):  # a narrower copy: pad the rest
             host.numpy().fill(-1)  # before the copy is queued (it is asynchronous)
@@ -235,17 +244,18 @@ class IndexCapture:
         cur.added[layers] = True
 
     def end_step(self) -> None:
-        """Hand the step to the writer thread (records a CUDA event; does not wait for it)."""
+        """Finish the step: record a CUDA event (no wait) and hand the step to the spool
+        thread, or without one write the steps whose copies are done."""
         cur, self._current = self._current, None
         assert cur is not None
         # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
         # fill_ wakes its thread pool, ms on a busy host); filling every buffer up front cost
         # the launching thread a pass over the whole buffer per step
         cur.host.numpy()[~cur.added] = -1
-        if self._cuda:
+        if self._events:
             # blocking: a wait for the copies sleeps instead of spinning a CPU (the loop's time
             # on the H200 was the same either way: capture/capexp4_b8_l8.json)
-            cur.event = torch.cuda.Event(blocking=True)
+            cur.event = _copy_event()
             cur.event.record()
         if self._thread is not None:
             self._todo.put(cur)

@@ -147,9 +147,11 @@ def indexer_logits(
     pt = cache.pages
     max_context = pt.capacity if max_context is None else max_context
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
-    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, at most 16
-        pages_per_prog = _pow2(b * max_pages // 512 + 1) // 2
-        pages_per_prog = min(MAX_PAGES_PER_PROG, max(pages_per_step, pages_per_prog))
+    if pages_per_step < 1 or pages_per_step & (pages_per_step - 1):
+        raise ValueError(f"pages_per_step must be a power of two >= 1, got {pages_per_step}")
+    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, at most 16,
+        pages_per_prog = min(MAX_PAGES_PER_PROG, max(1, _pow2(b * max_pages // 512 + 1) // 2))
+        pages_per_prog = -(-pages_per_prog // pages_per_step) * pages_per_step  # in whole steps
     if pages_per_prog % pages_per_step:
         raise ValueError(f"pages_per_prog must be a multiple of pages_per_step={pages_per_step}")
     grid = (-(-max_pages // pages_per_prog), b)

@@ -173,6 +173,24 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     torch.testing.assert_close(got[fin], ref[fin], **tol)
 
 
+@pytest.mark.parametrize("pages_per_step", [1, 4, 32])
+def test_indexer_default_program_size_holds_whole_steps(pages_per_step):
+    """With ``pages_per_prog`` left to the default, any ``pages_per_step`` (even more than
+    the default's 16 pages) gives a program of whole loop steps and the same logits."""
+    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
+    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
+    q = _bf16(3, 8, 128, seed=1)
+    w = torch.rand((3, 8), generator=_gen(2)).to(DEVICE)
+    got = indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_step=pages_per_step)
+    ref = indexer_logits_reference(q, w, cache, _ctx())
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    torch.testing.assert_close(got[fin], ref[fin], **_LOGIT_TOL)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"power of two >= 1, got {bad}"):
+            indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_step=bad)
+
+
 @pytest.mark.parametrize(
     "ctx,k,sink,window",
     [

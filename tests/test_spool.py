@@ -113,3 +113,48 @@ def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path, b
     assert [third.row(i).tolist() for i in range(6)] == [
         list(range(6 * i, 6 * i + 6)) for i in range(6)
     ]
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "no-thread"])
+def test_index_capture_writes_every_step_whatever_order_copies_finish(
+    tmp_path, monkeypatch, background
+):
+    """Copies that finish late (a CUDA event whose ``query`` is often still False), two
+    buffers for 20 steps, and a change of width halfway: every step is spooled once, intact
+    and in order."""
+    import torch
+
+    from dsacache.kernels import decode_step
+
+    class LateEvent:
+        calls = 0
+
+        def record(self) -> None:
+            pass
+
+        def query(self) -> bool:
+            LateEvent.calls += 1
+            return LateEvent.calls % 3 == 0
+
+        def synchronize(self) -> None:
+            pass
+
+    monkeypatch.setattr(decode_step, "_copy_event", LateEvent)
+    trace = tmp_path / "late.dsatrace"
+    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=2, background=background,
+                                   model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
+    cap._events = True  # as on CUDA, without pinned memory
+    sent = {}
+    for step in range(20):
+        width = 4 if step < 10 else 6
+        idx = torch.arange(step, step + 2 * 2 * width, dtype=torch.int32).reshape(2, 2, width)
+        cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, width))
+        cap.add_all(idx)
+        cap.end_step()
+        sent[step] = idx.reshape(4, width).tolist()
+    cap.close()
+    got = open_trace(trace).read_all()
+    assert sorted(set(got.step.tolist())) == list(range(20))
+    for step, rows in sent.items():
+        mine = got.take(np.flatnonzero(got.step == step))
+        assert [mine.row(i).tolist() for i in range(len(mine))] == rows
