@@ -177,6 +177,8 @@ class IndexCapture:
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
+        if buffers < 1:
+            raise ValueError(f"IndexCapture needs at least 1 host buffer, got buffers={buffers}")
         self.writer = TraceWriter(path, **writer_kwargs)
         self._spool = StepSpool(spool_path(path))
         self._cuda = cuda  # pinned buffers

@@ -140,6 +140,8 @@ def test_index_capture_writes_every_step_whatever_order_copies_finish(
             pass
 
     monkeypatch.setattr(decode_step, "_copy_event", LateEvent)
+    with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
+        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
     trace = tmp_path / "late.dsatrace"
     cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=2, background=background,
                                    model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
