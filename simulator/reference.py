@@ -115,22 +115,13 @@ class ReferenceCache:
             present = line_no in cache_set
             if write:
                 c["write_sectors"] += n_wanted
-                if present:
-                    cache_set[line_no] |= wanted
-                    cache_set.move_to_end(line_no)
-                elif self.write_allocate:
-                    self._insert(cache_set, line_no, wanted)
+                if present or self.write_allocate:
+                    self._touch(cache_set, line_no, wanted)
                 continue
             c["accesses"] += 1
             c["sectors"] += n_wanted
-            if present:
-                valid = cache_set[line_no]
-                missing = bin(wanted & ~valid).count("1")
-                cache_set[line_no] = valid | wanted
-                cache_set.move_to_end(line_no)
-            else:
-                missing = n_wanted
-                self._insert(cache_set, line_no, wanted)
+            missing = bin(wanted & ~cache_set.get(line_no, 0)).count("1")
+            self._touch(cache_set, line_no, wanted)
             c["sector_hits"] += n_wanted - missing
             c["sector_misses"] += missing
             c["line_hits"] += int(present and missing == 0)
@@ -150,26 +141,23 @@ class ReferenceCache:
             c["sector_hits"] += n_wanted
             c["line_hits"] += 1
             return
-        home_valid = home.get(line_no, 0)
-        missing = bin(wanted & ~(near_valid | home_valid)).count("1")
-        if line_no in home:
-            home[line_no] = home_valid | wanted
-            home.move_to_end(line_no)
-        else:
-            self._insert(home, line_no, wanted)
-        if line_no in near:
-            near[line_no] = near_valid | wanted
-            near.move_to_end(line_no)
-        else:
-            self._insert(near, line_no, wanted)
+        missing = bin(wanted & ~(near_valid | home.get(line_no, 0))).count("1")
+        self._touch(home, line_no, wanted)
+        self._touch(near, line_no, wanted)
         c["sector_hits"] += n_wanted - missing
         c["sector_misses"] += missing
         c["line_hits"] += int(missing == 0)
 
-    def _insert(self, cache_set: OrderedDict, line_no: int, sectors: int) -> None:
-        if len(cache_set) >= self.ways:
-            cache_set.popitem(last=False)  # least recently used
-        cache_set[line_no] = sectors
+    def _touch(self, cache_set: OrderedDict, line_no: int, sectors: int) -> None:
+        """Make ``line_no`` the most recent line of its set with ``sectors`` valid as well
+        (inserted, evicting the least recent line, if it is not there)."""
+        if line_no in cache_set:
+            cache_set[line_no] |= sectors
+            cache_set.move_to_end(line_no)
+        else:
+            if len(cache_set) >= self.ways:
+                cache_set.popitem(last=False)  # least recently used
+            cache_set[line_no] = sectors
 
 
 def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:

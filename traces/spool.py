@@ -12,9 +12,9 @@ Record: ``int32[6]`` header (magic, step, layers, batch, groups, width), ``int32
 ``[layers, batch]``, ``int32`` indices ``[layers, batch, groups, width]`` (``-1`` pads a row).
 A process that dies loses nothing it wrote (the page cache keeps it); against a machine
 crash the spool is fsynced when a step is appended at least ``sync_seconds`` (1 s) after the
-last fsync, and at close: an fsync every 8 steps
-cost +16% per decode step on the H200 (batch 8 x 8 layers, 6.80 vs 5.86 ms; 5.89 without
-fsync; docs/results/h200-kernels/capture/). After a crash, ``recover(trace_path)``
+last fsync, and at close: an fsync every 8 steps cost +16% per decode step on the H200
+(batch 8 x 8 layers, 6.80 vs 5.86 ms; 5.89 without fsync; docs/results/h200-kernels/
+capture/). After a crash, ``recover(trace_path)``
 (``dsacache recover TRACE``) writes every complete record into the trace and completes it.
 """
 
@@ -52,7 +52,6 @@ class StepSpool:
                 "`dsacache recover TRACE` or remove it"
             ) from None
         self.sync_seconds = sync_seconds
-        self.steps = 0
         self._synced = time.monotonic()
 
     def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
@@ -68,7 +67,6 @@ class StepSpool:
             rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
             while len(rest):
                 rest = rest[os.write(self._fd, rest) :]
-        self.steps += 1
         if time.monotonic() - self._synced >= self.sync_seconds:
             os.fsync(self._fd)
             self._synced = time.monotonic()
