@@ -2,16 +2,18 @@
 
 The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3.2-shaped
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
-indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. It runs
-``--repeats`` times without capture and as often with ``capture=PATH`` in each of
-``IndexCapture``'s two ways of spooling (per step one non-blocking copy of the selections
-every layer reads into a pinned buffer and a CUDA event; then either a thread appends the
-step to a raw spool, or the launching thread does when the copy has finished; the spool is
-encoded into the trace at close), interleaved so that drift hits all alike. Reported: the
-median wall time per decode step of each (the step loop until its last kernel and the
-spool are done; building the random caches is not timed), the ratios, the capture overhead
-in percent, and apart from it the encoding at close per step. A first run of each compiles
-the kernels untimed.
+indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. Each
+repetition runs it once without capture and once with ``capture=PATH`` (per step one
+non-blocking copy of the selections every layer reads into a pinned buffer and a CUDA
+event; a thread waits for it and appends the step to a raw spool, which is encoded into the
+trace at close), in a shuffled order (seeded), so that neither drift nor the run before (a
+capture's encoding leaves work behind) favours one. Reported: the median over repetitions
+of the ratio of the wall time per decode step with capture to the one without in the same
+repetition, with a 95% bootstrap interval of that median (the shared VMs these run on vary
+by tens of percent from run to run; the interval says what the data can resolve), the
+median times, and apart from the ratio the encoding at close. Time per step: the step loop
+until its last kernel and the spool are done; building the random caches is not timed. A
+first run compiles the kernels untimed.
 
     python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768] [--out DIR]
 """
@@ -19,8 +21,11 @@ the kernels untimed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dsacache.kernels.decode_step import run_trace  # noqa: E402
@@ -35,6 +41,13 @@ from dsacache.tracer import SynthConfig, synthesize  # noqa: E402
 from dsacache.traces import open_trace  # noqa: E402
 
 DEEPSEEK = {"name": "deepseek-v3.2-shape", "attention": "MLA", "heads": 128}
+
+
+def median_interval(x: list[float], seed: int = 0, n: int = 10000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``x``."""
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(np.asarray(x), size=(n, len(x))), axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,49 +66,51 @@ def main(argv: list[str] | None = None) -> None:
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
 
-    modes = {"thread": True, "no_thread": False}  # IndexCapture(background=...)
-    stats: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    stats: list[dict[str, float]] = []
 
-    def run(mode: str | None, capture: Path | None = None) -> float:
+    def run(capture: Path | None) -> float:
         """Seconds per decode step: the step loop to its final sync and the spool's last
         write (``RunResult.seconds`` less the encoding at close, reported apart; building
         the caches is not in it)."""
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
-                        capture=str(capture) if mode else None,
-                        capture_thread=modes.get(mode, True))  # fmt: skip
-        if mode:
-            stats[mode].append({k: v / res.steps for k, v in res.capture_stats.items()})
+                        capture=str(capture) if capture else None)  # fmt: skip
+        if capture:
+            stats.append({k: v / res.steps for k, v in res.capture_stats.items()})
         return (res.seconds - res.capture_stats.get("encode_s", 0.0)) / res.steps
 
-    for mode in modes:  # compiles every kernel, fills the allocator
-        run(mode, work / f"warm-{mode}.dsatrace")
-        stats[mode].clear()
-    times: dict[str, list[float]] = {"off": [], **{m: [] for m in modes}}
+    run(work / "warm.dsatrace")  # compiles every kernel, fills the allocator
+    stats.clear()
+    times: dict[str, list[float]] = {"off": [], "capture": []}
+    order = random.Random(0)
     for i in range(args.repeats):
-        times["off"].append(run(None))
-        for mode in modes:
-            times[mode].append(run(mode, work / f"cap-{mode}-{i}.dsatrace"))
-    off = statistics.median(times["off"])
-    result: dict = {"step_ms_without_capture": 1e3 * off,
-                    "runs_without": [round(1e3 * x, 3) for x in times["off"]]}  # fmt: skip
+        for case in order.sample(list(times), len(times)):
+            gc.collect()
+            path = work / f"cap-{i}.dsatrace" if case == "capture" else None
+            times[case].append(run(path))
+            if i and path is not None:  # the first repetition's trace is validated below
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    off, on = statistics.median(times["off"]), statistics.median(times["capture"])
+    captured = open_trace(work / "cap-0.dsatrace")
+    captured.validate()
+    ratios = [c / o for c, o in zip(times["capture"], times["off"], strict=True)]
+    ratio = statistics.median(ratios)
+    low, high = median_interval(ratios)
+    per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats)
+                for key in stats[0]}  # fmt: skip
+    result: dict = {"step_ms_without_capture": 1e3 * off, "step_ms_with_capture": 1e3 * on,
+                    "ratio": ratio, "ratio_95": [low, high], "overhead_pct": 100 * (ratio - 1),
+                    "runs_without": [round(1e3 * x, 3) for x in times["off"]],
+                    "runs_with": [round(1e3 * x, 3) for x in times["capture"]], **per_step,
+                    "captured_rows": int(captured.manifest["totals"]["rows"])}  # fmt: skip
     print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}), "
-          f"medians of {args.repeats} interleaved runs: {1e3 * off:.3f} ms without capture")  # fmt: skip
-    for mode in modes:
-        captured = open_trace(work / f"cap-{mode}-0.dsatrace")
-        captured.validate()
-        on = statistics.median(times[mode])
-        per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats[mode])
-                    for key in stats[mode][0]}  # fmt: skip
-        result[mode] = {"step_ms_with_capture": 1e3 * on, "ratio": on / off,
-                        "overhead_pct": 100 * (on / off - 1),
-                        "runs_with": [round(1e3 * x, 3) for x in times[mode]], **per_step,
-                        "captured_rows": int(captured.manifest["totals"]["rows"])}  # fmt: skip
-        print(f"  capture ({mode.replace('_', ' ')}): {1e3 * on:.3f} ms, ratio {on / off:.3f} "
-              f"({100 * (on / off - 1):+.1f}%); per step the launching thread waited "
-              f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer, "
-              f"{per_step['copy_wait_ms_per_step']:.3f} ms went to waiting for copies and "
-              f"{per_step['spool_ms_per_step']:.3f} ms to writing the spool; encoding it at close "
-              f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip
+          f"{args.repeats} repetitions in shuffled order: median {1e3 * off:.3f} ms without "
+          f"capture, {1e3 * on:.3f} ms with\n  capture: ratio {ratio:.3f} "
+          f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
+          f"{100 * (high - 1):+.1f}%); per step the launching thread waited "
+          f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer, the capture's "
+          f"thread {per_step['copy_wait_ms_per_step']:.3f} ms for copies and "
+          f"{per_step['spool_ms_per_step']:.3f} ms writing the spool; encoding it at close "
+          f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip
     result.update(config=vars(args) | {"k": 2048, "layout": "mla-fp8", "heads": 128},
                   gpu=torch.cuda.get_device_name(), command=" ".join([sys.executable, *sys.argv]))  # fmt: skip
     if args.out:

@@ -154,15 +154,17 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
         else 32768
     )
     a, b = dsa_selections(k, context, 0.45)
+    first = df[df["role"] == "first"]
+    row_bytes = int(first["bytes"].iloc[0]) // len(a) if len(first) else 656
     rows = []
     for x in sorted(df["other_bytes"].unique()):
         sim = _Sim(model)
         sim.stream(0, _FLUSH, write=True)
-        sim.rows(1, a, 656)
+        sim.rows(1, a, row_bytes)
         if x:
             sim.stream(2, int(x), write=True)  # torch.rand writes the buffer, then it is read
             sim.stream(2, int(x))
-        rows.append({"other_bytes": x, "simulated": sim.rows(1, b, 656)})
+        rows.append({"other_bytes": x, "simulated": sim.rows(1, b, row_bytes)})
     return pd.DataFrame(rows)
 
 

@@ -455,6 +455,9 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--sizes", default=None, help="reuse: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
 @click.option("--between", default=None, help="gather: bytes streamed between the two gathers.")
 @click.option("--k", "k", type=int, default=None, help="gather: tokens selected.")
+@click.option(
+    "--row-bytes", type=click.IntRange(4), default=None, help="gather: bytes per token row (656)."
+)
 @click.option("--context", type=int, default=None, help="gather, decode: tokens in the context.")
 @click.option("--layers", type=int, default=None, help="decode: layers.")
 @click.option("--steps", type=int, default=None, help="decode: decode steps.")
@@ -489,7 +492,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
-    experiment, out, sizes, between, k, context, layers, steps, keep, index_evict, kv_evict,
+    experiment, out, sizes, between, k, row_bytes, context, layers, steps, keep, index_evict, kv_evict,
     kv_first_from, persist_layers, hit_ratio, set_aside, raw,
 ) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
@@ -502,10 +505,13 @@ def probe(
     """
     from dsacache.kernels.ncu import profile as run_profile
 
+    if row_bytes is not None and row_bytes % 4:
+        raise click.BadParameter(f"{row_bytes} is not a multiple of 4", param_hint="--row-bytes")
     with tempfile.TemporaryDirectory() as tmp:
         plan = str(Path(tmp) / "plan.json")
         cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
-        options = {"--sizes": sizes, "--between": between, "--k": k, "--context": context,
+        options = {"--sizes": sizes, "--between": between, "--k": k, "--row-bytes": row_bytes,
+                   "--context": context,
                    "--layers": layers, "--steps": steps, "--keep": keep,
                    "--index-evict": index_evict, "--kv-evict": kv_evict,
                    "--kv-first-from": kv_first_from, "--persist-layers": persist_layers,

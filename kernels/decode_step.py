@@ -19,7 +19,6 @@ Command line (the workload to profile)::
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import queue
 import threading
@@ -157,23 +156,20 @@ class IndexCapture:
     ``close`` encode the spool into the trace.
 
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
-    step for every layer, ``add_all``); per step: ``end_step()`` records a CUDA event. With
-    ``background=True`` a thread waits for that event and writes the buffer with one system
-    call (the GIL is released while it waits and writes). With ``background=False`` there is
-    no thread: ``end_step`` writes the steps whose copies have finished (``Event.query``, no
-    wait) from the launching thread, which waits only when all ``buffers`` are in flight.
-    Which costs the launch-bound decode loop less is measured by ``benchmarks/
-    bench_capture.py``: with the thread, a capture that writes nothing cost as much as one
-    that writes (+12% per step at batch 8 x 8 layers on the H200), so the thread's wake-ups
-    on the loop's GIL and CPUs are suspected. Encoding rows during the decode cost +68% per
-    step on the H200; it runs after the decode, in ``close``. ``path`` and ``writer_kwargs``
-    are ``TraceWriter``'s. If the process dies before ``close``, the spool is left beside the
-    trace: ``dsacache recover PATH`` finishes it.
+    step for every layer, ``add_all``); per step: ``end_step()`` records a CUDA event and
+    hands the step to a thread, which waits for the event and writes the buffer with one
+    system call (the GIL is released while it waits and writes); the launching thread waits
+    only when all ``buffers`` are in flight. Measured with ``benchmarks/bench_capture.py`` on
+    the H200 (docs/results/h200-kernels/capture/): spooling from the launching thread
+    instead, when a step's event had fired, cost more (+13.6% vs +9.7% per step at batch 8 x
+    8 layers; +9.0% vs +1.4% at batch 64 x 16 layers, where the writes take 2 ms per step).
+    Encoding rows during the decode cost +68% per step; it runs after the decode, in
+    ``close``. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s. If the process dies
+    before ``close``, the spool is left beside the trace: ``dsacache recover PATH`` finishes
+    it.
     """
 
-    def __init__(
-        self, path: str, cuda: bool, buffers: int = 3, background: bool = True, **writer_kwargs: Any
-    ) -> None:
+    def __init__(self, path: str, cuda: bool, buffers: int = 3, **writer_kwargs: Any) -> None:
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
@@ -189,16 +185,11 @@ class IndexCapture:
         self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
         self._error: BaseException | None = None
         self._current: _StepCapture | None = None
-        # seconds: the launching thread blocked for a free buffer; waiting for the copies,
-        # then writing the spool (by the thread, or without one by the launching thread);
-        # close encoding the spool into the trace
+        # seconds: the launching thread blocked for a free buffer; the thread waiting for the
+        # copies, then writing the spool; close encoding the spool into the trace
         self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "spool_s": 0.0, "encode_s": 0.0}
-        self._inflight: collections.deque[_StepCapture] = collections.deque()  # no thread
-        self._thread = None
-        if background:
-            self._thread = threading.Thread(target=self._work, name="dsa-index-capture",
-                                            daemon=True)  # fmt: skip
-            self._thread.start()
+        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
+        self._thread.start()
 
     def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
         while True:
@@ -209,8 +200,6 @@ class IndexCapture:
                     self._made += 1
                     return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
             else:
-                if self._thread is None and self._free.empty():
-                    self._spool_step(self._inflight.popleft())  # waits for its copies
                 t0 = time.perf_counter()
                 buf = self._free.get()  # the writer is behind: wait for a buffer
                 self.stats["launcher_wait_s"] += time.perf_counter() - t0
@@ -246,8 +235,7 @@ class IndexCapture:
         cur.added[layers] = True
 
     def end_step(self) -> None:
-        """Finish the step: record a CUDA event (no wait) and hand the step to the spool
-        thread, or without one write the steps whose copies are done."""
+        """Finish the step: record a CUDA event (no wait) and hand the step to the thread."""
         cur, self._current = self._current, None
         assert cur is not None
         # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
@@ -259,14 +247,7 @@ class IndexCapture:
             # on the H200 was the same either way: capture/capexp4_b8_l8.json)
             cur.event = _copy_event()
             cur.event.record()
-        if self._thread is not None:
-            self._todo.put(cur)
-            return
-        self._inflight.append(cur)
-        while self._inflight and (
-            self._inflight[0].event is None or self._inflight[0].event.query()
-        ):
-            self._spool_step(self._inflight.popleft())
+        self._todo.put(cur)
 
     def close(self, complete: bool = True) -> None:
         """Wait for the thread to spool every queued step, encode the spool into the trace and
@@ -274,11 +255,8 @@ class IndexCapture:
         incomplete); re-raises the thread's error."""
         from dsacache.traces.spool import to_trace
 
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-        while self._inflight:
-            self._spool_step(self._inflight.popleft())
+        self._todo.put(None)
+        self._thread.join()
         self._spool.close()
         t0 = time.perf_counter()
         finished = False
@@ -385,7 +363,6 @@ def run_trace(
     capture: str | None = None,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
-    capture_thread: bool = True,
 ) -> RunResult:
     """Run ``steps`` decode steps of ``trace`` (a path or an opened trace) through the kernels.
 
@@ -394,9 +371,8 @@ def run_trace(
     attention gathers the trace's selection (``use_trace_selection``) or the indexer's top-k
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
-    the indices the attention kernels read to a new trace at that path (spooled by a thread,
-    or with ``capture_thread=False`` from the loop itself; see ``IndexCapture``). ``backend``: the
-    sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
+    the indices the attention kernels read to a new trace at that path (see
+    ``IndexCapture``). ``backend``: the sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     """
     from dsacache.traces import open_trace
 
@@ -450,8 +426,7 @@ def run_trace(
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
         # parts of 8 whole steps: the writer takes them without splitting or gathering rows
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        cap = IndexCapture(capture, dev.type == "cuda", background=capture_thread,
-                           model=dict(model), indexer=dict(tr.indexer), capture=meta,
+        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model), indexer=dict(tr.indexer), capture=meta,
                            part_rows=8 * rows_per_step)  # fmt: skip
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

@@ -107,6 +107,8 @@ def run_gather(
     """Gather step t's rows, stream ``x`` bytes of other data, gather step t+1's rows."""
     import torch
 
+    if row_bytes <= 0 or row_bytes % 4:
+        raise ValueError(f"row_bytes={row_bytes}: must be a positive multiple of 4")
     row_words = row_bytes // 4
     pool = torch.randint(0, 1 << 20, ((context + 2) * row_words,), dtype=torch.int32, device=device)
     flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--keep", type=float, default=0.45)
     p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
+    p.add_argument("--row-bytes", type=int, default=656, help="gather: bytes per token row")
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-first-from", type=int, default=-1)
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         launches = run_reuse([parse_size(s) for s in args.sizes.split(",")])
     elif args.experiment == "gather":
         between = [parse_size(s) for s in args.between.split(",")]
-        launches = run_gather(args.k, args.context, args.keep, between)
+        launches = run_gather(args.k, args.context, args.keep, between, args.row_bytes)
     else:
         launches = run_decode(
             args.layers, args.context, args.steps, args.k, args.keep,

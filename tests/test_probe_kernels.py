@@ -29,6 +29,24 @@ def test_gather_sums_selected_rows():
     np.testing.assert_array_equal(out.numpy(), pool.view(rows, words)[idx.long()].sum(1).numpy())
 
 
+@pytest.mark.parametrize("row_bytes", [640, 672])
+def test_gather_probe_plans_rows_of_any_width(row_bytes):
+    launches = probes.run_gather(32, 500, 0.5, [0, 4096], row_bytes=row_bytes, device="cpu")
+    assert [x.role for x in launches] == ["first", "second", "first", "between", "second"]
+    assert launches[0].bytes == 32 * row_bytes
+    with pytest.raises(ValueError, match="row_bytes=658: must be a positive multiple of 4"):
+        probes.run_gather(32, 500, 0.5, [0], row_bytes=658, device="cpu")
+
+
+def test_probe_cli_refuses_a_row_width_it_cannot_read():
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    out = CliRunner().invoke(main, ["probe", "gather", "--row-bytes", "658", "--out", "x.parquet"])
+    assert out.exit_code == 2 and "658 is not a multiple of 4" in out.output
+
+
 def test_decode_probe_plans_what_it_launches():
     launches = probes.run_decode(2, 200, 3, 16, 0.5, device="cpu")
     assert [(x.role, x.layer, x.step) for x in launches[:4]] == [

@@ -1,5 +1,8 @@
 """The capture's raw step spool (``traces.spool``): round trip, a crash cut, recovery."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -42,6 +45,47 @@ def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path):
         list(read_spool(path))
 
 
+def test_fsync_runs_off_the_appending_thread_and_its_failure_is_raised(tmp_path, monkeypatch):
+    from dsacache.traces import spool as spool_mod
+
+    calls = []
+    fail = threading.Event()
+
+    def fake_fsync(fd):
+        calls.append(threading.current_thread())
+        if fail.is_set():
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool_mod.os, "fsync", fake_fsync)
+    rng = np.random.default_rng(2)
+    spool = StepSpool(tmp_path / "a.spool", sync_seconds=0.01)
+    spool.append(0, *_step(rng, 1, 2, 1, 4))
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert calls and threading.current_thread() not in calls  # the loop never waits on disk
+    time.sleep(0.05)
+    synced = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == synced  # nothing new written: no fsync
+    fail.set()
+    spool.append(1, *_step(rng, 1, 2, 1, 4))
+    while spool._syncer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(TraceError, match="fsync failed: .*Input/output error"):
+        spool.append(2, *_step(rng, 1, 2, 1, 4))
+    with pytest.raises(TraceError, match="fsync failed"):
+        spool.close()
+    calls.clear()
+    fail.clear()
+    inline = StepSpool(tmp_path / "b.spool", sync_seconds=0)  # every append is durable
+    inline.append(0, *_step(rng, 1, 2, 1, 4))
+    assert calls == [threading.current_thread()]
+    inline.close()
+    with pytest.raises(ValueError, match="sync_seconds=-1"):
+        StepSpool(tmp_path / "c.spool", sync_seconds=-1)
+
+
 def test_recover_finishes_an_interrupted_capture(tmp_path):
     rng = np.random.default_rng(1)
     trace = tmp_path / "t.dsatrace"
@@ -76,17 +120,15 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
     assert out.exit_code != 0 and "no spool" in out.output and "Traceback" not in out.output
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["thread", "no-thread"])
-def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path, background):
+def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
     """One host buffer reused for every step: rows of a narrower copy and layers a step
-    never wrote must not keep the previous step's indices (spooled by the capture's thread
-    or by the caller's)."""
+    never wrote must not keep the previous step's indices."""
     import torch
 
     from dsacache.kernels.decode_step import IndexCapture
 
     trace = tmp_path / "c.dsatrace"
-    cap = IndexCapture(str(trace), cuda=False, buffers=1, background=background, model=MODEL,
+    cap = IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
                        indexer=INDEXER, capture={"tool": "test"})  # fmt: skip
     positions = np.full((3, 2), 40)
     full = torch.arange(16, dtype=torch.int32).reshape(2, 8)
@@ -115,36 +157,28 @@ def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path, b
     ]
 
 
-@pytest.mark.parametrize("background", [True, False], ids=["thread", "no-thread"])
-def test_index_capture_writes_every_step_whatever_order_copies_finish(
-    tmp_path, monkeypatch, background
-):
-    """Copies that finish late (a CUDA event whose ``query`` is often still False), two
-    buffers for 20 steps, and a change of width halfway: every step is spooled once, intact
-    and in order."""
+def test_index_capture_writes_every_step_when_copies_finish_late(tmp_path, monkeypatch):
+    """Copies that finish late (a CUDA event whose wait takes a while), two buffers for 20
+    steps, and a change of width halfway: every step is spooled once, intact and in order."""
     import torch
 
     from dsacache.kernels import decode_step
 
     class LateEvent:
-        calls = 0
+        waits = 0
 
         def record(self) -> None:
             pass
 
-        def query(self) -> bool:
-            LateEvent.calls += 1
-            return LateEvent.calls % 3 == 0
-
         def synchronize(self) -> None:
-            pass
+            LateEvent.waits += 1
+            time.sleep(0.002 * (LateEvent.waits % 3))
 
     monkeypatch.setattr(decode_step, "_copy_event", LateEvent)
     with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
         decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
     trace = tmp_path / "late.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=2, background=background,
-                                   model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
+    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=2, model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
     cap._events = True  # as on CUDA, without pinned memory
     sent = {}
     for step in range(20):
@@ -155,6 +189,7 @@ def test_index_capture_writes_every_step_whatever_order_copies_finish(
         cap.end_step()
         sent[step] = idx.reshape(4, width).tolist()
     cap.close()
+    assert LateEvent.waits == 20
     got = open_trace(trace).read_all()
     assert sorted(set(got.step.tolist())) == list(range(20))
     for step, rows in sent.items():

@@ -10,18 +10,22 @@ afterwards.
 
 Record: ``int32[6]`` header (magic, step, layers, batch, groups, width), ``int32`` positions
 ``[layers, batch]``, ``int32`` indices ``[layers, batch, groups, width]`` (``-1`` pads a row).
-A process that dies loses nothing it wrote (the page cache keeps it); against a machine
-crash the spool is fsynced when a step is appended at least ``sync_seconds`` (1 s) after the
-last fsync, and at close: an fsync every 8 steps cost +16% per decode step on the H200
-(batch 8 x 8 layers, 6.80 vs 5.86 ms; 5.89 without fsync; docs/results/h200-kernels/
-capture/). After a crash, ``recover(trace_path)``
-(``dsacache recover TRACE``) writes every complete record into the trace and completes it.
+A process that dies loses nothing it wrote (the page cache keeps it). Against a machine
+crash a background thread fsyncs the spool every ``sync_seconds`` (1 s) while steps arrive,
+so a crash loses at most the last second or so of steps. The decode loop never waits for
+the disk: an fsync in ``append`` every 8 steps cost +16% per decode step on the H200 (batch
+8 x 8 layers, 6.80 vs 5.86 ms; 5.89 without fsync), and one at close, of every step not yet
+synced, cost +21% over a 64-step capture (docs/results/h200-kernels/capture/). Close does
+not fsync: the spool is encoded into the trace right away, and the trace's writer makes
+the trace durable. ``sync_seconds=0`` fsyncs in every ``append`` instead (no thread). After
+a crash, ``recover(trace_path)`` (``dsacache recover TRACE``) writes every complete record
+into the trace and completes it.
 """
 
 from __future__ import annotations
 
 import os
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,9 +44,12 @@ def spool_path(trace_path: str | os.PathLike) -> Path:
 
 
 class StepSpool:
-    """Append decode steps to a spool file (created; an existing one is refused)."""
+    """Append decode steps to a spool file (created; an existing one is refused), fsynced by a
+    background thread every ``sync_seconds`` (``0``: by every ``append``)."""
 
     def __init__(self, path: str | os.PathLike, sync_seconds: float = 1.0) -> None:
+        if sync_seconds < 0:
+            raise ValueError(f"sync_seconds={sync_seconds}: must be >= 0")
         self.path = Path(path)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -52,10 +59,29 @@ class StepSpool:
                 "`dsacache recover TRACE` or remove it"
             ) from None
         self.sync_seconds = sync_seconds
-        self._synced = time.monotonic()
+        self._dirty = False  # written since the last fsync
+        self._error: OSError | None = None  # the fsync thread's, raised by append / close
+        self._stop = threading.Event()
+        self._syncer = None
+        if sync_seconds > 0:
+            self._syncer = threading.Thread(target=self._sync_loop, name="dsa-spool-fsync",
+                                            daemon=True)  # fmt: skip
+            self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.sync_seconds):
+            if self._dirty:
+                self._dirty = False
+                try:
+                    os.fsync(self._fd)  # releases the GIL; appends go on meanwhile
+                except OSError as e:
+                    self._error = e
+                    return
 
     def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
         """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
+        if self._error is not None:
+            raise TraceError(f"{self.path}: fsync failed: {self._error}") from self._error
         layers, batch, groups, width = dense.shape
         header = np.array([MAGIC, step, layers, batch, groups, width], np.int32)
         pos = np.ascontiguousarray(positions, dtype=np.int32)
@@ -67,16 +93,22 @@ class StepSpool:
             rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
             while len(rest):
                 rest = rest[os.write(self._fd, rest) :]
-        if time.monotonic() - self._synced >= self.sync_seconds:
+        if self._syncer is None:
             os.fsync(self._fd)
-            self._synced = time.monotonic()
+        else:
+            self._dirty = True
 
     def close(self) -> None:
-        """Flush the spool to disk and close it."""
-        if self._fd >= 0:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        """Stop the fsync thread and close the spool (no final fsync: see the module doc)."""
+        if self._fd < 0:
+            return
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        os.close(self._fd)
+        self._fd = -1
+        if self._error is not None:
+            raise TraceError(f"{self.path}: fsync failed: {self._error}") from self._error
 
 
 def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
