@@ -112,7 +112,9 @@ def numba_setup():
 
 def numba_run(cache, addr, nbytes, is_write, bucket) -> int:
     """Line misses of reads (sector-complete line hits count as hits)."""
-    counters = np.zeros((1, 7), np.int64)
+    from dsacache.simulator.reference import COUNTERS
+
+    counters = np.zeros((1, len(COUNTERS)), np.int64)
     cache.run(addr, nbytes, is_write, bucket, counters)
     return int(counters[0, 0] - counters[0, 1])
 
@@ -167,7 +169,9 @@ def token_setup():
 
 
 def token_run(model, addr, nbytes, is_write, klass, layer, bucket) -> int:
-    counters = np.zeros((1, 7), np.int64)
+    from dsacache.simulator.reference import COUNTERS
+
+    counters = np.zeros((1, len(COUNTERS)), np.int64)
     model.run_chunk(addr, nbytes, is_write, klass, layer, bucket, counters)
     return int(counters[0, 0] - counters[0, 1])
 

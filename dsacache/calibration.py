@@ -3,7 +3,8 @@
 The measured data (``simulator/data/<gpu>/l2-*.parquet``, from ``dsacache probe`` on the GPU)
 hold one row per measured kernel with Nsight Compute's counters. The measured hit rate is the
 share of read sectors from the SMs whose lookup hit (``..._lookup_hit.sum / ....sum``), the
-same quantity as the simulator's ``sector_hits / sectors``.
+same quantity as the simulator's ``sector_hits / sectors``; the measured DRAM bytes
+(``dram__bytes_read.sum``) are compared with the simulator's ``fetched_sectors`` x 32 B.
 
 - ``reuse`` (read S bytes twice) is used to *fit* the model: which capacity and policy
   reproduce the curve of second-read hit rate over S;
@@ -26,6 +27,7 @@ from dsacache.simulator.reference import COUNTERS
 DATA_DIR = Path(__file__).parent / "data"
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
 READ_HIT = "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum"
+DRAM = "dram__bytes_read.sum"
 _FLUSH = 256 * 2**20
 _BASE_STRIDE = 1 << 34  # buffers live far apart in the simulated address space
 
@@ -56,12 +58,14 @@ class _Sim:
         self.model = make_model(m.config(), m.policy)
 
     def access(self, addr: np.ndarray, nbytes: np.ndarray, write: bool = False) -> float:
+        """Hit rate of these accesses; the bytes they read from memory go to ``dram_bytes``."""
         counters = np.zeros((1, len(COUNTERS)), np.int64)
         n = len(addr)
         self.model.run_chunk(
             np.asarray(addr, np.int64), np.asarray(nbytes, np.int64), np.full(n, write),
             np.full(n, 1, np.int8), np.zeros(n, np.int16), np.zeros(n, np.int64), counters,
         )  # fmt: skip
+        self.dram_bytes = int(counters[0, COUNTERS.index("fetched_sectors")]) * 32
         sectors, hits = counters[0, 2], counters[0, 3]
         return hits / sectors if sectors else float("nan")
 
@@ -70,9 +74,16 @@ class _Sim:
         sizes = np.minimum(block, nbytes - starts)
         return self.access(buffer * _BASE_STRIDE + starts, sizes, write)
 
-    def rows(self, buffer: int, tokens: np.ndarray, row_bytes: int) -> float:
+    def gather(
+        self, buffer: int, index_buffer: int, tokens: np.ndarray, row_bytes: int
+    ) -> tuple[float, int]:
+        """A probe gather: read the int32 indices, then the rows they select. Returns the
+        rows' hit rate and the DRAM bytes of both (ncu counts both)."""
+        self.stream(index_buffer, 4 * len(tokens))
+        index_dram = self.dram_bytes
         addr = buffer * _BASE_STRIDE + np.asarray(tokens, np.int64) * row_bytes
-        return self.access(addr, np.full(len(addr), row_bytes))
+        hit = self.access(addr, np.full(len(addr), row_bytes))
+        return hit, index_dram + self.dram_bytes
 
 
 @dataclass(frozen=True)
@@ -86,17 +97,19 @@ class Model:
     set_hash: str = "mod"
     partitions: int = 1
     replicate: bool = False
+    fill: int = 0  # bytes read from memory per miss unit (CacheConfig.fill); 0: one sector
 
     @property
     def label(self) -> str:
         label = f"{self.policy} {self.capacity / 2**20:.4g}MiB {self.ways}-way {self.set_hash}"
+        label += f" {self.fill}B fill" if self.fill else ""
         return label + (f" {self.partitions} halves replicating" if self.replicate else "")
 
     def config(self) -> CacheConfig:
         """The cache geometry of this model."""
         return CacheConfig.of(
             self.capacity, ways=self.ways, set_hash=self.set_hash,
-            partitions=self.partitions, replicate=self.replicate,
+            partitions=self.partitions, replicate=self.replicate, fill=self.fill,
         )  # fmt: skip
 
     def with_policy(self, policy: str) -> Model:
@@ -105,14 +118,17 @@ class Model:
 
 
 # The H100 model fit to the reuse probe (fit_reuse): 28 MiB of effective capacity for reuse,
-# LRU, 16 ways, hashed set index; mean error 3.1 points over the 13 measured sizes.
-H100_FIT = Model("lru", 28 * 2**20, 16, "hash")
+# LRU, 16 ways, hashed set index; mean error 3.1 points over the 13 measured sizes. On both
+# GPUs DRAM is read in 64-B units: the DRAM bytes of cold gathers of 656-B rows are 4.2% above
+# their missed sectors x 32 B, and the 64-B count matches them to 0.2% (data/h100/l2-gather,
+# data/h200/l2-gather-rows-*; 640-B rows, whole 64-B units, show no excess).
+H100_FIT = Model("lru", 28 * 2**20, 16, "hash", fill=64)
 NAIVE = Model("lru", 50 * 2**20, 16, "mod")
 # H200 (L2 reports 60 MiB): fit to its measured reuse curve (data/h200, 2026-12-01) with the
 # pseudo-random "mix" set index: 1.85 points over the reuse sizes (the "hash" index's best,
 # 31 MiB 8-way, 4.1), held-out mean 1.69 / max 8.3 points (was 3.53 / 25.5); see
 # docs/l2_model_search.md.
-H200_FIT = Model("lru", 33 * 2**20, 24, "mix")
+H200_FIT = Model("lru", 33 * 2**20, 24, "mix", fill=64)
 NAIVE_H200 = Model("lru", 60 * 2**20, 16, "mod")
 FITS = {"h100": H100_FIT, "h200": H200_FIT}
 NAIVES = {"h100": NAIVE, "h200": NAIVE_H200}
@@ -144,7 +160,9 @@ def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
 
 
 def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
-    """Second-gather hit rate for each bytes-between setting of a ``gather`` measurement."""
+    """Hit rate and DRAM bytes of the first (cold) and second gather for each bytes-between
+    setting of a ``gather`` measurement (columns ``other_bytes``, ``role``, ``simulated``,
+    ``simulated_dram_bytes``)."""
     from dsacache.kernels.probes import dsa_selections
 
     k = int(df["k"].iloc[0])
@@ -160,11 +178,15 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     for x in sorted(df["other_bytes"].unique()):
         sim = _Sim(model)
         sim.stream(0, _FLUSH, write=True)
-        sim.rows(1, a, row_bytes)
+        hit, dram = sim.gather(1, 2, a, row_bytes)
+        rows.append({"other_bytes": x, "role": "first", "simulated": hit,
+                     "simulated_dram_bytes": dram})  # fmt: skip
         if x:
-            sim.stream(2, int(x), write=True)  # torch.rand writes the buffer, then it is read
-            sim.stream(2, int(x))
-        rows.append({"other_bytes": x, "simulated": sim.rows(1, b, row_bytes)})
+            sim.stream(3, int(x), write=True)  # torch.rand writes the buffer, then it is read
+            sim.stream(3, int(x))
+        hit, dram = sim.gather(1, 4, b, row_bytes)
+        rows.append({"other_bytes": x, "role": "second", "simulated": hit,
+                     "simulated_dram_bytes": dram})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -232,7 +254,8 @@ def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> 
             )  # fmt: skip
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
-                rows.append({"step": int(chunk.step[0]), "role": role, "simulated": c[3] / c[2]})
+                rows.append({"step": int(chunk.step[0]), "role": role, "simulated": c[3] / c[2],
+                             "simulated_dram_bytes": c[7] * 32 / layers})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -276,10 +299,18 @@ DECODE_EXPERIMENTS: dict[str, tuple[str | None, int]] = {
 }
 
 
+# Gather probes: DeepSeek's 656-B rows, and on the H200 also 640-B (whole lines) and 672-B
+# (whole sectors) rows (dsacache probe gather --row-bytes N).
+GATHER_EXPERIMENTS = ("gather", "gather-rows-640", "gather-rows-656", "gather-rows-672")
+
+
 def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
-    """Measured vs simulated hit rates on the DSA-shaped measurements (not used for fitting)
-    bundled for ``gpu``, one row per (experiment, point, model). ``models`` defaults to the
-    naive model (the reported L2 size, modulo sets) and the GPU's fitted one."""
+    """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements (not
+    used for fitting) bundled for ``gpu``, one row per (experiment, point, model): columns
+    ``measured``, ``simulated``, ``error_points`` (hit rates) and ``measured_dram_bytes``,
+    ``simulated_dram_bytes``, ``dram_error_pct`` (NaN where not compared). ``models``
+    defaults to the naive model (the reported L2 size, modulo sets) and the GPU's fitted
+    one."""
     measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
     if gpu not in measured_gpus:
         from dsacache.errors import DsacacheError
@@ -294,7 +325,9 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
         if not has_measurement(gpu, name):
             continue
         m = measured(gpu, name)
-        meas = m.groupby(["step", "role"])["hit"].mean().rename("measured").reset_index()
+        meas = m.groupby(["step", "role"]).agg(measured=("hit", "mean"),
+                                               measured_dram_bytes=(DRAM, "mean"))  # fmt: skip
+        meas = meas.reset_index()
         for base in models:
             policy = base.policy
             if hint is not None:
@@ -307,23 +340,31 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
             j = meas.merge(sim, on=["step", "role"])
             rows += [
                 {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
-                 "policy": model.policy, "measured": r.measured, "simulated": r.simulated}
+                 "policy": model.policy, "measured": r.measured, "simulated": r.simulated,
+                 "measured_dram_bytes": r.measured_dram_bytes,
+                 "simulated_dram_bytes": r.simulated_dram_bytes}
                 for r in j.itertuples()
             ]  # fmt: skip
     rows += compare_kernel_decode(gpu, models)
-    m = measured(gpu, "gather") if has_measurement(gpu, "gather") else None
-    for model in models if m is not None else ():
-        second = m[m["role"] == "second"][["other_bytes", "hit"]]
-        second = second.rename(columns={"hit": "measured"})
-        j = second.merge(simulate_gather(m, model), on="other_bytes")
-        rows += [
-            {"experiment": "gather", "point": f"{r.other_bytes / 2**20:g} MiB between",
-             "model": model.label, "policy": model.policy, "measured": r.measured,
-             "simulated": r.simulated}
-            for r in j.itertuples()
-        ]  # fmt: skip
+    for name in GATHER_EXPERIMENTS:
+        if not has_measurement(gpu, name):
+            continue
+        m = measured(gpu, name)
+        meas = m[m["role"].isin(["first", "second"])][["other_bytes", "role", "hit", DRAM]]
+        meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
+        for model in models:
+            j = meas.merge(simulate_gather(m, model), on=["other_bytes", "role"])
+            rows += [
+                {"experiment": name,
+                 "point": f"{r.role} gather, {r.other_bytes / 2**20:g} MiB between",
+                 "model": model.label, "policy": model.policy, "measured": r.measured,
+                 "simulated": r.simulated, "measured_dram_bytes": r.measured_dram_bytes,
+                 "simulated_dram_bytes": r.simulated_dram_bytes}
+                for r in j.itertuples()
+            ]  # fmt: skip
     out = pd.DataFrame(rows)
     out["error_points"] = (out["simulated"] - out["measured"]) * 100
+    out["dram_error_pct"] = (out["simulated_dram_bytes"] / out["measured_dram_bytes"] - 1) * 100
     return out
 
 
@@ -379,21 +420,24 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
             m = pd.read_parquet(DATA_DIR / gpu / f"l2-{name}.parquet")
             m = m[m["Kernel Name"] == "dsa_mla_sparse_decode"].reset_index(drop=True)
             m["step"] = np.arange(len(m)) // cfg.layers
-            g = m.groupby("step")[[READ_HIT, READ]].sum()
+            g = m.groupby("step")[[READ_HIT, READ, DRAM]].sum()
             meas = g[READ_HIT] / g[READ]
             reads = max(1, round(1 / (1 - meas.iloc[0])))
             for base in models:
                 policy = hint if hint != "lru" else base.policy
                 res = replay(
                     trace, policies=[policy], cache_size=base.capacity, ways=base.ways,
-                    set_hash=base.set_hash, replicate=base.replicate,
+                    set_hash=base.set_hash, replicate=base.replicate, fill=base.fill,
                     workload=Workload(layout="mla-fp8", classes=("index", "kv"), page_order="shuffled", reads_per_token=reads),
                 )  # fmt: skip
-                k = res[res["class"] == "kv"].groupby("step")[["sector_hits", "sectors"]].sum()
+                kv = res[res["class"] == "kv"].groupby("step")
+                k = kv[["sector_hits", "sectors", "bytes_from_memory"]].sum()
                 sim = k["sector_hits"] / k["sectors"]
                 rows += [
                     {"experiment": f"kernel-{name}", "point": f"step {st} kv (reads/token {reads})",
-                     "model": base.label, "policy": policy, "measured": meas[st], "simulated": sim[st]}
+                     "model": base.label, "policy": policy, "measured": meas[st], "simulated": sim[st],
+                     "measured_dram_bytes": g.loc[st, DRAM],
+                     "simulated_dram_bytes": k.loc[st, "bytes_from_memory"]}
                     for st in meas.index
                 ]  # fmt: skip
     return rows

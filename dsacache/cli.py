@@ -202,6 +202,13 @@ def _replay_options(f):
             show_default=True,
         ),
         click.option(
+            "--fill",
+            type=int,
+            default=None,
+            help="Bytes the memory returns per miss unit, a power of two from the sector to "
+            "the line (default: the GPU preset's; h200: 64).",
+        ),
+        click.option(
             "--layout",
             default=None,
             help="KV layout spec (default: from the trace's model), e.g. mla-fp8.",
@@ -273,7 +280,9 @@ def _replay_options(f):
     help="Save per (policy, step, layer, class) counters (.parquet or .csv).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet, **wl) -> None:
+def replay(
+    trace, policies, gpu, cache_size, ways, set_hash, fill, plugins, out, quiet, **wl
+) -> None:
     """Replay a trace through a GPU L2 model under one or more policies.
 
     \b
@@ -296,6 +305,7 @@ def replay(trace, policies, gpu, cache_size, ways, set_hash, plugins, out, quiet
         cache_size=cache_size,
         ways=ways,
         set_hash=set_hash,
+        fill=fill,
         workload=_workload(**wl),
         progress=not quiet,
     )
@@ -529,7 +539,7 @@ def probe(
 @click.option("--fit", is_flag=True, help="Also refit the model to the reuse probe (slower).")
 @click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
 def compare(gpu, fit, out) -> None:
-    """Simulated vs measured L2 hit rates on the GPU probes bundled with dsacache.
+    """Simulated vs measured L2 hit rates and DRAM bytes on the GPU probes bundled with dsacache.
 
     The model is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
     eviction hints) are predictions.
@@ -550,8 +560,18 @@ def compare(gpu, fit, out) -> None:
     )
     click.echo(table.round(3).to_string())
     err = df.groupby(["experiment", "model"])["error_points"].apply(lambda e: e.abs().mean())
-    click.echo("\nmean |simulated - measured| (points):")
+    click.echo("\nmean |simulated - measured| L2 hit rate (points):")
     click.echo(err.round(2).unstack("model").to_string())
+    dram = df.groupby(["experiment", "model"])["dram_error_pct"].apply(lambda e: e.abs().median())
+    click.echo("\nmedian |simulated / measured - 1| DRAM bytes read (%):")
+    click.echo(dram.round(2).unstack("model").to_string())
+    overall = df.groupby("model").agg(
+        hit_median_points=("error_points", lambda e: e.abs().median()),
+        hit_max_points=("error_points", lambda e: e.abs().max()),
+        dram_median_pct=("dram_error_pct", lambda e: e.abs().median()),
+    )
+    click.echo("\nall points:")
+    click.echo(overall.round(2).to_string())
 
 
 def _register_commands() -> None:

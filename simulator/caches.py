@@ -14,10 +14,23 @@ import numpy as np
 from dsacache.errors import DsacacheError
 from dsacache.policies import Policy, make_policy
 from dsacache.simulator import objects
-from dsacache.simulator.engine import Cache, CacheConfig, line_numbers, lines_per_access
+from dsacache.simulator.engine import (
+    Cache,
+    CacheConfig,
+    check_counters,
+    fill_table,
+    line_numbers,
+    lines_per_access,
+)
 from dsacache.simulator.workload import CLASS_ID
 
 KV, APPEND = CLASS_ID["kv"], CLASS_ID["append"]
+
+
+def _fill_args(cfg: CacheConfig) -> tuple[int, np.ndarray]:
+    """``run_objects``' fill unit: its shift and the sector-mask table of a line."""
+    table = fill_table(cfg.line // cfg.sector, cfg.fill_bytes // cfg.sector)
+    return cfg.fill_bytes.bit_length() - 1, table
 
 
 class LineModel:
@@ -71,6 +84,7 @@ class TokenModel:
         self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None, score=None
     ):
         cfg = self.config
+        check_counters(counters, bucket)
         routed = np.zeros(len(addr), np.int8)
         part = np.zeros(len(addr), np.int64) if self.sets == 1 else objects.sets_of(addr, self.sets)
         objects.run_objects(
@@ -78,7 +92,7 @@ class TokenModel:
             bucket, _future(future), counters, self.store.arrays(),
             cfg.line.bit_length() - 1, cfg.sector.bit_length() - 1, self.needs_future,
             np.full(len(addr), objects.ADMIT_ALWAYS, np.int8), self.ghost.arrays(), True, True,
-            routed,
+            routed, *_fill_args(cfg),
         )  # fmt: skip
 
 
@@ -99,6 +113,7 @@ class ReserveModel:
         rest = CacheConfig(
             (config.ways - reserved_ways) * way_bytes, config.ways - reserved_ways, config.line,
             config.sector, config.set_hash, config.partitions, config.write_allocate,
+            fill=config.fill,
         )  # fmt: skip
         self.rest = Cache(rest, make_policy(v["rest"]))
         self.appends = v["appends"] == "yes"
@@ -130,6 +145,7 @@ class ReserveModel:
         self, addr, nbytes, is_write, klass, layer, bucket, counters, future=None, score=None
     ):
         cfg = self.config
+        check_counters(counters, bucket)
         routed = np.zeros(len(addr), np.int8)
         part = layer.astype(np.int64) if self.per_layer else np.zeros(len(addr), np.int64)
         tokens = self._tokens(klass)
@@ -139,7 +155,7 @@ class ReserveModel:
             addr, nbytes, is_write, tokens, part, bucket, _future(future),
             counters, self.store.arrays(), cfg.line.bit_length() - 1,
             cfg.sector.bit_length() - 1, self.needs_future, self._admit(addr, klass, layer, score),
-            self.ghost.arrays(), False, self.appends, routed,
+            self.ghost.arrays(), False, self.appends, routed, *_fill_args(cfg),
         )  # fmt: skip
         rest = routed == 0
         self.rest.run(addr[rest], nbytes[rest], is_write[rest], bucket[rest], counters, klass[rest])

@@ -37,6 +37,7 @@ class CacheConfig:
     partitions: int = 1
     write_allocate: bool = True
     replicate: bool = False  # partitions as a GPU's L2 halves: reads keep a near copy
+    fill: int = 0  # bytes the next level returns per missing sector's unit; 0: one sector
 
     @classmethod
     def of(cls, size: int | str, **kw) -> CacheConfig:
@@ -49,6 +50,13 @@ class CacheConfig:
     def n_sets(self) -> int:
         return self.size // (self.ways * self.line)
 
+    @property
+    def fill_bytes(self) -> int:
+        """The next level's access unit: a read miss fetches every aligned unit of this many
+        bytes that holds a missing sector, and all its sectors become valid (the H200's HBM
+        is read in 64-B units: dsacache/data/h200/README.md)."""
+        return self.fill or self.sector
+
     def check(self) -> None:
         """Raise ``DsacacheError`` naming the first impossible value."""
         if self.line < 1 or self.line & (self.line - 1):
@@ -60,6 +68,12 @@ class CacheConfig:
         if self.line // self.sector > 8:
             raise DsacacheError(
                 f"at most 8 sectors per line are supported, got {self.line // self.sector}"
+            )
+        fill = self.fill_bytes
+        if fill & (fill - 1) or not self.sector <= fill <= self.line:
+            raise DsacacheError(
+                f"fill unit {self.fill} B must be a power of two from the sector ({self.sector} B) "
+                f"to the line ({self.line} B), or 0 for one sector"
             )
         if self.ways < 1:
             raise DsacacheError(f"cache ways must be >= 1, got {self.ways}")
@@ -164,7 +178,7 @@ def _find_way(tags, base, ln, ways):
 
 
 @njit(inline="always")
-def _flush(counters, b, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes):
+def _flush(counters, b, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes, n_fetched):
     counters[b, 0] += n_acc
     counters[b, 1] += n_hit
     counters[b, 2] += n_sec
@@ -172,6 +186,18 @@ def _flush(counters, b, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes):
     counters[b, 4] += n_sec_miss
     counters[b, 5] += n_written
     counters[b, 6] += n_bytes
+    counters[b, 7] += n_fetched
+
+
+def fill_table(sectors_per_line: int, sectors_per_fill: int) -> np.ndarray:
+    """``table[m]``: the sectors fetched for the missing-sector mask ``m`` of a line, i.e. the
+    union of the aligned ``sectors_per_fill``-sector units that ``m`` touches."""
+    masks = np.arange(256)
+    out = np.zeros(256, np.uint8)
+    unit = (1 << sectors_per_fill) - 1
+    for first in range(0, sectors_per_line, sectors_per_fill):
+        out |= np.where(masks & (unit << first), unit << first, 0).astype(np.uint8)
+    return out
 
 
 @njit(inline="always")
@@ -272,6 +298,7 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         hash_kind,
         write_allocate,
         popcount8,
+        fill_mask,
         ring,
     ):
         if fixed_ways:
@@ -286,7 +313,7 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         # Counters add up in locals while consecutive accesses share a bucket (streams have
         # long runs of one step, layer and class) and are flushed when the bucket changes.
         cur = bucket[0] if addr.shape[0] else 0
-        n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = 0
+        n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = n_fetched = 0
         n = addr.shape[0]
         for j in range(min(PREFETCH_AHEAD, n)):
             ring[j] = _set_index(addr[j] >> line_shift, per, inv_per, partitions, part_shift,
@@ -294,8 +321,9 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         for i in range(n):
             b = bucket[i]
             if b != cur:
-                _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes)
-                n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = 0
+                _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes,
+                       n_fetched)  # fmt: skip
+                n_acc = n_hit = n_sec = n_sec_miss = n_written = n_bytes = n_fetched = 0
                 cur = b
             # The set of this access's first line was computed PREFETCH_AHEAD accesses ago,
             # when its tag, valid and recency words were prefetched: on a scattered stream
@@ -366,24 +394,27 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                                        params)  # fmt: skip
                                 n_hit += 1
                                 continue
+                        v = valid[base + way] if way >= 0 else 0
+                        lacking = wanted & ~(v | v_near) & 0xFF
+                        fetched = fill_mask[lacking]
+                        got = wanted | fetched
+                        missing = popcount8[lacking]
                         if way >= 0:
-                            v = valid[base + way]
-                            missing = popcount8[wanted & ~(v | v_near) & 0xFF]
-                            valid[base + way] = v | wanted
+                            valid[base + way] = v | got
                             on_hit(line_state, set_state, glob, s, way, ways, clock, params)
                         else:
-                            missing = popcount8[wanted & ~v_near & 0xFF]
                             allocate(tags, valid, line_state, set_state, glob, s, ways, ln,
-                                     wanted, clock, params)  # fmt: skip
+                                     got, clock, params)  # fmt: skip
                         n_sec_miss += missing
+                        n_fetched += popcount8[fetched]
                         n_hit += missing == 0
                         if near_way >= 0:
-                            valid[near * ways + near_way] = v_near | wanted
+                            valid[near * ways + near_way] = v_near | got
                             on_hit(line_state, set_state, glob, near, near_way, ways, clock,
                                    params)  # fmt: skip
                         else:
                             allocate(tags, valid, line_state, set_state, glob, near, ways, ln,
-                                     wanted, clock, params)  # fmt: skip
+                                     got, clock, params)  # fmt: skip
                         continue
                 if write:
                     n_written += n_wanted
@@ -399,18 +430,24 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                     n_sec += n_wanted
                     if way >= 0:
                         v = valid[base + way]
-                        missing = popcount8[wanted & ~v & 0xFF]
-                        valid[base + way] = v | wanted
+                        lacking = wanted & ~v & 0xFF
+                        fetched = fill_mask[lacking]
+                        missing = popcount8[lacking]
+                        valid[base + way] = v | wanted | fetched
                         on_hit(line_state, set_state, glob, s, way, ways, clock, params)
                         n_sec_miss += missing
+                        n_fetched += popcount8[fetched]
                         n_hit += missing == 0
                         continue
                     n_sec_miss += n_wanted
+                    fetched = fill_mask[wanted]
+                    n_fetched += popcount8[fetched]
+                    wanted |= fetched
                 allocate(
                     tags, valid, line_state, set_state, glob, s, ways, ln, wanted, clock, params
                 )
         if addr.shape[0]:
-            _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes)
+            _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes, n_fetched)
         return clock
 
     _KERNELS[key] = run
@@ -430,6 +467,28 @@ def _aligned(count: int, dtype: type, fill: int, align: int = 128) -> np.ndarray
     return out
 
 
+def check_counters(counters: np.ndarray, bucket: np.ndarray) -> None:
+    """Refuse a counters array the compiled loops would write outside of (they do not check
+    bounds): int64, a column per ``COUNTERS`` entry, a row for every bucket."""
+    if (
+        not isinstance(counters, np.ndarray)
+        or counters.dtype != np.int64
+        or counters.ndim != 2
+        or counters.shape[1] != len(COUNTERS)
+        or not counters.flags.c_contiguous
+    ):
+        raise DsacacheError(
+            f"counters must be a C-contiguous int64 array of shape (buckets, {len(COUNTERS)}) "
+            f"(one column per COUNTERS entry), got {getattr(counters, 'dtype', type(counters))} "
+            f"{getattr(counters, 'shape', '')}"
+        )
+    if len(bucket) and (bucket.min() < 0 or bucket.max() >= counters.shape[0]):
+        raise DsacacheError(
+            f"bucket numbers must be in [0, {counters.shape[0]}) (the counters' rows), got "
+            f"{bucket.min()}..{bucket.max()}"
+        )
+
+
 class Cache:
     """A cache level with its policy and state; feed it access arrays with ``run``."""
 
@@ -446,6 +505,8 @@ class Cache:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
         self._kernel = _kernel(self.policy, config.ways, config.replicate)
         self._ring = np.zeros(PREFETCH_AHEAD, np.int64)  # sets of the next accesses (scratch)
+        self._fill_mask = fill_table(config.line // config.sector,
+                                     config.fill_bytes // config.sector)  # fmt: skip
         self.reset()
 
     def reset(self) -> None:
@@ -476,7 +537,8 @@ class Cache:
         klass: np.ndarray | None = None,
         future: np.ndarray | None = None,
     ) -> None:
-        """Replay accesses; add their counters into ``counters[bucket, :]`` (int64, 7 columns).
+        """Replay accesses; add their counters into ``counters[bucket, :]`` (int64, the
+        ``COUNTERS`` columns).
 
         ``klass`` (traffic class per access) and ``future`` (for each line access, the index
         of the next access to the same line; see ``next_use``) are context that policies may
@@ -485,12 +547,14 @@ class Cache:
         cfg = self.config
         if self.policy.type.needs_future and future is None:
             raise DsacacheError(f"policy {self.policy.name} needs the future of the stream")
+        bucket = np.ascontiguousarray(bucket, np.int64)
+        check_counters(counters, bucket)
         n = len(addr)
         self.clock = self._kernel(
             np.ascontiguousarray(addr, np.int64),
             np.ascontiguousarray(nbytes, np.int64),
             np.ascontiguousarray(is_write, np.bool_),
-            np.ascontiguousarray(bucket, np.int64),
+            bucket,
             np.zeros(n, np.int8) if klass is None else np.ascontiguousarray(klass, np.int8),
             _NO_FUTURE if future is None else np.ascontiguousarray(future, np.int64),
             counters,
@@ -510,6 +574,7 @@ class Cache:
             SET_HASHES.index(cfg.set_hash),
             cfg.write_allocate,
             _POPCOUNT8,
+            self._fill_mask,
             self._ring,
         )
 
@@ -567,10 +632,12 @@ def simulate_addresses(
     policy: str = "lru",
     nbytes: np.ndarray | int | None = None,
     set_hash: str = "mod",
+    fill: int = 0,
 ) -> dict[str, int]:
     """Replay a numpy array of byte addresses (each ``nbytes``, default one sector) and return
     the counters: ``accesses`` (line accesses), ``line_hits``, ``line_misses``, ``sectors``,
-    ``sector_hits``, ``sector_misses``, ``bytes``."""
+    ``sector_hits``, ``sector_misses``, ``fetched_sectors`` (read from memory in units of
+    ``fill`` bytes, default one sector), ``bytes``."""
     addrs = np.asarray(addrs)
     if addrs.ndim != 1 or not np.issubdtype(addrs.dtype, np.integer):
         raise DsacacheError(
@@ -583,7 +650,7 @@ def simulate_addresses(
         raise DsacacheError(
             f"simulate_addresses replays line policies; {bound.name} needs a trace (use replay)"
         )
-    config = CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash)
+    config = CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash, fill=fill)
     cache = Cache(config, bound)
     sizes = np.broadcast_to(np.asarray(sector if nbytes is None else nbytes, np.int64), addrs.shape)
     if len(sizes) and sizes.min() < 1:

@@ -326,6 +326,8 @@ def run_objects(
     handle_lines,
     admit_writes,
     routed,
+    fill_shift,
+    fill_mask,
 ):
     """Replay accesses through an object store. Token accesses are one object each; other
     accesses are one object per line (sectored: only requested sectors are fetched), unless
@@ -334,7 +336,9 @@ def run_objects(
     admitted, writes when ``admit_writes`` is off) are for the next cache to serve.
     ``admit[i]`` says what a token read that misses does: ``ADMIT_NEVER`` (leave it to the next
     cache), ``ADMIT_ALWAYS`` (insert it) or ``ADMIT_SECOND`` (insert it if ``ghost`` remembers
-    an earlier miss of it, else remember this one)."""
+    an earlier miss of it, else remember this one). A miss fetches whole fill units of
+    ``1 << fill_shift`` bytes (``fill_mask``: ``engine.fill_table`` of the line's sectors),
+    counted in ``fetched_sectors``."""
     has_future = future.shape[0] > 0
     n_parts = st[2].shape[0]
     mask = st[0].shape[0] // 2 - 1
@@ -390,6 +394,8 @@ def run_objects(
             counters[b, 0] += n_lines
             counters[b, 2] += n_sec
             counters[b, 4] += n_sec
+            units = ((end - 1) >> fill_shift) - (a >> fill_shift) + 1
+            counters[b, 7] += units << (fill_shift - sector_shift)
             routed[i] = 1
             continue
         if not handle_lines:
@@ -418,19 +424,26 @@ def run_objects(
             counters[b, 2] += n_wanted
             if node >= 0:
                 v = st[1][node * NODE_WORDS + VALID]
-                missing = 0
-                m = wanted & ~v
-                while m:
-                    missing += 1
-                    m &= m - 1
-                st[1][node * NODE_WORDS + VALID] = v | wanted
+                lacking = wanted & ~v
+                fetched = fill_mask[lacking]
+                st[1][node * NODE_WORDS + VALID] = v | wanted | fetched
                 touch(st, node, nu, furthest)
-                counters[b, 1] += missing == 0
             else:
-                missing = n_wanted
-                insert(st, key, line_bytes, p_line, wanted, nu, furthest)
+                lacking = wanted
+                fetched = fill_mask[lacking]
+                insert(st, key, line_bytes, p_line, wanted | fetched, nu, furthest)
+            missing = 0
+            m = lacking
+            while m:
+                missing += 1
+                m &= m - 1
+            counters[b, 1] += missing == 0
             counters[b, 3] += n_wanted - missing
             counters[b, 4] += missing
+            m = np.int64(fetched)
+            while m:
+                counters[b, 7] += 1
+                m &= m - 1
 
 
 def object_keys(

@@ -27,10 +27,12 @@ class GPUPreset:
     verified: str  # which fields were measured, and where
     line: int = 128
     sector: int = 32
+    fill: int = 0  # bytes the memory behind the L2 returns per miss unit; 0: one sector
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
-        kw = dict(ways=self.ways, line=self.line, sector=self.sector, partitions=self.partitions)
+        kw = dict(ways=self.ways, line=self.line, sector=self.sector, partitions=self.partitions,
+                  fill=self.fill)  # fmt: skip
         kw.update(overrides)
         return CacheConfig.of(size or self.l2_bytes, **kw)
 
@@ -44,7 +46,9 @@ PRESETS = {
         hbm_bandwidth=3.35e12,
         l2_bandwidth=10.0e12,
         hbm_latency=0.8e-6,
-        verified="L2 size read on the lent H100 (torch / NVML); ways, hash and bandwidths assumed",
+        fill=64,
+        verified="L2 size read on the lent H100 (torch / NVML); DRAM read in 64-B units "
+        "(ncu, dsacache/data/h100/l2-gather); ways, hash and bandwidths assumed",
     ),
     "h200": GPUPreset(
         "NVIDIA H200 (SXM)",
@@ -54,7 +58,9 @@ PRESETS = {
         hbm_bandwidth=4.8e12,
         l2_bandwidth=10.0e12,
         hbm_latency=0.8e-6,
-        verified="L2 size read on the lent H200 (torch / NVML); ways, hash and bandwidths assumed",
+        fill=64,
+        verified="L2 size read on the lent H200 (torch / NVML); DRAM read in 64-B units "
+        "(ncu, dsacache/data/h200/l2-gather-rows-*); ways, hash and bandwidths assumed",
     ),
     "a100": GPUPreset(
         "NVIDIA A100 (SXM)",

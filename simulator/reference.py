@@ -21,7 +21,19 @@ COUNTERS = (
     "sector_misses",  # sectors fetched from the next level
     "write_sectors",  # sectors written (appends)
     "bytes",  # bytes requested by the stream (reads and writes)
+    "fetched_sectors",  # sectors read from the next level: each missing sector's fill unit
 )
+
+
+def fill_units(missing: int, sectors_per_fill: int) -> int:
+    """The sector mask fetched for the ``missing`` sectors of a line: every aligned group of
+    ``sectors_per_fill`` sectors that holds one of them (the next level's access unit)."""
+    group = (1 << sectors_per_fill) - 1
+    out = 0
+    for first in range(0, 8, sectors_per_fill):
+        if missing & (group << first):
+            out |= group << first
+    return out
 
 
 def reference_set_index(line: int, n_sets: int, set_hash: str, partitions: int) -> int:
@@ -70,8 +82,10 @@ class ReferenceCache:
         partitions: int = 1,
         write_allocate: bool = True,
         replicate: bool = False,
+        fill: int = 0,
     ) -> None:
         self.line, self.sector, self.ways = line, sector, ways
+        self.per_fill = (fill or sector) // sector  # sectors per unit read from the next level
         self.n_sets = size // (ways * line)
         self.set_hash, self.partitions = set_hash, partitions
         self.write_allocate = write_allocate
@@ -120,10 +134,13 @@ class ReferenceCache:
                 continue
             c["accesses"] += 1
             c["sectors"] += n_wanted
-            missing = bin(wanted & ~cache_set.get(line_no, 0)).count("1")
-            self._touch(cache_set, line_no, wanted)
+            missing_mask = wanted & ~cache_set.get(line_no, 0)
+            missing = bin(missing_mask).count("1")
+            fetched = fill_units(missing_mask, self.per_fill)
+            self._touch(cache_set, line_no, wanted | fetched)
             c["sector_hits"] += n_wanted - missing
             c["sector_misses"] += missing
+            c["fetched_sectors"] += bin(fetched).count("1")
             c["line_hits"] += int(present and missing == 0)
 
     def _read_far(
@@ -141,11 +158,14 @@ class ReferenceCache:
             c["sector_hits"] += n_wanted
             c["line_hits"] += 1
             return
-        missing = bin(wanted & ~(near_valid | home.get(line_no, 0))).count("1")
-        self._touch(home, line_no, wanted)
-        self._touch(near, line_no, wanted)
+        missing_mask = wanted & ~(near_valid | home.get(line_no, 0))
+        missing = bin(missing_mask).count("1")
+        fetched = fill_units(missing_mask, self.per_fill)
+        self._touch(home, line_no, wanted | fetched)
+        self._touch(near, line_no, wanted | fetched)
         c["sector_hits"] += n_wanted - missing
         c["sector_misses"] += missing
+        c["fetched_sectors"] += bin(fetched).count("1")
         c["line_hits"] += int(missing == 0)
 
     def _touch(self, cache_set: OrderedDict, line_no: int, sectors: int) -> None:

@@ -65,7 +65,7 @@ class Hierarchy:
     def time(self, df: pd.DataFrame, sector: int) -> np.ndarray:
         """Estimated seconds of each result row."""
         hit_bytes = df["sector_hits"].to_numpy() * sector
-        miss_bytes = df["sector_misses"].to_numpy() * sector
+        miss_bytes = df["fetched_sectors"].to_numpy() * sector
         t = hit_bytes / self.l2_bandwidth
         tiers = df["tier"].to_numpy()
         for name, level in self.levels.items():
@@ -88,16 +88,20 @@ def replay(
     hierarchy: Hierarchy | None = None,
     progress: bool = False,
     replicate: bool = False,
+    fill: int | None = None,
 ) -> pd.DataFrame:
     """Replay ``trace`` through the GPU's L2 under each policy; one row per (policy, step,
     layer, class, tier) with the counters of ``RESULT_COLUMNS``. ``replicate``: the L2's
-    partitions keep near copies of far reads (``CacheConfig.replicate``)."""
+    partitions keep near copies of far reads (``CacheConfig.replicate``); ``fill``: bytes the
+    memory returns per miss unit (``CacheConfig.fill``; default the GPU preset's)."""
     if not policies:
         raise DsacacheError("replay needs at least one policy")
     preset = gpu_preset(gpu)
     overrides = {"set_hash": set_hash, "replicate": replicate}
     if ways is not None:
         overrides["ways"] = ways
+    if fill is not None:
+        overrides["fill"] = fill
     config: CacheConfig = preset.cache(cache_size, **overrides)
     workload = workload or Workload()
     amap = plan_replay(trace, workload)
@@ -165,7 +169,7 @@ def replay(
         }
     )
     df["line_misses"] = df["accesses"] - df["line_hits"]
-    df["bytes_from_memory"] = df["sector_misses"] * config.sector
+    df["bytes_from_memory"] = df["fetched_sectors"] * config.sector
     df["time_s"] = hierarchy.time(df, config.sector)
     df.attrs.update(
         cache_bytes=config.size,

@@ -300,5 +300,6 @@ class ReferencePolicyCache:
                 policy.fill(way, line_no)
             c["sector_hits"] += len(wanted) - len(missing)
             c["sector_misses"] += len(missing)
+            c["fetched_sectors"] += len(missing)  # one sector per fill unit (the default)
             c["line_hits"] += not missing
             self.hits.append(not missing)

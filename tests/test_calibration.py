@@ -1,5 +1,7 @@
 """The model against the H100 and H200 measurements bundled in dsacache/data (real ncu runs)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -101,8 +103,9 @@ def test_persisting_window_on_the_h200_and_its_model():
     df = calibration.compare("h200", (calibration.H200_FIT,))
     later = df[df["point"].str.endswith("kv") & ~df["point"].str.startswith("step 0")]
     # hit ratio 1.0: the model is 4-6 points high (the earlier "hash" 31 MiB 8-way fit was 3-4
-    # high, but 25.5 points off on the evict_first keys, which the "mix" fit gets within 8.3)
-    for name, tol in (("decode-large-persist5", 6.5), ("decode-large-persist5-half", 1.5)):
+    # high, but 25.5 points off on the evict_first keys, which the "mix" fit gets within 8.3);
+    # fetching 64-B units (neighbours' sectors come along) adds about 0.35 points to both
+    for name, tol in (("decode-large-persist5", 6.5), ("decode-large-persist5-half", 1.7)):
         rows = later[later["experiment"] == name]
         assert len(rows) == 3 and rows["error_points"].abs().max() < tol, rows
     # the model ranks the window's hit ratios as the GPU does
@@ -153,3 +156,33 @@ def test_stale_lines_change_nothing_under_lru():
     finally:
         calibration.STALE_L2 = empty_first
     assert np.array_equal(empty["simulated"].to_numpy(), stale["simulated"].to_numpy())
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_dram_bytes_are_predicted_with_64_byte_fill_units(gpu):
+    fit = calibration.FITS[gpu]
+    assert fit.fill == 64
+    df = calibration.compare(gpu, (fit, replace(fit, fill=0)))
+    err = df.groupby("model")["dram_error_pct"].apply(lambda e: e.abs().median())
+    assert err[fit.label] < 1.0  # issue goal: median within 5%
+    cold = df[df["point"].str.startswith("first gather") & df["experiment"].isin(
+        ["gather", "gather-rows-656"])]  # fmt: skip
+    by_model = cold.groupby("model")["dram_error_pct"]
+    assert by_model.max()[fit.label] < 1.0  # 656-B rows: 11 units of 64 B per token
+    assert by_model.max()[replace(fit, fill=0).label] < -3.5  # sectors alone: 4% short
+
+
+def test_cold_gather_hits_come_from_rows_that_straddle_lines():
+    """H200, cold L2: rows of 640 B (whole 128-B lines) hit 0.3% of sectors, as the model
+    says; rows of 672 B (whole sectors, but not whole lines) hit 4.9% though no two rows
+    share a sector: a warp's 128-B piece of a row spans two lines, and its 64-B fills serve
+    the next piece (the model reads a row as one access and misses this)."""
+    first = {}
+    for row in (640, 656, 672):
+        m = calibration.measured("h200", f"gather-rows-{row}")
+        first[row] = m[m["role"] == "first"]["hit"].mean()
+        assert int(m["bytes"].iloc[0]) == 2048 * row
+    assert first[640] < 0.01 and first[672] > 0.04 and first[656] > 0.03
+    df = calibration.compare("h200", (calibration.H200_FIT,))
+    cold = df[df["point"].str.startswith("first gather")].groupby("experiment")["simulated"]
+    assert (cold.max() < 0.01).all()

@@ -34,14 +34,16 @@ geometries = st.tuples(
     st.sampled_from(["mod", "xor", "hash", "mix"]),
     st.booleans(),  # write-allocate
     st.booleans(),  # replicate: partitions keep near copies of lines read from afar
+    st.sampled_from([1, 2, 4]),  # fill unit in sectors (capped at the line)
 )
 
 
 @settings(max_examples=100, deadline=None)
 @given(geom=geometries, seed=st.integers(0, 2**31), n=st.integers(1, 600))
 def test_engine_equals_reference_cache(geom, seed, n):
-    ways, sets, parts, (line, sector), set_hash, walloc, replicate = geom
+    ways, sets, parts, (line, sector), set_hash, walloc, replicate, per_fill = geom
     replicate = replicate and parts > 1  # replication needs two partitions or more
+    fill = min(per_fill * sector, line)
     size = ways * sets * parts * line
     rng = np.random.default_rng(seed)
     span = size * rng.choice([1, 2, 4])
@@ -49,10 +51,10 @@ def test_engine_equals_reference_cache(geom, seed, n):
     nbytes = rng.integers(1, 3 * line, n)
     write = rng.random(n) < 0.2
     bucket = rng.integers(0, 3, n)
-    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc, replicate=replicate)
+    ref = ReferenceCache(size, ways, line, sector, set_hash, parts, walloc, replicate, fill)
     for a, b, w, k in zip(addr, nbytes, write, bucket, strict=True):
         ref.access(int(a), int(b), bool(w), (int(k),))
-    cfg = CacheConfig(size, ways, line, sector, set_hash, parts, walloc, replicate=replicate)
+    cfg = CacheConfig(size, ways, line, sector, set_hash, parts, walloc, replicate, fill)
     cache = Cache(cfg, "lru")
     counters = np.zeros((3, len(COUNTERS)), np.int64)
     half = n // 2  # two calls: the state (and the reader hash) must carry across them
@@ -138,7 +140,7 @@ def test_replay_equals_reference_replay(tmp_path_factory, seed, ways, kib, batch
     trace = _trace(tmp_path_factory.mktemp("r"), seed)
     wl = Workload(layout="mla-fp8", batch=batch, peer_share=peer, page_order="shuffled")
     df = replay(trace, policies=["lru"], cache_size=kib * 1024, ways=ways, workload=wl)
-    ref = ReferenceCache(kib * 1024, ways, 128, 32, "mod", 2)
+    ref = ReferenceCache(kib * 1024, ways, 128, 32, "mod", 2, fill=64)  # the h100 preset's
     counts = reference_replay(ref, plan_replay(trace, wl), trace.iter_steps())
     got = {
         (row.step, row.layer, row.cls, row.tier): {c: getattr(row, c) for c in COUNTERS}
@@ -159,6 +161,21 @@ def test_simulate_addresses_counts_sectors():
     assert (out["sectors"], out["sector_misses"], out["line_hits"]) == (8, 4, 1)
 
 
+def test_a_miss_fetches_its_whole_fill_unit():
+    # 32 B at byte 32 of a line: with 64-B fill units sectors 0 and 1 come from memory, and
+    # a later read of sector 0 hits; with sector fill it misses
+    addr = np.array([32, 0, 96, 64])
+    out = simulate_addresses(addr, size="4KiB", ways=4, fill=64)
+    assert (out["sector_misses"], out["fetched_sectors"], out["sector_hits"]) == (2, 4, 2)
+    out = simulate_addresses(addr, size="4KiB", ways=4)
+    assert (out["sector_misses"], out["fetched_sectors"], out["sector_hits"]) == (4, 4, 0)
+    # a 656-B row starting 16 B into a 64-B unit reads 11 units = 22 sectors from memory
+    out = simulate_addresses(np.array([656]), size="4KiB", ways=4, nbytes=656, fill=64)
+    assert (out["sectors"], out["fetched_sectors"]) == (21, 22)
+    out = simulate_addresses(np.array([0]), size="4KiB", ways=4, nbytes=128, fill=128)
+    assert out["fetched_sectors"] == 4
+
+
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
@@ -166,6 +183,9 @@ def test_simulate_addresses_counts_sectors():
         (dict(size=4096, ways=4, sector=48), "sector 48 B must be a power of two"),
         (dict(size=4096, ways=4, sector=256), "divides the line"),
         (dict(size=4096, ways=0), "ways must be >= 1"),
+        (dict(size=4096, ways=4, fill=48), "fill unit 48 B must be a power of two"),
+        (dict(size=4096, ways=4, fill=256), "to the line (128 B), or 0 for one sector"),
+        (dict(size=4096, ways=4, fill=16), "from the sector (32 B)"),
         (dict(size="4XB", ways=4), "invalid size '4XB'"),
     ],
 )
@@ -194,3 +214,15 @@ def test_huge_line_numbers_map_like_the_reference(sets):
     out = simulate_addresses(addr, size=sets * 2 * 128, ways=2, nbytes=128)
     assert out["line_hits"] == ref.counts[()]["line_hits"]
     assert out["sector_misses"] == ref.counts[()]["sector_misses"]
+
+
+def test_counters_the_compiled_loop_would_overrun_are_refused():
+    cache = Cache(CacheConfig.of("4KiB", ways=4), "lru")
+    addr, n = np.arange(4) * 128, np.full(4, 32)
+    write, bucket = np.zeros(4, bool), np.zeros(4, np.int64)
+    with pytest.raises(DsacacheError, match=r"shape \(buckets, 8\).*got int64 \(1, 7\)"):
+        cache.run(addr, n, write, bucket, np.zeros((1, 7), np.int64))
+    with pytest.raises(DsacacheError, match="got float64"):
+        cache.run(addr, n, write, bucket, np.zeros((1, len(COUNTERS))))
+    with pytest.raises(DsacacheError, match=r"bucket numbers must be in \[0, 2\) .*got 0\.\.2"):
+        cache.run(addr, n, write, np.array([0, 1, 2, 0]), np.zeros((2, len(COUNTERS)), np.int64))

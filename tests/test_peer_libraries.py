@@ -26,6 +26,7 @@ from dsacache.policies import registered
 from dsacache.simulator import CacheConfig, simulate_addresses
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import next_use
+from dsacache.simulator.reference import COUNTERS
 from dsacache.simulator.workload import CLASS_ID
 
 LINE = 128
@@ -163,7 +164,7 @@ def token_engine_misses(ids: np.ndarray, capacity: int, policy: str) -> int:
     addr, nbytes = ids * LINE, np.full(n, LINE, np.int64)
     klass = np.full(n, CLASS_ID["kv"], np.int8)
     future = next_use(model.future_keys(addr, nbytes, klass)) if model.needs_future else None
-    counters = np.zeros((1, 7), np.int64)
+    counters = np.zeros((1, len(COUNTERS)), np.int64)
     model.run_chunk(
         addr, nbytes, np.zeros(n, bool), klass, np.zeros(n, np.int16), np.zeros(n, np.int64),
         counters, future,

@@ -293,3 +293,15 @@ def test_token_sets_spread_tokens_evenly():
 def test_set_associative_token_lru_rejects_sets_smaller_than_a_line():
     with pytest.raises(DsacacheError, match="leave less than one 128-B line per set"):
         make_model(CacheConfig(4 * LINE, 1), "token-lru:sets=8")
+
+
+def test_token_misses_fetch_whole_fill_units(fixed_selection):
+    # a 656-B token touches 11 aligned 64-B units wherever it starts (addresses are 16-B
+    # aligned): 22 sectors from memory for its 20.5-21 sectors read
+    df = replay(fixed_selection, policies=["token-lru"], cache_size="4MiB", ways=16, fill=64)
+    first = df[(df["class"] == "kv") & (df["step"] == 0)]
+    assert first["fetched_sectors"].sum() == 22 * K * LAYERS
+    assert first["sector_misses"].sum() < first["fetched_sectors"].sum()
+    df = replay(fixed_selection, policies=["token-lru"], cache_size="4MiB", ways=16, fill=32)
+    first = df[(df["class"] == "kv") & (df["step"] == 0)]
+    assert first["fetched_sectors"].sum() == first["sector_misses"].sum()
