@@ -431,13 +431,14 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                     if way >= 0:
                         v = valid[base + way]
                         lacking = wanted & ~v & 0xFF
-                        fetched = fill_mask[lacking]
-                        missing = popcount8[lacking]
-                        valid[base + way] = v | wanted | fetched
+                        if lacking:  # sectors missing: fetch their fill units
+                            fetched = fill_mask[lacking]
+                            valid[base + way] = v | fetched
+                            n_sec_miss += popcount8[lacking]
+                            n_fetched += popcount8[fetched]
+                        else:
+                            n_hit += 1
                         on_hit(line_state, set_state, glob, s, way, ways, clock, params)
-                        n_sec_miss += missing
-                        n_fetched += popcount8[fetched]
-                        n_hit += missing == 0
                         continue
                     n_sec_miss += n_wanted
                     fetched = fill_mask[wanted]
