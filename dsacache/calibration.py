@@ -23,6 +23,7 @@ import pandas as pd
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
 from dsacache.simulator.reference import COUNTERS
+from dsacache.units import parse_size
 
 DATA_DIR = Path(__file__).parent / "data"
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
@@ -165,15 +166,9 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     ``simulated_dram_bytes``)."""
     from dsacache.kernels.probes import dsa_selections
 
-    k = int(df["k"].iloc[0])
-    context = (
-        int(df["meta_command"].iloc[0].split("--context ")[1].split()[0])
-        if "--context " in df["meta_command"].iloc[0]
-        else 32768
-    )
-    a, b = dsa_selections(k, context, 0.45)
-    first = df[df["role"] == "first"]
-    row_bytes = int(first["bytes"].iloc[0]) // len(a) if len(first) else 656
+    args = probe_args(df)
+    a, b = dsa_selections(args.k, args.context, args.keep)
+    row_bytes = args.row_bytes
     rows = []
     for x in sorted(df["other_bytes"].unique()):
         sim = _Sim(model)
@@ -280,76 +275,72 @@ def fit_reuse(
     return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
 
 
-# The decode probes (dsacache probe decode ...): policy that models the probe's hints (None:
-# the model's own) and the first layer whose KV the probe relabels (``simulate_decode``).
-PERSIST_SET_ASIDE = 30 * 2**20  # --set-aside of the persisting-window probes
-DECODE_EXPERIMENTS: dict[str, tuple[str | None, int]] = {
-    "decode-small": (None, -1),
-    "decode-large": (None, -1),
-    "decode-large-evict_first-normal": ("hints:index=first", -1),
-    "decode-large-normal-evict_last": ("hints:kv=last", -1),
-    "decode-large-evict_first-evict_last": ("hints:index=first,kv=last", -1),
-    "decode-small-evict_first-evict_last": ("hints:index=first,kv=last", -1),
-    "decode-48l-first-from-1": ("hints:index=first", -1),
-    "decode-48l-first-from12": ("hints:index=first,weights=first", 12),
-    "decode-48l-first-from20": ("hints:index=first,weights=first", 20),
-    # L2 persisting window over the KV of layers 0-4 (--persist-layers 5, 30 MiB set aside)
-    "decode-large-persist5": ("persist:window=kv,hit_ratio=1.0,set_aside={aside}", 5),
-    "decode-large-persist5-half": ("persist:window=kv,hit_ratio=0.5,set_aside={aside}", 5),
-}
+def probe_args(m: pd.DataFrame):
+    """The ``dsacache.kernels.probes`` arguments a measurement was taken with, read back from
+    its ``meta_command`` (``argparse.Namespace``)."""
+    import shlex
 
+    from dsacache.errors import DsacacheError
+    from dsacache.kernels.probes import parser
 
-# Gather probes: DeepSeek's 656-B rows, and on the H200 also 640-B (whole lines) and 672-B
-# (whole sectors) rows (dsacache probe gather --row-bytes N).
-GATHER_EXPERIMENTS = ("gather", "gather-rows-640", "gather-rows-656", "gather-rows-672")
-
-
-def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
-    """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements (not
-    used for fitting) bundled for ``gpu``, one row per (experiment, point, model): columns
-    ``measured``, ``simulated``, ``error_points`` (hit rates) and ``measured_dram_bytes``,
-    ``simulated_dram_bytes``, ``dram_error_pct`` (NaN where not compared). ``models``
-    defaults to the naive model (the reported L2 size, modulo sets) and the GPU's fitted
-    one."""
-    measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
-    if gpu not in measured_gpus:
-        from dsacache.errors import DsacacheError
-
+    command = str(m["meta_command"].iloc[0]) if "meta_command" in m else ""
+    words = shlex.split(command)
+    if "dsacache.kernels.probes" not in words:
         raise DsacacheError(
-            f"no bundled measurements for gpu {gpu!r}; measured: {', '.join(measured_gpus)}"
+            "not a probe measurement (its meta_command does not run dsacache.kernels.probes; "
+            f"make one with `dsacache probe`): {command[:200]!r}"
         )
-    if models is None:
-        models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
+    words = words[words.index("dsacache.kernels.probes") + 1 :]
+    for i in reversed(range(len(words))):  # an empty hint ("") did not survive the join
+        if words[i] in ("--index-evict", "--kv-evict") and (
+            i + 1 == len(words) or words[i + 1].startswith("--")
+        ):
+            words.insert(i + 1, "")
+    try:
+        args, _ = parser().parse_known_args(words)
+    except SystemExit:
+        raise DsacacheError(f"cannot read the probe's arguments back from {command!r}") from None
+    return args
+
+
+def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
+    """The policy that models a ``decode`` probe's hints on ``base``, and the first layer
+    whose KV ``simulate_decode`` relabels (-1: none). Eviction hints become a ``hints``
+    policy; ``--kv-first-from N`` marks the KV of layers >= N evict_first through the
+    ``weights`` class; a persisting window over the first N layers' KV becomes ``persist``
+    with the set-aside scaled from the physical L2 to the model's capacity."""
+    if args.persist_layers > 0:
+        aside = parse_size(args.set_aside) * base.capacity // l2_bytes
+        return (
+            f"persist:window=kv,hit_ratio={args.hit_ratio},set_aside={aside}",
+            args.persist_layers,
+        )
+    short = {"evict_first": "first", "evict_last": "last"}
+    hints = [
+        f"{cls}={short[h]}" for cls, h in (("index", args.index_evict), ("kv", args.kv_evict)) if h
+    ]
+    if args.kv_first_from >= 0:
+        hints.append("weights=first")
+    return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
+
+
+def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:
+    """Measured vs simulated rows of one probe measurement (``dsacache probe``'s output, with
+    its ``hit`` column), for each model: decode steps per (step, role), gathers per (role,
+    bytes between), reuse per size (second reads)."""
+    args = probe_args(m)
     rows = []
-    for name, (hint, first_from) in DECODE_EXPERIMENTS.items():
-        if not has_measurement(gpu, name):
-            continue
-        m = measured(gpu, name)
-        meas = m.groupby(["step", "role"]).agg(measured=("hit", "mean"),
-                                               measured_dram_bytes=(DRAM, "mean"))  # fmt: skip
-        meas = meas.reset_index()
-        for base in models:
-            policy = base.policy
-            if hint is not None:
-                # a set-aside is a share of the physical L2; the model holds the share of its
-                # own (fitted) capacity
-                aside = PERSIST_SET_ASIDE * base.capacity // int(m["meta_l2_bytes"].iloc[0])
-                policy = hint.format(aside=aside)
-            model = base.with_policy(policy)
-            sim = simulate_decode(m, model, first_from)
-            j = meas.merge(sim, on=["step", "role"])
+    if args.experiment == "reuse":
+        second = m[m["role"] == "second"]
+        for model in models:
+            sim = simulate_reuse(second["bytes"].tolist(), model)
             rows += [
-                {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
-                 "policy": model.policy, "measured": r.measured, "simulated": r.simulated,
-                 "measured_dram_bytes": r.measured_dram_bytes,
-                 "simulated_dram_bytes": r.simulated_dram_bytes}
-                for r in j.itertuples()
+                {"experiment": name, "point": f"second read, {b / 2**20:g} MiB",
+                 "model": model.label, "policy": model.policy, "measured": hit, "simulated": s}
+                for b, hit, s in zip(second["bytes"], second["hit"], sim, strict=True)
             ]  # fmt: skip
-    rows += compare_kernel_decode(gpu, models)
-    for name in GATHER_EXPERIMENTS:
-        if not has_measurement(gpu, name):
-            continue
-        m = measured(gpu, name)
+        return rows
+    if args.experiment == "gather":
         meas = m[m["role"].isin(["first", "second"])][["other_bytes", "role", "hit", DRAM]]
         meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
         for model in models:
@@ -362,10 +353,92 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
                  "simulated_dram_bytes": r.simulated_dram_bytes}
                 for r in j.itertuples()
             ]  # fmt: skip
+        return rows
+    meas = m.groupby(["step", "role"]).agg(measured=("hit", "mean"),
+                                           measured_dram_bytes=(DRAM, "mean")).reset_index()  # fmt: skip
+    for base in models:
+        policy, first_from = decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
+        model = base.with_policy(policy)
+        j = meas.merge(simulate_decode(m, model, first_from), on=["step", "role"])
+        rows += [
+            {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
+             "policy": model.policy, "measured": r.measured, "simulated": r.simulated,
+             "measured_dram_bytes": r.measured_dram_bytes,
+             "simulated_dram_bytes": r.simulated_dram_bytes}
+            for r in j.itertuples()
+        ]  # fmt: skip
+    return rows
+
+
+def _errors(rows: list[dict]) -> pd.DataFrame:
     out = pd.DataFrame(rows)
+    for col in ("measured_dram_bytes", "simulated_dram_bytes"):
+        if col not in out:
+            out[col] = np.nan
     out["error_points"] = (out["simulated"] - out["measured"]) * 100
     out["dram_error_pct"] = (out["simulated_dram_bytes"] / out["measured_dram_bytes"] - 1) * 100
     return out
+
+
+def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
+    """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements
+    bundled for ``gpu`` (every probe but ``reuse``, which the fit used, and the profiled MLA
+    kernel), one row per (experiment, point, model): columns ``measured``, ``simulated``,
+    ``error_points`` (hit rates) and ``measured_dram_bytes``, ``simulated_dram_bytes``,
+    ``dram_error_pct`` (NaN where not compared). ``models`` defaults to the naive model
+    (the reported L2 size, modulo sets) and the GPU's fitted one."""
+    measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
+    if gpu not in measured_gpus:
+        from dsacache.errors import DsacacheError
+
+        raise DsacacheError(
+            f"no bundled measurements for gpu {gpu!r}; measured: {', '.join(measured_gpus)}"
+        )
+    if models is None:
+        models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
+    rows = []
+    for path in sorted((DATA_DIR / gpu).glob("l2-*.parquet")):
+        name = path.stem[len("l2-") :]
+        if name == "reuse" or name.startswith("mla-decode"):
+            continue
+        rows += compare_measurement(name, measured(gpu, name), models)
+    rows += compare_kernel_decode(gpu, models)
+    return _errors(rows)
+
+
+def gpu_of(m: pd.DataFrame) -> str:
+    """The calibrated GPU a measurement was taken on (``h100``, ``h200``), from its metadata."""
+    from dsacache.errors import DsacacheError
+
+    name = str(m["meta_gpu"].iloc[0]) if "meta_gpu" in m else "unknown"
+    for key in FITS:
+        if key in name.lower():
+            return key
+    raise DsacacheError(
+        f"no calibrated L2 model for {name!r}; pick one with --gpu ({', '.join(FITS)})"
+    )
+
+
+def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
+    """``compare`` for measurement files made with ``dsacache probe`` (any GPU): each is
+    simulated with the fitted model of ``gpu``, or of the GPU its metadata names."""
+    from dsacache.errors import DsacacheError
+
+    rows = []
+    for path in paths:
+        try:
+            m = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
+        except (OSError, ValueError) as e:
+            raise DsacacheError(f"cannot read measurement {path}: {e}") from None
+        missing = {READ, READ_HIT, DRAM, "role", "bytes"} - set(m.columns)
+        if missing:
+            raise DsacacheError(
+                f"{path} lacks the columns {', '.join(sorted(missing))}: not a `dsacache probe` "
+                "measurement"
+            )
+        m["hit"] = m[READ_HIT] / m[READ]
+        rows += compare_measurement(Path(path).stem, m, (fitted(gpu or gpu_of(m)),))
+    return _errors(rows)
 
 
 def fit_hierarchy(gpu: str = "h100"):

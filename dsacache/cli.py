@@ -535,24 +535,42 @@ def probe(
 
 
 @main.command()
-@click.option("--gpu", default="h100", show_default=True, help="Whose bundled measurements.")
+@click.option(
+    "--gpu",
+    default=None,
+    help="Whose bundled measurements (default h100), or whose fitted model simulates the "
+    "--measured files (default: the GPU their metadata names).",
+)
+@click.option(
+    "--measured",
+    "measured_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A `dsacache probe` measurement to compare instead of the bundled ones (repeatable).",
+)
 @click.option("--fit", is_flag=True, help="Also refit the model to the reuse probe (slower).")
 @click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
-def compare(gpu, fit, out) -> None:
-    """Simulated vs measured L2 hit rates and DRAM bytes on the GPU probes bundled with dsacache.
+def compare(gpu, measured_paths, fit, out) -> None:
+    """Simulated vs measured L2 hit rates and DRAM bytes on GPU probes: those bundled with
+    dsacache, or your own (--measured, made with `dsacache probe` on a GPU).
 
     The model is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
-    eviction hints) are predictions.
+    eviction hints) are predictions. --out writes one row per (experiment, point, model)
+    with the measured and simulated values and their errors.
 
-    
+    \b
     Example:
       dsacache compare --gpu h100
+      dsacache compare --measured decode.parquet --out cmp.csv
     """
     from dsacache import calibration
 
     if fit:
-        click.echo(calibration.fit_reuse(gpu).head(5).to_string(index=False))
-    df = calibration.compare(gpu)
+        click.echo(calibration.fit_reuse(gpu or "h100").head(5).to_string(index=False))
+    if measured_paths:
+        df = calibration.compare_files(list(measured_paths), gpu)
+    else:
+        df = calibration.compare(gpu or "h100")
     if out:
         save_table(df, out)
     table = df.pivot_table(

@@ -16,6 +16,7 @@ Only kernels whose name starts with ``l2probe_`` are measured; a torch kernel wr
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -199,12 +200,8 @@ def run_decode(
     return launches
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dsacache.kernels.probes reuse|gather ... --plan FILE`` (run under ncu)."""
-    import argparse
-
-    from dsacache.units import parse_size
-
+def parser() -> argparse.ArgumentParser:
+    """The probes' command line; ``calibration`` reads a measurement's command back with it."""
     p = argparse.ArgumentParser(prog="python -m dsacache.kernels.probes")
     p.add_argument("experiment", choices=["reuse", "gather", "decode"])
     p.add_argument("--layers", type=int, default=8)
@@ -222,7 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hit-ratio", type=float, default=1.0)
     p.add_argument("--set-aside", default="0")
     p.add_argument("--plan", required=True, help="JSON file to write the launch plan to")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dsacache.kernels.probes reuse|gather ... --plan FILE`` (run under ncu)."""
+    from dsacache.units import parse_size
+
+    args = parser().parse_args(argv)
     if args.experiment == "reuse":
         launches = run_reuse([parse_size(s) for s in args.sizes.split(",")])
     elif args.experiment == "gather":

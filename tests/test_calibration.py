@@ -186,3 +186,50 @@ def test_cold_gather_hits_come_from_rows_that_straddle_lines():
     df = calibration.compare("h200", (calibration.H200_FIT,))
     cold = df[df["point"].str.startswith("first gather")].groupby("experiment")["simulated"]
     assert (cold.max() < 0.01).all()
+
+
+def test_compare_reads_any_probe_measurement_file(tmp_path):
+    """``dsacache compare --measured FILE --out cmp.csv``: a probe's own command says how to
+    simulate it (here a bundled H200 decode probe with eviction hints, as a user would have
+    measured it); the GPU's fitted model comes from the file's metadata."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    name = "decode-small-evict_first-evict_last"
+    src = calibration.DATA_DIR / "h200" / f"l2-{name}.parquet"
+    out = tmp_path / "cmp.csv"
+    result = CliRunner().invoke(main, ["compare", "--measured", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = pd.read_csv(out)
+    assert set(got["model"]) == {calibration.H200_FIT.label}
+    assert set(got["policy"]) == {"hints:index=first,kv=last"}
+    bundled = calibration.compare("h200", (calibration.H200_FIT,))
+    bundled = bundled[bundled["experiment"] == name]
+    assert len(got) == len(bundled) == 12
+    np.testing.assert_allclose(got["simulated"], bundled["simulated"])
+    np.testing.assert_allclose(got["error_points"], bundled["error_points"])
+    assert got["dram_error_pct"].abs().median() < 1.0
+
+
+def test_compare_refuses_files_it_cannot_simulate(tmp_path):
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    kernel = calibration.DATA_DIR / "h100" / "l2-mla-decode-16l-index.parquet"
+    result = CliRunner().invoke(main, ["compare", "--measured", str(kernel)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "lacks the columns bytes, role: not a `dsacache probe` measurement" in result.output
+    other = calibration.measured("h200", "decode-small").assign(meta_command="python mine.py")
+    other.to_parquet(tmp_path / "other.parquet")
+    result = CliRunner().invoke(main, ["compare", "--measured", str(tmp_path / "other.parquet")])
+    assert result.exit_code != 0 and "not a probe measurement" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    result = CliRunner().invoke(main, ["compare", "--measured", str(bad)])
+    assert result.exit_code != 0 and "lacks the columns" in result.output
+    m = calibration.measured("h200", "decode-small").assign(meta_gpu="NVIDIA B200")
+    with pytest.raises(DsacacheError, match="no calibrated L2 model for 'NVIDIA B200'; pick"):
+        calibration.gpu_of(m)

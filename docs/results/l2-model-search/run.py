@@ -52,10 +52,10 @@ def heldout(gpu: str, pol: str, mib: str, ways: str, h: str, *nohint: str) -> No
     cap = round(float(mib) * 2**20 / (w * 128)) * w * 128
     model = c.Model(pol, cap, w, h)
     no_hints = bool(nohint) or pol != "lru"
-    if no_hints:
-        c.DECODE_EXPERIMENTS = {k: v for k, v in c.DECODE_EXPERIMENTS.items() if v[0] is None}
     df = c.compare(gpu, (model,))
     hinted = df["policy"].str.startswith(("hints", "persist"))
+    if no_hints:  # a probe's hints replace the base policy: those rows say nothing about it
+        df, hinted = df[~hinted], hinted[~hinted]
 
     def stats(e):
         e = e.abs()
