@@ -14,6 +14,7 @@ same quantity as the simulator's ``sector_hits / sectors``; the measured DRAM by
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -206,7 +207,9 @@ def fill_with_stale_lines(cache, capacity: int) -> None:
                     np.zeros(n, np.int16), cls.astype(np.int64), counters)  # fmt: skip
 
 
-def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> pd.DataFrame:
+def simulate_decode(
+    df: pd.DataFrame, model: Model, kv_first_from: int = -1, keep: float = 0.45
+) -> pd.DataFrame:
     """Per (step, class) hit rates of the ``decode`` probe's trace replayed by dsacache.
 
     ``kv_first_from`` >= 0 mirrors the probe's per-layer hint: the KV gathers of those layers
@@ -226,7 +229,7 @@ def simulate_decode(df: pd.DataFrame, model: Model, kv_first_from: int = -1) -> 
     layers = int(df["layer"].max()) + 1
     steps = int(df["step"].max()) + 1
     context = int(df[(df["role"] == "index") & (df["step"] == 0)]["bytes"].iloc[0]) // 132
-    cfg = decode_config(layers, context, steps, k, 0.45)
+    cfg = decode_config(layers, context, steps, k, keep)
     cache = make_model(model.config(), model.policy, layers)
     rows = []
     if STALE_L2:
@@ -284,7 +287,10 @@ def probe_args(m: pd.DataFrame):
     from dsacache.kernels.probes import parser
 
     command = str(m["meta_command"].iloc[0]) if "meta_command" in m else ""
-    words = shlex.split(command)
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = []
     if "dsacache.kernels.probes" not in words:
         raise DsacacheError(
             "not a probe measurement (its meta_command does not run dsacache.kernels.probes; "
@@ -309,6 +315,14 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     policy; ``--kv-first-from N`` marks the KV of layers >= N evict_first through the
     ``weights`` class; a persisting window over the first N layers' KV becomes ``persist``
     with the set-aside scaled from the physical L2 to the model's capacity."""
+    hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0
+    if args.persist_layers > 0 and hinted:
+        from dsacache.errors import DsacacheError
+
+        raise DsacacheError(
+            "a decode probe with a persisting window and eviction hints together has no model "
+            "policy (persist or hints, not both)"
+        )
     if args.persist_layers > 0:
         aside = parse_size(args.set_aside) * base.capacity // l2_bytes
         return (
@@ -359,7 +373,7 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
     for base in models:
         policy, first_from = decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
         model = base.with_policy(policy)
-        j = meas.merge(simulate_decode(m, model, first_from), on=["step", "role"])
+        j = meas.merge(simulate_decode(m, model, first_from, args.keep), on=["step", "role"])
         rows += [
             {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
              "policy": model.policy, "measured": r.measured, "simulated": r.simulated,
@@ -412,7 +426,7 @@ def gpu_of(m: pd.DataFrame) -> str:
 
     name = str(m["meta_gpu"].iloc[0]) if "meta_gpu" in m else "unknown"
     for key in FITS:
-        if key in name.lower():
+        if re.search(rf"\b{key}\b", name.lower()):  # "H200", not "GH200"
             return key
     raise DsacacheError(
         f"no calibrated L2 model for {name!r}; pick one with --gpu ({', '.join(FITS)})"
@@ -437,7 +451,13 @@ def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
                 "measurement"
             )
         m["hit"] = m[READ_HIT] / m[READ]
-        rows += compare_measurement(Path(path).stem, m, (fitted(gpu or gpu_of(m)),))
+        model = fitted(gpu or gpu_of(m))
+        try:
+            rows += compare_measurement(Path(path).stem, m, (model,))
+        except KeyError as e:
+            raise DsacacheError(
+                f"{path} lacks the column {e}: not a `dsacache probe` file"
+            ) from None
     return _errors(rows)
 
 

@@ -257,10 +257,10 @@ class IndexCapture:
 
         self._todo.put(None)
         self._thread.join()
-        self._spool.close()
         t0 = time.perf_counter()
         finished = False
         try:
+            self._spool.close()  # raises a failed fsync; the writer still keeps its rows
             to_trace(self._spool.path, self.writer)
             finished = complete and self._error is None
         finally:

@@ -18,7 +18,7 @@ COUNTERS = (
     "line_hits",  # reads whose line was present with every requested sector valid
     "sectors",  # sectors read
     "sector_hits",
-    "sector_misses",  # sectors fetched from the next level
+    "sector_misses",  # requested sectors that were not valid
     "write_sectors",  # sectors written (appends)
     "bytes",  # bytes requested by the stream (reads and writes)
     "fetched_sectors",  # sectors read from the next level: each missing sector's fill unit

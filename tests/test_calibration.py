@@ -233,3 +233,21 @@ def test_compare_refuses_files_it_cannot_simulate(tmp_path):
     m = calibration.measured("h200", "decode-small").assign(meta_gpu="NVIDIA B200")
     with pytest.raises(DsacacheError, match="no calibrated L2 model for 'NVIDIA B200'; pick"):
         calibration.gpu_of(m)
+
+
+def test_compare_simulates_the_probe_as_measured(tmp_path):
+    """The measurement's own --keep reaches the simulated selections; a window together with
+    eviction hints has no model policy; "GH200" is not an H200."""
+    m = calibration.measured("h200", "decode-small")
+    base = calibration.compare_measurement("d", m, (calibration.H200_FIT,))
+    less = m.assign(meta_command=m["meta_command"] + " --keep 0.1")
+    other = calibration.compare_measurement("d", less, (calibration.H200_FIT,))
+    kv = [(a["simulated"], b["simulated"]) for a, b in zip(base, other, strict=True)
+          if a["point"].endswith("kv") and not a["point"].startswith("step 0")]  # fmt: skip
+    assert all(b < a for a, b in kv)  # fewer picks kept: fewer KV hits at the next steps
+    both = m.assign(meta_command=m["meta_command"] + " --persist-layers 2 --kv-evict evict_last")
+    with pytest.raises(DsacacheError, match="persisting window and eviction hints"):
+        calibration.compare_measurement("d", both, (calibration.H200_FIT,))
+    with pytest.raises(DsacacheError, match="no calibrated L2 model for 'NVIDIA GH200'"):
+        calibration.gpu_of(m.assign(meta_gpu="NVIDIA GH200"))
+    assert calibration.gpu_of(m) == "h200"
