@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20, help="repetitions (runs vary by 20-30%%)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
