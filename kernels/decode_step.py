@@ -372,7 +372,8 @@ def run_trace(
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
     the indices the attention kernels read to a new trace at that path (see
-    ``IndexCapture``). ``backend``: the sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
+    ``IndexCapture``). ``backend``: the sparse attention kernel, ours ("triton") or
+    DeepSeek's FlashMLA ("flashmla", mla-fp8).
     """
     from dsacache.traces import open_trace
 
@@ -426,7 +427,8 @@ def run_trace(
                 "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
         # parts of 8 whole steps: the writer takes them without splitting or gathering rows
         rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model), indexer=dict(tr.indexer), capture=meta,
+        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
+                           indexer=dict(tr.indexer), capture=meta,
                            part_rows=8 * rows_per_step)  # fmt: skip
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

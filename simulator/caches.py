@@ -18,7 +18,6 @@ from dsacache.simulator.engine import (
     Cache,
     CacheConfig,
     check_counters,
-    fill_table,
     line_numbers,
     lines_per_access,
 )
@@ -28,9 +27,8 @@ KV, APPEND = CLASS_ID["kv"], CLASS_ID["append"]
 
 
 def _fill_args(cfg: CacheConfig) -> tuple[int, np.ndarray]:
-    """``run_objects``' fill unit: its shift and the sector-mask table of a line."""
-    table = fill_table(cfg.line // cfg.sector, cfg.fill_bytes // cfg.sector)
-    return cfg.fill_bytes.bit_length() - 1, table
+    """``run_objects``' fill unit: its shift and ``CacheConfig.fill_masks``."""
+    return cfg.fill_bytes.bit_length() - 1, cfg.fill_masks()
 
 
 class LineModel:
@@ -56,6 +54,7 @@ class TokenModel:
 
     def __init__(self, config: CacheConfig, policy: Policy) -> None:
         self.config, self.policy = config, policy
+        self.fill = _fill_args(config)
         self.needs_future = policy.type.needs_future
         self.appends = policy.values["appends"] == "yes"
         self.sets = policy.values.get("sets", 0) or 1
@@ -92,7 +91,7 @@ class TokenModel:
             bucket, _future(future), counters, self.store.arrays(),
             cfg.line.bit_length() - 1, cfg.sector.bit_length() - 1, self.needs_future,
             np.full(len(addr), objects.ADMIT_ALWAYS, np.int8), self.ghost.arrays(), True, True,
-            routed, *_fill_args(cfg),
+            routed, *self.fill,
         )  # fmt: skip
 
 
@@ -102,6 +101,7 @@ class ReserveModel:
     def __init__(self, config: CacheConfig, policy: Policy, layers: int) -> None:
         v = policy.values
         self.config, self.policy = config, policy
+        self.fill = _fill_args(config)
         way_bytes = config.n_sets * config.line
         reserved_ways = v["ways"] or -(-v["bytes"] // way_bytes)
         if not 1 <= reserved_ways < config.ways:
@@ -155,7 +155,7 @@ class ReserveModel:
             addr, nbytes, is_write, tokens, part, bucket, _future(future),
             counters, self.store.arrays(), cfg.line.bit_length() - 1,
             cfg.sector.bit_length() - 1, self.needs_future, self._admit(addr, klass, layer, score),
-            self.ghost.arrays(), False, self.appends, routed, *_fill_args(cfg),
+            self.ghost.arrays(), False, self.appends, routed, *self.fill,
         )  # fmt: skip
         rest = routed == 0
         self.rest.run(addr[rest], nbytes[rest], is_write[rest], bucket[rest], counters, klass[rest])

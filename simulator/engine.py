@@ -57,6 +57,17 @@ class CacheConfig:
         is read in 64-B units: dsacache/data/h200/README.md)."""
         return self.fill or self.sector
 
+    def fill_masks(self) -> np.ndarray:
+        """``table[m]``: the sectors fetched for the missing-sector mask ``m`` of a line, i.e.
+        the union of the aligned ``fill_bytes`` units that ``m`` touches."""
+        per_fill = self.fill_bytes // self.sector
+        masks = np.arange(256)
+        out = np.zeros(256, np.uint8)
+        unit = (1 << per_fill) - 1
+        for first in range(0, self.line // self.sector, per_fill):
+            out |= np.where(masks & (unit << first), unit << first, 0).astype(np.uint8)
+        return out
+
     def check(self) -> None:
         """Raise ``DsacacheError`` naming the first impossible value."""
         if self.line < 1 or self.line & (self.line - 1):
@@ -187,17 +198,6 @@ def _flush(counters, b, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes, n_f
     counters[b, 5] += n_written
     counters[b, 6] += n_bytes
     counters[b, 7] += n_fetched
-
-
-def fill_table(sectors_per_line: int, sectors_per_fill: int) -> np.ndarray:
-    """``table[m]``: the sectors fetched for the missing-sector mask ``m`` of a line, i.e. the
-    union of the aligned ``sectors_per_fill``-sector units that ``m`` touches."""
-    masks = np.arange(256)
-    out = np.zeros(256, np.uint8)
-    unit = (1 << sectors_per_fill) - 1
-    for first in range(0, sectors_per_line, sectors_per_fill):
-        out |= np.where(masks & (unit << first), unit << first, 0).astype(np.uint8)
-    return out
 
 
 @njit(inline="always")
@@ -506,8 +506,7 @@ class Cache:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
         self._kernel = _kernel(self.policy, config.ways, config.replicate)
         self._ring = np.zeros(PREFETCH_AHEAD, np.int64)  # sets of the next accesses (scratch)
-        self._fill_mask = fill_table(config.line // config.sector,
-                                     config.fill_bytes // config.sector)  # fmt: skip
+        self._fill_mask = config.fill_masks()
         self.reset()
 
     def reset(self) -> None:

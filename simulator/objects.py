@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from dsacache.simulator.engine import prefetch
+from dsacache.simulator.engine import _POPCOUNT8, prefetch
 
 EMPTY = -1
 EVICT_AHEAD = 3  # LRU evictions whose list nodes and table slots are prefetched
@@ -337,7 +337,7 @@ def run_objects(
     ``admit[i]`` says what a token read that misses does: ``ADMIT_NEVER`` (leave it to the next
     cache), ``ADMIT_ALWAYS`` (insert it) or ``ADMIT_SECOND`` (insert it if ``ghost`` remembers
     an earlier miss of it, else remember this one). A miss fetches whole fill units of
-    ``1 << fill_shift`` bytes (``fill_mask``: ``engine.fill_table`` of the line's sectors),
+    ``1 << fill_shift`` bytes (``fill_mask``: ``CacheConfig.fill_masks``),
     counted in ``fetched_sectors``."""
     has_future = future.shape[0] > 0
     n_parts = st[2].shape[0]
@@ -432,18 +432,11 @@ def run_objects(
                 lacking = wanted
                 fetched = fill_mask[lacking]
                 insert(st, key, line_bytes, p_line, wanted | fetched, nu, furthest)
-            missing = 0
-            m = lacking
-            while m:
-                missing += 1
-                m &= m - 1
+            missing = _POPCOUNT8[lacking]
             counters[b, 1] += missing == 0
             counters[b, 3] += n_wanted - missing
             counters[b, 4] += missing
-            m = np.int64(fetched)
-            while m:
-                counters[b, 7] += 1
-                m &= m - 1
+            counters[b, 7] += _POPCOUNT8[fetched]
 
 
 def object_keys(

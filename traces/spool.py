@@ -78,10 +78,13 @@ class StepSpool:
                     self._error = e
                     return
 
-    def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
-        """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
+    def _raise(self) -> None:
         if self._error is not None:
             raise TraceError(f"{self.path}: fsync failed: {self._error}") from self._error
+
+    def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
+        """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
+        self._raise()
         layers, batch, groups, width = dense.shape
         header = np.array([MAGIC, step, layers, batch, groups, width], np.int32)
         pos = np.ascontiguousarray(positions, dtype=np.int32)
@@ -107,8 +110,7 @@ class StepSpool:
             self._syncer.join()
         os.close(self._fd)
         self._fd = -1
-        if self._error is not None:
-            raise TraceError(f"{self.path}: fsync failed: {self._error}") from self._error
+        self._raise()
 
 
 def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
