@@ -433,25 +433,44 @@ def gpu_of(m: pd.DataFrame) -> str:
     )
 
 
+def read_measurement(path: str | Path) -> pd.DataFrame:
+    """A measurement file (Parquet or CSV), or a clear error."""
+    from dsacache.errors import DsacacheError
+
+    try:
+        return pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise DsacacheError(f"cannot read measurement {path}: {e}") from None
+
+
 def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
-    """``compare`` for measurement files made with ``dsacache probe`` (any GPU): each is
-    simulated with the fitted model of ``gpu``, or of the GPU its metadata names."""
+    """``compare`` for measurement files: ``dsacache probe`` outputs, and ``dsacache profile``
+    runs of the decode-step driver (one per file, or several told apart by a ``config``
+    column). Each is simulated with the fitted model of ``gpu``, or of the GPU its metadata
+    names."""
     from dsacache.errors import DsacacheError
 
     rows = []
     for path in paths:
-        try:
-            m = pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
-        except (OSError, ValueError) as e:
-            raise DsacacheError(f"cannot read measurement {path}: {e}") from None
-        missing = {READ, READ_HIT, DRAM, "role", "bytes"} - set(m.columns)
+        m = read_measurement(path)
+        missing = {READ, READ_HIT, DRAM, "meta_command"} - set(m.columns)
         if missing:
             raise DsacacheError(
                 f"{path} lacks the columns {', '.join(sorted(missing))}: not a `dsacache probe` "
-                "measurement"
+                "or `dsacache profile` measurement"
+            )
+        model = fitted(gpu or gpu_of(m))
+        if "Kernel Name" in m and driver_args(m) is not None:
+            configs = m.groupby("config", sort=True) if "config" in m else [(Path(path).stem, m)]
+            for name, part in configs:
+                rows += compare_decode_step(str(name), part.reset_index(drop=True), (model,))
+            continue
+        if not {"role", "bytes"} <= set(m.columns):
+            raise DsacacheError(
+                f"{path} lacks the columns bytes, role: not a `dsacache probe` measurement (nor "
+                "a profile of python -m dsacache.kernels.decode_step)"
             )
         m["hit"] = m[READ_HIT] / m[READ]
-        model = fitted(gpu or gpu_of(m))
         try:
             rows += compare_measurement(Path(path).stem, m, (model,))
         except KeyError as e:
@@ -459,6 +478,11 @@ def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
                 f"{path} lacks the column {e}: not a `dsacache probe` file"
             ) from None
     return _errors(rows)
+
+
+def kernel_measurements(gpu: str) -> list[Path]:
+    """The bundled profiles of the decode-step driver for ``gpu`` (``decode-steps*.parquet``)."""
+    return sorted((DATA_DIR / gpu).glob("decode-steps*.parquet"))
 
 
 def fit_hierarchy(gpu: str = "h100"):
@@ -533,6 +557,126 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
                      "simulated_dram_bytes": k.loc[st, "bytes_from_memory"]}
                     for st in meas.index
                 ]  # fmt: skip
+    return rows
+
+
+# ---- the decode-step driver under ncu (kernels/decode_step.py, `dsacache profile`) -----------
+STEP_KERNELS = (  # (class, pattern of the kernel's name): the launches a profile is read from
+    ("index", "dsa_indexer_logits"),
+    ("kv", "dsa_mla_sparse_decode|dsa_gqa_sparse_decode|flash_fwd_splitkv_mla"),
+)
+
+
+def driver_args(m: pd.DataFrame):
+    """The ``dsacache.kernels.decode_step`` arguments a profile was taken with, read back from
+    its ``meta_command``, or ``None`` when the file profiled another program."""
+    import shlex
+
+    from dsacache.kernels.decode_step import parser
+
+    words = shlex.split(str(m["meta_command"].iloc[0])) if "meta_command" in m else []
+    if "dsacache.kernels.decode_step" not in words:
+        return None
+    words = words[words.index("dsacache.kernels.decode_step") + 1 :]
+    try:
+        args, _ = parser().parse_known_args(words)
+    except SystemExit:
+        from dsacache.errors import DsacacheError
+
+        raise DsacacheError(f"cannot read the driver's arguments back from {words!r}") from None
+    args.kv_first_from = -1  # a probe option decode_policy reads; the driver has none
+    return args
+
+
+def measured_steps(m: pd.DataFrame, layers: int) -> pd.DataFrame:
+    """Per (step, class): the ncu read sectors, hits and DRAM bytes of a decode-step profile's
+    indexer (``index``) and sparse attention (``kv``) launches; launch n of a class is layer
+    ``n % layers`` of step ``n // layers``."""
+    parts = []
+    for cls, pattern in STEP_KERNELS:
+        k = m[m["Kernel Name"].astype(str).str.contains(pattern)].reset_index(drop=True)
+        k = k.assign(step=np.arange(len(k)) // layers, role=cls)
+        parts.append(k.groupby(["step", "role"])[[READ, READ_HIT, DRAM]].sum().reset_index())
+    return pd.concat(parts, ignore_index=True)
+
+
+def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFrame, int]:
+    """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
+    same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
+    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``). KV of
+    layers >= ``first_from`` carries the ``weights`` class (see ``simulate_decode``). Returns
+    the rows and the number of layers run."""
+    import tempfile
+
+    from dsacache.kernels.decode_step import kv_reads_per_token
+    from dsacache.simulator.stream import build_step, plan_replay
+    from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
+    from dsacache.tracer.synth import materialize
+    from dsacache.traces import open_trace
+
+    from dsacache.errors import DsacacheError
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            trace = open_trace(materialize(args.trace, tmp))
+        except DsacacheError as e:
+            raise DsacacheError(
+                f"cannot re-simulate the profiled decode: its trace is not here ({e}); profile "
+                "a bundled trace or a synth:PRESET:KNOB=VALUE,... spec"
+            ) from None
+        heads = args.heads or int(trace.model.get("heads", 128))
+        wl = Workload(
+            layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
+            classes=("index", "kv"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
+        )  # fmt: skip
+        amap = plan_replay(trace, wl)
+        layers = min(amap.layers, args.layers or amap.layers)
+        cache = make_model(model.config(), model.policy, layers)
+        if STALE_L2:
+            fill_with_stale_lines(cache, model.capacity)
+        for n, step_rows in enumerate(trace.iter_steps()):
+            if args.steps is not None and n >= args.steps:
+                break
+            keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
+            chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
+            klass = chunk.cls.copy()
+            if first_from >= 0:
+                klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= first_from)] = CLASS_ID["weights"]
+            counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
+            cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass,
+                            chunk.layer, chunk.cls.astype(np.int64), counters)  # fmt: skip
+            for role in ("index", "kv"):
+                c = counters[CLASS_ID[role]]
+                rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],
+                             "simulated_dram_bytes": c[7] * 32})  # fmt: skip
+    return pd.DataFrame(rows), layers
+
+
+def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:
+    """Measured vs simulated rows of one decode-step profile, per (step, class).
+
+    ncu counts every sector a kernel reads, also its small per-program reads (queries, head
+    weights, page-table rows, the selection) that every program repeats and that hit; the
+    model streams the keys and KV only. The measured hit rate compared is therefore that of
+    the modelled reads: ``(hits - extra) / (reads - extra)`` with ``extra = reads -
+    simulated sectors`` (taken as hits; ``raw_measured`` keeps ncu's own rate)."""
+    args = driver_args(m)
+    rows = []
+    for base in models:
+        policy, first_from = decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
+        model = base.with_policy(policy)
+        sim, layers = simulate_steps(args, model, first_from)
+        j = measured_steps(m, layers).merge(sim, on=["step", "role"])
+        extra = np.maximum(j[READ] - j["sim_sectors"], 0)
+        meas = ((j[READ_HIT] - extra) / (j[READ] - extra)).clip(0, 1)
+        rows += [
+            {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
+             "policy": model.policy, "measured": meas[i], "simulated": r.sim_hits / r.sim_sectors,
+             "raw_measured": j.loc[i, READ_HIT] / j.loc[i, READ],
+             "measured_dram_bytes": j.loc[i, DRAM], "simulated_dram_bytes": r.simulated_dram_bytes}
+            for i, r in enumerate(j.itertuples())
+        ]  # fmt: skip
     return rows
 
 

@@ -548,25 +548,37 @@ def probe(
     type=click.Path(exists=True, dir_okay=False),
     help="A `dsacache probe` measurement to compare instead of the bundled ones (repeatable).",
 )
+@click.option(
+    "--kernels",
+    is_flag=True,
+    help="Compare the bundled profiles of the real decode kernels (the decode-step driver "
+    "under ncu) instead of the probes.",
+)
 @click.option("--fit", is_flag=True, help="Also refit the model to the reuse probe (slower).")
 @click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
-def compare(gpu, measured_paths, fit, out) -> None:
-    """Simulated vs measured L2 hit rates and DRAM bytes on GPU probes: those bundled with
-    dsacache, or your own (--measured, made with `dsacache probe` on a GPU).
+def compare(gpu, measured_paths, kernels, fit, out) -> None:
+    """Simulated vs measured L2 hit rates and DRAM bytes: on the GPU probes bundled with
+    dsacache, on the bundled profiles of the real decode kernels (--kernels), or on your own
+    (--measured: made with `dsacache probe`, or `dsacache profile` of the decode-step driver).
 
     The model is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
-    eviction hints) are predictions. --out writes one row per (experiment, point, model)
-    with the measured and simulated values and their errors.
+    eviction hints) and the kernels are predictions. --out writes one row per (experiment,
+    point, model) with the measured and simulated values and their errors.
 
     \b
     Example:
       dsacache compare --gpu h100
+      dsacache compare --gpu h200 --kernels --out cmp.csv
       dsacache compare --measured decode.parquet --out cmp.csv
     """
     from dsacache import calibration
 
     if fit:
         click.echo(calibration.fit_reuse(gpu or "h100").head(5).to_string(index=False))
+    if kernels and not measured_paths:
+        measured_paths = calibration.kernel_measurements(gpu or "h200")
+        if not measured_paths:
+            raise click.UsageError(f"no bundled kernel profiles for gpu {gpu or 'h200'!r}")
     if measured_paths:
         df = calibration.compare_files(list(measured_paths), gpu)
     else:

@@ -19,8 +19,10 @@ Command line (the workload to profile)::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import queue
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,7 +45,11 @@ from dsacache.kernels.paged import (
     random_mla_cache,
 )
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
+from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
+# CTAs of FlashMLA's SM90 sparse FP8 decode reading each selected token (128 heads)
+FLASHMLA_READS = 2
+FLUSH_BYTES = 256 * 2**20  # written before the first step: several times the L2
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
 DEEPSEEK_SM_SCALE = (128 + 64) ** -0.5  # DeepSeek-V3.2: qk head dim 192 before absorption
@@ -55,6 +61,16 @@ class Hints:
 
     index: str = ""  # the indexer's key loads
     kv: str = ""  # the sparse attention's KV gathers
+
+
+@dataclass(frozen=True)
+class Persist:
+    """An L2 persisting access-policy window over the KV pools of the first ``layers`` layers:
+    ``hit_ratio`` of its lines persist, in ``set_aside`` bytes of L2 set aside for them."""
+
+    layers: int
+    hit_ratio: float = 1.0
+    set_aside: int = 0
 
 
 @dataclass
@@ -319,6 +335,28 @@ class RunResult:
     capture_stats: dict[str, float] = field(default_factory=dict)  # IndexCapture.stats
 
 
+def kv_reads_per_token(backend: str, layout: str, heads: int) -> int:
+    """How many CTAs of the sparse attention kernel read each selected token per step (the
+    tiling the simulator's ``Workload.reads_per_token`` models). Ours: one program per block
+    of up to 64 heads reads the whole token (``mla_sparse_decode``); GQA: one program per KV
+    head reads that head's K and V, each byte once. FlashMLA: see ``FLASHMLA_READS``."""
+    if layout == "gqa":
+        return 1
+    if backend == "flashmla":
+        return FLASHMLA_READS
+    block_h = min(64, max(16, 1 << (heads - 1).bit_length()))
+    return -(-heads // block_h)
+
+
+def _persisted_pools(pt: PageTable, layout: str, layers: int, dev: torch.device) -> torch.Tensor:
+    """One buffer holding ``layers`` MLA pools back to back (a window covers one range)."""
+    from dsacache.kernels.paged import MLA_FP8_BYTES
+
+    fp8 = layout == "mla-fp8"
+    width, dtype = (MLA_FP8_BYTES, torch.uint8) if fp8 else (MLA_DIM, torch.bfloat16)
+    return torch.empty((layers, pt.num_pages, pt.page_size, width), dtype=dtype, device=dev)
+
+
 def _kv_bytes_per_token(layout: str, kv_heads: int, head_dim: int, groups: int) -> int:
     if layout == "mla-fp8":
         return 656
@@ -363,8 +401,10 @@ def run_trace(
     capture: str | None = None,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
+    persist: Persist | None = None,
 ) -> RunResult:
-    """Run ``steps`` decode steps of ``trace`` (a path or an opened trace) through the kernels.
+    """Run ``steps`` decode steps of ``trace`` (a path, a bundled trace's name, a
+    ``synth:PRESET:KNOB=VALUE,...`` spec or an opened trace) through the kernels.
 
     Batch slot ``b`` replays trace request ``b % requests`` (on its own pages). Per step and
     layer: the indexer reads every cached key of each slot (``position`` tokens), then sparse
@@ -373,13 +413,25 @@ def run_trace(
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
     the indices the attention kernels read to a new trace at that path (see
     ``IndexCapture``). ``backend``: the sparse attention kernel, ours ("triton") or
-    DeepSeek's FlashMLA ("flashmla", mla-fp8).
+    DeepSeek's FlashMLA ("flashmla", mla-fp8). ``persist`` runs the decode on a stream whose
+    L2 persisting access-policy window covers the KV pools of the first layers (MLA layouts).
+    The L2 is flushed before the first step, so every run starts from the same state.
     """
+    if isinstance(trace, str) and trace.startswith(SPEC_PREFIX):
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_trace(
+                materialize(trace, tmp), layout=layout, batch=batch, steps=steps, layers=layers,
+                hints=hints, device=device, page_order=page_order, seed=seed,
+                use_trace_selection=use_trace_selection, index_heads=index_heads, heads=heads,
+                capture=capture, attn_options=attn_options, backend=backend, persist=persist,
+            )  # fmt: skip
     from dsacache.traces import open_trace
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     check_backend(backend, layout, hints, attn_options)
+    if persist is not None and (not layout.startswith("mla") or hints.index or hints.kv):
+        raise ValueError("a persisting window runs with an MLA layout and without L2 hints")
     tr = open_trace(trace) if not hasattr(trace, "iter_steps") else trace
     model, totals = tr.model, tr.manifest.get("totals", {})
     requests = max(1, int(totals.get("requests", 1)))
@@ -401,10 +453,16 @@ def run_trace(
 
     pt: PageTable = make_page_table([capacity] * batch, order=page_order, seed=seed, device=dev)
     caches = []
+    persisted = None  # the KV pools of the window's layers, one after another in one buffer
+    if persist is not None:
+        persisted = _persisted_pools(pt, layout, min(persist.layers, n_layers), dev)
     for layer in range(n_layers):
         idx_cache = random_index_cache(pt, seed=seed + 2 * layer, device=dev)
         if mla:
             kv = random_mla_cache(pt, layout == "mla-fp8", seed=seed + 2 * layer + 1, device=dev)
+            if persisted is not None and layer < len(persisted):
+                persisted[layer].copy_(kv.pool)
+                kv = MLACache(persisted[layer], pt)
         else:
             kv = random_gqa_cache(pt, kv_heads, head_dim, seed=seed + 2 * layer + 1, device=dev)
         caches.append(LayerCaches(idx_cache, kv))
@@ -433,6 +491,18 @@ def run_trace(
     result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
+        torch.ones(FLUSH_BYTES // 4, device=dev).add_(1.0)
+    l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
+    if persisted is not None:
+        from dsacache.kernels.l2persist import persisting_window
+
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        l2_window.enter_context(torch.cuda.stream(stream))
+        l2_window.enter_context(persisting_window(stream.cuda_stream, persisted.data_ptr(),
+                             persisted.numel() * persisted.element_size(), persist.hit_ratio,
+                             persist.set_aside))  # fmt: skip
     sync()
     t_all = time.perf_counter()
     try:
@@ -476,6 +546,8 @@ def run_trace(
             with contextlib.suppress(Exception):  # the loop's error is the one to report
                 cap.close(complete=False)  # keep the steps captured so far, marked incomplete
         raise
+    finally:
+        l2_window.close()
     if cap is not None:
         cap.close()
         result.capture_stats = dict(cap.stats)
@@ -483,14 +555,10 @@ def run_trace(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m dsacache.kernels.decode_step TRACE ...``: the trace replayed on the GPU."""
-    import argparse
-    import json
-    from dataclasses import asdict
-
+def parser() -> argparse.ArgumentParser:
+    """The driver's command line; ``calibration`` reads a profile's command back with it."""
     p = argparse.ArgumentParser(prog="python -m dsacache.kernels.decode_step")
-    p.add_argument("trace")
+    p.add_argument("trace", help="trace path, bundled name or synth:PRESET:KNOB=VALUE,...")
     p.add_argument("--layout", choices=LAYOUTS, default="mla-fp8")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=None)
@@ -499,16 +567,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--page-order", default="shuffled", choices=["shuffled", "contiguous"])
+    p.add_argument("--seed", type=int, default=0, help="page order and cache contents")
     p.add_argument("--indexer-topk", action="store_true", help="attend to the indexer's top-k")
     p.add_argument("--capture", default=None, help="write the indices read to this trace")
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", choices=BACKENDS, default="triton", help="sparse attention kernel")
-    args = p.parse_args(argv)
+    p.add_argument("--persist-layers", type=int, default=0,
+                   help="L2 persisting window over the KV of the first N layers (MLA)")  # fmt: skip
+    p.add_argument("--hit-ratio", type=float, default=1.0, help="the window's hitRatio")
+    p.add_argument("--set-aside", default="0", help="persisting L2 set-aside, e.g. 30MiB")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dsacache.kernels.decode_step TRACE ...``: the trace replayed on the GPU."""
+    import json
+    from dataclasses import asdict
+
+    from dsacache.units import parse_size
+
+    args = parser().parse_args(argv)
+    persist = None
+    if args.persist_layers > 0:
+        persist = Persist(args.persist_layers, args.hit_ratio, parse_size(args.set_aside))
     res = run_trace(
         args.trace, layout=args.layout, batch=args.batch, steps=args.steps, layers=args.layers,
         heads=args.heads, hints=Hints(args.index_evict, args.kv_evict), device=args.device,
         page_order=args.page_order, use_trace_selection=not args.indexer_topk,
-        capture=args.capture, backend=args.backend,
+        capture=args.capture, backend=args.backend, seed=args.seed, persist=persist,
     )  # fmt: skip
     summary = asdict(res)
     summary.pop("step_seconds")

@@ -123,6 +123,48 @@ def preset(name: str, **overrides: Any) -> SynthConfig:
     return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
+SPEC_PREFIX = "synth:"
+
+
+def parse_spec(spec: str) -> SynthConfig:
+    """The config of a trace spec ``synth:PRESET[:KNOB=VALUE,...]``, e.g.
+    ``synth:deepseek-v3.2:layers=4,context=131072,requests=8,steps=4``: a synthetic trace
+    named by its knobs, so that a command line alone reproduces it (``materialize``)."""
+    if not spec.startswith(SPEC_PREFIX):
+        raise DsacacheError(f"trace spec {spec!r} does not start with {SPEC_PREFIX!r}")
+    name, _, knobs = spec[len(SPEC_PREFIX) :].partition(":")
+    fields = {
+        f.name: f.type for f in SynthConfig.__dataclass_fields__.values() if f.name != "model"
+    }
+    overrides: dict[str, Any] = {}
+    for item in filter(None, knobs.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise DsacacheError(
+                f"trace spec {spec!r}: {item!r} is not KNOB=VALUE with a knob of: "
+                + ", ".join(fields)
+            )
+        kind = float if fields[key] in (float, "float") else int
+        try:
+            overrides[key] = kind(value)
+        except ValueError:
+            raise DsacacheError(
+                f"trace spec {spec!r}: {key} needs a number, got {value!r}"
+            ) from None
+    cfg = preset(name, **overrides)
+    cfg.check()
+    return cfg
+
+
+def materialize(trace: str | os.PathLike, tmpdir: str | os.PathLike) -> str | os.PathLike:
+    """``trace`` itself (a path or bundled name), or for a ``synth:`` spec a trace generated
+    into ``tmpdir`` (deterministic: the same spec gives the same trace anywhere)."""
+    if isinstance(trace, str) and trace.startswith(SPEC_PREFIX):
+        return synthesize(parse_spec(trace), os.path.join(tmpdir, "synth.dsatrace"))
+    return trace
+
+
 class _Selector:
     """Selection state of one (request, layer, group) stream."""
 
