@@ -278,35 +278,52 @@ def fit_reuse(
     return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
 
 
-def probe_args(m: pd.DataFrame):
-    """The ``dsacache.kernels.probes`` arguments a measurement was taken with, read back from
-    its ``meta_command`` (``argparse.Namespace``)."""
+def command_args(m: pd.DataFrame, module: str):
+    """The arguments after ``python -m dsacache.kernels.MODULE`` in a measurement's
+    ``meta_command`` (a list of words), or ``None`` when it ran another program. An empty
+    hint ("") did not survive joining the command: it is put back."""
     import shlex
-
-    from dsacache.errors import DsacacheError
-    from dsacache.kernels.probes import parser
 
     command = str(m["meta_command"].iloc[0]) if "meta_command" in m else ""
     try:
         words = shlex.split(command)
     except ValueError:
         words = []
-    if "dsacache.kernels.probes" not in words:
-        raise DsacacheError(
-            "not a probe measurement (its meta_command does not run dsacache.kernels.probes; "
-            f"make one with `dsacache probe`): {command[:200]!r}"
-        )
-    words = words[words.index("dsacache.kernels.probes") + 1 :]
-    for i in reversed(range(len(words))):  # an empty hint ("") did not survive the join
+    if f"dsacache.kernels.{module}" not in words:
+        return None
+    words = words[words.index(f"dsacache.kernels.{module}") + 1 :]
+    for i in reversed(range(len(words))):
         if words[i] in ("--index-evict", "--kv-evict") and (
             i + 1 == len(words) or words[i + 1].startswith("--")
         ):
             words.insert(i + 1, "")
+    return words
+
+
+def _parse(parser, words: list[str]):
+    from dsacache.errors import DsacacheError
+
     try:
-        args, _ = parser().parse_known_args(words)
+        args, _ = parser.parse_known_args(words)
     except SystemExit:
-        raise DsacacheError(f"cannot read the probe's arguments back from {command!r}") from None
+        raise DsacacheError(f"cannot read the arguments back from {words!r}") from None
     return args
+
+
+def probe_args(m: pd.DataFrame):
+    """The ``dsacache.kernels.probes`` arguments a measurement was taken with, read back from
+    its ``meta_command`` (``argparse.Namespace``)."""
+    from dsacache.errors import DsacacheError
+    from dsacache.kernels.probes import parser
+
+    words = command_args(m, "probes")
+    if words is None:
+        command = str(m["meta_command"].iloc[0]) if "meta_command" in m else ""
+        raise DsacacheError(
+            "not a probe measurement (its meta_command does not run dsacache.kernels.probes; "
+            f"make one with `dsacache probe`): {command[:200]!r}"
+        )
+    return _parse(parser(), words)
 
 
 def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
@@ -570,20 +587,12 @@ STEP_KERNELS = (  # (class, pattern of the kernel's name): the launches a profil
 def driver_args(m: pd.DataFrame):
     """The ``dsacache.kernels.decode_step`` arguments a profile was taken with, read back from
     its ``meta_command``, or ``None`` when the file profiled another program."""
-    import shlex
-
     from dsacache.kernels.decode_step import parser
 
-    words = shlex.split(str(m["meta_command"].iloc[0])) if "meta_command" in m else []
-    if "dsacache.kernels.decode_step" not in words:
+    words = command_args(m, "decode_step")
+    if words is None:
         return None
-    words = words[words.index("dsacache.kernels.decode_step") + 1 :]
-    try:
-        args, _ = parser().parse_known_args(words)
-    except SystemExit:
-        from dsacache.errors import DsacacheError
-
-        raise DsacacheError(f"cannot read the driver's arguments back from {words!r}") from None
+    args = _parse(parser(), words)
     args.kv_first_from = -1  # a probe option decode_policy reads; the driver has none
     return args
 
@@ -608,13 +617,12 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     the rows and the number of layers run."""
     import tempfile
 
+    from dsacache.errors import DsacacheError
     from dsacache.kernels.decode_step import kv_reads_per_token
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
     from dsacache.tracer.synth import materialize
     from dsacache.traces import open_trace
-
-    from dsacache.errors import DsacacheError
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

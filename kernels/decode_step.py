@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsacache.errors import DsacacheError
 from dsacache.kernels.flashmla import flashmla_sparse_decode
 from dsacache.kernels.indexer import indexer_logits, select_topk
 from dsacache.kernels.paged import (
@@ -587,15 +588,19 @@ def main(argv: list[str] | None = None) -> None:
     from dsacache.units import parse_size
 
     args = parser().parse_args(argv)
-    persist = None
-    if args.persist_layers > 0:
-        persist = Persist(args.persist_layers, args.hit_ratio, parse_size(args.set_aside))
-    res = run_trace(
-        args.trace, layout=args.layout, batch=args.batch, steps=args.steps, layers=args.layers,
-        heads=args.heads, hints=Hints(args.index_evict, args.kv_evict), device=args.device,
-        page_order=args.page_order, use_trace_selection=not args.indexer_topk,
-        capture=args.capture, backend=args.backend, seed=args.seed, persist=persist,
-    )  # fmt: skip
+    try:  # a bad trace, spec or window: one line, no traceback
+        persist = None
+        if args.persist_layers > 0:
+            persist = Persist(args.persist_layers, args.hit_ratio, parse_size(args.set_aside))
+        res = run_trace(
+            args.trace, layout=args.layout, batch=args.batch, steps=args.steps,
+            layers=args.layers, heads=args.heads, hints=Hints(args.index_evict, args.kv_evict),
+            device=args.device, page_order=args.page_order,
+            use_trace_selection=not args.indexer_topk, capture=args.capture,
+            backend=args.backend, seed=args.seed, persist=persist,
+        )  # fmt: skip
+    except DsacacheError as e:
+        raise SystemExit(f"error: {e}") from None
     summary = asdict(res)
     summary.pop("step_seconds")
     print(json.dumps(summary))

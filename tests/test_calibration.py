@@ -3,10 +3,12 @@
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dsacache import calibration
 from dsacache.errors import DsacacheError
+from dsacache.tracer.synth import parse_spec
 
 
 def _reuse_error(model, gpu="h100"):
@@ -221,6 +223,10 @@ def test_compare_refuses_files_it_cannot_simulate(tmp_path):
     kernel = calibration.DATA_DIR / "h100" / "l2-mla-decode-16l-index.parquet"
     result = CliRunner().invoke(main, ["compare", "--measured", str(kernel)])
     assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "cannot re-simulate the profiled decode: its trace is not here" in result.output
+    probe = calibration.measured("h200", "decode-small").drop(columns=["role"])
+    probe.to_parquet(tmp_path / "probe.parquet")
+    result = CliRunner().invoke(main, ["compare", "--measured", str(tmp_path / "probe.parquet")])
     assert "lacks the columns bytes, role: not a `dsacache probe` measurement" in result.output
     other = calibration.measured("h200", "decode-small").assign(meta_command="python mine.py")
     other.to_parquet(tmp_path / "other.parquet")
@@ -251,3 +257,50 @@ def test_compare_simulates_the_probe_as_measured(tmp_path):
     with pytest.raises(DsacacheError, match="no calibrated L2 model for 'NVIDIA GH200'"):
         calibration.gpu_of(m.assign(meta_gpu="NVIDIA GH200"))
     assert calibration.gpu_of(m) == "h200"
+
+
+def _kernel_profile(config: str):
+    m = pd.read_parquet(calibration.kernel_measurements("h200")[0])
+    return m[m["config"] == config].reset_index(drop=True)
+
+
+def test_kernel_profiles_cover_the_grid_and_read_back():
+    """The bundled H200 profiles of the real decode kernels: >= 24 configurations spanning
+    contexts 8K-128K, k 256-2048, batch 1-64, both backends and GQA, hints and a window."""
+    m = pd.read_parquet(calibration.kernel_measurements("h200")[0])
+    args = {c: calibration.driver_args(g) for c, g in m.groupby("config")}
+    assert len(args) >= 24
+    synth = [parse_spec(a.trace) for a in args.values() if a.trace.startswith("synth:")]
+    assert {s.context for s in synth} >= {8192, 32768, 131072}
+    assert {s.k for s in synth} >= {256, 2048} and {a.batch for a in args.values()} >= {1, 8, 64}
+    assert {a.backend for a in args.values()} == {"triton", "flashmla"}
+    assert {a.layout for a in args.values()} == {"mla-fp8", "gqa"}
+    assert any(a.persist_layers for a in args.values()) and any(a.kv_evict for a in args.values())
+    assert {"NVIDIA H200"} == set(m["meta_gpu"]) and m["meta_command"].str.contains("ncu").all()
+    a = args["t15"]
+    assert (a.persist_layers, a.hit_ratio, a.set_aside) == (5, 1.0, "30MiB")
+    steps = calibration.measured_steps(_kernel_profile("t15"), layers=16)
+    assert len(steps) == 8 and (steps["step"].value_counts() == 2).all()  # 4 steps x 2 classes
+
+
+def test_compare_simulates_a_kernel_profile_from_its_command(tmp_path):
+    """`compare --measured` on one profiled configuration: the persisting window's policy comes
+    from the driver's command, the trace from its synth spec; the model predicts this one."""
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    _kernel_profile("t15").to_parquet(tmp_path / "t15.parquet")
+    out = tmp_path / "cmp.csv"
+    result = CliRunner().invoke(
+        main, ["compare", "--measured", str(tmp_path / "t15.parquet"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    got = pd.read_csv(out)
+    assert len(got) == 8 and set(got["experiment"]) == {"t15"}
+    assert set(got["policy"]) == {"persist:window=kv,hit_ratio=1.0,set_aside=17301504"}
+    kv = got[got["point"].str.endswith("kv")]
+    assert (kv["simulated"].iloc[1:] > kv["simulated"].iloc[0] + 0.05).all()  # the window
+    assert got["error_points"].abs().max() < 4
+    assert got["dram_error_pct"].abs().median() < 1
+    assert (got["raw_measured"] >= got["measured"]).all()  # ncu's rate counts the small reads

@@ -25,7 +25,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from dsacache.kernels import paged  # noqa: E402
-from dsacache.kernels.decode_step import Hints, LayerCaches, decode_step, run_trace  # noqa: E402
+from dsacache.kernels.decode_step import (  # noqa: E402
+    Hints,
+    LayerCaches,
+    Persist,
+    decode_step,
+    run_trace,
+)
 from dsacache.kernels.flashmla import (  # noqa: E402
     flashmla_available,
     flashmla_sparse_decode,
@@ -517,3 +523,29 @@ def test_gpu_flashmla_backend_matches_reference_and_ours(tmp_path):
     res = run_trace(src, batch=2, device="cuda", index_heads=8, capture=str(cap),
                     backend="flashmla")  # fmt: skip
     assert res.backend == "flashmla" and _rows(open_trace(cap)) == _rows(src)
+
+
+def test_run_trace_takes_a_synth_spec_and_refuses_a_bad_window():
+    spec = "synth:deepseek-v3.2:context=200,k=32,requests=2,layers=2,steps=2"
+    res = run_trace(spec, layout="mla-fp8", batch=2, device=DEVICE, index_heads=8, heads=16)
+    assert (res.steps, res.layers, res.batch) == (2, 2, 2)
+    assert res.kv_bytes == 2 * 2 * 2 * 32 * 656  # steps x layers x batch x k tokens
+    with pytest.raises(ValueError, match="persisting window runs with an MLA layout"):
+        run_trace(spec, layout="gqa", device=DEVICE, persist=Persist(1))
+
+
+def test_driver_command_line_reports_a_bad_spec_in_one_line(capsys):
+    from dsacache.kernels.decode_step import main
+
+    with pytest.raises(SystemExit, match="error: trace spec .* 'ctx=9' is not KNOB=VALUE"):
+        main(["synth:deepseek-v3.2:ctx=9", "--device", DEVICE])
+
+
+def test_kv_reads_per_token_follow_each_kernels_tiling():
+    from dsacache.kernels.decode_step import FLASHMLA_READS, kv_reads_per_token
+
+    assert kv_reads_per_token("triton", "mla-fp8", 128) == 2  # two 64-head programs
+    assert kv_reads_per_token("triton", "mla-fp8", 64) == 1
+    assert kv_reads_per_token("triton", "mla-fp8", 16) == 1
+    assert kv_reads_per_token("triton", "gqa", 9) == 1  # one program per KV head, own bytes
+    assert kv_reads_per_token("flashmla", "mla-fp8", 128) == FLASHMLA_READS

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,29 @@ def test_presets():
 def test_bad_knobs(tmp_path, field, value):
     with pytest.raises(DsacacheError, match=field):
         synthesize(SynthConfig(**{field: value}), tmp_path / "x.dsatrace")
+
+
+def test_a_synth_spec_names_a_reproducible_trace(tmp_path):
+    from dsacache.tracer.synth import materialize, parse_spec
+
+    cfg = parse_spec("synth:deepseek-v3.2:context=300,k=16,requests=2,layers=3,steps=2,keep=0.7")
+    assert (cfg.context, cfg.k, cfg.requests, cfg.layers, cfg.steps) == (300, 16, 2, 3, 2)
+    assert cfg.keep == 0.7 and cfg.model["layout"] == "mla-fp8"
+    assert parse_spec("synth:smollm2-135m").groups == 3  # the preset's knobs
+    spec = "synth:deepseek-v3.2:context=300,k=16,requests=2,layers=3,steps=2"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = open_trace(materialize(spec, tmp_path / "a"))
+    b = open_trace(materialize(spec, tmp_path / "b"))
+    for x, y in zip(a.iter_steps(), b.iter_steps(), strict=True):
+        np.testing.assert_array_equal(x.indices, y.indices)
+    assert materialize("smollm2-135m-oracle-k64", tmp_path) == "smollm2-135m-oracle-k64"
+    for bad, msg in (
+        ("synth:gpt-9", "unknown preset 'gpt-9'"),
+        ("synth:deepseek-v3.2:ctx=9", "'ctx=9' is not KNOB=VALUE with a knob of: layers"),
+        ("synth:deepseek-v3.2:k=lots", "k needs a number, got 'lots'"),
+        ("synth:deepseek-v3.2:k=0", "k must be >= 1, got 0"),
+        ("deepseek-v3.2", "does not start with 'synth:'"),
+    ):
+        with pytest.raises(DsacacheError, match=re.escape(msg)):
+            parse_spec(bad)
