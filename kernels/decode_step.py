@@ -48,7 +48,10 @@ from dsacache.kernels.paged import (
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
-# CTAs of FlashMLA's SM90 sparse FP8 decode reading each selected token (128 heads)
+# Reads of each selected token by FlashMLA's SM90 sparse FP8 decode (128 heads), as the model
+# takes it: its grid is (2, 1, partitions). Measured on the H200 (docs/decode_compare.md) it
+# lies between 1 and 2 (a part of each token read twice); 2 fits the hit rates better
+# (2.7-9 points off vs 13 with 1), and neither fits its DRAM bytes within 7%.
 FLASHMLA_READS = 2
 FLUSH_BYTES = 256 * 2**20  # written before the first step: several times the L2
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
