@@ -24,6 +24,7 @@ import pandas as pd
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
 from dsacache.simulator.reference import COUNTERS
+from dsacache.simulator.workload import CLASSES
 from dsacache.units import parse_size
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -618,9 +619,9 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     import tempfile
 
     from dsacache.errors import DsacacheError
-    from dsacache.kernels.decode_step import kv_reads_per_token
+    from dsacache.kernels.decode_step import INDEX_HEADS, kv_reads_per_token
     from dsacache.simulator.stream import build_step, plan_replay
-    from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
+    from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import materialize
     from dsacache.traces import open_trace
 
@@ -643,11 +644,15 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         cache = make_model(model.config(), model.policy, layers)
         if STALE_L2:
             fill_with_stale_lines(cache, model.capacity)
+        mla = args.layout.startswith("mla")
+        head_dim = 576 if mla else int(trace.model.get("head_dim", 64))
+        query_bytes = {"index": INDEX_HEADS * 128 * 2, "kv": heads * head_dim * 2}  # bf16
         for n, step_rows in enumerate(trace.iter_steps()):
             if args.steps is not None and n >= args.steps:
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
             chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
+            chunk = with_query_reads(chunk, amap, args.batch, query_bytes)
             klass = chunk.cls.copy()
             if first_from >= 0:
                 klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= first_from)] = CLASS_ID["weights"]
@@ -659,6 +664,30 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
                 rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],
                              "simulated_dram_bytes": c[7] * 32})  # fmt: skip
     return pd.DataFrame(rows), layers
+
+
+def with_query_reads(chunk, amap, batch: int, query_bytes: dict[str, int]):
+    """``chunk`` (one step: per layer the ``index`` then the ``kv`` reads) with each kernel's
+    query read once per request before the kernel's own reads: ``query_bytes[cls]`` bytes of
+    request ``b`` at a fixed address past the pools (the driver keeps one query tensor per
+    kernel for all layers). Streamed once: the programs' repeats of it are ncu's extra reads
+    (``compare_decode_step``); the first read of each layer is what the indexer's key stream
+    can evict between layers."""
+    from dsacache.simulator.stream import AccessChunk, _piece
+
+    cut = np.flatnonzero((np.diff(chunk.layer) != 0) | (np.diff(chunk.cls) != 0)) + 1
+    bounds = list(zip([0, *cut.tolist()], [*cut.tolist(), len(chunk)], strict=True))
+    base = {"index": amap.weights_base, "kv": amap.weights_base + batch * query_bytes["index"]}
+    fields = AccessChunk.__dataclass_fields__
+    parts = []
+    for lo, hi in bounds:
+        cls = CLASSES[int(chunk.cls[lo])]
+        size = query_bytes.get(cls, 0)
+        if size:
+            addr = base[cls] + np.arange(batch, dtype=np.int64) * size
+            parts.append(_piece(addr, size, cls, int(chunk.step[lo]), int(chunk.layer[lo])))
+        parts.append(AccessChunk(*(getattr(chunk, f)[lo:hi] for f in fields)))
+    return AccessChunk.concat(parts)
 
 
 def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:

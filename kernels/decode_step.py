@@ -53,6 +53,7 @@ from dsacache.tracer.synth import SPEC_PREFIX, materialize
 # lies between 1 and 2 (a part of each token read twice); 2 fits the hit rates better
 # (2.7-9 points off vs 13 with 1), and neither fits its DRAM bytes within 7%.
 FLASHMLA_READS = 2
+INDEX_HEADS = 64  # the indexer's heads in run_trace (128 dims each, as DeepSeek-V3.2's)
 FLUSH_BYTES = 256 * 2**20  # written before the first step: several times the L2
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
@@ -400,7 +401,7 @@ def run_trace(
     page_order: str = "shuffled",
     seed: int = 0,
     use_trace_selection: bool = True,
-    index_heads: int = 64,
+    index_heads: int = INDEX_HEADS,
     heads: int | None = None,
     capture: str | None = None,
     attn_options: dict[str, Any] | None = None,

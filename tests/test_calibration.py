@@ -304,3 +304,27 @@ def test_compare_simulates_a_kernel_profile_from_its_command(tmp_path):
     assert got["error_points"].abs().max() < 4
     assert got["dram_error_pct"].abs().median() < 1
     assert (got["raw_measured"] >= got["measured"]).all()  # ncu's rate counts the small reads
+
+
+def test_query_reads_come_first_in_each_kernels_run(tmp_path):
+    """Each layer's indexer and attention reads are preceded by one read of each request's
+    query, at addresses past every pool, the same at every layer."""
+    from dsacache.simulator.stream import build_step, plan_replay
+    from dsacache.simulator.workload import CLASS_ID, Workload
+    from dsacache.tracer.synth import materialize
+    from dsacache.traces import open_trace
+
+    spec = "synth:deepseek-v3.2:context=500,k=32,requests=2,layers=3,steps=1"
+    trace = open_trace(materialize(spec, tmp_path))
+    amap = plan_replay(trace, Workload(layout="mla-fp8", batch=2, classes=("index", "kv")))
+    chunk = build_step(amap, next(iter(trace.iter_steps())))
+    out = calibration.with_query_reads(chunk, amap, 2, {"index": 16384, "kv": 147456})
+    assert len(out) == len(chunk) + 3 * 2 * 2
+    query = out.addr >= amap.weights_base
+    assert not (chunk.addr >= amap.weights_base).any() and query.sum() == 12
+    starts = np.flatnonzero(np.r_[True, (np.diff(out.layer) != 0) | (np.diff(out.cls) != 0)])
+    for s in starts:  # every run opens with its two requests' queries
+        assert query[s] and query[s + 1] and not query[s + 2]
+        size = 16384 if out.cls[s] == CLASS_ID["index"] else 147456
+        assert out.nbytes[s] == size and out.addr[s + 1] - out.addr[s] == size
+    assert len({int(a) for a in out.addr[query]}) == 4  # 2 requests x 2 kernels, all layers
