@@ -208,6 +208,22 @@ def fill_with_stale_lines(cache, capacity: int) -> None:
                     np.zeros(n, np.int16), cls.astype(np.int64), counters)  # fmt: skip
 
 
+def run_step(cache, chunk, kv_first_from: int = -1) -> np.ndarray:
+    """Counters ``[class, COUNTERS]`` of one step's accesses replayed through ``cache``; the
+    KV of layers >= ``kv_first_from`` (>= 0) carries the ``weights`` class, so that a policy
+    can treat those layers apart (a hint, or a window over the first layers only) while the
+    counters stay under ``kv``."""
+    from dsacache.simulator.workload import CLASS_ID
+
+    klass = chunk.cls.copy()
+    if kv_first_from >= 0:
+        klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= kv_first_from)] = CLASS_ID["weights"]
+    counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
+    cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass, chunk.layer,
+                    chunk.cls.astype(np.int64), counters)  # fmt: skip
+    return counters
+
+
 def simulate_decode(
     df: pd.DataFrame, model: Model, kv_first_from: int = -1, keep: float = 0.45
 ) -> pd.DataFrame:
@@ -222,7 +238,7 @@ def simulate_decode(
     from dsacache.kernels.probes import decode_config
     from dsacache.simulator.caches import make_model
     from dsacache.simulator.stream import build_step, plan_replay
-    from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
+    from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import synthesize
     from dsacache.traces import open_trace
 
@@ -240,17 +256,7 @@ def simulate_decode(
         amap = plan_replay(trace, Workload(layout="mla-fp8", classes=("index", "kv")))
         for step_rows in trace.iter_steps():
             chunk = build_step(amap, step_rows)
-            klass = chunk.cls.copy()
-            if kv_first_from >= 0:
-                klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= kv_first_from)] = CLASS_ID[
-                    "weights"
-                ]
-            counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
-            n = len(chunk)
-            cache.run_chunk(
-                chunk.addr, chunk.nbytes, np.zeros(n, bool), klass, chunk.layer,
-                chunk.cls.astype(np.int64), counters,
-            )  # fmt: skip
+            counters = run_step(cache, chunk, kv_first_from)
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
                 rows.append({"step": int(chunk.step[0]), "role": role, "simulated": c[3] / c[2],
@@ -613,9 +619,9 @@ def measured_steps(m: pd.DataFrame, layers: int) -> pd.DataFrame:
 def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFrame, int]:
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
-    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``). KV of
-    layers >= ``first_from`` carries the ``weights`` class (see ``simulate_decode``). Returns
-    the rows and the number of layers run."""
+    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
+    kernel's query (``with_query_reads``); ``first_from`` as in ``run_step``. Returns the rows
+    and the number of layers run."""
     import tempfile
 
     from dsacache.errors import DsacacheError
@@ -652,13 +658,8 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
             chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
-            chunk = with_query_reads(chunk, amap, args.batch, query_bytes)
-            klass = chunk.cls.copy()
-            if first_from >= 0:
-                klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= first_from)] = CLASS_ID["weights"]
-            counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
-            cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass,
-                            chunk.layer, chunk.cls.astype(np.int64), counters)  # fmt: skip
+            counters = run_step(cache, with_query_reads(chunk, amap, args.batch, query_bytes),
+                                first_from)  # fmt: skip
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
                 rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],
@@ -693,11 +694,12 @@ def with_query_reads(chunk, amap, batch: int, query_bytes: dict[str, int]):
 def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:
     """Measured vs simulated rows of one decode-step profile, per (step, class).
 
-    ncu counts every sector a kernel reads, also its small per-program reads (queries, head
-    weights, page-table rows, the selection) that every program repeats and that hit; the
-    model streams the keys and KV only. The measured hit rate compared is therefore that of
-    the modelled reads: ``(hits - extra) / (reads - extra)`` with ``extra = reads -
-    simulated sectors`` (taken as hits; ``raw_measured`` keeps ncu's own rate)."""
+    ncu counts every sector a kernel reads, also the small reads that every program repeats
+    (its query again, head weights, page-table rows, the selection) and that hit; the model
+    streams the keys, the KV and one read of each query. The measured hit rate compared is
+    therefore that of the modelled reads: ``(hits - extra) / (reads - extra)`` with
+    ``extra = reads - simulated sectors`` (taken as hits; ``raw_measured`` keeps ncu's own
+    rate)."""
     args = driver_args(m)
     rows = []
     for base in models:
@@ -706,13 +708,13 @@ def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
         sim, layers = simulate_steps(args, model, first_from)
         j = measured_steps(m, layers).merge(sim, on=["step", "role"])
         extra = np.maximum(j[READ] - j["sim_sectors"], 0)
-        meas = ((j[READ_HIT] - extra) / (j[READ] - extra)).clip(0, 1)
+        j["measured"] = ((j[READ_HIT] - extra) / (j[READ] - extra)).clip(0, 1)
         rows += [
-            {"experiment": name, "point": f"step {r.step} {r.role}", "model": base.label,
-             "policy": model.policy, "measured": meas[i], "simulated": r.sim_hits / r.sim_sectors,
-             "raw_measured": j.loc[i, READ_HIT] / j.loc[i, READ],
-             "measured_dram_bytes": j.loc[i, DRAM], "simulated_dram_bytes": r.simulated_dram_bytes}
-            for i, r in enumerate(j.itertuples())
+            {"experiment": name, "point": f"step {r['step']} {r['role']}", "model": base.label,
+             "policy": model.policy, "measured": r["measured"],
+             "simulated": r["sim_hits"] / r["sim_sectors"], "raw_measured": r[READ_HIT] / r[READ],
+             "measured_dram_bytes": r[DRAM], "simulated_dram_bytes": r["simulated_dram_bytes"]}
+            for r in j.to_dict("records")
         ]  # fmt: skip
     return rows
 

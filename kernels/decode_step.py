@@ -36,6 +36,7 @@ from dsacache.kernels.flashmla import flashmla_sparse_decode
 from dsacache.kernels.indexer import indexer_logits, select_topk
 from dsacache.kernels.paged import (
     MLA_DIM,
+    MLA_FP8_BYTES,
     GQACache,
     IndexKeyCache,
     MLACache,
@@ -45,7 +46,7 @@ from dsacache.kernels.paged import (
     random_index_cache,
     random_mla_cache,
 )
-from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_sparse_decode
+from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_head_block, mla_sparse_decode
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
 # Reads of each selected token by FlashMLA's SM90 sparse FP8 decode (128 heads), as the model
@@ -349,14 +350,11 @@ def kv_reads_per_token(backend: str, layout: str, heads: int) -> int:
         return 1
     if backend == "flashmla":
         return FLASHMLA_READS
-    block_h = min(64, max(16, 1 << (heads - 1).bit_length()))
-    return -(-heads // block_h)
+    return -(-heads // mla_head_block(heads))
 
 
 def _persisted_pools(pt: PageTable, layout: str, layers: int, dev: torch.device) -> torch.Tensor:
     """One buffer holding ``layers`` MLA pools back to back (a window covers one range)."""
-    from dsacache.kernels.paged import MLA_FP8_BYTES
-
     fp8 = layout == "mla-fp8"
     width, dtype = (MLA_FP8_BYTES, torch.uint8) if fp8 else (MLA_DIM, torch.bfloat16)
     return torch.empty((layers, pt.num_pages, pt.page_size, width), dtype=dtype, device=dev)

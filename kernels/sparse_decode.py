@@ -257,6 +257,12 @@ def _outputs(b: int, splits: int, h: int, dv: int, device: torch.device):
             torch.empty((b, splits, h), dtype=torch.float32, device=device))  # fmt: skip
 
 
+def mla_head_block(heads: int) -> int:
+    """Query heads per program of ``mla_sparse_decode`` by default: up to 64 (a program holds
+    a ``[BLOCK_H, 512]`` float32 accumulator), at least 16 (the smallest ``tl.dot``)."""
+    return min(64, max(16, _pow2(heads)))
+
+
 def mla_sparse_decode(
     q: torch.Tensor,
     cache: MLACache,
@@ -281,7 +287,7 @@ def mla_sparse_decode(
         raise ValueError(f"MLA queries have {MLA_DIM} dims per head, got {d}")
     indices = indices.reshape(bsz, -1)
     k_sel = indices.shape[1]
-    block_h = block_h or min(64, max(16, _pow2(h)))
+    block_h = block_h or mla_head_block(h)
     n_hb = -(-h // block_h)
     # a program holds a [BLOCK_H, 512] float32 accumulator: 8 warps fill an SM's registers
     splits, chunk = _plan_splits(bsz * n_hb, k_sel, block_n, q.device, num_splits, per_sm=1)
