@@ -46,16 +46,16 @@ from dsacache.kernels.paged import (
     random_index_cache,
     random_mla_cache,
 )
+from dsacache.kernels.probes import FLUSH_BYTES, flush
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_head_block, mla_sparse_decode
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
 # Reads of each selected token by FlashMLA's SM90 sparse FP8 decode (128 heads), as the model
 # takes it: its grid is (2, 1, partitions). Measured on the H200 (docs/decode_compare.md) it
-# lies between 1 and 2 (a part of each token read twice); 2 fits the hit rates better
-# (2.7-9 points off vs 13 with 1), and neither fits its DRAM bytes within 7%.
+# changes with the kernel's split plan; 2 fits the hit rates at batch 1 better (5-9 points
+# off vs 13 with 1), not batch 8 with k 256, and its DRAM bytes run 6-15% above the model's.
 FLASHMLA_READS = 2
 INDEX_HEADS = 64  # the indexer's heads in run_trace (128 dims each, as DeepSeek-V3.2's)
-FLUSH_BYTES = 256 * 2**20  # written before the first step: several times the L2
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
 DEEPSEEK_SM_SCALE = (128 + 64) ** -0.5  # DeepSeek-V3.2: qk head dim 192 before absorption
@@ -495,7 +495,7 @@ def run_trace(
     kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
-        torch.ones(FLUSH_BYTES // 4, device=dev).add_(1.0)
+        flush(torch.ones(FLUSH_BYTES // 4, device=dev))
     l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
     if persisted is not None:
         from dsacache.kernels.l2persist import persisting_window
