@@ -31,7 +31,6 @@ DATA_DIR = Path(__file__).parent / "data"
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
 READ_HIT = "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum"
 DRAM = "dram__bytes_read.sum"
-_FLUSH = 256 * 2**20
 _BASE_STRIDE = 1 << 34  # buffers live far apart in the simulated address space
 
 
@@ -119,19 +118,35 @@ class Model:
         """The same geometry under another policy."""
         return replace(self, policy=policy)
 
+    @classmethod
+    def from_profile(cls, profile: dict) -> Model:
+        """The L2 model of a GPU profile (``dsacache calibrate``)."""
+        m = profile["l2_model"]
+        return cls(m["policy"], int(m["capacity"]), int(m["ways"]), m["set_hash"],
+                   fill=int(m["fill"]))  # fmt: skip
 
-# The H100 model fit to the reuse probe (fit_reuse): 28 MiB of effective capacity for reuse,
-# LRU, 16 ways, hashed set index; mean error 3.1 points over the 13 measured sizes. On both
-# GPUs DRAM is read in 64-B units: the DRAM bytes of cold gathers of 656-B rows are 4.2% above
-# their missed sectors x 32 B, and the 64-B count matches them to 0.2% (data/h100/l2-gather,
-# data/h200/l2-gather-rows-*; 640-B rows, whole 64-B units, show no excess).
-H100_FIT = Model("lru", 28 * 2**20, 16, "hash", fill=64)
+    def profile_fields(self) -> dict:
+        """The ``l2_model`` section of a GPU profile."""
+        return {"policy": self.policy, "capacity": self.capacity, "ways": self.ways,
+                "set_hash": self.set_hash, "fill": self.fill, "line": 128, "sector": 32}  # fmt: skip
+
+
+# The fitted models are the bundled GPU profiles (data/<gpu>/profile.json), which
+# `dsacache calibrate --gpu GPU` writes from the bundled probes: the reuse curve fits the L2
+# geometry, the gathers' DRAM bytes the fill unit, the kernel durations the memory times.
+# H100: LRU 28 MiB, 16 ways, multiplicative `hash` index. H200 (L2 reports 60 MiB): LRU
+# 33 MiB, 24 ways, pseudo-random `mix` index (docs/l2_model_search.md). On both, DRAM is read
+# in 64-B units: the DRAM bytes of cold gathers of 656-B rows are 4.2% above their missed
+# sectors x 32 B, and the 64-B count matches them to 0.2%.
+def _bundled_fit(gpu: str) -> Model:
+    from dsacache.simulator.presets import bundled_profile, load_profile
+
+    return Model.from_profile(load_profile(bundled_profile(gpu)))
+
+
+H100_FIT = _bundled_fit("h100")
+H200_FIT = _bundled_fit("h200")
 NAIVE = Model("lru", 50 * 2**20, 16, "mod")
-# H200 (L2 reports 60 MiB): fit to its measured reuse curve (data/h200, 2026-12-01) with the
-# pseudo-random "mix" set index: 1.85 points over the reuse sizes (the "hash" index's best,
-# 31 MiB 8-way, 4.1), held-out mean 1.69 / max 8.3 points (was 3.53 / 25.5); see
-# docs/l2_model_search.md.
-H200_FIT = Model("lru", 33 * 2**20, 24, "mix", fill=64)
 NAIVE_H200 = Model("lru", 60 * 2**20, 16, "mod")
 FITS = {"h100": H100_FIT, "h200": H200_FIT}
 NAIVES = {"h100": NAIVE, "h200": NAIVE_H200}
@@ -152,11 +167,14 @@ def has_measurement(gpu: str, experiment: str) -> bool:
 
 
 def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
-    """Second-read hit rate for each buffer size (flush, read, read again)."""
+    """Second-read hit rate for each buffer size (flush, read, read again). The probe's
+    256 MiB flush is modelled as a cache full of stale lines (``fill_with_stale_lines``,
+    a quarter of the accesses): the flushed lines are never read again, so the two give the
+    same hits under LRU and FIFO."""
     out = []
     for s in sizes:
         sim = _Sim(model)
-        sim.stream(0, _FLUSH, write=True)
+        fill_with_stale_lines(sim.model, model.capacity)
         sim.stream(1, s)
         out.append(sim.stream(1, s))
     return np.array(out)
@@ -174,7 +192,7 @@ def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     rows = []
     for x in sorted(df["other_bytes"].unique()):
         sim = _Sim(model)
-        sim.stream(0, _FLUSH, write=True)
+        fill_with_stale_lines(sim.model, model.capacity)  # the probe's flush (simulate_reuse)
         hit, dram = sim.gather(1, 2, a, row_bytes)
         rows.append({"other_bytes": x, "role": "first", "simulated": hit,
                      "simulated_dram_bytes": dram})  # fmt: skip
@@ -264,25 +282,141 @@ def simulate_decode(
     return pd.DataFrame(rows)
 
 
+def reuse_points(reuse: pd.DataFrame) -> pd.DataFrame:
+    """The second reads of a ``reuse`` measurement (columns ``bytes``, ``hit``), or a clear
+    error for another file."""
+    from dsacache.errors import DsacacheError
+
+    if probe_args(reuse).experiment != "reuse":
+        raise DsacacheError("the L2 geometry is fit to a `dsacache probe reuse` measurement")
+    second = reuse[reuse["role"] == "second"]
+    return second.assign(hit=second[READ_HIT] / second[READ])
+
+
 def fit_reuse(
-    gpu: str = "h100", capacities_mib=range(24, 41), ways=(8, 16, 24, 32), policies=("lru",),
-    set_hashes=("hash", "mix"),
+    reuse: pd.DataFrame, capacities_mib=range(24, 41), ways=(8, 16, 24, 32), policies=("lru",),
+    set_hashes=("hash", "mix"), fill: int = 0, progress: bool = False,
 ) -> pd.DataFrame:  # fmt: skip
-    """Mean absolute error (points) of the simulated reuse curve for each candidate model."""
-    m = measured(gpu, "reuse")
-    second = m[m["role"] == "second"]
+    """Mean absolute error (points) of the simulated reuse curve for each candidate model
+    (best first; columns ``model``, ``mae_points`` and the model's fields)."""
+    second = reuse_points(reuse)
+    grid = [(p, h, w, mib) for p in policies for h in set_hashes for w in ways
+            for mib in capacities_mib]  # fmt: skip
+    if progress:
+        from tqdm import tqdm
+
+        grid = tqdm(grid, desc="fit L2 geometry", unit="model")
     rows = []
-    for policy in policies:
-        for set_hash in set_hashes:
-            for w in ways:
-                for mib in capacities_mib:
-                    set_bytes = w * 128  # whole sets of 128-byte lines (24 ways: 3 KiB)
-                    whole_sets = mib * 2**20 // set_bytes * set_bytes
-                    model = Model(policy, whole_sets, w, set_hash)
-                    sim = simulate_reuse(second["bytes"].tolist(), model)
-                    err = np.abs(sim - second["hit"].to_numpy()).mean() * 100
-                    rows.append({"model": model.label, "mae_points": err})
-    return pd.DataFrame(rows).sort_values("mae_points").reset_index(drop=True)
+    for policy, set_hash, w, mib in grid:
+        set_bytes = w * 128  # whole sets of 128-byte lines (24 ways: 3 KiB)
+        whole_sets = int(mib * 2**20) // set_bytes * set_bytes
+        model = Model(policy, whole_sets, w, set_hash, fill=fill)
+        sim = simulate_reuse(second["bytes"].tolist(), model)
+        err = np.abs(sim - second["hit"].to_numpy()).mean() * 100
+        rows.append({"model": model.label, "mae_points": err, **model.profile_fields()})
+    return pd.DataFrame(rows).sort_values("mae_points", kind="stable").reset_index(drop=True)
+
+
+def fit_fill(gathers: list[pd.DataFrame], model: Model, fills=(32, 64, 128)) -> pd.DataFrame:
+    """Median |simulated / measured - 1| (%) of the DRAM bytes of ``gather`` measurements for
+    each fill unit (the bytes memory returns per missing sector's unit), best first."""
+    rows = []
+    for fill in fills:
+        errs = []
+        for m in gathers:
+            meas = m[m["role"].isin(["first", "second"])]
+            j = meas.merge(
+                simulate_gather(m, replace(model, fill=fill)), on=["other_bytes", "role"]
+            )
+            errs += list(np.abs(j["simulated_dram_bytes"] / j[DRAM] - 1) * 100)
+        rows.append({"fill": fill, "dram_error_pct": float(np.median(errs))})
+    return pd.DataFrame(rows).sort_values("dram_error_pct", kind="stable").reset_index(drop=True)
+
+
+def hierarchy_coefficients(reuse: pd.DataFrame) -> dict[str, float]:
+    """Memory-time coefficients from a ``reuse`` measurement's kernel durations: cold first
+    reads give HBM latency and bandwidth (time = latency + bytes / bandwidth, least squares),
+    second reads that hit > 95% give the L2 bandwidth (peer and remote levels cannot be
+    measured on one GPU)."""
+    m = reuse.assign(hit=reuse[READ_HIT] / reuse[READ])
+
+    def line_fit(rows: pd.DataFrame) -> tuple[float, float]:
+        x = rows["bytes"].to_numpy(float)
+        t = rows["gpu__time_duration.sum"].to_numpy(float) * 1e-9
+        (latency, per_byte), *_ = np.linalg.lstsq(np.vstack([np.ones_like(x), x]).T, t, rcond=None)
+        return max(latency, 0.0), 1.0 / per_byte
+
+    hbm_latency, hbm_bw = line_fit(m[m["role"] == "first"])
+    _, l2_bw = line_fit(m[(m["role"] == "second") & (m["hit"] > 0.95)])
+    return {"hbm_latency_s": hbm_latency, "hbm_bandwidth": hbm_bw, "l2_bandwidth": l2_bw}
+
+
+def _source(path: str | Path, m: pd.DataFrame) -> dict:
+    first = m.iloc[0]
+    return {"file": Path(path).name, "command": str(first.get("meta_command", "")),
+            "date": str(first.get("meta_date", "")), "kernels": len(m)}  # fmt: skip
+
+
+def calibrate(
+    reuse_path: str | Path, gather_paths: list[str | Path] = (), *, capacities_mib=None,
+    ways=(8, 16, 24, 32), set_hashes=("hash", "mix"), fills=(32, 64, 128),
+    progress: bool = False,
+) -> dict:  # fmt: skip
+    """Fit a GPU profile to probe measurements: the L2 geometry (LRU; effective capacity,
+    ways, set index) to the reuse curve, the fill unit to the gathers' DRAM bytes, the memory
+    coefficients to the reuse kernels' durations. ``capacities_mib`` defaults to 40-70% of
+    the L2 the GPU reports, in 1 MiB steps. Returns the profile (``presets.load_profile``'s
+    format) with the fit's errors and the runner-up models."""
+    from importlib.metadata import version
+
+    from dsacache.errors import DsacacheError
+    from dsacache.simulator.presets import PROFILE_FORMAT
+
+    reuse = read_measurement(reuse_path)
+    gathers = [read_measurement(p) for p in gather_paths]
+    for path, g in zip(gather_paths, gathers, strict=True):
+        if probe_args(g).experiment != "gather":
+            raise DsacacheError(f"{path}: the fill unit is fit to `dsacache probe gather` files")
+    first = reuse.iloc[0]
+    l2_bytes = int(first["meta_l2_bytes"])
+    if capacities_mib is None:
+        capacities_mib = range(round(0.4 * l2_bytes / 2**20), round(0.7 * l2_bytes / 2**20) + 1)
+    geometry = fit_reuse(reuse, capacities_mib, ways, ("lru",), set_hashes, progress=progress)
+    best = geometry.iloc[0]
+    model = Model("lru", int(best["capacity"]), int(best["ways"]), str(best["set_hash"]))
+    fill_errors = fit_fill(gathers, model, fills) if gathers else None
+    if fill_errors is not None:
+        model = replace(model, fill=int(fill_errors["fill"].iloc[0]))
+    gpu = {key: (v.item() if hasattr(v, "item") else v) for key, v in first.items()
+           if str(key).startswith("meta_") and key not in ("meta_command", "meta_date")}  # fmt: skip
+    gpu = {key.removeprefix("meta_"): v for key, v in gpu.items()}
+    gpu["name"] = gpu.pop("gpu", "unknown")
+    gpu["l2_bytes"] = l2_bytes
+    return {
+        "format": PROFILE_FORMAT,
+        "summary": f"{model.label}, fit to {len(reuse_points(reuse))} reuse sizes "
+        f"({best['mae_points']:.2f} points mean error) on {gpu['name']}",
+        "gpu": gpu,
+        "l2_model": model.profile_fields(),
+        "hierarchy": hierarchy_coefficients(reuse),
+        "fit": {
+            "reuse_mae_points": float(best["mae_points"]),
+            "runners_up": geometry.iloc[1:6][["model", "mae_points"]].to_dict("records"),
+            "searched": {
+                "policy": ["lru"],
+                "capacity_mib": [min(capacities_mib), max(capacities_mib)],
+                "ways": list(ways),
+                "set_hash": list(set_hashes),
+                "fill": list(fills) if gathers else [],
+            },
+            "fill_dram_error_pct": None
+            if fill_errors is None
+            else {str(r.fill): r.dram_error_pct for r in fill_errors.itertuples()},
+        },  # fmt: skip
+        "measurements": [_source(reuse_path, reuse)]
+        + [_source(p, g) for p, g in zip(gather_paths, gathers, strict=True)],
+        "dsacache": version("dsacache"),
+    }
 
 
 def command_args(m: pd.DataFrame, module: str):
@@ -510,27 +644,12 @@ def kernel_measurements(gpu: str) -> list[Path]:
 
 
 def fit_hierarchy(gpu: str = "h100"):
-    """Memory-time coefficients from the reuse probe's kernel durations: cold first reads give
-    HBM latency and bandwidth (time = latency + bytes / bandwidth, least squares), second
-    reads that hit > 95% give the L2 bandwidth. Returns a ``Hierarchy`` (peer and remote
-    levels keep their defaults: one GPU cannot measure them)."""
+    """The memory-time coefficients of ``gpu``'s bundled profile (``hierarchy_coefficients``
+    of its reuse probe) as a ``Hierarchy``."""
     from dsacache.simulator.presets import gpu_preset
-    from dsacache.simulator.replay import Hierarchy, Level
+    from dsacache.simulator.replay import Hierarchy
 
-    m = measured(gpu, "reuse")
-
-    def line_fit(rows: pd.DataFrame) -> tuple[float, float]:
-        x = rows["bytes"].to_numpy(float)
-        t = rows["gpu__time_duration.sum"].to_numpy(float) * 1e-9
-        (latency, per_byte), *_ = np.linalg.lstsq(np.vstack([np.ones_like(x), x]).T, t, rcond=None)
-        return max(latency, 0.0), 1.0 / per_byte
-
-    hbm_latency, hbm_bw = line_fit(m[m["role"] == "first"])
-    _, l2_bw = line_fit(m[(m["role"] == "second") & (m["hit"] > 0.95)])
-    default = Hierarchy.for_gpu(gpu_preset(gpu))
-    levels = dict(default.levels)
-    levels["hbm"] = Level(hbm_latency, hbm_bw)
-    return Hierarchy(l2_bw, levels)
+    return Hierarchy.for_gpu(gpu_preset(gpu + "-calibrated"))
 
 
 def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:

@@ -184,7 +184,12 @@ def _workload(layout, batch, page_tokens, page_order, seed, classes, weight_byte
 def _replay_options(f):
     options = [
         click.option(
-            "--gpu", default="h100", show_default=True, help="GPU preset (h100, h200, a100)."
+            "--gpu",
+            default="h100",
+            show_default=True,
+            help="GPU preset (h100, h200, a100), a calibrated one (h100-calibrated, "
+            "h200-calibrated: the L2 as fit to measurements) or a profile from `dsacache "
+            "calibrate` (.json).",
         ),
         click.option(
             "--cache-size",
@@ -198,8 +203,8 @@ def _replay_options(f):
         click.option(
             "--set-hash",
             type=click.Choice(list(SET_HASHES)),
-            default="mod",
-            show_default=True,
+            default=None,
+            help="Set-index hash (default: the GPU preset's; mod for the nominal presets).",
         ),
         click.option(
             "--fill",
@@ -361,18 +366,17 @@ def demo(steps, quiet, report_path) -> None:
     from dsacache import calibration
     from dsacache.simulator import Workload, summarize
     from dsacache.simulator import replay as run_replay
+    from dsacache.simulator.presets import gpu_preset
     from dsacache.tracer.synth import preset, synthesize
     from dsacache.traces import MAIN_TRACE, SMALL_TRACE, bundled, bundled_path
 
-    fit = calibration.H100_FIT
-    hierarchy = calibration.fit_hierarchy("h100")  # memory time from measured kernel durations
-    model = f"H100 L2 as calibrated: {fit.label} (fit to measured reuse; the L2 reports 50 MiB)"
+    # the L2 geometry and memory times fit to the H100's probes (dsacache/data/h100/profile.json)
+    model = f"H100 L2 as {gpu_preset('h100-calibrated').verified} (the L2 reports 50 MiB)"
 
     def show(title, trace, policies, batch):
         df = run_replay(
-            trace, policies=policies, gpu="h100", cache_size=fit.capacity, ways=fit.ways,
-            set_hash=fit.set_hash, workload=Workload(batch=batch), progress=not quiet,
-            hierarchy=hierarchy,
+            trace, policies=policies, gpu="h100-calibrated", workload=Workload(batch=batch),
+            progress=not quiet,
         )  # fmt: skip
         click.echo(f"\n{title}, batch {batch}, layout {df.attrs['layout']}\n{model}")
         click.echo(summarize(df).to_string(float_format=lambda x: f"{x:.4f}"))
@@ -513,23 +517,17 @@ def probe(
       dsacache probe gather --k 2048 --context 32768 --out gather.parquet
       dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
     """
-    from dsacache.kernels.ncu import profile as run_profile
+    from dsacache.kernels.ncu import probe as run_probe
 
     if row_bytes is not None and row_bytes % 4:
         raise click.BadParameter(f"{row_bytes} is not a multiple of 4", param_hint="--row-bytes")
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = str(Path(tmp) / "plan.json")
-        cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
-        options = {"--sizes": sizes, "--between": between, "--k": k, "--row-bytes": row_bytes,
-                   "--context": context,
-                   "--layers": layers, "--steps": steps, "--keep": keep,
-                   "--index-evict": index_evict, "--kv-evict": kv_evict,
-                   "--kv-first-from": kv_first_from, "--persist-layers": persist_layers,
-                   "--hit-ratio": hit_ratio, "--set-aside": set_aside}  # fmt: skip
-        for flag, value in options.items():
-            if value is not None:
-                cmd += [flag, str(value)]
-        df = run_profile(cmd, "^l2probe", plan, raw_path=raw)
+    options = {"--sizes": sizes, "--between": between, "--k": k, "--row-bytes": row_bytes,
+               "--context": context,
+               "--layers": layers, "--steps": steps, "--keep": keep,
+               "--index-evict": index_evict, "--kv-evict": kv_evict,
+               "--kv-first-from": kv_first_from, "--persist-layers": persist_layers,
+               "--hit-ratio": hit_ratio, "--set-aside": set_aside}  # fmt: skip
+    df = run_probe(experiment, options, raw)
     save_table(df, out)
     click.echo(f"{len(df)} kernel(s) measured -> {out}")
 
@@ -554,14 +552,13 @@ def probe(
     help="Compare the bundled profiles of the real decode kernels (the decode-step driver "
     "under ncu) instead of the probes.",
 )
-@click.option("--fit", is_flag=True, help="Also refit the model to the reuse probe (slower).")
 @click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
-def compare(gpu, measured_paths, kernels, fit, out) -> None:
+def compare(gpu, measured_paths, kernels, out) -> None:
     """Simulated vs measured L2 hit rates and DRAM bytes: on the GPU probes bundled with
     dsacache, on the bundled profiles of the real decode kernels (--kernels), or on your own
     (--measured: made with `dsacache probe`, or `dsacache profile` of the decode-step driver).
 
-    The model is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
+    The model (the GPU's profile, `dsacache calibrate`) is fit to the reuse probe only; the DSA-shaped probes (decode steps, gathers,
     eviction hints) and the kernels are predictions. --out writes one row per (experiment,
     point, model) with the measured and simulated values and their errors.
 
@@ -573,8 +570,6 @@ def compare(gpu, measured_paths, kernels, fit, out) -> None:
     """
     from dsacache import calibration
 
-    if fit:
-        click.echo(calibration.fit_reuse(gpu or "h100").head(5).to_string(index=False))
     if kernels and not measured_paths:
         measured_paths = calibration.kernel_measurements(gpu or "h200")
         if not measured_paths:
@@ -602,6 +597,101 @@ def compare(gpu, measured_paths, kernels, fit, out) -> None:
     )
     click.echo("\nall points:")
     click.echo(overall.round(2).to_string())
+
+
+REUSE_SIZES = "8MiB,16MiB,24MiB,28MiB,32MiB,36MiB,40MiB,44MiB,48MiB,56MiB,64MiB,80MiB"
+GATHER_PROBE = {"--k": 2048, "--context": 32768, "--between": "0,16MiB", "--row-bytes": 656}
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: comma-separated integers", param_hint=what) from None
+
+
+@main.command()
+@click.option(
+    "--out", type=click.Path(dir_okay=False), required=True, help="The GPU profile (.json)."
+)
+@click.option("--run", is_flag=True, help="Measure the probes on this GPU first (needs ncu); "
+              "they are saved beside --out.")  # fmt: skip
+@click.option("--gpu", default=None, help="Refit the probes bundled for this GPU (h100, h200).")
+@click.option("--reuse", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A `dsacache probe reuse` measurement.")  # fmt: skip
+@click.option("--gather", "gathers", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="`dsacache probe gather` measurements, for the fill unit (repeatable).")  # fmt: skip
+@click.option("--capacities", default=None, help="MiB searched, e.g. 24-40 (default: 40-70%% "
+              "of the L2 the GPU reports).")  # fmt: skip
+@click.option("--ways", default="8,16,24,32", show_default=True, help="Associativities searched.")
+@click.option("--set-hashes", default="hash,mix", show_default=True, help="Set indexes searched.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet) -> None:
+    """Fit the L2 model and the memory coefficients to known-answer probes; write a GPU
+    profile that `replay --gpu PROFILE.json` (and the API's gpu=) simulates with.
+
+    The reuse probe (read S bytes twice, S = 8-80 MiB) fits the L2 geometry: LRU with the
+    effective capacity, ways and set index whose second-read hit rates are closest; the
+    gather probe's DRAM bytes fit the fill unit; the reuse kernels' durations fit HBM latency
+    and bandwidth and the L2 bandwidth.
+
+    \b
+    Example:
+      dsacache calibrate --run --out h200.json          # on a GPU host with Nsight Compute
+      dsacache calibrate --gpu h200 --out h200.json     # refit the bundled H200 probes
+      dsacache calibrate --reuse reuse.parquet --gather gather.parquet --out mine.json
+      dsacache replay TRACE --gpu mine.json
+    """
+    from dsacache import calibration
+
+    sources = sum(bool(x) for x in (run, gpu, reuse))
+    if sources != 1:
+        raise click.UsageError("give exactly one of --run, --gpu or --reuse")
+    if gathers and not reuse:
+        raise click.UsageError("--gather goes with --reuse")
+    if run:
+        from dsacache.kernels.ncu import probe as run_probe
+
+        folder = Path(out).parent
+        reuse = str(folder / "l2-reuse.parquet")
+        gathers = (str(folder / "l2-gather-rows-656.parquet"),)
+        for path, experiment, options in ((reuse, "reuse", {"--sizes": REUSE_SIZES}),
+                                          (gathers[0], "gather", GATHER_PROBE)):  # fmt: skip
+            click.echo(f"measuring the {experiment} probe under ncu -> {path}")
+            save_table(run_probe(experiment, options), path)
+    elif gpu:
+        folder = calibration.DATA_DIR / gpu.lower()
+        if not (folder / "l2-reuse.parquet").exists():
+            raise click.BadParameter(
+                f"no bundled reuse probe for {gpu!r}; have: "
+                + ", ".join(sorted(p.parent.name for p in calibration.DATA_DIR.glob("*/l2-reuse.parquet"))),
+                param_hint="--gpu",
+            )  # fmt: skip
+        reuse = str(folder / "l2-reuse.parquet")
+        gathers = tuple(str(p) for p in sorted(folder.glob("l2-gather*.parquet")))
+    span = None
+    if capacities:
+        try:
+            low, high = (int(x) for x in capacities.split("-"))
+        except ValueError:
+            raise click.BadParameter(f"{capacities!r}: use LOW-HIGH in MiB, e.g. 24-40",
+                                     param_hint="--capacities") from None  # fmt: skip
+        if not 1 <= low <= high:
+            raise click.BadParameter(f"{capacities!r}: need 1 <= LOW <= HIGH",
+                                     param_hint="--capacities")  # fmt: skip
+        span = range(low, high + 1)
+    hashes = [h for h in set_hashes.split(",") if h]
+    unknown = [h for h in hashes if h not in SET_HASHES]
+    if unknown or not hashes:
+        raise click.BadParameter(f"{set_hashes!r}: choose from {', '.join(SET_HASHES)}",
+                                 param_hint="--set-hashes")  # fmt: skip
+    profile = calibration.calibrate(
+        reuse, list(gathers), capacities_mib=span, ways=_int_list(ways, "--ways"),
+        set_hashes=hashes, progress=not quiet,
+    )  # fmt: skip
+    profile["command"] = " ".join(["dsacache", *sys.argv[1:]])
+    Path(out).write_text(json.dumps(profile, indent=1) + "\n")
+    click.echo(f"{profile['summary']}\n-> {out} (use: dsacache replay TRACE --gpu {out})")
 
 
 def _register_commands() -> None:

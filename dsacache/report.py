@@ -99,22 +99,21 @@ def _reservation(policies: list[str]) -> int:
 
 
 def _cache_model(gpu: str, cache_size: int | str | None) -> dict[str, Any]:
-    """The L2 the replay uses: the calibrated model for GPUs that have one, else the preset."""
-    from dsacache import calibration
-    from dsacache.simulator.presets import gpu_preset
+    """The L2 the replay uses: the GPU's calibrated profile where dsacache bundles one
+    (``h100-calibrated``), else the preset as given; ``cache_size`` resizes it."""
+    from dsacache.simulator.presets import CALIBRATED, calibrated_gpus, gpu_preset
 
-    preset = gpu_preset(gpu)
-    out: dict[str, Any] = {"gpu": gpu, "l2_bytes": preset.l2_bytes, "hierarchy": None}
-    fit = calibration.FITS.get(gpu.lower())
-    if fit is not None:
-        out.update(
-            cache_size=fit.capacity, ways=fit.ways, set_hash=fit.set_hash, effective=fit.capacity
-        )
-        out["hierarchy"] = calibration.fit_hierarchy(gpu.lower())
-        out["model"] = f"calibrated: {fit.label}"
+    nominal = gpu_preset(gpu)
+    calibrated = gpu.lower() in calibrated_gpus()
+    replay_gpu = gpu.lower() + CALIBRATED if calibrated else gpu
+    preset = gpu_preset(replay_gpu)
+    cfg = preset.cache()
+    out: dict[str, Any] = {"replay_gpu": replay_gpu, "l2_bytes": nominal.l2_bytes,
+                           "cache_size": cfg.size, "effective": cfg.size if calibrated else None}  # fmt: skip
+    if calibrated:
+        out["model"] = preset.verified  # "calibrated: lru 28MiB 16-way ..., fit to ..."
     else:
-        out.update(cache_size=preset.l2_bytes, ways=preset.ways, set_hash="mod", effective=None)
-        out["model"] = f"preset {preset.name}, {format_size(preset.l2_bytes)} (uncalibrated)"
+        out["model"] = f"preset {preset.name}, {format_size(cfg.size)} (uncalibrated)"
     if cache_size is not None:
         out["cache_size"] = parse_size(cache_size)
         out["model"] += f"; resized to {format_size(out['cache_size'])}"
@@ -207,9 +206,8 @@ def collect(
     if policies:
         t0 = time.perf_counter()
         df = replay(
-            tr, policies=policies, gpu=gpu, cache_size=cache["cache_size"], ways=cache["ways"],
-            set_hash=cache["set_hash"], workload=wl, hierarchy=cache["hierarchy"],
-            progress=progress,
+            tr, policies=policies, gpu=cache["replay_gpu"], cache_size=cache["cache_size"],
+            workload=wl, progress=progress,
         )  # fmt: skip
         table = summarize(df)
         timings["replay"] = time.perf_counter() - t0

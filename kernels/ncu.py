@@ -11,7 +11,10 @@ import io
 import json
 import shutil
 import subprocess
+import sys
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pandas as pd
 
@@ -144,3 +147,15 @@ def profile(
     for key, value in meta.items():
         df[f"meta_{key}"] = str(value)
     return df
+
+
+def probe(experiment: str, options: dict[str, object], raw_path: str | None = None) -> pd.DataFrame:
+    """Measure one known-answer probe (``python -m dsacache.kernels.probes EXPERIMENT``) under
+    ncu; ``options`` are its flags (``{"--sizes": "8MiB,16MiB"}``; ``None`` values left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = str(Path(tmp) / "plan.json")
+        cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
+        for flag, value in options.items():
+            if value is not None:
+                cmd += [flag, str(value)]
+        return profile(cmd, "^l2probe", plan, raw_path=raw_path)

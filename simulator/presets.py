@@ -2,12 +2,19 @@
 
 Only facts read off a real device are marked ``verified``; associativity and the set hash of
 NVIDIA's L2 are not published, so they are modelling assumptions until calibrated against
-measured hit rates (the compare issue).
+measured hit rates. ``dsacache calibrate`` fits them to known-answer probes and saves a GPU
+profile (JSON); ``gpu_preset`` takes such a file's path, or ``NAME-calibrated`` for the
+profile bundled with dsacache (``dsacache/data/NAME/profile.json``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.engine import CacheConfig
@@ -28,11 +35,12 @@ class GPUPreset:
     line: int = 128
     sector: int = 32
     fill: int = 0  # bytes the memory behind the L2 returns per miss unit; 0: one sector
+    set_hash: str = "mod"  # engine.SET_HASHES
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
         kw = dict(ways=self.ways, line=self.line, sector=self.sector, partitions=self.partitions,
-                  fill=self.fill)  # fmt: skip
+                  fill=self.fill, set_hash=self.set_hash)  # fmt: skip
         kw.update(overrides)
         return CacheConfig.of(size or self.l2_bytes, **kw)
 
@@ -75,9 +83,72 @@ PRESETS = {
 }
 
 
+PROFILE_FORMAT = "dsacache-gpu-profile/1"
+CALIBRATED = "-calibrated"  # gpu_preset("h200-calibrated"): the bundled profile of the H200
+
+
+def bundled_profile(gpu: str) -> Path:
+    """Where the GPU profile bundled for ``gpu`` (``h100``, ``h200``) lives."""
+    return Path(str(files("dsacache") / "data" / gpu / "profile.json"))
+
+
+def calibrated_gpus() -> list[str]:
+    """The GPUs with a bundled profile."""
+    return sorted(g for g in PRESETS if bundled_profile(g).exists())
+
+
+def load_profile(path: str | os.PathLike) -> dict[str, Any]:
+    """A GPU profile written by ``dsacache calibrate``, checked for the fields the simulator
+    reads."""
+    try:
+        profile = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DsacacheError(f"cannot read GPU profile {path}: {e}") from None
+    if not isinstance(profile, dict) or profile.get("format") != PROFILE_FORMAT:
+        raise DsacacheError(f"{path} is not a dsacache GPU profile (format {PROFILE_FORMAT})")
+    missing = [
+        f"{part}.{key}"
+        for part, keys in (("gpu", ("name", "l2_bytes")),
+                           ("l2_model", ("policy", "capacity", "ways", "set_hash", "fill")),
+                           ("hierarchy", ("hbm_latency_s", "hbm_bandwidth", "l2_bandwidth")))
+        for key in keys
+        if key not in (profile.get(part) or {})
+    ]  # fmt: skip
+    if missing:
+        raise DsacacheError(f"GPU profile {path} lacks {', '.join(missing)}")
+    return profile
+
+
+def preset_from_profile(profile: dict[str, Any]) -> GPUPreset:
+    """The preset of a calibrated GPU: the fitted L2 model (its effective capacity, ways, set
+    index and fill unit) and the fitted memory coefficients."""
+    gpu, l2, mem = profile["gpu"], profile["l2_model"], profile["hierarchy"]
+    return GPUPreset(
+        f"{gpu['name']} (calibrated)",
+        l2_bytes=int(l2["capacity"]),
+        ways=int(l2["ways"]),
+        partitions=1,
+        hbm_bandwidth=float(mem["hbm_bandwidth"]),
+        l2_bandwidth=float(mem["l2_bandwidth"]),
+        hbm_latency=float(mem["hbm_latency_s"]),
+        verified=f"calibrated: {profile.get('summary', 'dsacache calibrate')}",
+        fill=int(l2["fill"]),
+        set_hash=str(l2["set_hash"]),
+    )
+
+
 def gpu_preset(name: str) -> GPUPreset:
-    """Look up a preset by short name (``h100``, ``h200``, ``a100``)."""
+    """Look up a preset by short name (``h100``, ``h200``, ``a100``), a bundled calibrated
+    profile (``h100-calibrated``, ``h200-calibrated``) or a profile file (``*.json``)."""
     key = name.lower()
+    if key.endswith(".json"):
+        return preset_from_profile(load_profile(name))
+    if key.endswith(CALIBRATED) and key[: -len(CALIBRATED)] in calibrated_gpus():
+        return preset_from_profile(load_profile(bundled_profile(key[: -len(CALIBRATED)])))
     if key not in PRESETS:
-        raise DsacacheError(f"unknown GPU preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        known = [*PRESETS, *(g + CALIBRATED for g in calibrated_gpus())]
+        raise DsacacheError(
+            f"unknown GPU preset {name!r}; choose one of: {', '.join(known)}, or a GPU profile "
+            "(.json) written by dsacache calibrate"
+        )
     return PRESETS[key]

@@ -83,7 +83,7 @@ def replay(
     gpu: str = "h100",
     cache_size: int | str | None = None,
     ways: int | None = None,
-    set_hash: str = "mod",
+    set_hash: str | None = None,
     workload: Workload | None = None,
     hierarchy: Hierarchy | None = None,
     progress: bool = False,
@@ -91,13 +91,18 @@ def replay(
     fill: int | None = None,
 ) -> pd.DataFrame:
     """Replay ``trace`` through the GPU's L2 under each policy; one row per (policy, step,
-    layer, class, tier) with the counters of ``RESULT_COLUMNS``. ``replicate``: the L2's
+    layer, class, tier) with the counters of ``RESULT_COLUMNS``. ``gpu`` is a preset name, a
+    bundled calibrated profile (``h200-calibrated``) or a profile file (``dsacache
+    calibrate``); ``cache_size``, ``ways``, ``set_hash`` and ``fill`` override its L2
+    geometry (default: the preset's). ``replicate``: the L2's
     partitions keep near copies of far reads (``CacheConfig.replicate``); ``fill``: bytes the
     memory returns per miss unit (``CacheConfig.fill``; default the GPU preset's)."""
     if not policies:
         raise DsacacheError("replay needs at least one policy")
     preset = gpu_preset(gpu)
-    overrides = {"set_hash": set_hash, "replicate": replicate}
+    overrides: dict = {"replicate": replicate}
+    if set_hash is not None:
+        overrides["set_hash"] = set_hash
     if ways is not None:
         overrides["ways"] = ways
     if fill is not None:
@@ -174,6 +179,7 @@ def replay(
     df.attrs.update(
         cache_bytes=config.size,
         ways=config.ways,
+        set_hash=config.set_hash,
         gpu=gpu,
         layout=amap.layout.spec,
         batch=workload.batch,

@@ -91,10 +91,10 @@ PARAMS: dict[str, Param] = {
             0,
             "bytes reserved by 'reserve' policies (0: the spec's own); ignored by others",
         ),
-        Param("gpu", _text, "h100", "GPU preset: h100, h200, a100"),
+        Param("gpu", _text, "h100", "GPU preset (h100, h200, a100, h200-calibrated) or profile"),
         Param("cache_size", _size, 0, "L2 size, e.g. 24MiB (0/default: the GPU's)"),
         Param("ways", _int, 0, "associativity (0/default: the GPU's)"),
-        Param("set_hash", _text, "mod", "set-index hash: mod, xor, hash"),
+        Param("set_hash", _text, "", "set-index hash: mod, xor, hash, mix (empty: the GPU's)"),
         Param("layout", _text, "", "KV layout spec (empty: from the trace's model)"),
         Param("batch", _int, 1, "requests decoded together"),
         Param("page_tokens", _int, 64, "tokens per KV page"),
@@ -253,11 +253,11 @@ def check_cell(trace, cfg: Mapping[str, Any]) -> None:
     policy = make_policy(cfg["policy"])
     from dsacache.simulator.engine import SET_HASHES
 
-    if cfg["set_hash"] not in SET_HASHES:
+    if cfg["set_hash"] and cfg["set_hash"] not in SET_HASHES:
         raise DsacacheError(
             f"sweep parameter set_hash={cfg['set_hash']!r}: use one of {', '.join(SET_HASHES)}"
         )
-    overrides: dict[str, Any] = {"set_hash": cfg["set_hash"]}
+    overrides: dict[str, Any] = {"set_hash": cfg["set_hash"]} if cfg["set_hash"] else {}
     if cfg["ways"]:
         overrides["ways"] = cfg["ways"]
     config = gpu_preset(cfg["gpu"]).cache(cfg["cache_size"] or None, **overrides)
@@ -276,7 +276,7 @@ def run_cell(trace_path: str, cfg: dict[str, Any], key: str) -> pd.DataFrame:
         gpu=cfg["gpu"],
         cache_size=cfg["cache_size"] or None,
         ways=cfg["ways"] or None,
-        set_hash=cfg["set_hash"],
+        set_hash=cfg["set_hash"] or None,
         workload=_workload(cfg),
     )
     resolved = {
