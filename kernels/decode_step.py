@@ -25,6 +25,7 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -387,6 +388,21 @@ def _step_tensors(rows, batch: int, requests: int, layers: int, groups: int, wid
     return sel, pos
 
 
+@contextlib.contextmanager
+def opened_trace(trace: Any) -> Iterator[Any]:
+    """The trace to run: an opened trace as is, a path or a bundled trace's name opened, a
+    ``synth:`` spec generated into a scratch folder that lasts as long as the context."""
+    from dsacache.traces import open_trace
+
+    if hasattr(trace, "iter_steps"):
+        yield trace
+    elif isinstance(trace, str) and trace.startswith(SPEC_PREFIX):
+        with tempfile.TemporaryDirectory() as tmp:
+            yield open_trace(materialize(trace, tmp))
+    else:
+        yield open_trace(trace)
+
+
 def run_trace(
     trace: Any,
     *,
@@ -420,142 +436,136 @@ def run_trace(
     L2 persisting access-policy window covers the KV pools of the first layers (MLA layouts).
     The L2 is flushed before the first step, so every run starts from the same state.
     """
-    if isinstance(trace, str) and trace.startswith(SPEC_PREFIX):
-        with tempfile.TemporaryDirectory() as tmp:
-            return run_trace(
-                materialize(trace, tmp), layout=layout, batch=batch, steps=steps, layers=layers,
-                hints=hints, device=device, page_order=page_order, seed=seed,
-                use_trace_selection=use_trace_selection, index_heads=index_heads, heads=heads,
-                capture=capture, attn_options=attn_options, backend=backend, persist=persist,
-            )  # fmt: skip
-    from dsacache.traces import open_trace
-
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     check_backend(backend, layout, hints, attn_options)
     if persist is not None and (not layout.startswith("mla") or hints.index or hints.kv):
         raise ValueError("a persisting window runs with an MLA layout and without L2 hints")
-    tr = open_trace(trace) if not hasattr(trace, "iter_steps") else trace
-    model, totals = tr.model, tr.manifest.get("totals", {})
-    requests = max(1, int(totals.get("requests", 1)))
-    groups = max(1, int(totals.get("groups", 1)))
-    n_layers = min(int(totals.get("layers", 1)), layers or 1 << 30)
-    k = int(tr.indexer.get("k", 2048))
-    sink, window = int(tr.indexer.get("sink", 0)), int(tr.indexer.get("window", 0))
-    capacity = int(totals.get("max_position", 1)) + 1
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    mla = layout.startswith("mla")
-    if mla and groups > 1:
-        raise ValueError(f"the trace selects per KV group ({groups} groups); MLA has one")
-    kv_heads = 1 if mla else int(model.get("kv_heads", 3))
-    head_dim = MLA_DIM if mla else int(model.get("head_dim", 64))
-    n_heads = heads or int(model.get("heads", 128 if mla else 9))
-    if not mla and groups > 1 and groups != kv_heads:
-        raise ValueError(f"trace has {groups} groups per layer but the model {kv_heads} KV heads")
+    with opened_trace(trace) as tr:
+        model, totals = tr.model, tr.manifest.get("totals", {})
+        requests = max(1, int(totals.get("requests", 1)))
+        groups = max(1, int(totals.get("groups", 1)))
+        n_layers = min(int(totals.get("layers", 1)), layers or 1 << 30)
+        k = int(tr.indexer.get("k", 2048))
+        sink, window = int(tr.indexer.get("sink", 0)), int(tr.indexer.get("window", 0))
+        capacity = int(totals.get("max_position", 1)) + 1
+        dev = torch.device(device)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        mla = layout.startswith("mla")
+        if mla and groups > 1:
+            raise ValueError(f"the trace selects per KV group ({groups} groups); MLA has one")
+        kv_heads = 1 if mla else int(model.get("kv_heads", 3))
+        head_dim = MLA_DIM if mla else int(model.get("head_dim", 64))
+        n_heads = heads or int(model.get("heads", 128 if mla else 9))
+        if not mla and groups > 1 and groups != kv_heads:
+            raise ValueError(
+                f"trace has {groups} groups per layer but the model {kv_heads} KV heads"
+            )
 
-    pt: PageTable = make_page_table([capacity] * batch, order=page_order, seed=seed, device=dev)
-    caches = []
-    persisted = None  # the KV pools of the window's layers, one after another in one buffer
-    if persist is not None:
-        persisted = _persisted_pools(pt, layout, min(persist.layers, n_layers), dev)
-    for layer in range(n_layers):
-        idx_cache = random_index_cache(pt, seed=seed + 2 * layer, device=dev)
-        if mla:
-            kv = random_mla_cache(pt, layout == "mla-fp8", seed=seed + 2 * layer + 1, device=dev)
-            if persisted is not None and layer < len(persisted):
-                persisted[layer].copy_(kv.pool)
-                kv = MLACache(persisted[layer], pt)
-        else:
-            kv = random_gqa_cache(pt, kv_heads, head_dim, seed=seed + 2 * layer + 1, device=dev)
-        caches.append(LayerCaches(idx_cache, kv))
+        pt: PageTable = make_page_table([capacity] * batch, order=page_order, seed=seed, device=dev)
+        caches = []
+        persisted = None  # the KV pools of the window's layers, one after another in one buffer
+        if persist is not None:
+            persisted = _persisted_pools(pt, layout, min(persist.layers, n_layers), dev)
+        for layer in range(n_layers):
+            idx_cache = random_index_cache(pt, seed=seed + 2 * layer, device=dev)
+            if mla:
+                kv = random_mla_cache(
+                    pt, layout == "mla-fp8", seed=seed + 2 * layer + 1, device=dev
+                )
+                if persisted is not None and layer < len(persisted):
+                    persisted[layer].copy_(kv.pool)
+                    kv = MLACache(persisted[layer], pt)
+            else:
+                kv = random_gqa_cache(pt, kv_heads, head_dim, seed=seed + 2 * layer + 1, device=dev)
+            caches.append(LayerCaches(idx_cache, kv))
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
 
-    q_index = rand(batch, index_heads, 128)
-    weights = torch.rand((batch, index_heads), generator=gen, device=dev) / index_heads**0.5
-    q_attn = rand(batch, n_heads, head_dim)
+        q_index = rand(batch, index_heads, 128)
+        weights = torch.rand((batch, index_heads), generator=gen, device=dev) / index_heads**0.5
+        q_attn = rand(batch, n_heads, head_dim)
 
-    cap = None
-    if capture:
-        from dsacache.kernels.ncu import device_metadata
+        cap = None
+        if capture:
+            from dsacache.kernels.ncu import device_metadata
 
-        meta = {"tool": "dsacache.kernels.decode_step", "layout": layout, "batch": batch,
-                "backend": backend,
-                "hints": {"index": hints.index, "kv": hints.kv},
-                "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
-                "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
-        # parts of 8 whole steps: the writer takes them without splitting or gathering rows
-        rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
-        cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
-                           indexer=dict(tr.indexer), capture=meta,
-                           part_rows=8 * rows_per_step)  # fmt: skip
-    result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
-    kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
-        flush(torch.ones(FLUSH_BYTES // 4, device=dev))
-    l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
-    if persisted is not None:
-        from dsacache.kernels.l2persist import persisting_window
+            meta = {"tool": "dsacache.kernels.decode_step", "layout": layout, "batch": batch,
+                    "backend": backend,
+                    "hints": {"index": hints.index, "kv": hints.kv},
+                    "selection": "trace" if use_trace_selection else "indexer top-k (random data)",
+                    "source_trace": str(getattr(tr, "path", trace)), **device_metadata()}  # fmt: skip
+            # parts of 8 whole steps: the writer takes them without splitting or gathering rows
+            rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
+            cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
+                               indexer=dict(tr.indexer), capture=meta,
+                               part_rows=8 * rows_per_step)  # fmt: skip
+        result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
+        kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
+            flush(torch.ones(FLUSH_BYTES // 4, device=dev))
+        l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
+        if persisted is not None:
+            from dsacache.kernels.l2persist import persisting_window
 
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        l2_window.enter_context(torch.cuda.stream(stream))
-        l2_window.enter_context(persisting_window(stream.cuda_stream, persisted.data_ptr(),
-                             persisted.numel() * persisted.element_size(), persist.hit_ratio,
-                             persist.set_aside))  # fmt: skip
-    sync()
-    t_all = time.perf_counter()
-    try:
-        for rows in tr.iter_steps():
-            if steps is not None and result.steps >= steps:
-                break
-            t0 = time.perf_counter()
-            step = int(rows.step[0])
-            width = max(k, int(rows.lengths.max()) if len(rows) else 0)
-            sel_np, pos_np = _step_tensors(rows, batch, requests, n_layers, groups, width)
-            sel_all = torch.from_numpy(sel_np)
-            ctx_all = torch.from_numpy(pos_np.astype(np.int32))
-            if dev.type == "cuda":
-                sel_all = sel_all.pin_memory().to(dev, non_blocking=True)
-                ctx_all = ctx_all.pin_memory().to(dev, non_blocking=True)
-            max_ctx = int(pos_np.max())
-            if cap is not None:
-                out_groups = groups if use_trace_selection else 1
-                out_width = width if use_trace_selection else k
-                cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
-                if use_trace_selection:  # the selections every layer reads: one copy
-                    cap.add_all(sel_all)
-            for layer in range(n_layers):
-                res = decode_step(
-                    q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
-                    window=window, hints=hints, max_context=max_ctx,
-                    selection=sel_all[layer] if use_trace_selection else None,
-                    attn_options=attn_options, backend=backend,
-                )  # fmt: skip
-                if cap is not None and not use_trace_selection:
-                    cap.add(layer, res.indices)
-                result.index_bytes += int(pos_np[layer].sum()) * 132
-                result.kv_bytes += int((sel_np[layer] >= 0).sum()) * kv_tok
-            if cap is not None:
-                cap.end_step()
-            result.steps += 1
-            result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
+            stream = torch.cuda.Stream(dev)
+            stream.wait_stream(torch.cuda.current_stream(dev))
+            l2_window.enter_context(torch.cuda.stream(stream))
+            l2_window.enter_context(persisting_window(stream.cuda_stream, persisted.data_ptr(),
+                                 persisted.numel() * persisted.element_size(), persist.hit_ratio,
+                                 persist.set_aside))  # fmt: skip
         sync()
-    except BaseException:
+        t_all = time.perf_counter()
+        try:
+            for rows in tr.iter_steps():
+                if steps is not None and result.steps >= steps:
+                    break
+                t0 = time.perf_counter()
+                step = int(rows.step[0])
+                width = max(k, int(rows.lengths.max()) if len(rows) else 0)
+                sel_np, pos_np = _step_tensors(rows, batch, requests, n_layers, groups, width)
+                sel_all = torch.from_numpy(sel_np)
+                ctx_all = torch.from_numpy(pos_np.astype(np.int32))
+                if dev.type == "cuda":
+                    sel_all = sel_all.pin_memory().to(dev, non_blocking=True)
+                    ctx_all = ctx_all.pin_memory().to(dev, non_blocking=True)
+                max_ctx = int(pos_np.max())
+                if cap is not None:
+                    out_groups = groups if use_trace_selection else 1
+                    out_width = width if use_trace_selection else k
+                    cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
+                    if use_trace_selection:  # the selections every layer reads: one copy
+                        cap.add_all(sel_all)
+                for layer in range(n_layers):
+                    res = decode_step(
+                        q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
+                        window=window, hints=hints, max_context=max_ctx,
+                        selection=sel_all[layer] if use_trace_selection else None,
+                        attn_options=attn_options, backend=backend,
+                    )  # fmt: skip
+                    if cap is not None and not use_trace_selection:
+                        cap.add(layer, res.indices)
+                    result.index_bytes += int(pos_np[layer].sum()) * 132
+                    result.kv_bytes += int((sel_np[layer] >= 0).sum()) * kv_tok
+                if cap is not None:
+                    cap.end_step()
+                result.steps += 1
+                result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
+            sync()
+        except BaseException:
+            if cap is not None:
+                with contextlib.suppress(Exception):  # the loop's error is the one to report
+                    cap.close(complete=False)  # keep the steps captured so far, marked incomplete
+            raise
+        finally:
+            l2_window.close()
         if cap is not None:
-            with contextlib.suppress(Exception):  # the loop's error is the one to report
-                cap.close(complete=False)  # keep the steps captured so far, marked incomplete
-        raise
-    finally:
-        l2_window.close()
-    if cap is not None:
-        cap.close()
-        result.capture_stats = dict(cap.stats)
-    result.seconds = time.perf_counter() - t_all
-    return result
+            cap.close()
+            result.capture_stats = dict(cap.stats)
+        result.seconds = time.perf_counter() - t_all
+        return result
 
 
 def parser() -> argparse.ArgumentParser:
