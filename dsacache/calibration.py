@@ -618,7 +618,7 @@ def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
                 "or `dsacache profile` measurement"
             )
         model = fitted(gpu or gpu_of(m))
-        if "Kernel Name" in m and driver_args(m) is not None:
+        if "Kernel Name" in m and command_args(m, "decode_step") is not None:
             configs = m.groupby("config", sort=True) if "config" in m else [(Path(path).stem, m)]
             for name, part in configs:
                 rows += compare_decode_step(str(name), part.reset_index(drop=True), (model,))
