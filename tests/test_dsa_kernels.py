@@ -179,7 +179,12 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     torch.testing.assert_close(got[fin], ref[fin], **tol)
 
 
-@pytest.mark.parametrize("pages_per_step", [1, 4, 32])
+@pytest.mark.parametrize(
+    "pages_per_step",
+    [1, 4, pytest.param(32, marks=pytest.mark.skipif(
+        ON_GPU, reason="a 32-page step of 128-B keys needs 256 KiB of shared memory; an H100/H200 "
+        "SM has 227 KiB (the interpreter has no such limit)"))],
+)  # fmt: skip
 def test_indexer_default_program_size_holds_whole_steps(pages_per_step):
     """With ``pages_per_prog`` left to the default, any ``pages_per_step`` (even more than
     the default's 16 pages) gives a program of whole loop steps and the same logits."""
