@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dsacache.errors import DsacacheError
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
 from dsacache.simulator.reference import COUNTERS
@@ -170,7 +171,8 @@ def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
     """Second-read hit rate for each buffer size (flush, read, read again). The probe's
     256 MiB flush is modelled as a cache full of stale lines (``fill_with_stale_lines``,
     a quarter of the accesses): the flushed lines are never read again, so the two give the
-    same hits under LRU and FIFO."""
+    same hits under LRU and FIFO (not under random replacement, which may pick a probe line
+    while stale ones remain)."""
     out = []
     for s in sizes:
         sim = _Sim(model)
@@ -302,6 +304,8 @@ def fit_reuse(
     second = reuse_points(reuse)
     grid = [(p, h, w, mib) for p in policies for h in set_hashes for w in ways
             for mib in capacities_mib]  # fmt: skip
+    if not grid:
+        raise DsacacheError("the L2 model search is empty: give capacities, ways and set hashes")
     if progress:
         from tqdm import tqdm
 
@@ -328,6 +332,8 @@ def fit_fill(gathers: list[pd.DataFrame], model: Model, fills=(32, 64, 128)) -> 
             j = meas.merge(
                 simulate_gather(m, replace(model, fill=fill)), on=["other_bytes", "role"]
             )
+            if j.empty:
+                raise DsacacheError("a gather measurement has no first/second gather rows to fit")
             errs += list(np.abs(j["simulated_dram_bytes"] / j[DRAM] - 1) * 100)
         rows.append({"fill": fill, "dram_error_pct": float(np.median(errs))})
     return pd.DataFrame(rows).sort_values("dram_error_pct", kind="stable").reset_index(drop=True)
@@ -340,14 +346,19 @@ def hierarchy_coefficients(reuse: pd.DataFrame) -> dict[str, float]:
     measured on one GPU)."""
     m = reuse.assign(hit=reuse[READ_HIT] / reuse[READ])
 
-    def line_fit(rows: pd.DataFrame) -> tuple[float, float]:
+    def line_fit(rows: pd.DataFrame, what: str) -> tuple[float, float]:
         x = rows["bytes"].to_numpy(float)
         t = rows["gpu__time_duration.sum"].to_numpy(float) * 1e-9
+        if len(np.unique(x)) < 2:
+            raise DsacacheError(f"the {what} time fit needs reads of two sizes or more")
         (latency, per_byte), *_ = np.linalg.lstsq(np.vstack([np.ones_like(x), x]).T, t, rcond=None)
+        if not per_byte > 0:
+            raise DsacacheError(f"the {what} times do not grow with the bytes read")
         return max(latency, 0.0), 1.0 / per_byte
 
-    hbm_latency, hbm_bw = line_fit(m[m["role"] == "first"])
-    _, l2_bw = line_fit(m[(m["role"] == "second") & (m["hit"] > 0.95)])
+    hbm_latency, hbm_bw = line_fit(m[m["role"] == "first"], "HBM (cold first reads)")
+    l2_rows = m[(m["role"] == "second") & (m["hit"] > 0.95)]
+    _, l2_bw = line_fit(l2_rows, "L2 (second reads that hit > 95%)")
     return {"hbm_latency_s": hbm_latency, "hbm_bandwidth": hbm_bw, "l2_bandwidth": l2_bw}
 
 
@@ -369,18 +380,21 @@ def calibrate(
     format) with the fit's errors and the runner-up models."""
     from importlib.metadata import version
 
-    from dsacache.errors import DsacacheError
     from dsacache.simulator.presets import PROFILE_FORMAT
 
     reuse = read_measurement(reuse_path)
+    reuse_points(reuse)  # a reuse probe, or a clear error
     gathers = [read_measurement(p) for p in gather_paths]
     for path, g in zip(gather_paths, gathers, strict=True):
         if probe_args(g).experiment != "gather":
             raise DsacacheError(f"{path}: the fill unit is fit to `dsacache probe gather` files")
+    if "meta_l2_bytes" not in reuse:
+        raise DsacacheError(f"{reuse_path} lacks meta_l2_bytes (the L2 size the GPU reports)")
     first = reuse.iloc[0]
     l2_bytes = int(first["meta_l2_bytes"])
     if capacities_mib is None:
-        capacities_mib = range(round(0.4 * l2_bytes / 2**20), round(0.7 * l2_bytes / 2**20) + 1)
+        mib = l2_bytes / 2**20
+        capacities_mib = range(max(1, round(0.4 * mib)), max(1, round(0.7 * mib)) + 1)
     geometry = fit_reuse(reuse, capacities_mib, ways, ("lru",), set_hashes, progress=progress)
     best = geometry.iloc[0]
     model = Model("lru", int(best["capacity"]), int(best["ways"]), str(best["set_hash"]))
@@ -404,10 +418,10 @@ def calibrate(
             "runners_up": geometry.iloc[1:6][["model", "mae_points"]].to_dict("records"),
             "searched": {
                 "policy": ["lru"],
-                "capacity_mib": [min(capacities_mib), max(capacities_mib)],
-                "ways": list(ways),
+                "capacity_mib": [int(min(capacities_mib)), int(max(capacities_mib))],
+                "ways": [int(w) for w in ways],
                 "set_hash": list(set_hashes),
-                "fill": list(fills) if gathers else [],
+                "fill": [int(f) for f in fills] if gathers else [],
             },
             "fill_dram_error_pct": None
             if fill_errors is None

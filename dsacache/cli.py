@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -605,9 +606,12 @@ GATHER_PROBE = {"--k": 2048, "--context": 32768, "--between": "0,16MiB", "--row-
 
 def _int_list(text: str, what: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r}: comma-separated integers", param_hint=what) from None
+        values = []
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r}: comma-separated integers >= 1", param_hint=what)
+    return values
 
 
 @main.command()
@@ -621,7 +625,7 @@ def _int_list(text: str, what: str) -> list[int]:
               help="A `dsacache probe reuse` measurement.")  # fmt: skip
 @click.option("--gather", "gathers", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="`dsacache probe gather` measurements, for the fill unit (repeatable).")  # fmt: skip
-@click.option("--capacities", default=None, help="MiB searched, e.g. 24-40 (default: 40-70%% "
+@click.option("--capacities", default=None, help="MiB searched, e.g. 24-40 (default: 40-70% "
               "of the L2 the GPU reports).")  # fmt: skip
 @click.option("--ways", default="8,16,24,32", show_default=True, help="Associativities searched.")
 @click.option("--set-hashes", default="hash,mix", show_default=True, help="Set indexes searched.")
@@ -644,11 +648,15 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
     """
     from dsacache import calibration
 
+    if not out.lower().endswith(".json"):
+        raise click.BadParameter(f"{out!r}: a GPU profile's name ends in .json (replay --gpu "
+                                 "tells profiles by it)", param_hint="--out")  # fmt: skip
     sources = sum(bool(x) for x in (run, gpu, reuse))
     if sources != 1:
         raise click.UsageError("give exactly one of --run, --gpu or --reuse")
     if gathers and not reuse:
         raise click.UsageError("--gather goes with --reuse")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # before minutes of measuring
     if run:
         from dsacache.kernels.ncu import probe as run_probe
 
@@ -689,8 +697,11 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
         reuse, list(gathers), capacities_mib=span, ways=_int_list(ways, "--ways"),
         set_hashes=hashes, progress=not quiet,
     )  # fmt: skip
-    profile["command"] = " ".join(["dsacache", *sys.argv[1:]])
-    Path(out).write_text(json.dumps(profile, indent=1) + "\n")
+    profile["command"] = shlex.join(["dsacache", *sys.argv[1:]])
+    Path(out).write_text(json.dumps(profile, indent=1, allow_nan=False) + "\n")
+    if not gathers:
+        click.echo("no gather probe: the fill unit is one sector, not fitted (add --gather)",
+                   err=True)  # fmt: skip
     click.echo(f"{profile['summary']}\n-> {out} (use: dsacache replay TRACE --gpu {out})")
 
 

@@ -116,7 +116,8 @@ def analyze(
     "--gpu",
     default="h100",
     show_default=True,
-    help="GPU preset; h100 uses the L2 model calibrated on measurements.",
+    help="GPU preset or profile (.json); h100 and h200 replay the L2 model calibrated on "
+    "their measurements (h100-calibrated, h200-calibrated).",
 )
 @click.option("--cache-size", default=None, help="Replay this L2 size instead, e.g. 24MiB.")
 @click.option("--layout", default=None, help="KV layout spec (default: the trace's).")

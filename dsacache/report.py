@@ -99,16 +99,18 @@ def _reservation(policies: list[str]) -> int:
 
 
 def _cache_model(gpu: str, cache_size: int | str | None) -> dict[str, Any]:
-    """The L2 the replay uses: the GPU's calibrated profile where dsacache bundles one
-    (``h100-calibrated``), else the preset as given; ``cache_size`` resizes it."""
+    """The L2 the replay uses: a calibrated preset or profile as given; for a nominal preset,
+    the GPU's calibrated profile where dsacache bundles one (``h100`` -> ``h100-calibrated``);
+    ``cache_size`` resizes it."""
     from dsacache.simulator.presets import CALIBRATED, calibrated_gpus, gpu_preset
 
-    nominal = gpu_preset(gpu)
-    calibrated = gpu.lower() in calibrated_gpus()
-    replay_gpu = gpu.lower() + CALIBRATED if calibrated else gpu
-    preset = gpu_preset(replay_gpu)
+    preset = gpu_preset(gpu)
+    if preset.reported_l2_bytes is None and gpu.lower() in calibrated_gpus():
+        gpu = gpu.lower() + CALIBRATED
+        preset = gpu_preset(gpu)
+    calibrated = preset.reported_l2_bytes is not None
     cfg = preset.cache()
-    out: dict[str, Any] = {"replay_gpu": replay_gpu, "l2_bytes": nominal.l2_bytes,
+    out: dict[str, Any] = {"replay_gpu": gpu, "l2_bytes": preset.reported_l2_bytes or cfg.size,
                            "cache_size": cfg.size, "effective": cfg.size if calibrated else None}  # fmt: skip
     if calibrated:
         out["model"] = preset.verified  # "calibrated: lru 28MiB 16-way ..., fit to ..."

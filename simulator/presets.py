@@ -36,6 +36,7 @@ class GPUPreset:
     sector: int = 32
     fill: int = 0  # bytes the memory behind the L2 returns per miss unit; 0: one sector
     set_hash: str = "mod"  # engine.SET_HASHES
+    reported_l2_bytes: int | None = None  # calibrated presets: the L2 the GPU reports
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
@@ -116,6 +117,17 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     ]  # fmt: skip
     if missing:
         raise DsacacheError(f"GPU profile {path} lacks {', '.join(missing)}")
+    numbers = {f"{part}.{key}": profile[part][key]
+               for part, keys in (("gpu", ("l2_bytes",)), ("l2_model", ("capacity", "ways")),
+                                  ("hierarchy", ("hbm_bandwidth", "l2_bandwidth", "hbm_latency_s")))
+               for key in keys}  # fmt: skip
+    bad = [f"{k}={v!r}" for k, v in numbers.items()
+           if not isinstance(v, int | float) or not 0 <= v < float("inf")
+           or (v == 0 and k != "hierarchy.hbm_latency_s")]  # fmt: skip
+    if bad:
+        raise DsacacheError(
+            f"GPU profile {path}: {', '.join(bad)} must be finite and positive (latency >= 0)"
+        )
     return profile
 
 
@@ -134,12 +146,14 @@ def preset_from_profile(profile: dict[str, Any]) -> GPUPreset:
         verified=f"calibrated: {profile.get('summary', 'dsacache calibrate')}",
         fill=int(l2["fill"]),
         set_hash=str(l2["set_hash"]),
+        reported_l2_bytes=int(gpu["l2_bytes"]),
     )
 
 
-def gpu_preset(name: str) -> GPUPreset:
+def gpu_preset(name: str | os.PathLike) -> GPUPreset:
     """Look up a preset by short name (``h100``, ``h200``, ``a100``), a bundled calibrated
     profile (``h100-calibrated``, ``h200-calibrated``) or a profile file (``*.json``)."""
+    name = os.fspath(name)
     key = name.lower()
     if key.endswith(".json"):
         return preset_from_profile(load_profile(name))

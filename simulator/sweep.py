@@ -130,16 +130,26 @@ def canonical(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     out = {name: p.convert(name, config.get(name, p.default)) for name, p in PARAMS.items()}
     out["policy"], out["reservation"] = _policy_with_reservation(out["policy"], out["reservation"])
+    if out["gpu"].lower().endswith(".json"):  # a GPU profile: absolute, so workers find it
+        out["gpu"] = str(Path(out["gpu"]).resolve())
+    if not out["set_hash"]:  # the GPU's own set index, recorded as such
+        from dsacache.simulator.presets import gpu_preset
+
+        out["set_hash"] = gpu_preset(out["gpu"]).set_hash
     return out
 
 
 def cell_key(config: Mapping[str, Any], trace_id: str) -> str:
     """Stable 16-hex-digit key of a canonical configuration on a trace. A plug-in policy's
-    file content is part of it, so an edited plug-in is replayed again on --resume."""
+    file content is part of it, and a GPU profile's, so an edited plug-in or profile is
+    replayed again on --resume."""
     extra = {}
     path, _ = split_plugin(str(config.get("policy", "")))
     if path is not None and path.exists():
         extra["plugin_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    profile = Path(str(config.get("gpu", "")))
+    if profile.suffix.lower() == ".json" and profile.exists():  # an edited profile runs again
+        extra["profile_sha256"] = hashlib.sha256(profile.read_bytes()).hexdigest()
     blob = json.dumps({"trace": trace_id, **config, **extra}, sort_keys=True,
                       separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -253,11 +263,11 @@ def check_cell(trace, cfg: Mapping[str, Any]) -> None:
     policy = make_policy(cfg["policy"])
     from dsacache.simulator.engine import SET_HASHES
 
-    if cfg["set_hash"] and cfg["set_hash"] not in SET_HASHES:
+    if cfg["set_hash"] not in SET_HASHES:
         raise DsacacheError(
             f"sweep parameter set_hash={cfg['set_hash']!r}: use one of {', '.join(SET_HASHES)}"
         )
-    overrides: dict[str, Any] = {"set_hash": cfg["set_hash"]} if cfg["set_hash"] else {}
+    overrides: dict[str, Any] = {"set_hash": cfg["set_hash"]}
     if cfg["ways"]:
         overrides["ways"] = cfg["ways"]
     config = gpu_preset(cfg["gpu"]).cache(cfg["cache_size"] or None, **overrides)
@@ -276,7 +286,7 @@ def run_cell(trace_path: str, cfg: dict[str, Any], key: str) -> pd.DataFrame:
         gpu=cfg["gpu"],
         cache_size=cfg["cache_size"] or None,
         ways=cfg["ways"] or None,
-        set_hash=cfg["set_hash"] or None,
+        set_hash=cfg["set_hash"],
         workload=_workload(cfg),
     )
     resolved = {

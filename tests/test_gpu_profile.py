@@ -124,8 +124,53 @@ def test_calibrate_refuses_inputs_it_cannot_fit(tmp_path):
     assert result.exit_code == 2 and "probe gather" in result.output, result.output
     for flag, value, message in (("--capacities", "40-30", "LOW <= HIGH"),
                                  ("--set-hashes", "md5", "choose from"),
-                                 ("--ways", "8,x", "comma-separated integers")):  # fmt: skip
+                                 ("--ways", "8,x", "comma-separated integers"),
+                                 ("--ways", "0", "integers >= 1")):  # fmt: skip
         result = runner.invoke(main, ["calibrate", "--gpu", "h200", flag, value, "--out", out])
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(main, ["calibrate", "--gpu", "b200", "--out", out])
     assert result.exit_code == 2 and "no bundled reuse probe for 'b200'" in result.output
+    result = runner.invoke(main, ["calibrate", "--gpu", "h200", "--out", str(tmp_path / "h200")])
+    assert result.exit_code == 2 and "ends in .json" in result.output
+    reuse = calibration.measured("h200", "reuse")
+    one_size = reuse[reuse["bytes"] == reuse["bytes"].iloc[0]]
+    with pytest.raises(DsacacheError, match="two sizes or more"):
+        calibration.hierarchy_coefficients(one_size)
+    with pytest.raises(DsacacheError, match="search is empty"):
+        calibration.fit_reuse(reuse, capacities_mib=[], ways=(16,))
+
+
+def test_profile_values_are_checked_and_paths_accepted(tmp_path):
+    from pathlib import Path
+
+    assert gpu_preset(Path(bundled_profile("h200"))).set_hash == "mix"
+    prof = load_profile(bundled_profile("h200"))
+    prof["hierarchy"]["l2_bandwidth"] = float("inf")
+    bad = tmp_path / "inf.json"
+    bad.write_text(json.dumps(prof))
+    with pytest.raises(DsacacheError, match="l2_bandwidth=inf must be finite and positive"):
+        gpu_preset(bad)
+
+
+def test_report_and_sweep_resolve_the_calibrated_l2(tmp_path):
+    from dsacache.report import _cache_model
+    from dsacache.simulator.sweep import canonical, cell_key
+
+    for gpu in ("h200", "h200-calibrated", str(bundled_profile("h200"))):
+        cache = _cache_model(gpu, None)
+        assert cache["l2_bytes"] == 60 * 2**20 and cache["effective"] == 33 * 2**20, gpu
+        assert cache["model"].startswith("calibrated: lru 33MiB 24-way mix")
+    nominal = _cache_model("a100", None)
+    assert nominal["effective"] is None and "uncalibrated" in nominal["model"]
+    assert canonical({})["set_hash"] == "mod"  # the nominal preset's: old sweeps' keys hold
+    assert canonical({"gpu": "h200-calibrated"})["set_hash"] == "mix"
+    assert canonical({"gpu": "h200-calibrated", "set_hash": "xor"})["set_hash"] == "xor"
+    mine = tmp_path / "mine.json"
+    mine.write_text(bundled_profile("h200").read_text())
+    cfg = canonical({"gpu": str(mine)})
+    assert cfg["gpu"] == str(mine.resolve()) and cfg["set_hash"] == "mix"
+    before = cell_key(cfg, "t")
+    prof = load_profile(mine)
+    prof["l2_model"]["capacity"] = 32 * 2**20
+    mine.write_text(json.dumps(prof))
+    assert cell_key(cfg, "t") != before  # an edited profile is replayed again on --resume
