@@ -39,8 +39,6 @@ def measured(gpu: str, experiment: str) -> pd.DataFrame:
     """A bundled measurement with its ``hit`` column (read-sector lookup hit rate)."""
     path = DATA_DIR / gpu / f"l2-{experiment}.parquet"
     if not path.exists():
-        from dsacache.errors import DsacacheError
-
         have = (
             sorted(p.name for p in (DATA_DIR / gpu).glob("l2-*.parquet"))
             if (DATA_DIR / gpu).exists()
@@ -156,8 +154,6 @@ NAIVES = {"h100": NAIVE, "h200": NAIVE_H200}
 def fitted(gpu: str) -> Model:
     """The L2 model fit to ``gpu``'s measured reuse curve."""
     if gpu not in FITS:
-        from dsacache.errors import DsacacheError
-
         raise DsacacheError(f"no calibrated L2 model for gpu {gpu!r}; have: {', '.join(FITS)}")
     return FITS[gpu]
 
@@ -287,8 +283,6 @@ def simulate_decode(
 def reuse_points(reuse: pd.DataFrame) -> pd.DataFrame:
     """The second reads of a ``reuse`` measurement (columns ``bytes``, ``hit``), or a clear
     error for another file."""
-    from dsacache.errors import DsacacheError
-
     if probe_args(reuse).experiment != "reuse":
         raise DsacacheError("the L2 geometry is fit to a `dsacache probe reuse` measurement")
     second = reuse[reuse["role"] == "second"]
@@ -297,7 +291,7 @@ def reuse_points(reuse: pd.DataFrame) -> pd.DataFrame:
 
 def fit_reuse(
     reuse: pd.DataFrame, capacities_mib=range(24, 41), ways=(8, 16, 24, 32), policies=("lru",),
-    set_hashes=("hash", "mix"), fill: int = 0, progress: bool = False,
+    set_hashes=("hash", "mix"), progress: bool = False,
 ) -> pd.DataFrame:  # fmt: skip
     """Mean absolute error (points) of the simulated reuse curve for each candidate model
     (best first; columns ``model``, ``mae_points`` and the model's fields)."""
@@ -314,7 +308,7 @@ def fit_reuse(
     for policy, set_hash, w, mib in grid:
         set_bytes = w * 128  # whole sets of 128-byte lines (24 ways: 3 KiB)
         whole_sets = int(mib * 2**20) // set_bytes * set_bytes
-        model = Model(policy, whole_sets, w, set_hash, fill=fill)
+        model = Model(policy, whole_sets, w, set_hash)
         sim = simulate_reuse(second["bytes"].tolist(), model)
         err = np.abs(sim - second["hit"].to_numpy()).mean() * 100
         rows.append({"model": model.label, "mae_points": err, **model.profile_fields()})
@@ -383,7 +377,7 @@ def calibrate(
     from dsacache.simulator.presets import PROFILE_FORMAT
 
     reuse = read_measurement(reuse_path)
-    reuse_points(reuse)  # a reuse probe, or a clear error
+    sizes = len(reuse_points(reuse))  # a reuse probe, or a clear error
     gathers = [read_measurement(p) for p in gather_paths]
     for path, g in zip(gather_paths, gathers, strict=True):
         if probe_args(g).experiment != "gather":
@@ -408,7 +402,7 @@ def calibrate(
     gpu["l2_bytes"] = l2_bytes
     return {
         "format": PROFILE_FORMAT,
-        "summary": f"{model.label}, fit to {len(reuse_points(reuse))} reuse sizes "
+        "summary": f"{model.label}, fit to {sizes} reuse sizes "
         f"({best['mae_points']:.2f} points mean error) on {gpu['name']}",
         "gpu": gpu,
         "l2_model": model.profile_fields(),
@@ -456,8 +450,6 @@ def command_args(m: pd.DataFrame, module: str):
 
 
 def _parse(parser, words: list[str]):
-    from dsacache.errors import DsacacheError
-
     try:
         args, _ = parser.parse_known_args(words)
     except SystemExit:
@@ -468,7 +460,6 @@ def _parse(parser, words: list[str]):
 def probe_args(m: pd.DataFrame):
     """The ``dsacache.kernels.probes`` arguments a measurement was taken with, read back from
     its ``meta_command`` (``argparse.Namespace``)."""
-    from dsacache.errors import DsacacheError
     from dsacache.kernels.probes import parser
 
     words = command_args(m, "probes")
@@ -489,8 +480,6 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     with the set-aside scaled from the physical L2 to the model's capacity."""
     hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0
     if args.persist_layers > 0 and hinted:
-        from dsacache.errors import DsacacheError
-
         raise DsacacheError(
             "a decode probe with a persisting window and eviction hints together has no model "
             "policy (persist or hints, not both)"
@@ -575,8 +564,6 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
     (the reported L2 size, modulo sets) and the GPU's fitted one."""
     measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
     if gpu not in measured_gpus:
-        from dsacache.errors import DsacacheError
-
         raise DsacacheError(
             f"no bundled measurements for gpu {gpu!r}; measured: {', '.join(measured_gpus)}"
         )
@@ -594,8 +581,6 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
 
 def gpu_of(m: pd.DataFrame) -> str:
     """The calibrated GPU a measurement was taken on (``h100``, ``h200``), from its metadata."""
-    from dsacache.errors import DsacacheError
-
     name = str(m["meta_gpu"].iloc[0]) if "meta_gpu" in m else "unknown"
     for key in FITS:
         if re.search(rf"\b{key}\b", name.lower()):  # "H200", not "GH200"
@@ -607,8 +592,6 @@ def gpu_of(m: pd.DataFrame) -> str:
 
 def read_measurement(path: str | Path) -> pd.DataFrame:
     """A measurement file (Parquet or CSV), or a clear error."""
-    from dsacache.errors import DsacacheError
-
     try:
         return pd.read_parquet(path) if str(path).endswith(".parquet") else pd.read_csv(path)
     except (OSError, ValueError) as e:
@@ -620,8 +603,6 @@ def compare_files(paths: list[str], gpu: str | None = None) -> pd.DataFrame:
     runs of the decode-step driver (one per file, or several told apart by a ``config``
     column). Each is simulated with the fitted model of ``gpu``, or of the GPU its metadata
     names."""
-    from dsacache.errors import DsacacheError
-
     rows = []
     for path in paths:
         m = read_measurement(path)
@@ -757,7 +738,6 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     and the number of layers run."""
     import tempfile
 
-    from dsacache.errors import DsacacheError
     from dsacache.kernels.decode_step import INDEX_HEADS, kv_reads_per_token
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.simulator.workload import CLASS_ID, Workload
@@ -909,8 +889,6 @@ def route_coefficients(gpu: str = "h200") -> dict[str, float]:
     two partials, and the PCIe link from pinned host copies (the mean of both directions)."""
     path = DATA_DIR / gpu / "route-calibration.parquet"
     if not path.exists():
-        from dsacache.errors import DsacacheError
-
         have = sorted(p.parent.name for p in DATA_DIR.glob("*/route-calibration.parquet"))
         raise DsacacheError(
             f"no route calibration for gpu {gpu!r}; measured: {', '.join(have) or 'none'}"
