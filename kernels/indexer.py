@@ -43,6 +43,15 @@ def _check_evict(evict: str) -> str:
     return evict
 
 
+def pipeline_stages(evict: str, num_stages: int) -> int:
+    """Pipeline stages of a kernel whose tile loads carry the L2 hint ``evict``. Triton 3.6's
+    software pipeliner turns the loads it pipelines into ``cp.async`` copies, which carry no
+    eviction hint: a hinted load would reach the L2 as a normal one. Hinted launches of the
+    decode kernels therefore run unpipelined (one stage). ``tests/test_kernel_hints.py``
+    compiles the kernels for sm_90 and checks the PTX."""
+    return 1 if _check_evict(evict) else num_stages
+
+
 @triton.jit
 def _e4m3_grid(x):
     """``x`` (float32, ``|x| <= 448``) rounded to the nearest fp8 e4m3 value, ties to even, as
@@ -134,8 +143,9 @@ def indexer_logits(
     two >= 16), ``weights`` ``[B, H]`` (per-head weights, any float), ``context_lens`` int32
     ``[B]`` on the device. ``max_context`` defaults to the page table's capacity (pass it to
     avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
-    "evict_last"). ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's
-    indexer) rather than multiply in bf16 (key dims >= 32 only; smaller ones stay bf16).
+    "evict_last"; a hinted launch runs with one pipeline stage: ``pipeline_stages``).
+    ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's indexer) rather than
+    multiply in bf16 (key dims >= 32 only; smaller ones stay bf16).
     ``pages_per_prog``, ``pages_per_step``, ``num_warps``, ``num_stages``: launch parameters
     (``benchmarks/tune_kernels.py`` sweeps them on a GPU).
     """
@@ -163,7 +173,7 @@ def indexer_logits(
         h, q.stride(0), q.stride(1), weights.stride(0), table.stride(0), out.stride(0), max_pages,
         BLOCK_H=max(16, _pow2(h)), D=d, PAGE=pt.page_size, PAGES_PER_PROG=pages_per_prog,
         PAGES_PER_STEP=pages_per_step, QUERY_FP8=query_fp8, EVICT=_check_evict(evict),
-        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages,
+        UPCAST=INTERPRET, num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     return out[:, :max_context]
 

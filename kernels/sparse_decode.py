@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsacache.kernels.indexer import INTERPRET, _check_evict, _pow2
+from dsacache.kernels.indexer import INTERPRET, _check_evict, _pow2, pipeline_stages
 from dsacache.kernels.paged import (
     MLA_DIM,
     MLA_FP8_BYTES,
@@ -280,7 +280,9 @@ def mla_sparse_decode(
 
     ``q`` ``[B, H, 576]`` bf16; ``indices`` int32 ``[B, k]`` (or ``[B, 1, k]``) token
     positions, -1 = none; ``sm_scale`` multiplies ``q . k``. ``num_splits`` (split-K over the
-    k tokens) defaults to one wave of programs, one per SM.
+    k tokens) defaults to one wave of programs, one per SM. ``evict``: the L2 hint of the KV
+    loads ("", "evict_first", "evict_last"); a hinted launch runs with one pipeline stage,
+    since a pipelined load drops the hint (``pipeline_stages``).
     """
     bsz, h, d = q.shape
     if d != MLA_DIM:
@@ -305,7 +307,7 @@ def mla_sparse_decode(
         h, k_sel, sm_scale * LOG2E, q.stride(0), q.stride(1), table.stride(0),
         indices.stride(0), BLOCK_H=block_h, BLOCK_N=block_n, CHUNK=chunk,
         PAGE=cache.pages.page_size, IS_FP8=fp8, EVICT=_check_evict(evict), UPCAST=INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:
         return out, lse
@@ -329,7 +331,8 @@ def gqa_sparse_decode(
     ``q`` ``[B, HQ, D]`` bf16; ``indices`` int32 ``[B, k]``, ``[B, 1, k]`` (one selection
     shared by all KV heads) or ``[B, kv_heads, k]`` (one per KV head); -1 = none.
     ``sm_scale`` defaults to ``D ** -0.5``; ``block_n`` (tokens per tile) to 256 when the
-    requests' KV heads fill the SMs, else 128.
+    requests' KV heads fill the SMs, else 128. ``evict``: the L2 hint of the K/V loads, as in
+    ``mla_sparse_decode``.
     """
     bsz, hq, d = q.shape
     hkv = cache.kv_heads
@@ -359,7 +362,7 @@ def gqa_sparse_decode(
         indices.stride(0), indices.stride(1) if indices.shape[1] > 1 else 0,
         BLOCK_H=max(16, _pow2(group)), BLOCK_N=block_n, CHUNK=chunk, D=d,
         PAGE=cache.pages.page_size, EVICT=_check_evict(evict), UPCAST=INTERPRET,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:
         return out, lse
