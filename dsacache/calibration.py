@@ -224,20 +224,37 @@ def fill_with_stale_lines(cache, capacity: int) -> None:
                     np.zeros(n, np.int16), cls.astype(np.int64), counters)  # fmt: skip
 
 
-def run_step(cache, chunk, kv_first_from: int = -1) -> np.ndarray:
-    """Counters ``[class, COUNTERS]`` of one step's accesses replayed through ``cache``; the
-    KV of layers >= ``kv_first_from`` (>= 0) carries the ``weights`` class, so that a policy
-    can treat those layers apart (a hint, or a window over the first layers only) while the
-    counters stay under ``kv``."""
+def run_step(cache, chunk, as_weights: np.ndarray | None = None) -> np.ndarray:
+    """Counters ``[class, COUNTERS]`` of one step's accesses replayed through ``cache``. The
+    accesses where ``as_weights`` is true carry the ``weights`` class for the policy (which the
+    decode workloads have no other use for), so that a hint or a window can treat them apart,
+    while their counters stay under their own class (``kv_layers_from``, ``flashmla_query``)."""
     from dsacache.simulator.workload import CLASS_ID
 
     klass = chunk.cls.copy()
-    if kv_first_from >= 0:
-        klass[(klass == CLASS_ID["kv"]) & (chunk.layer >= kv_first_from)] = CLASS_ID["weights"]
+    if as_weights is not None:
+        klass[as_weights] = CLASS_ID["weights"]
     counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
     cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass, chunk.layer,
                     chunk.cls.astype(np.int64), counters)  # fmt: skip
     return counters
+
+
+def kv_layers_from(chunk, first: int) -> np.ndarray | None:
+    """The KV reads of layers >= ``first`` (``--kv-first-from``); None when ``first`` < 0."""
+    from dsacache.simulator.workload import CLASS_ID
+
+    if first < 0:
+        return None
+    return (chunk.cls == CLASS_ID["kv"]) & (chunk.layer >= first)
+
+
+def flashmla_query(chunk, amap) -> np.ndarray:
+    """The attention kernel's query reads of a ``with_query_reads`` chunk (past the pools),
+    which FlashMLA loads evict_first (``decode_step.FLASHMLA_QUERY_EVICT``)."""
+    from dsacache.simulator.workload import CLASS_ID
+
+    return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.weights_base)
 
 
 def simulate_decode(
@@ -272,7 +289,7 @@ def simulate_decode(
         amap = plan_replay(trace, Workload(layout="mla-fp8", classes=("index", "kv")))
         for step_rows in trace.iter_steps():
             chunk = build_step(amap, step_rows)
-            counters = run_step(cache, chunk, kv_first_from)
+            counters = run_step(cache, chunk, kv_layers_from(chunk, kv_first_from))
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
                 rows.append({"step": int(chunk.step[0]), "role": role, "simulated": c[3] / c[2],
@@ -494,8 +511,9 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     hints = [
         f"{cls}={short[h]}" for cls, h in (("index", args.index_evict), ("kv", args.kv_evict)) if h
     ]
-    if args.kv_first_from >= 0:
-        hints.append("weights=first")
+    flashmla = getattr(args, "backend", "") == "flashmla"  # decode-step profiles only
+    if args.kv_first_from >= 0 or flashmla:
+        hints.append("weights=first")  # those KV layers, or FlashMLA's query (flashmla_query)
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
@@ -771,8 +789,12 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
             chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
-            counters = run_step(cache, with_query_reads(chunk, amap, args.batch, query_bytes),
-                                first_from)  # fmt: skip
+            chunk = with_query_reads(chunk, amap, args.batch, query_bytes)
+            apart = kv_layers_from(chunk, first_from)
+            if args.backend == "flashmla":
+                query = flashmla_query(chunk, amap)
+                apart = query if apart is None else apart | query
+            counters = run_step(cache, chunk, apart)
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
                 rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],

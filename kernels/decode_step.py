@@ -51,11 +51,19 @@ from dsacache.kernels.probes import FLUSH_BYTES, flush
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_head_block, mla_sparse_decode
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
-# Reads of each selected token by FlashMLA's SM90 sparse FP8 decode (128 heads), as the model
-# takes it: its grid is (2, 1, partitions). Measured on the H200 (docs/decode_compare.md) it
-# changes with the kernel's split plan; 2 fits the hit rates at batch 1 better (5-9 points
-# off vs 13 with 1), not batch 8 with k 256, and its DRAM bytes run 6-15% above the model's.
+# FlashMLA's SM90 sparse FP8 decode (128 heads), as the model takes it (FlashMLA 9241ae3,
+# csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh; docs/decode_compare.md). Its grid is
+# (2, 1, partitions): a cluster of two 64-head CTAs that split each 64-token block and share
+# the halves through distributed shared memory, so the source reads each selected token once.
+# The model takes 2 all the same: with 1 the hit rates at batch 1 fall 11-23 points below the
+# measured ones, which come from reads the model does not stream (the query again per split,
+# 64-B chunks straddling sectors, the 256-B L2 prefetch of its KV loads). An empirical
+# stand-in, named as such in docs/decode_compare.md.
 FLASHMLA_READS = 2
+# Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on
+# the same selection reads about its query again from DRAM (docs/results/h200-decode/
+# flashmla-repeat.parquet), where ours reads nothing. calibration.flashmla_query marks it.
+FLASHMLA_QUERY_EVICT = "evict_first"
 INDEX_HEADS = 64  # the indexer's heads in run_trace (128 dims each, as DeepSeek-V3.2's)
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both

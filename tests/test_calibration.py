@@ -328,3 +328,20 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
         size = 16384 if out.cls[s] == CLASS_ID["index"] else 147456
         assert out.nbytes[s] == size and out.addr[s + 1] - out.addr[s] == size
     assert len({int(a) for a in out.addr[query]}) == 4  # 2 requests x 2 kernels, all layers
+
+
+def test_flashmla_query_is_simulated_evict_first():
+    """FlashMLA loads its query evict_first (FLASHMLA_QUERY_EVICT): the decode compare marks
+    those reads, and only those, and at batch 8 x k 256 (f07) the query fetched again at every
+    layer is what brings the KV's DRAM bytes to the measured ones (47% low without it)."""
+    m = _kernel_profile("f07")
+    args = calibration.driver_args(m)
+    base = calibration.fitted("h200")
+    policy, first_from = calibration.decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
+    assert (policy, first_from) == ("hints:weights=first", -1)
+    triton = calibration.driver_args(_kernel_profile("t02"))  # the same shape on our kernel
+    assert calibration.decode_policy(triton, base, 62914560)[0] == base.policy
+    got = pd.DataFrame(calibration.compare_decode_step("f07", m, (base,)))
+    kv = got[got["point"].str.endswith("kv")]
+    assert (kv["simulated_dram_bytes"] / kv["measured_dram_bytes"] - 1).abs().max() < 0.05
+    assert (kv["simulated"] - kv["measured"]).abs().max() < 0.06
