@@ -72,7 +72,7 @@ COMPILE = textwrap.dedent(
 )
 
 
-def compiled_ptx(name: str, evict: str) -> str:
+def compiled_ptx(name: str, evict: str, cache_dir) -> str:
     """PTX of kernel ``name`` with hint ``evict``, at the launcher's default pipeline stages
     (through ``pipeline_stages``, as the launcher passes them)."""
     module, kernel, launcher, warps, signature, constants = KERNELS[name]
@@ -83,11 +83,15 @@ def compiled_ptx(name: str, evict: str) -> str:
     stages = import_module("dsacache.kernels.indexer").pipeline_stages(evict, default)
     spec = dict(module=module, kernel=kernel, signature=signature, num_warps=warps,
                 num_stages=stages, constants=dict(constants, EVICT=evict))  # fmt: skip
-    env = dict(os.environ, TRITON_INTERPRET="0")  # the interpreter would not compile
+    # the interpreter would not compile; a cache of its own keeps other Triton runs out
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir))
     done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     if done.returncode:
-        pytest.fail(f"compiling {kernel} for sm_90 failed:\n{done.stderr[-3000:]}")
+        pytest.fail(
+            f"compiling {kernel} for sm_90 failed (exit status {done.returncode}):\n"
+            f"{done.stderr[-3000:]}{done.stdout[-500:]}"
+        )
     return done.stdout
 
 
@@ -98,8 +102,8 @@ def global_loads(ptx: str) -> list[str]:
 
 @pytest.mark.parametrize("evict", ["evict_first", "evict_last"])
 @pytest.mark.parametrize("name", list(KERNELS))
-def test_hinted_tile_loads_keep_their_hint(name, evict):
-    loads = global_loads(compiled_ptx(name, evict))
+def test_hinted_tile_loads_keep_their_hint(name, evict, tmp_path):
+    loads = global_loads(compiled_ptx(name, evict, tmp_path))
     assert not [x for x in loads if x.startswith("cp.async")], (
         f"{name}: pipelined copies drop the {evict} hint: {sorted(set(loads))}"
     )
@@ -108,8 +112,8 @@ def test_hinted_tile_loads_keep_their_hint(name, evict):
     assert vector, f"{name}: no vector load carries the {evict} hint: {sorted(set(loads))}"
 
 
-def test_unhinted_kernels_keep_their_pipeline():
+def test_unhinted_kernels_keep_their_pipeline(tmp_path):
     """Without a hint the sparse kernels stay pipelined (the stages are not given up)."""
-    loads = global_loads(compiled_ptx("mla", ""))
+    loads = global_loads(compiled_ptx("mla", "", tmp_path))
     assert any(x.startswith("cp.async") for x in loads)
     assert not any("cache_hint" in x for x in loads)
