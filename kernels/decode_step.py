@@ -55,10 +55,11 @@ from dsacache.tracer.synth import SPEC_PREFIX, materialize
 # csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh; docs/decode_compare.md). Its grid is
 # (2, 1, partitions): a cluster of two 64-head CTAs that split each 64-token block and share
 # the halves through distributed shared memory, so the source reads each selected token once.
-# The model takes 2 all the same: with 1 the hit rates at batch 1 fall 11-23 points below the
-# measured ones, which come from reads the model does not stream (the query again per split,
-# 64-B chunks straddling sectors, the 256-B L2 prefetch of its KV loads). An empirical
-# stand-in, named as such in docs/decode_compare.md.
+# Measured alone on the H200 it reads 1.12-1.14 sectors per selected sector (1.46 at batch 1
+# x k 2048), and its query again per split part (docs/results/h200-decode/flashmla-parts.
+# parquet). The model takes 2 all the same: with 1 (and the query once) the hit rates at
+# batch 1 fall 11-23 points below the measured ones. An empirical stand-in until the query is
+# streamed per part; docs/decode_compare.md says what that needs.
 FLASHMLA_READS = 2
 # Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on
 # the same selection reads about its query again from DRAM (docs/results/h200-decode/
