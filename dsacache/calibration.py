@@ -228,7 +228,7 @@ def run_step(cache, chunk, as_weights: np.ndarray | None = None) -> np.ndarray:
     """Counters ``[class, COUNTERS]`` of one step's accesses replayed through ``cache``. The
     accesses where ``as_weights`` is true carry the ``weights`` class for the policy (which the
     decode workloads have no other use for), so that a hint or a window can treat them apart,
-    while their counters stay under their own class (``kv_layers_from``, ``flashmla_query``)."""
+    while their counters stay under their own class (``kv_layers_from``, ``attention_query``)."""
     from dsacache.simulator.workload import CLASS_ID
 
     klass = chunk.cls.copy()
@@ -249,9 +249,16 @@ def kv_layers_from(chunk, first: int) -> np.ndarray | None:
     return (chunk.cls == CLASS_ID["kv"]) & (chunk.layer >= first)
 
 
-def flashmla_query(chunk, amap) -> np.ndarray:
-    """The attention kernel's query reads of a ``with_query_reads`` chunk (past the pools),
-    which FlashMLA loads evict_first (``decode_step.FLASHMLA_QUERY_EVICT``)."""
+def query_hint(args) -> str:
+    """The L2 hint the attention kernel of a decode-step profile loads its query with: ""
+    for ours, ``decode_step.FLASHMLA_QUERY_EVICT`` for FlashMLA (probes have no backend)."""
+    from dsacache.kernels.decode_step import FLASHMLA_QUERY_EVICT
+
+    return FLASHMLA_QUERY_EVICT if getattr(args, "backend", "") == "flashmla" else ""
+
+
+def attention_query(chunk, amap) -> np.ndarray:
+    """The attention kernel's query reads of a ``with_query_reads`` chunk (past the pools)."""
     from dsacache.simulator.workload import CLASS_ID
 
     return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.weights_base)
@@ -495,11 +502,11 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     policy; ``--kv-first-from N`` marks the KV of layers >= N evict_first through the
     ``weights`` class; a persisting window over the first N layers' KV becomes ``persist``
     with the set-aside scaled from the physical L2 to the model's capacity."""
-    hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0
+    hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0 or query_hint(args)
     if args.persist_layers > 0 and hinted:
         raise DsacacheError(
-            "a decode probe with a persisting window and eviction hints together has no model "
-            "policy (persist or hints, not both)"
+            "a decode with a persisting window and eviction hints together (FlashMLA's query "
+            "is loaded evict_first) has no model policy (persist or hints, not both)"
         )
     if args.persist_layers > 0:
         aside = parse_size(args.set_aside) * base.capacity // l2_bytes
@@ -511,9 +518,12 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     hints = [
         f"{cls}={short[h]}" for cls, h in (("index", args.index_evict), ("kv", args.kv_evict)) if h
     ]
-    flashmla = getattr(args, "backend", "") == "flashmla"  # decode-step profiles only
-    if args.kv_first_from >= 0 or flashmla:
-        hints.append("weights=first")  # those KV layers, or FlashMLA's query (flashmla_query)
+    if args.kv_first_from >= 0 and query_hint(args):
+        raise DsacacheError("--kv-first-from is a probe option; FlashMLA profiles cannot take it")
+    if args.kv_first_from >= 0:
+        hints.append("weights=first")  # those KV layers (kv_layers_from)
+    elif query_hint(args):
+        hints.append(f"weights={short[query_hint(args)]}")  # the query (attention_query)
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
@@ -791,8 +801,8 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
             chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
             chunk = with_query_reads(chunk, amap, args.batch, query_bytes)
             apart = kv_layers_from(chunk, first_from)
-            if args.backend == "flashmla":
-                query = flashmla_query(chunk, amap)
+            if query_hint(args):  # the policy gives the weights class the query's hint
+                query = attention_query(chunk, amap)
                 apart = query if apart is None else apart | query
             counters = run_step(cache, chunk, apart)
             for role in ("index", "kv"):

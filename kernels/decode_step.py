@@ -63,7 +63,7 @@ from dsacache.tracer.synth import SPEC_PREFIX, materialize
 FLASHMLA_READS = 2
 # Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on
 # the same selection reads about its query again from DRAM (docs/results/h200-decode/
-# flashmla-repeat.parquet), where ours reads nothing. calibration.flashmla_query marks it.
+# flashmla-repeat.parquet), where ours reads nothing. calibration.query_hint carries it.
 FLASHMLA_QUERY_EVICT = "evict_first"
 INDEX_HEADS = 64  # the indexer's heads in run_trace (128 dims each, as DeepSeek-V3.2's)
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")

@@ -1,5 +1,6 @@
 """The model against the H100 and H200 measurements bundled in dsacache/data (real ncu runs)."""
 
+import argparse
 from dataclasses import replace
 
 import numpy as np
@@ -328,15 +329,22 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
         size = 16384 if out.cls[s] == CLASS_ID["index"] else 147456
         assert out.nbytes[s] == size and out.addr[s + 1] - out.addr[s] == size
     assert len({int(a) for a in out.addr[query]}) == 4  # 2 requests x 2 kernels, all layers
+    attention = calibration.attention_query(out, amap)  # what a FlashMLA profile hints
+    assert attention.sum() == 6 and (attention == query & (out.cls == CLASS_ID["kv"])).all()
 
 
 def test_flashmla_query_is_simulated_evict_first():
-    """FlashMLA loads its query evict_first (FLASHMLA_QUERY_EVICT): the decode compare marks
-    those reads, and only those, and at batch 8 x k 256 (f07) the query fetched again at every
-    layer is what brings the KV's DRAM bytes to the measured ones (47% low without it)."""
+    """FlashMLA loads its query evict_first (FLASHMLA_QUERY_EVICT; the reads are marked by
+    ``attention_query``, tested above), and at batch 8 x k 256 (f07) the query fetched again
+    at every layer is what brings the KV's DRAM bytes to the measured ones (47% low without
+    it). A window cannot be modelled with it: that is refused."""
     m = _kernel_profile("f07")
     args = calibration.driver_args(m)
+    assert calibration.query_hint(args) == "evict_first"
     base = calibration.fitted("h200")
+    with pytest.raises(DsacacheError, match="persisting window"):
+        windowed = argparse.Namespace(**(vars(args) | {"persist_layers": 4}))
+        calibration.decode_policy(windowed, base, 62914560)
     policy, first_from = calibration.decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
     assert (policy, first_from) == ("hints:weights=first", -1)
     triton = calibration.driver_args(_kernel_profile("t02"))  # the same shape on our kernel

@@ -5,8 +5,9 @@ carry no L2 hint: a kernel launched with ``evict="evict_first"`` then streams it
 normal loads. That happened to the indexer's keys and the sparse kernels' KV until
 2026-12-02, and the H200 profiles of hinted configurations measured unhinted kernels. These
 tests compile each kernel for sm_90 as its launcher would launch it (no GPU needed: Triton
-compiles ahead of time for a named target) and read the PTX: every tile load must be a
-``ld.global`` with ``L2::cache_hint``, and no ``cp.async`` may be left.
+compiles ahead of time for a named target) and read the PTX: no ``cp.async`` may be left,
+and the tile loads (vector ``ld.global``) must carry ``L2::cache_hint``. On a GPU the same
+check runs on what Triton compiled there through the launchers.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 # suite runs kernels interpreted), whichever test file pytest collects first.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
-pytest.importorskip("torch")  # the kernels module imports it
+torch = pytest.importorskip("torch")
 
 # Each kernel at the shapes its launcher picks for DeepSeek-V3.2 (indexer, MLA) and SmolLM2
 # (GQA): argument types and compile-time constants; EVICT is filled in per case.
@@ -100,16 +101,61 @@ def global_loads(ptx: str) -> list[str]:
     return re.findall(r"\b(?:ld\.global|cp\.async\.c[ag]\.shared\.global)[.\w:]*", ptx)
 
 
-@pytest.mark.parametrize("evict", ["evict_first", "evict_last"])
-@pytest.mark.parametrize("name", list(KERNELS))
-def test_hinted_tile_loads_keep_their_hint(name, evict, tmp_path):
-    loads = global_loads(compiled_ptx(name, evict, tmp_path))
+def assert_tiles_hinted(name: str, ptx: str, evict: str) -> None:
+    """No pipelined copy is left, and the tile loads (vectors) carry an L2 cache hint."""
+    loads = global_loads(ptx)
     assert not [x for x in loads if x.startswith("cp.async")], (
         f"{name}: pipelined copies drop the {evict} hint: {sorted(set(loads))}"
     )
     hinted = [x for x in loads if "L2::cache_hint" in x and x.startswith("ld.global")]
     vector = [x for x in hinted if ".v" in x]  # the tiles (keys, KV rows) load as vectors
     assert vector, f"{name}: no vector load carries the {evict} hint: {sorted(set(loads))}"
+
+
+@pytest.mark.parametrize("evict", ["evict_first", "evict_last"])
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_hinted_tile_loads_keep_their_hint(name, evict, tmp_path):
+    assert_tiles_hinted(name, compiled_ptx(name, evict, tmp_path), evict)
+
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("evict", ["evict_first", "evict_last"])
+def test_hints_reach_the_kernels_the_gpu_compiles(evict):
+    """The same check on what Triton compiled for this GPU through the launchers."""
+    from dsacache.kernels import paged
+    from dsacache.kernels.indexer import dsa_indexer_logits, indexer_logits
+    from dsacache.kernels.sparse_decode import (
+        dsa_gqa_sparse_decode,
+        dsa_mla_sparse_decode,
+        gqa_sparse_decode,
+        mla_sparse_decode,
+    )
+
+    dev, ctx, k = "cuda", 4096, 256
+    pt = paged.make_page_table([ctx, ctx], order="shuffled", seed=0, device=dev)
+    lens = torch.full((2,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn((2, 64, 128), device=dev).bfloat16()
+    w = torch.rand((2, 64), device=dev)
+    index = paged.random_index_cache(pt, seed=1, device=dev)
+    indexer_logits(q, w, index, lens, ctx, evict=evict, pages_per_prog=8)  # a real page loop
+    sel = torch.stack([torch.randperm(ctx)[:k] for _ in range(2)]).int().to(dev)
+    mla = paged.random_mla_cache(pt, True, seed=2, device=dev)
+    mla_sparse_decode(
+        torch.randn((2, 128, 576), device=dev).bfloat16(), mla, sel, 0.07, evict=evict
+    )
+    gqa = paged.random_gqa_cache(pt, 3, 64, seed=4, device=dev)
+    gqa_sparse_decode(torch.randn((2, 9, 64), device=dev).bfloat16(), gqa, sel, evict=evict)
+    torch.cuda.synchronize()
+    for fn in (dsa_indexer_logits, dsa_mla_sparse_decode, dsa_gqa_sparse_decode):
+        compiled = fn.device_caches[torch.cuda.current_device()][0]  # Triton 3.6: key -> kernel
+        hinted = [kernel for key, kernel in compiled.items() if repr(evict) in str(key)]
+        assert hinted, f"{fn.__name__}: no variant compiled with {evict}"
+        for kernel in hinted:
+            assert_tiles_hinted(fn.__name__, kernel.asm["ptx"], evict)
 
 
 def test_unhinted_kernels_keep_their_pipeline(tmp_path):
