@@ -24,11 +24,11 @@ import pandas as pd
 from dsacache.errors import DsacacheError
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
+from dsacache.simulator.presets import DATA_DIR
 from dsacache.simulator.reference import COUNTERS
 from dsacache.simulator.workload import CLASSES
 from dsacache.units import parse_size
 
-DATA_DIR = Path(__file__).parent / "data"
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
 READ_HIT = "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum"
 DRAM = "dram__bytes_read.sum"

@@ -88,9 +88,13 @@ PROFILE_FORMAT = "dsacache-gpu-profile/1"
 CALIBRATED = "-calibrated"  # gpu_preset("h200-calibrated"): the bundled profile of the H200
 
 
+# The package's measurements and GPU profiles, one folder per GPU (dsacache/data/<gpu>/).
+DATA_DIR = Path(str(files("dsacache") / "data"))
+
+
 def bundled_profile(gpu: str) -> Path:
     """Where the GPU profile bundled for ``gpu`` (``h100``, ``h200``) lives."""
-    return Path(str(files("dsacache") / "data" / gpu / "profile.json"))
+    return DATA_DIR / gpu / "profile.json"
 
 
 def calibrated_gpus() -> list[str]:

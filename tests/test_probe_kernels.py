@@ -1,4 +1,5 @@
-"""The GPU probe kernels on the CPU (TRITON_INTERPRET=1), and ncu output parsing."""
+"""The GPU probe kernels on the CPU (TRITON_INTERPRET=1) or, with TRITON_INTERPRET=0, on the
+GPU; and ncu output parsing."""
 
 import os
 
@@ -12,10 +13,13 @@ pytest.importorskip("triton")
 from dsacache.kernels import probes  # noqa: E402
 from dsacache.kernels.ncu import ncu_command, parse_ncu_csv  # noqa: E402
 
+ON_GPU = torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] == "0"
+DEVICE = "cuda" if ON_GPU else "cpu"  # the interpreter runs CPU tensors, a GPU its own
+
 
 @pytest.mark.parametrize("evict", ["", "evict_first", "evict_last"])
 def test_read_sums_every_element(evict):
-    x = torch.rand(3 * probes.READ_BLOCK + 17)
+    x = torch.rand(3 * probes.READ_BLOCK + 17, device=DEVICE)
     partial = probes.read(x, evict)
     assert len(partial) == 4
     torch.testing.assert_close(partial.sum(), x.sum(), rtol=1e-5, atol=1e-3)
@@ -23,19 +27,20 @@ def test_read_sums_every_element(evict):
 
 def test_gather_sums_selected_rows():
     rows, words = 50, 164
-    pool = torch.randint(-1000, 1000, (rows * words,), dtype=torch.int32)
-    idx = torch.tensor([0, 3, 17, 18, 49], dtype=torch.int32)
+    pool = torch.randint(-1000, 1000, (rows * words,), dtype=torch.int32, device=DEVICE)
+    idx = torch.tensor([0, 3, 17, 18, 49], dtype=torch.int32, device=DEVICE)
     out = probes.gather(pool, idx, words, "evict_first")
-    np.testing.assert_array_equal(out.numpy(), pool.view(rows, words)[idx.long()].sum(1).numpy())
+    want = pool.view(rows, words)[idx.long()].sum(1)
+    np.testing.assert_array_equal(out.cpu().numpy(), want.cpu().numpy())
 
 
 @pytest.mark.parametrize("row_bytes", [640, 672])
 def test_gather_probe_plans_rows_of_any_width(row_bytes):
-    launches = probes.run_gather(32, 500, 0.5, [0, 4096], row_bytes=row_bytes, device="cpu")
+    launches = probes.run_gather(32, 500, 0.5, [0, 4096], row_bytes=row_bytes, device=DEVICE)
     assert [x.role for x in launches] == ["first", "second", "first", "between", "second"]
     assert launches[0].bytes == 32 * row_bytes
     with pytest.raises(ValueError, match="row_bytes=658: must be a positive multiple of 4"):
-        probes.run_gather(32, 500, 0.5, [0], row_bytes=658, device="cpu")
+        probes.run_gather(32, 500, 0.5, [0], row_bytes=658, device=DEVICE)
 
 
 def test_probe_cli_refuses_a_row_width_it_cannot_read():
@@ -48,7 +53,7 @@ def test_probe_cli_refuses_a_row_width_it_cannot_read():
 
 
 def test_decode_probe_plans_what_it_launches():
-    launches = probes.run_decode(2, 200, 3, 16, 0.5, device="cpu")
+    launches = probes.run_decode(2, 200, 3, 16, 0.5, device=DEVICE)
     assert [(x.role, x.layer, x.step) for x in launches[:4]] == [
         ("index", 0, 0), ("kv", 0, 0), ("index", 1, 0), ("kv", 1, 0)
     ]  # fmt: skip
