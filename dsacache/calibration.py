@@ -24,9 +24,15 @@ import pandas as pd
 from dsacache.errors import DsacacheError
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
-from dsacache.simulator.presets import DATA_DIR
+from dsacache.simulator.presets import (
+    DATA_DIR,
+    PROFILE_FORMAT,
+    bundled_profile,
+    gpu_preset,
+    load_profile,
+)
 from dsacache.simulator.reference import COUNTERS
-from dsacache.simulator.workload import CLASSES
+from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
 from dsacache.units import parse_size
 
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
@@ -138,7 +144,6 @@ class Model:
 # in 64-B units: the DRAM bytes of cold gathers of 656-B rows are 4.2% above their missed
 # sectors x 32 B, and the 64-B count matches them to 0.2%.
 def _bundled_fit(gpu: str) -> Model:
-    from dsacache.simulator.presets import bundled_profile, load_profile
 
     return Model.from_profile(load_profile(bundled_profile(gpu)))
 
@@ -213,7 +218,6 @@ def fill_with_stale_lines(cache, capacity: int) -> None:
     stale line is evicted exactly when an empty way would be filled), but under eviction
     hints it does: an ``evict_first`` line is then the first victim of the next fill in its
     set, instead of sitting in a way nobody else needed."""
-    from dsacache.simulator.workload import CLASS_ID, CLASSES
 
     line = 128
     n = 2 * capacity // line  # sequential lines over twice the capacity
@@ -229,7 +233,6 @@ def run_step(cache, chunk, as_weights: np.ndarray | None = None) -> np.ndarray:
     accesses where ``as_weights`` is true carry the ``weights`` class for the policy (which the
     decode workloads have no other use for), so that a hint or a window can treat them apart,
     while their counters stay under their own class (``kv_layers_from``, ``attention_query``)."""
-    from dsacache.simulator.workload import CLASS_ID
 
     klass = chunk.cls.copy()
     if as_weights is not None:
@@ -242,7 +245,6 @@ def run_step(cache, chunk, as_weights: np.ndarray | None = None) -> np.ndarray:
 
 def kv_layers_from(chunk, first: int) -> np.ndarray | None:
     """The KV reads of layers >= ``first`` (``--kv-first-from``); None when ``first`` < 0."""
-    from dsacache.simulator.workload import CLASS_ID
 
     if first < 0:
         return None
@@ -259,7 +261,6 @@ def query_hint(args) -> str:
 
 def attention_query(chunk, amap) -> np.ndarray:
     """The attention kernel's query reads of a ``with_query_reads`` chunk (past the pools)."""
-    from dsacache.simulator.workload import CLASS_ID
 
     return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.weights_base)
 
@@ -276,9 +277,7 @@ def simulate_decode(
     import tempfile
 
     from dsacache.kernels.probes import decode_config
-    from dsacache.simulator.caches import make_model
     from dsacache.simulator.stream import build_step, plan_replay
-    from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import synthesize
     from dsacache.traces import open_trace
 
@@ -398,8 +397,6 @@ def calibrate(
     format) with the fit's errors and the runner-up models."""
     from importlib.metadata import version
 
-    from dsacache.simulator.presets import PROFILE_FORMAT
-
     reuse = read_measurement(reuse_path)
     sizes = len(reuse_points(reuse))  # a reuse probe, or a clear error
     gathers = [read_measurement(p) for p in gather_paths]
@@ -502,7 +499,8 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     policy; ``--kv-first-from N`` marks the KV of layers >= N evict_first through the
     ``weights`` class; a persisting window over the first N layers' KV becomes ``persist``
     with the set-aside scaled from the physical L2 to the model's capacity."""
-    hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0 or query_hint(args)
+    query = query_hint(args)
+    hinted = args.index_evict or args.kv_evict or args.kv_first_from >= 0 or query
     if args.persist_layers > 0 and hinted:
         raise DsacacheError(
             "a decode with a persisting window and eviction hints together (FlashMLA's query "
@@ -518,12 +516,12 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     hints = [
         f"{cls}={short[h]}" for cls, h in (("index", args.index_evict), ("kv", args.kv_evict)) if h
     ]
-    if args.kv_first_from >= 0 and query_hint(args):
+    if args.kv_first_from >= 0 and query:
         raise DsacacheError("--kv-first-from is a probe option; FlashMLA profiles cannot take it")
     if args.kv_first_from >= 0:
         hints.append("weights=first")  # those KV layers (kv_layers_from)
-    elif query_hint(args):
-        hints.append(f"weights={short[query_hint(args)]}")  # the query (attention_query)
+    elif query:
+        hints.append(f"weights={short[query]}")  # the query (attention_query)
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
@@ -669,7 +667,6 @@ def kernel_measurements(gpu: str) -> list[Path]:
 def fit_hierarchy(gpu: str = "h100"):
     """The memory-time coefficients of ``gpu``'s bundled profile (``hierarchy_coefficients``
     of its reuse probe) as a ``Hierarchy``."""
-    from dsacache.simulator.presets import gpu_preset
     from dsacache.simulator.replay import Hierarchy
 
     return Hierarchy.for_gpu(gpu_preset(gpu + "-calibrated"))
@@ -684,7 +681,6 @@ def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
     import tempfile
 
     from dsacache.simulator.replay import replay
-    from dsacache.simulator.workload import Workload
     from dsacache.tracer.synth import preset, synthesize
     from dsacache.traces import open_trace
 
@@ -768,7 +764,6 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
 
     from dsacache.kernels.decode_step import INDEX_HEADS, kv_reads_per_token
     from dsacache.simulator.stream import build_step, plan_replay
-    from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import materialize
     from dsacache.traces import open_trace
 
