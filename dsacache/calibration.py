@@ -260,9 +260,9 @@ def query_hint(args) -> str:
 
 
 def attention_query(chunk, amap) -> np.ndarray:
-    """The attention kernel's query reads of a ``with_query_reads`` chunk (past the pools)."""
+    """The attention kernel's query reads of a chunk built with ``Workload.queries``."""
 
-    return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.weights_base)
+    return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.query_base)
 
 
 def simulate_decode(
@@ -758,7 +758,7 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
     layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
-    kernel's query (``with_query_reads``); ``first_from`` as in ``run_step``. Returns the rows
+    kernel's query (``Workload.queries``); ``first_from`` as in ``run_step``. Returns the rows
     and the number of layers run."""
     import tempfile
 
@@ -780,21 +780,18 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         wl = Workload(
             layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
             classes=("index", "kv"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
+            queries=True, heads=heads, index_heads=INDEX_HEADS,
         )  # fmt: skip
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
         cache = make_model(model.config(), model.policy, layers)
         if STALE_L2:
             fill_with_stale_lines(cache, model.capacity)
-        mla = args.layout.startswith("mla")
-        head_dim = 576 if mla else int(trace.model.get("head_dim", 64))
-        query_bytes = {"index": INDEX_HEADS * 128 * 2, "kv": heads * head_dim * 2}  # bf16
         for n, step_rows in enumerate(trace.iter_steps()):
             if args.steps is not None and n >= args.steps:
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
             chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
-            chunk = with_query_reads(chunk, amap, args.batch, query_bytes)
             apart = kv_layers_from(chunk, first_from)
             if query_hint(args):  # the policy gives the weights class the query's hint
                 query = attention_query(chunk, amap)
@@ -805,30 +802,6 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
                 rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],
                              "simulated_dram_bytes": c[7] * 32})  # fmt: skip
     return pd.DataFrame(rows), layers
-
-
-def with_query_reads(chunk, amap, batch: int, query_bytes: dict[str, int]):
-    """``chunk`` (one step: per layer the ``index`` then the ``kv`` reads) with each kernel's
-    query read once per request before the kernel's own reads: ``query_bytes[cls]`` bytes of
-    request ``b`` at a fixed address past the pools (the driver keeps one query tensor per
-    kernel for all layers). Streamed once: the programs' repeats of it are ncu's extra reads
-    (``compare_decode_step``); the first read of each layer is what the indexer's key stream
-    can evict between layers."""
-    from dsacache.simulator.stream import AccessChunk, _piece
-
-    cut = np.flatnonzero((np.diff(chunk.layer) != 0) | (np.diff(chunk.cls) != 0)) + 1
-    bounds = list(zip([0, *cut.tolist()], [*cut.tolist(), len(chunk)], strict=True))
-    base = {"index": amap.weights_base, "kv": amap.weights_base + batch * query_bytes["index"]}
-    fields = AccessChunk.__dataclass_fields__
-    parts = []
-    for lo, hi in bounds:
-        cls = CLASSES[int(chunk.cls[lo])]
-        size = query_bytes.get(cls, 0)
-        if size:
-            addr = base[cls] + np.arange(batch, dtype=np.int64) * size
-            parts.append(_piece(addr, size, cls, int(chunk.step[lo]), int(chunk.layer[lo])))
-        parts.append(AccessChunk(*(getattr(chunk, f)[lo:hi] for f in fields)))
-    return AccessChunk.concat(parts)
 
 
 def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:

@@ -167,7 +167,10 @@ def validate(trace) -> None:
     click.echo(f"ok: {summary['parts']} part(s), {summary['rows']:,} rows, {state}")
 
 
-def _workload(layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token):
+def _workload(
+    layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token,
+    queries, heads,
+):  # fmt: skip
     from dsacache.simulator import Workload
 
     return Workload(
@@ -179,6 +182,8 @@ def _workload(layout, batch, page_tokens, page_order, seed, classes, weight_byte
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
         weight_bytes=weight_bytes,
         reads_per_token=reads_per_token,
+        queries=queries,
+        heads=heads,
     )
 
 
@@ -254,6 +259,20 @@ def _replay_options(f):
             default=1,
             show_default=True,
             help="CTAs reading each selected token (kernel tiling).",
+        ),
+        click.option(
+            "--queries",
+            is_flag=True,
+            help="Stream each kernel's query too: per request and layer, the indexer's (64 "
+            "heads x 128, bf16) and the attention kernel's (heads x the layout's query width) "
+            "before the kernel's own reads, counted in its class.",
+        ),
+        click.option(
+            "--heads",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Query heads of the attention kernel for --queries (0: the trace model's).",
         ),
         click.option(
             "--plugin",

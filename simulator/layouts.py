@@ -39,6 +39,7 @@ class KVLayout:
     planes: tuple[Plane, ...]
     groups: int = 1
     spec: str = ""
+    query_dim: int = 0  # per-head width of the attention query the kernel reads (bf16)
 
     @property
     def bytes_per_token(self) -> int:
@@ -54,6 +55,10 @@ class KVLayout:
     def selection_bytes(self, selection_groups: int) -> int:
         """Bytes one selection reads per token and layer (its group's slice of grouped planes)."""
         return sum(self.read_bytes(p, selection_groups) for p in self.planes)
+
+    def query_bytes(self, heads: int) -> int:
+        """Bytes of one request's attention query for ``heads`` query heads, in bf16."""
+        return heads * self.query_dim * 2
 
     def check_groups(self, selection_groups: int) -> None:
         """Raise unless a trace with ``selection_groups`` groups can be replayed on this layout."""
@@ -87,7 +92,9 @@ def _int(params: dict[str, str], key: str, default: int, layout: str) -> int:
 def _mla_bf16(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     latent = _int(p, "latent", int(model.get("kv_lora_rank", 512)), "mla-bf16")
     rope = _int(p, "rope", int(model.get("rope_dim", 64)), "mla-bf16")
-    return KVLayout("mla-bf16", (Plane("latent+rope", (latent + rope) * 2),))
+    return KVLayout(
+        "mla-bf16", (Plane("latent+rope", (latent + rope) * 2),), query_dim=latent + rope
+    )
 
 
 def _mla_fp8(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
@@ -96,13 +103,15 @@ def _mla_fp8(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     tile = _int(p, "scale_tile", 128, "mla-fp8")
     # fp8 latent, one fp32 scale per 128-wide tile, bf16 RoPE part (DeepSeek-V3.2 FlashMLA).
     return KVLayout(
-        "mla-fp8", (Plane("latent+scales+rope", latent + 4 * (latent // tile) + rope * 2),)
+        "mla-fp8",
+        (Plane("latent+scales+rope", latent + 4 * (latent // tile) + rope * 2),),
+        query_dim=latent + rope,
     )
 
 
 def _indexer(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     dim = _int(p, "dim", 128, "indexer")
-    return KVLayout("indexer", (Plane("key+scale", dim + 4),))
+    return KVLayout("indexer", (Plane("key+scale", dim + 4),), query_dim=dim)
 
 
 def _gqa(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
@@ -110,7 +119,8 @@ def _gqa(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     head_dim = _int(p, "head_dim", int(model.get("head_dim", 128)), "gqa")
     dtype = _int(p, "dtype_bytes", 2, "gqa")
     rec = kv_heads * head_dim * dtype
-    return KVLayout("gqa", (Plane("K", rec, True), Plane("V", rec, True)), groups=kv_heads)
+    planes = (Plane("K", rec, True), Plane("V", rec, True))
+    return KVLayout("gqa", planes, groups=kv_heads, query_dim=head_dim)
 
 
 def _gta(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
@@ -119,7 +129,7 @@ def _gta(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     rope = _int(p, "rope", max(head_dim // 2, 1), "gta")
     dtype = _int(p, "dtype_bytes", 2, "gta")
     planes = (Plane("tied KV", kv_heads * head_dim * dtype, True), Plane("rope", rope * dtype))
-    return KVLayout("gta", planes, groups=kv_heads)
+    return KVLayout("gta", planes, groups=kv_heads, query_dim=head_dim + rope)
 
 
 def _gla(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
@@ -134,7 +144,7 @@ def _gla(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
         )
     local = groups // devices  # latent groups held by one device; the RoPE key is on every one
     planes = (Plane("latent", local * latent * dtype, True), Plane("rope", rope * dtype))
-    return KVLayout("gla", planes, groups=local)
+    return KVLayout("gla", planes, groups=local, query_dim=latent + rope)
 
 
 LAYOUTS = {
@@ -164,7 +174,7 @@ def make_layout(spec: str, model: dict[str, Any] | None = None) -> KVLayout:
     layout = LAYOUTS[parsed.name][0](params, dict(model or {}))
     if params:
         raise DsacacheError(f"layout {parsed.name}: unknown parameter(s) {', '.join(params)}")
-    return KVLayout(layout.name, layout.planes, layout.groups, str(parsed))
+    return KVLayout(layout.name, layout.planes, layout.groups, str(parsed), layout.query_dim)
 
 
 def default_layout(model: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 WRITE_CLASSES = frozenset({"append"})
 DEFAULT_CLASSES = ("index", "kv", "append")
 PAGE_ORDERS = ("contiguous", "shuffled")
+INDEXER_HEADS = 64  # DeepSeek-V3.2's lightning indexer: 64 heads of 128 dims
 POOL_ALIGN = 4096
 # Where a missed byte is served from: the GPU's own HBM, a peer GPU, a remote node.
 TIERS = ("hbm", "peer", "remote")
@@ -39,7 +40,11 @@ class Workload:
     cache of ``page_tokens``-token pages allocated ``contiguous`` or from a ``shuffled`` free
     list (seeded). ``reads_per_token`` and ``block_tokens`` describe the attention kernel's
     tiling: how many CTAs read each selected token per step, and how many tokens a CTA
-    loads per stage.
+    loads per stage. ``queries`` streams each kernel's query, once per request and layer
+    before the kernel's own reads: the indexer's (``index_heads`` x ``indexer_dim``) and the
+    attention kernel's (``heads`` x the layout's query width; 0: the trace model's heads),
+    both bf16, at fixed addresses past the pools (one query buffer reused by every layer,
+    as a serving engine keeps it).
     """
 
     layout: str = ""
@@ -52,6 +57,9 @@ class Workload:
     weight_bytes: int = 0
     reads_per_token: int = 1
     block_tokens: int = 64
+    queries: bool = False
+    heads: int = 0
+    index_heads: int = INDEXER_HEADS
     peer_share: float = 0.0
     remote_share: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -61,8 +69,9 @@ class Workload:
         for name in ("batch", "page_tokens", "indexer_dim", "reads_per_token", "block_tokens"):
             if getattr(self, name) < 1:
                 raise DsacacheError(f"workload: {name} must be >= 1, got {getattr(self, name)}")
-        if self.weight_bytes < 0:
-            raise DsacacheError(f"workload: weight_bytes must be >= 0, got {self.weight_bytes}")
+        for name in ("weight_bytes", "heads", "index_heads"):
+            if getattr(self, name) < 0:
+                raise DsacacheError(f"workload: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("peer_share", "remote_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DsacacheError(
@@ -86,7 +95,8 @@ class Workload:
 @dataclass
 class AddressMap:
     """Byte addresses of every KV pool: per layer, one pool per layout plane plus the
-    indexer-key pool, then the weights. Pages are mapped through a per-request page table."""
+    indexer-key pool, then the weights, then the queries (``Workload.queries``). Pages are
+    mapped through a per-request page table."""
 
     workload: Workload
     layout: KVLayout
@@ -98,6 +108,16 @@ class AddressMap:
     index_base: np.ndarray  # [layers]
     weights_base: int
     index_bytes: int  # bytes of one indexer key
+    query_base: int = 0
+    index_query_bytes: int = 0  # one request's indexer query (0: queries not streamed)
+    kv_query_bytes: int = 0  # one request's attention query
+
+    def query_address(self, cls: str, request: np.ndarray | int) -> np.ndarray | int:
+        """Byte address of request(s)' query of the ``index`` or ``kv`` kernel."""
+        if cls == "index":
+            return self.query_base + request * self.index_query_bytes
+        kv_base = self.query_base + self.workload.batch * self.index_query_bytes
+        return kv_base + request * self.kv_query_bytes
 
     @classmethod
     def build(
@@ -129,18 +149,17 @@ class AddressMap:
                 addr = align(addr + total_pages * pt * plane.bytes_per_token)
             index_base[layer] = addr
             addr = align(addr + total_pages * pt * index_bytes)
+        query_bytes = (0, 0)
+        if workload.queries:
+            heads = workload.heads or int(model.get("heads", 128))
+            query_bytes = (
+                workload.index_heads * workload.indexer_dim * 2,
+                layout.query_bytes(heads),
+            )
         return cls(
-            workload,
-            layout,
-            layers,
-            groups,
-            pages,
-            table,
-            plane_base,
-            index_base,
-            addr,
-            index_bytes,
-        )
+            workload, layout, layers, groups, pages, table, plane_base, index_base, addr,
+            index_bytes, align(addr + layers * workload.weight_bytes), *query_bytes,
+        )  # fmt: skip
 
     def kv_address(self, layer: int, plane: int, request: int, token: int, group: int) -> int:
         """Byte address of a token's record (its group's slice) in one plane; scalar helper."""

@@ -308,8 +308,9 @@ def test_compare_simulates_a_kernel_profile_from_its_command(tmp_path):
 
 
 def test_query_reads_come_first_in_each_kernels_run(tmp_path):
-    """Each layer's indexer and attention reads are preceded by one read of each request's
-    query, at addresses past every pool, the same at every layer."""
+    """With ``Workload.queries`` each layer's indexer and attention reads are preceded by one
+    read of each request's query (DeepSeek-V3.2 sizes: 64 x 128 and 128 x 576 bf16), at
+    addresses past every pool, the same at every layer."""
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import materialize
@@ -317,12 +318,16 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
 
     spec = "synth:deepseek-v3.2:context=500,k=32,requests=2,layers=3,steps=1"
     trace = open_trace(materialize(spec, tmp_path))
-    amap = plan_replay(trace, Workload(layout="mla-fp8", batch=2, classes=("index", "kv")))
-    chunk = build_step(amap, next(iter(trace.iter_steps())))
-    out = calibration.with_query_reads(chunk, amap, 2, {"index": 16384, "kv": 147456})
+    rows = next(iter(trace.iter_steps()))
+    wl = Workload(layout="mla-fp8", batch=2, classes=("index", "kv"))
+    chunk = build_step(plan_replay(trace, wl), rows)
+    amap = plan_replay(trace, Workload(**{**wl.__dict__, "queries": True}))
+    out = build_step(amap, rows)
+    assert (amap.index_query_bytes, amap.kv_query_bytes) == (16384, 147456)
     assert len(out) == len(chunk) + 3 * 2 * 2
-    query = out.addr >= amap.weights_base
-    assert not (chunk.addr >= amap.weights_base).any() and query.sum() == 12
+    query = out.addr >= amap.query_base
+    assert amap.query_base >= amap.weights_base and query.sum() == 12
+    assert (out.addr[~query] == chunk.addr).all()  # the pools did not move
     starts = np.flatnonzero(np.r_[True, (np.diff(out.layer) != 0) | (np.diff(out.cls) != 0)])
     for s in starts:  # every run opens with its two requests' queries
         assert query[s] and query[s + 1] and not query[s + 2]

@@ -75,6 +75,7 @@ def test_checksum_error_via_cli(tmp_path):
         (["--batch", "5"], "batch 5 is larger than the trace's 2 request(s)"),
         (["--cache-size", "1000"], "not a multiple of ways x line"),
         (["--out", "r.txt"], "use a .parquet or .csv"),
+        (["--queries", "--heads", "-1"], "heads must be >= 0, got -1"),
     ],
 )
 def test_replay_bad_options(small_trace, args, needle):
@@ -103,6 +104,24 @@ def test_replay_writes_results(small_trace, tmp_path):
     df = pd.read_parquet(out_file)
     assert set(df["policy"]) == {"lru", "fifo"}
     assert "kv_hit_rate" in out
+
+
+def test_replay_queries_add_each_kernels_query(small_trace, tmp_path):
+    """--queries adds, per step, layer and request, the indexer's query (64 x 128 bf16) to
+    the index class and the attention query (4 heads x 64, the GQA width) to the kv class."""
+    import pandas as pd
+
+    got = {}
+    for name, extra in (("plain", []), ("queries", ["--queries", "--heads", "4"])):
+        out_file = tmp_path / f"{name}.parquet"
+        code, out = run("replay", small_trace, "--quiet", "--batch", 2, "--out", out_file, *extra)
+        assert code == 0, out
+        got[name] = pd.read_parquet(out_file).groupby("class")["bytes"].sum()
+    reads = 6 * 3 * 2  # steps x layers x requests
+    added = got["queries"] - got["plain"]
+    assert added["index"] == reads * 64 * 128 * 2
+    assert added["kv"] == reads * 4 * 64 * 2
+    assert added["append"] == 0
 
 
 def test_policies_lists_registered():

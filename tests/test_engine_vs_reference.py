@@ -98,6 +98,8 @@ workloads = st.builds(
     weight_bytes=st.sampled_from([0, 5000]),
     reads_per_token=st.integers(1, 3),
     block_tokens=st.sampled_from([8, 64]),
+    queries=st.booleans(),
+    heads=st.sampled_from([0, 3]),
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )

@@ -22,6 +22,20 @@ def test_bytes_per_token(spec, model, bytes_per_token):
     assert make_layout(spec, model).bytes_per_token == bytes_per_token
 
 
+@pytest.mark.parametrize(
+    "spec,model,heads,query_bytes",
+    [
+        ("mla-fp8", {}, 128, 128 * 576 * 2),  # DeepSeek-V3.2: 128 heads x (512 + 64), bf16
+        ("mla-bf16", {}, 16, 16 * 576 * 2),
+        ("gqa", {"kv_heads": 3, "head_dim": 64}, 9, 9 * 64 * 2),  # SmolLM2-135M: 1,152 B
+        ("gta:kv_heads=4,head_dim=128", {}, 8, 8 * (128 + 64) * 2),
+        ("gla:groups=2,latent=256,rope=64", {}, 8, 8 * 320 * 2),
+    ],
+)
+def test_query_bytes(spec, model, heads, query_bytes):
+    assert make_layout(spec, model).query_bytes(heads) == query_bytes
+
+
 def test_gqa_splits_per_group():
     layout = make_layout("gqa", {"kv_heads": 3, "head_dim": 64})
     assert [layout.read_bytes(p, 3) for p in layout.planes] == [128, 128]
