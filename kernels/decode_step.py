@@ -49,6 +49,7 @@ from dsacache.kernels.paged import (
 )
 from dsacache.kernels.probes import FLUSH_BYTES, flush
 from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_head_block, mla_sparse_decode
+from dsacache.simulator.workload import INDEXER_HEADS
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
 # FlashMLA's SM90 sparse FP8 decode (128 heads), as the model takes it (FlashMLA 9241ae3,
@@ -65,7 +66,7 @@ FLASHMLA_READS = 2
 # the same selection reads about its query again from DRAM (docs/results/h200-decode/
 # flashmla-repeat.parquet), where ours reads nothing. calibration.query_hint carries it.
 FLASHMLA_QUERY_EVICT = "evict_first"
-INDEX_HEADS = 64  # the indexer's heads in run_trace (128 dims each, as DeepSeek-V3.2's)
+INDEX_HEADS = INDEXER_HEADS  # the indexer's heads in run_trace (128 dims each)
 LAYOUTS = ("mla-fp8", "mla-bf16", "gqa")
 BACKENDS = ("triton", "flashmla")  # the sparse attention kernel; the indexer is ours in both
 DEEPSEEK_SM_SCALE = (128 + 64) ** -0.5  # DeepSeek-V3.2: qk head dim 192 before absorption
