@@ -1,7 +1,7 @@
 """Generate the comparison of the real decode kernels' measured L2 hit rates and DRAM bytes
 with dsacache's model (docs/decode_compare.md quotes its output):
 
-    python docs/make_decode_compare.py [--gpu h200]
+    python docs/make_decode_compare.py [--gpu h200] [--bundle GRID_DIR]
 
 Writes docs/results/<gpu>-decode/compare.csv (one row per configuration, step and class),
 table.md (one row per configuration) and docs/img/decode_compare_<gpu>.png (simulated vs
@@ -76,10 +76,27 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def bundle(grid_dir: Path, gpu: str) -> Path:
+    """Concatenate the grid's profiles (``grid_dir/NAME.parquet``, one per configuration) into
+    the bundled ``dsacache/data/<gpu>/decode-steps.parquet``, with a ``config`` column."""
+    parts = [pd.read_parquet(f).assign(config=f.stem) for f in sorted(grid_dir.glob("*.parquet"))]
+    if not parts:
+        raise SystemExit(f"no profiles in {grid_dir}")
+    df = pd.concat(parts, ignore_index=True)
+    df = df[["config", *[c for c in df.columns if c != "config"]]]
+    out = calibration.DATA_DIR / gpu / "decode-steps.parquet"
+    df.to_parquet(out, index=False)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gpu", default="h200")
-    gpu = p.parse_args().gpu
+    p.add_argument("--bundle", type=Path, help="first bundle this folder of decode_grid.sh profiles")
+    a = p.parse_args()
+    gpu = a.gpu
+    if a.bundle:
+        print("bundled", bundle(a.bundle, gpu))
     paths = calibration.kernel_measurements(gpu)
     df = calibration.compare_files([str(x) for x in paths], gpu)
     out = DOCS / "results" / f"{gpu}-decode"

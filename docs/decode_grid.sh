@@ -1,10 +1,10 @@
 #!/bin/bash
 # The decode-step profiling grid behind docs/decode_compare.md: each line runs the decode-step
 # driver (kernels/decode_step.py) under `dsacache profile` (ncu, no cache control, application
-# replay). Usage: grid.sh OUTDIR [SECONDS]; configs already in OUTDIR are skipped, and no new
+# replay). Usage: decode_grid.sh OUTDIR [SECONDS]; configs already in OUTDIR are skipped, and no new
 # config starts after SECONDS (default 520), so the grid can be run in several calls.
 set -u
-OUT=${1:?usage: grid.sh OUTDIR [SECONDS]}
+OUT=${1:?usage: decode_grid.sh OUTDIR [SECONDS]}
 BUDGET=${2:-520}
 mkdir -p "$OUT"
 KERNELS='dsa_indexer_logits|dsa_mla_sparse_decode|dsa_gqa_sparse_decode|flash|mla'
