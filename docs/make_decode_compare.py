@@ -1,7 +1,7 @@
 """Generate the comparison of the real decode kernels' measured L2 hit rates and DRAM bytes
 with dsacache's model (docs/decode_compare.md quotes its output):
 
-    python docs/make_decode_compare.py [--gpu h200] [--bundle GRID_DIR]
+    python docs/make_decode_compare.py [--gpu h100|h200] [--bundle GRID_DIR]
 
 Writes docs/results/<gpu>-decode/compare.csv (one row per configuration, step and class),
 table.md (one row per configuration) and docs/img/decode_compare_<gpu>.png (simulated vs
@@ -91,8 +91,10 @@ def bundle(grid_dir: Path, gpu: str) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--gpu", default="h200")
-    p.add_argument("--bundle", type=Path, help="first bundle this folder of decode_grid.sh profiles")
+    p.add_argument("--gpu", default="h100")
+    p.add_argument(
+        "--bundle", type=Path, help="first bundle this folder of decode_grid.sh profiles"
+    )
     a = p.parse_args()
     gpu = a.gpu
     if a.bundle:

@@ -583,8 +583,8 @@ def _errors(rows: list[dict]) -> pd.DataFrame:
 
 def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
     """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements
-    bundled for ``gpu`` (every probe but ``reuse``, which the fit used, and the profiled MLA
-    kernel), one row per (experiment, point, model): columns ``measured``, ``simulated``,
+    bundled for ``gpu`` (every probe but ``reuse``, which the fit used; the profiled decode
+    kernels are ``compare_files(kernel_measurements(gpu))``), one row per (experiment, point, model): columns ``measured``, ``simulated``,
     ``error_points`` (hit rates) and ``measured_dram_bytes``, ``simulated_dram_bytes``,
     ``dram_error_pct`` (NaN where not compared). ``models`` defaults to the naive model
     (the reported L2 size, modulo sets) and the GPU's fitted one."""
@@ -598,10 +598,9 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
     rows = []
     for path in sorted((DATA_DIR / gpu).glob("l2-*.parquet")):
         name = path.stem[len("l2-") :]
-        if name == "reuse" or name.startswith("mla-decode"):
+        if name == "reuse":
             continue
         rows += compare_measurement(name, measured(gpu, name), models)
-    rows += compare_kernel_decode(gpu, models)
     return _errors(rows)
 
 
@@ -670,56 +669,6 @@ def fit_hierarchy(gpu: str = "h100"):
     from dsacache.simulator.replay import Hierarchy
 
     return Hierarchy.for_gpu(gpu_preset(gpu + "-calibrated"))
-
-
-def compare_kernel_decode(gpu: str, models: tuple[Model, ...]) -> list[dict]:
-    """Our Triton sparse MLA decode (kernels/) profiled on a 16-layer, 32K DeepSeek-V3.2-shaped
-    trace, with and without evict_first on the indexer keys. Kernel launches run in the order
-    indexer, MLA decode, merge per layer and step. The kernel reads each selected token several
-    times (64-head programs, split loads of latent, scales and RoPE); that tiling is taken from
-    the cold first step (reads = 1 / (1 - hit rate)), and the later steps are predictions."""
-    import tempfile
-
-    from dsacache.simulator.replay import replay
-    from dsacache.tracer.synth import preset, synthesize
-    from dsacache.traces import open_trace
-
-    rows = []
-    if not has_measurement(gpu, "mla-decode-16l-index"):
-        return rows
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = preset("deepseek-v3.2", layers=16, context=32768, steps=4)
-        trace = open_trace(synthesize(cfg, f"{tmp}/t.dsatrace"))
-        for name, hint in (
-            ("mla-decode-16l-index", "lru"),
-            ("mla-decode-16l-index-evict_first", "hints:index=first"),
-        ):
-            if not has_measurement(gpu, name):
-                continue
-            m = pd.read_parquet(DATA_DIR / gpu / f"l2-{name}.parquet")
-            m = m[m["Kernel Name"] == "dsa_mla_sparse_decode"].reset_index(drop=True)
-            m["step"] = np.arange(len(m)) // cfg.layers
-            g = m.groupby("step")[[READ_HIT, READ, DRAM]].sum()
-            meas = g[READ_HIT] / g[READ]
-            reads = max(1, round(1 / (1 - meas.iloc[0])))
-            for base in models:
-                policy = hint if hint != "lru" else base.policy
-                res = replay(
-                    trace, policies=[policy], cache_size=base.capacity, ways=base.ways,
-                    set_hash=base.set_hash, replicate=base.replicate, fill=base.fill,
-                    workload=Workload(layout="mla-fp8", classes=("index", "kv"), page_order="shuffled", reads_per_token=reads),
-                )  # fmt: skip
-                kv = res[res["class"] == "kv"].groupby("step")
-                k = kv[["sector_hits", "sectors", "bytes_from_memory"]].sum()
-                sim = k["sector_hits"] / k["sectors"]
-                rows += [
-                    {"experiment": f"kernel-{name}", "point": f"step {st} kv (reads/token {reads})",
-                     "model": base.label, "policy": policy, "measured": meas[st], "simulated": sim[st],
-                     "measured_dram_bytes": g.loc[st, DRAM],
-                     "simulated_dram_bytes": k.loc[st, "bytes_from_memory"]}
-                    for st in meas.index
-                ]  # fmt: skip
-    return rows
 
 
 # ---- the decode-step driver under ncu (kernels/decode_step.py, `dsacache profile`) -----------

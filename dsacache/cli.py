@@ -591,9 +591,9 @@ def compare(gpu, measured_paths, kernels, out) -> None:
     from dsacache import calibration
 
     if kernels and not measured_paths:
-        measured_paths = calibration.kernel_measurements(gpu or "h200")
+        measured_paths = calibration.kernel_measurements(gpu or "h100")
         if not measured_paths:
-            raise click.UsageError(f"no bundled kernel profiles for gpu {gpu or 'h200'!r}")
+            raise click.UsageError(f"no bundled kernel profiles for gpu {gpu or 'h100'!r}")
     if measured_paths:
         df = calibration.compare_files(list(measured_paths), gpu)
     else:
