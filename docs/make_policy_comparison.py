@@ -30,11 +30,9 @@ HERE = Path(__file__).parent
 
 
 def run(trace, batch: int):
-    fit = calibration.H100_FIT
     df = dsacache.replay(
-        trace, policies=POLICIES, cache_size=fit.capacity, ways=fit.ways, set_hash=fit.set_hash,
-        workload=dsacache.Workload(batch=batch), hierarchy=calibration.fit_hierarchy("h100"),
-    )  # fmt: skip
+        trace, policies=POLICIES, gpu="h100-calibrated", workload=dsacache.Workload(batch=batch)
+    )
     return dsacache.summarize(df)
 
 

@@ -39,7 +39,6 @@ MB = "MB_from_memory_per_step"
 def evaluate(trace, batch: int) -> pd.DataFrame:
     """One row per (reservation size, variant): HBM MB per step, KV hit rate, gap closed.
     Score admission runs only on traces that carry the indexer's scores."""
-    fit = calibration.H100_FIT
     variants = {
         name: suffix
         for name, suffix in VARIANTS.items()
@@ -49,9 +48,8 @@ def evaluate(trace, batch: int) -> pd.DataFrame:
         f"reserve:bytes={size}{suffix}" for size in SIZES for suffix in variants.values()
     ]
     df = dsacache.replay(
-        trace, policies=policies, cache_size=fit.capacity, ways=fit.ways, set_hash=fit.set_hash,
-        workload=dsacache.Workload(batch=batch), hierarchy=calibration.fit_hierarchy("h100"),
-    )  # fmt: skip
+        trace, policies=policies, gpu="h100-calibrated", workload=dsacache.Workload(batch=batch)
+    )
     t = dsacache.summarize(df)
     lru, opt = t.loc["lru", MB], t.loc["belady", MB]
     rows = []
