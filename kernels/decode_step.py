@@ -59,8 +59,10 @@ from dsacache.tracer.synth import SPEC_PREFIX, materialize
 # Measured alone on the H200 it reads 1.12-1.14 sectors per selected sector (1.46 at batch 1
 # x k 2048), and its query again per split part (docs/results/h200-decode/flashmla-parts.
 # parquet). The model takes 2 all the same: with 1 (and the query once) the hit rates at
-# batch 1 fall 11-23 points below the measured ones. An empirical stand-in until the query is
-# streamed per part; docs/decode_compare.md says what that needs.
+# batch 1 fall 11-23 points below the measured ones, and with 1 and the query read again per
+# part as measured, the batch-8/64 ones fall 20-43 points below (docs/results/h100-decode/
+# flashmla_tiling_experiment.py): the within-step hits most likely come from its 256-B L2
+# prefetch, which the engine cannot model yet. An empirical stand-in until it can.
 FLASHMLA_READS = 2
 # Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on
 # the same selection reads about its query again from DRAM (docs/results/h200-decode/
