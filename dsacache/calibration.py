@@ -259,8 +259,22 @@ def query_hint(args) -> str:
     return FLASHMLA_QUERY_EVICT if getattr(args, "backend", "") == "flashmla" else ""
 
 
+def queries_to_kernels(chunk, amap):
+    """``chunk`` with each ``query`` read in its kernel's class (the indexer's ``index``, the
+    attention kernel's ``kv``), as ncu counts a kernel's query among its reads. The policy
+    then gives the query its kernel's hint as well, although our hinted kernels load the query
+    unhinted (FlashMLA's evict_first query is told apart by ``attention_query``)."""
+    query = chunk.cls == CLASS_ID["query"]
+    if query.any():
+        cls = chunk.cls.copy()
+        attention = chunk.addr >= amap.query_address("kv", 0)
+        cls[query] = np.where(attention[query], CLASS_ID["kv"], CLASS_ID["index"])
+        chunk = replace(chunk, cls=cls)
+    return chunk
+
+
 def attention_query(chunk, amap) -> np.ndarray:
-    """The attention kernel's query reads of a chunk built with ``Workload.queries``."""
+    """The attention kernel's query reads of a chunk after ``queries_to_kernels``."""
 
     return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.query_base)
 
@@ -707,7 +721,7 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
     layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
-    kernel's query (``Workload.queries``); ``first_from`` as in ``run_step``. Returns the rows
+    kernel's query (the ``query`` class, counted in its kernel's class); ``first_from`` as in ``run_step``. Returns the rows
     and the number of layers run."""
     import tempfile
 
@@ -728,8 +742,8 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         heads = args.heads or int(trace.model.get("heads", 128))
         wl = Workload(
             layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
-            classes=("index", "kv"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
-            queries=True, heads=heads, index_heads=INDEX_HEADS,
+            classes=("index", "kv", "query"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
+            heads=heads, index_heads=INDEX_HEADS,
         )  # fmt: skip
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
@@ -740,7 +754,7 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
             if args.steps is not None and n >= args.steps:
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
-            chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
+            chunk = queries_to_kernels(build_step(amap, step_rows.take(np.flatnonzero(keep))), amap)
             apart = kv_layers_from(chunk, first_from)
             if query_hint(args):  # the policy gives the weights class the query's hint
                 query = attention_query(chunk, amap)

@@ -168,8 +168,7 @@ def validate(trace) -> None:
 
 
 def _workload(
-    layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token,
-    queries, heads,
+    layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token, heads
 ):  # fmt: skip
     from dsacache.simulator import Workload
 
@@ -182,7 +181,6 @@ def _workload(
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
         weight_bytes=weight_bytes,
         reads_per_token=reads_per_token,
-        queries=queries,
         heads=heads,
     )
 
@@ -245,7 +243,9 @@ def _replay_options(f):
             "--classes",
             default="index,kv,append",
             show_default=True,
-            help="Traffic classes: weights,index,kv,append.",
+            help="Traffic classes: weights,index,kv,append,query (query: each kernel's query "
+            "read per request and layer before its own reads: the indexer's 64 heads x 128 and "
+            "the attention kernel's heads x the layout's query width, bf16).",
         ),
         click.option(
             "--weight-bytes",
@@ -261,18 +261,11 @@ def _replay_options(f):
             help="CTAs reading each selected token (kernel tiling).",
         ),
         click.option(
-            "--queries",
-            is_flag=True,
-            help="Stream each kernel's query too: per request and layer, the indexer's (64 "
-            "heads x 128, bf16) and the attention kernel's (heads x the layout's query width) "
-            "before the kernel's own reads, counted in its class.",
-        ),
-        click.option(
             "--heads",
             type=int,
             default=0,
             show_default=True,
-            help="Query heads of the attention kernel for --queries (0: the trace model's).",
+            help="Query heads of the attention kernel, for the query class (0: the trace model's).",
         ),
         click.option(
             "--plugin",

@@ -24,7 +24,7 @@ from dsacache.policies.base import Param, PolicyType, register
 from dsacache.policies.lru import PACKED_WAYS, lru_init, lru_touch, lru_victim
 
 LEVELS = ("first", "normal", "last")
-CLASS_ORDER = ("weights", "index", "kv", "append")  # as simulator.workload.CLASSES
+CLASS_ORDER = ("weights", "index", "kv", "append", "query")  # as simulator.workload.CLASSES
 
 
 @njit(inline="always")

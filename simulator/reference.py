@@ -204,7 +204,7 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
             if amap.index_query_bytes:
                 for request in positions:
                     addr = amap.query_base + request * amap.index_query_bytes
-                    yield addr, amap.index_query_bytes, "index", step, layer, 0
+                    yield addr, amap.index_query_bytes, "query", step, layer, 0
             for request, position in positions.items():
                 for page in range((position + pt - 1) // pt):
                     tokens = min(pt, position - page * pt)
@@ -216,7 +216,7 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                 first = amap.query_base + wl.batch * amap.index_query_bytes
                 for request in positions:
                     addr = first + request * amap.kv_query_bytes
-                    yield addr, amap.kv_query_bytes, "kv", step, layer, 0
+                    yield addr, amap.kv_query_bytes, "query", step, layer, 0
             for i in mine:
                 request, group = int(rows.request[i]), int(rows.group[i])
                 tokens = [int(t) for t in rows.row(i)]

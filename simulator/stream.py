@@ -4,8 +4,8 @@ Per decode step and layer, in kernel order (DESIGN.md "What one decode step touc
 ``weights`` (optional, shared by the batch), ``index`` (the indexer reads the key of every
 cached token, request by request, one access per page), ``kv`` (the sparse kernel gathers
 each request's selected tokens in blocks of ``block_tokens``; each block is read by
-``reads_per_token`` CTAs, plane by plane); with ``Workload.queries`` each of the two kernels
-first reads every request's query (counted in the kernel's class), ``append`` (the new token's KV record and indexer
+``reads_per_token`` CTAs, plane by plane); with the ``query`` class each of the two kernels
+first reads every request's query, ``append`` (the new token's KV record and indexer
 key are written). The stream comes in chunks of numpy arrays, one chunk per step, so a
 replay never holds the whole stream.
 """
@@ -159,14 +159,14 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
         if "index" in wl.classes:
             if amap.index_query_bytes:
                 addr = amap.query_address("index", requests)
-                pieces.append(_piece(addr, amap.index_query_bytes, "index", step, layer))
+                pieces.append(_piece(addr, amap.index_query_bytes, "query", step, layer))
             pieces.append(
                 _piece(*_index_reads(amap, layer, requests, positions), "index", step, layer)
             )
         if "kv" in wl.classes:
             if amap.kv_query_bytes:
                 addr = amap.query_address("kv", requests)
-                pieces.append(_piece(addr, amap.kv_query_bytes, "kv", step, layer))
+                pieces.append(_piece(addr, amap.kv_query_bytes, "query", step, layer))
             addr, size, tier, score = _kv_gathers(amap, layer, lrows)
             pieces.append(_piece(addr, size, "kv", step, layer, tier, score))
         if "append" in wl.classes:

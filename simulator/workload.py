@@ -10,8 +10,9 @@ import numpy as np
 from dsacache.errors import DsacacheError
 from dsacache.simulator.layouts import KVLayout, default_layout, make_layout
 
-# Traffic classes, in the order one decode layer issues them; counters are kept per class.
-CLASSES = ("weights", "index", "kv", "append")
+# Traffic classes; counters are kept per class. In a decode layer: weights, then the
+# indexer's query and keys, then the attention kernel's query and KV gathers, then appends.
+CLASSES = ("weights", "index", "kv", "append", "query")
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 WRITE_CLASSES = frozenset({"append"})
 DEFAULT_CLASSES = ("index", "kv", "append")
@@ -40,11 +41,11 @@ class Workload:
     cache of ``page_tokens``-token pages allocated ``contiguous`` or from a ``shuffled`` free
     list (seeded). ``reads_per_token`` and ``block_tokens`` describe the attention kernel's
     tiling: how many CTAs read each selected token per step, and how many tokens a CTA
-    loads per stage. ``queries`` streams each kernel's query, once per request and layer
-    before the kernel's own reads: the indexer's (``index_heads`` x ``indexer_dim``) and the
-    attention kernel's (``heads`` x the layout's query width; 0: the trace model's heads),
-    both bf16, at fixed addresses past the pools (one query buffer reused by every layer,
-    as a serving engine keeps it).
+    loads per stage. The ``query`` class streams each kernel's query, once per request and
+    layer before the kernel's own reads: the indexer's (``index_heads`` x ``indexer_dim``) and
+    the attention kernel's (``heads`` x the layout's query width; 0: the trace model's heads),
+    both bf16, at fixed addresses past the pools (one query buffer reused by every layer, as a
+    serving engine keeps it).
     """
 
     layout: str = ""
@@ -57,7 +58,6 @@ class Workload:
     weight_bytes: int = 0
     reads_per_token: int = 1
     block_tokens: int = 64
-    queries: bool = False
     heads: int = 0
     index_heads: int = INDEXER_HEADS
     peer_share: float = 0.0
@@ -84,6 +84,11 @@ class Workload:
                 f"workload: page order {self.page_order!r} unknown; choose one of: "
                 + ", ".join(PAGE_ORDERS)
             )
+        if self.heads and "query" not in self.classes:
+            raise DsacacheError(
+                f"workload: heads={self.heads} sizes the attention query, which is streamed only "
+                "with the query traffic class; add query to the classes"
+            )
         bad = [c for c in self.classes if c not in CLASS_ID]
         if bad or not self.classes:
             raise DsacacheError(
@@ -95,7 +100,7 @@ class Workload:
 @dataclass
 class AddressMap:
     """Byte addresses of every KV pool: per layer, one pool per layout plane plus the
-    indexer-key pool, then the weights, then the queries (``Workload.queries``). Pages are
+    indexer-key pool, then the weights, then the queries (the ``query`` class). Pages are
     mapped through a per-request page table."""
 
     workload: Workload
@@ -109,7 +114,7 @@ class AddressMap:
     weights_base: int
     index_bytes: int  # bytes of one indexer key
     query_base: int = 0
-    index_query_bytes: int = 0  # one request's indexer query (0: queries not streamed)
+    index_query_bytes: int = 0  # one request's indexer query (0: no query class)
     kv_query_bytes: int = 0  # one request's attention query
 
     def query_address(self, cls: str, request: np.ndarray | int) -> np.ndarray | int:
@@ -150,8 +155,13 @@ class AddressMap:
             index_base[layer] = addr
             addr = align(addr + total_pages * pt * index_bytes)
         query_bytes = (0, 0)
-        if workload.queries:
-            heads = workload.heads or int(model.get("heads", 128))
+        if "query" in workload.classes:
+            heads = workload.heads or int(model.get("heads", 0))
+            if heads < 1:
+                raise DsacacheError(
+                    "workload: the query class needs the attention kernel's query heads, and the "
+                    "trace's model names none; set heads (--heads)"
+                )
             query_bytes = (
                 workload.index_heads * workload.indexer_dim * 2,
                 layout.query_bytes(heads),

@@ -319,9 +319,10 @@ def test_compare_simulates_a_kernel_profile_from_its_command(tmp_path):
 
 
 def test_query_reads_come_first_in_each_kernels_run(tmp_path):
-    """With ``Workload.queries`` each layer's indexer and attention reads are preceded by one
+    """With the ``query`` class each layer's indexer and attention reads are preceded by one
     read of each request's query (DeepSeek-V3.2 sizes: 64 x 128 and 128 x 576 bf16), at
-    addresses past every pool, the same at every layer."""
+    addresses past every pool, the same at every layer; the comparison counts each in its
+    kernel's class (``queries_to_kernels``)."""
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import materialize
@@ -332,15 +333,16 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
     rows = next(iter(trace.iter_steps()))
     wl = Workload(layout="mla-fp8", batch=2, classes=("index", "kv"))
     chunk = build_step(plan_replay(trace, wl), rows)
-    amap = plan_replay(trace, Workload(**{**wl.__dict__, "queries": True}))
-    out = build_step(amap, rows)
+    amap = plan_replay(trace, Workload(**{**wl.__dict__, "classes": ("index", "kv", "query")}))
+    raw = build_step(amap, rows)
     assert (amap.index_query_bytes, amap.kv_query_bytes) == (16384, 147456)
-    assert len(out) == len(chunk) + 3 * 2 * 2
-    query = out.addr >= amap.query_base
-    assert amap.query_base >= amap.weights_base and query.sum() == 12
-    assert (out.addr[~query] == chunk.addr).all()  # the pools did not move
+    query = raw.cls == CLASS_ID["query"]
+    assert len(raw) == len(chunk) + 3 * 2 * 2 and query.sum() == 12
+    assert (raw.addr[query] >= amap.query_base).all() and (raw.addr[~query] == chunk.addr).all()
+    out = calibration.queries_to_kernels(raw, amap)
+    assert (out.cls[~query] == raw.cls[~query]).all() and not (out.cls == CLASS_ID["query"]).any()
     starts = np.flatnonzero(np.r_[True, (np.diff(out.layer) != 0) | (np.diff(out.cls) != 0)])
-    for s in starts:  # every run opens with its two requests' queries
+    for s in starts:  # every kernel's run opens with its two requests' queries
         assert query[s] and query[s + 1] and not query[s + 2]
         size = 16384 if out.cls[s] == CLASS_ID["index"] else 147456
         assert out.nbytes[s] == size and out.addr[s + 1] - out.addr[s] == size

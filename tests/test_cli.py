@@ -75,7 +75,9 @@ def test_checksum_error_via_cli(tmp_path):
         (["--batch", "5"], "batch 5 is larger than the trace's 2 request(s)"),
         (["--cache-size", "1000"], "not a multiple of ways x line"),
         (["--out", "r.txt"], "use a .parquet or .csv"),
-        (["--queries", "--heads", "-1"], "heads must be >= 0, got -1"),
+        (["--classes", "index,kv,query", "--heads", "-1"], "heads must be >= 0, got -1"),
+        (["--heads", "4"], "add query to the classes"),
+        (["--classes", "index,kv,query"], "the trace's model names none; set heads"),
     ],
 )
 def test_replay_bad_options(small_trace, args, needle):
@@ -106,22 +108,37 @@ def test_replay_writes_results(small_trace, tmp_path):
     assert "kv_hit_rate" in out
 
 
-def test_replay_queries_add_each_kernels_query(small_trace, tmp_path):
-    """--queries adds, per step, layer and request, the indexer's query (64 x 128 bf16) to
-    the index class and the attention query (4 heads x 64, the GQA width) to the kv class."""
+def test_replay_query_class_reads_each_kernels_query(small_trace, tmp_path):
+    """The query class adds, per step, layer and request, the indexer's query (64 x 128 bf16)
+    and the attention query (4 heads x 64, the GQA width), in a class of its own: the other
+    classes' counters do not change."""
     import pandas as pd
 
     got = {}
-    for name, extra in (("plain", []), ("queries", ["--queries", "--heads", "4"])):
+    for name, extra in (("plain", []), ("queries", ["--classes", "index,kv,append,query"])):
         out_file = tmp_path / f"{name}.parquet"
-        code, out = run("replay", small_trace, "--quiet", "--batch", 2, "--out", out_file, *extra)
+        code, out = (
+            run(
+                "replay",
+                small_trace,
+                "--quiet",
+                "--batch",
+                2,
+                "--heads",
+                4,
+                "--out",
+                out_file,
+                *extra,
+            )
+            if extra
+            else run("replay", small_trace, "--quiet", "--batch", 2, "--out", out_file)
+        )
         assert code == 0, out
-        got[name] = pd.read_parquet(out_file).groupby("class")["bytes"].sum()
+        got[name] = pd.read_parquet(out_file).groupby("class", observed=True)["bytes"].sum()
     reads = 6 * 3 * 2  # steps x layers x requests
-    added = got["queries"] - got["plain"]
-    assert added["index"] == reads * 64 * 128 * 2
-    assert added["kv"] == reads * 4 * 64 * 2
-    assert added["append"] == 0
+    assert got["queries"]["query"] == reads * (64 * 128 * 2 + 4 * 64 * 2)
+    plain = got["plain"][got["plain"] > 0]
+    assert (got["queries"][plain.index] == plain).all()
 
 
 def test_policies_lists_registered():

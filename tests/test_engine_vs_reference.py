@@ -94,27 +94,45 @@ workloads = st.builds(
     page_tokens=st.sampled_from([16, 64]),
     page_order=st.sampled_from(["contiguous", "shuffled"]),
     seed=st.integers(0, 5),
-    classes=st.sampled_from([("index", "kv", "append"), ("kv",), ("weights", "kv", "append")]),
+    classes=st.sampled_from(
+        [
+            ("index", "kv", "append"),
+            ("kv",),
+            ("weights", "kv", "append"),
+            ("weights", "index", "kv", "append", "query"),
+            ("kv", "query"),
+        ]
+    ),
     weight_bytes=st.sampled_from([0, 5000]),
     reads_per_token=st.integers(1, 3),
     block_tokens=st.sampled_from([8, 64]),
-    queries=st.booleans(),
-    heads=st.sampled_from([0, 3]),
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )
 
 
 @settings(max_examples=40, deadline=None)
-@given(wl=workloads, seed=st.integers(0, 3), groups=st.sampled_from([1, 2]))
-def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups):
+@given(
+    wl=workloads,
+    seed=st.integers(0, 3),
+    groups=st.sampled_from([1, 2]),
+    heads=st.sampled_from([3, 8]),
+)
+def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups, heads):
     if groups > 1 and wl.layout.startswith("mla"):
         wl = Workload(**{**wl.__dict__, "layout": "gqa:kv_heads=2,head_dim=64"})
+    if "query" in wl.classes:
+        wl = Workload(**{**wl.__dict__, "heads": heads})
     trace = _trace(tmp_path_factory.mktemp("s"), seed, groups)
     amap = plan_replay(trace, wl)
     for rows in trace.iter_steps():
         rows = rows.take(rows.request < wl.batch)
         chunk = build_step(amap, rows)
+        query = chunk.cls == CLASSES.index("query")
+        assert query.any() == ("query" in wl.classes)
+        # the queries lie past the pools and the weights, and nothing else does
+        assert (chunk.addr[query] >= amap.weights_base + amap.layers * wl.weight_bytes).all()
+        assert (chunk.addr[~query] + chunk.nbytes[~query] <= amap.query_base).all()
         expect = list(reference_stream(amap, rows))
         got = list(
             zip(

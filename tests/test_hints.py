@@ -73,7 +73,7 @@ def _python_hints(levels, lines, klass, ways, sets, persist_ways):
 
 @settings(max_examples=80, deadline=None)
 @given(
-    levels=st.lists(st.sampled_from(LEVELS), min_size=4, max_size=4),
+    levels=st.lists(st.sampled_from(LEVELS), min_size=len(CLASS_ORDER), max_size=len(CLASS_ORDER)),
     seed=st.integers(0, 2**31),
     ways=st.sampled_from([1, 2, 4, 8, 16, 32]),  # up to 16: packed recency; 32: linked list
     sets=st.sampled_from([1, 3, 4]),
@@ -82,7 +82,7 @@ def _python_hints(levels, lines, klass, ways, sets, persist_ways):
 def test_hints_equal_python_model(levels, seed, ways, sets, persist_ways):
     rng = np.random.default_rng(seed)
     lines = rng.integers(0, ways * sets * 3, 400).tolist()
-    klass = rng.integers(0, 4, 400).tolist()
+    klass = rng.integers(0, len(CLASS_ORDER), 400).tolist()
     spec = "hints:" + ",".join(f"{c}={lv}" for c, lv in zip(CLASS_ORDER, levels, strict=True))
     spec += f",persist_ways={persist_ways}"
     expect = _python_hints(
