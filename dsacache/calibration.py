@@ -598,9 +598,10 @@ def _errors(rows: list[dict]) -> pd.DataFrame:
 def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
     """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements
     bundled for ``gpu`` (every probe but ``reuse``, which the fit used; the profiled decode
-    kernels are ``compare_files(kernel_measurements(gpu))``), one row per (experiment, point, model): columns ``measured``, ``simulated``,
-    ``error_points`` (hit rates) and ``measured_dram_bytes``, ``simulated_dram_bytes``,
-    ``dram_error_pct`` (NaN where not compared). ``models`` defaults to the naive model
+    kernels are ``compare_files(kernel_measurements(gpu))``), one row per (experiment,
+    point, model): columns ``measured``, ``simulated``, ``error_points`` (hit rates) and
+    ``measured_dram_bytes``, ``simulated_dram_bytes``, ``dram_error_pct`` (NaN where not
+    compared). ``models`` defaults to the naive model
     (the reported L2 size, modulo sets) and the GPU's fitted one."""
     measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
     if gpu not in measured_gpus:
