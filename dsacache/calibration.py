@@ -228,18 +228,22 @@ def fill_with_stale_lines(cache, capacity: int) -> None:
                     np.zeros(n, np.int16), cls.astype(np.int64), counters)  # fmt: skip
 
 
-def run_step(cache, chunk, as_weights: np.ndarray | None = None) -> np.ndarray:
+def run_step(
+    cache, chunk, as_weights: np.ndarray | None = None, counted_as: np.ndarray | None = None
+) -> np.ndarray:
     """Counters ``[class, COUNTERS]`` of one step's accesses replayed through ``cache``. The
     accesses where ``as_weights`` is true carry the ``weights`` class for the policy (which the
-    decode workloads have no other use for), so that a hint or a window can treat them apart,
-    while their counters stay under their own class (``kv_layers_from``, ``attention_query``)."""
+    decode workloads have no other use for), so that a hint or a window can treat them apart
+    (``kv_layers_from``, ``attention_query``); each access is counted under ``counted_as``
+    (default: its own class; ``kernel_classes``)."""
 
     klass = chunk.cls.copy()
     if as_weights is not None:
         klass[as_weights] = CLASS_ID["weights"]
     counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
+    bucket = chunk.cls if counted_as is None else counted_as
     cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass, chunk.layer,
-                    chunk.cls.astype(np.int64), counters)  # fmt: skip
+                    bucket.astype(np.int64), counters)  # fmt: skip
     return counters
 
 
@@ -259,24 +263,23 @@ def query_hint(args) -> str:
     return FLASHMLA_QUERY_EVICT if getattr(args, "backend", "") == "flashmla" else ""
 
 
-def queries_to_kernels(chunk, amap):
-    """``chunk`` with each ``query`` read in its kernel's class (the indexer's ``index``, the
-    attention kernel's ``kv``), as ncu counts a kernel's query among its reads. The policy
-    then gives the query its kernel's hint as well, although our hinted kernels load the query
-    unhinted (FlashMLA's evict_first query is told apart by ``attention_query``)."""
-    query = chunk.cls == CLASS_ID["query"]
-    if query.any():
-        cls = chunk.cls.copy()
-        attention = chunk.addr >= amap.query_address("kv", 0)
-        cls[query] = np.where(attention[query], CLASS_ID["kv"], CLASS_ID["index"])
-        chunk = replace(chunk, cls=cls)
-    return chunk
-
-
 def attention_query(chunk, amap) -> np.ndarray:
-    """The attention kernel's query reads of a chunk after ``queries_to_kernels``."""
+    """The attention kernel's query reads (``query`` class) of a chunk."""
 
-    return (chunk.cls == CLASS_ID["kv"]) & (chunk.addr >= amap.query_base)
+    return (chunk.cls == CLASS_ID["query"]) & (chunk.addr >= amap.query_address("kv", 0))
+
+
+def kernel_classes(chunk, amap) -> np.ndarray:
+    """The class each access of ``chunk`` is counted under when compared with ncu, which counts
+    a kernel's query among its reads: a ``query`` read under its kernel's class (the indexer's
+    ``index``, the attention kernel's ``kv``). For the policy the query keeps its own class,
+    loaded without the kernel's hints, as our kernels load it."""
+    counted = chunk.cls.copy()
+    query = chunk.cls == CLASS_ID["query"]
+    counted[query] = np.where(
+        attention_query(chunk, amap)[query], CLASS_ID["kv"], CLASS_ID["index"]
+    )
+    return counted
 
 
 def simulate_decode(
@@ -722,7 +725,8 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
     layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
-    kernel's query (the ``query`` class, counted in its kernel's class); ``first_from`` as in ``run_step``. Returns the rows
+    kernel's query (the ``query`` class, counted in its kernel's class: ``kernel_classes``);
+    ``first_from`` as in ``run_step``. Returns the rows
     and the number of layers run."""
     import tempfile
 
@@ -755,12 +759,12 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
             if args.steps is not None and n >= args.steps:
                 break
             keep = (step_rows.request < args.batch) & (step_rows.layer < layers)
-            chunk = queries_to_kernels(build_step(amap, step_rows.take(np.flatnonzero(keep))), amap)
+            chunk = build_step(amap, step_rows.take(np.flatnonzero(keep)))
             apart = kv_layers_from(chunk, first_from)
             if query_hint(args):  # the policy gives the weights class the query's hint
                 query = attention_query(chunk, amap)
                 apart = query if apart is None else apart | query
-            counters = run_step(cache, chunk, apart)
+            counters = run_step(cache, chunk, apart, kernel_classes(chunk, amap))
             for role in ("index", "kv"):
                 c = counters[CLASS_ID[role]]
                 rows.append({"step": n, "role": role, "sim_sectors": c[2], "sim_hits": c[3],

@@ -328,7 +328,7 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
     """With the ``query`` class each layer's indexer and attention reads are preceded by one
     read of each request's query (DeepSeek-V3.2 sizes: 64 x 128 and 128 x 576 bf16), at
     addresses past every pool, the same at every layer; the comparison counts each in its
-    kernel's class (``queries_to_kernels``)."""
+    kernel's class (``kernel_classes``)."""
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.simulator.workload import CLASS_ID, Workload
     from dsacache.tracer.synth import materialize
@@ -345,16 +345,16 @@ def test_query_reads_come_first_in_each_kernels_run(tmp_path):
     query = raw.cls == CLASS_ID["query"]
     assert len(raw) == len(chunk) + 3 * 2 * 2 and query.sum() == 12
     assert (raw.addr[query] >= amap.query_base).all() and (raw.addr[~query] == chunk.addr).all()
-    out = calibration.queries_to_kernels(raw, amap)
-    assert (out.cls[~query] == raw.cls[~query]).all() and not (out.cls == CLASS_ID["query"]).any()
-    starts = np.flatnonzero(np.r_[True, (np.diff(out.layer) != 0) | (np.diff(out.cls) != 0)])
+    counted = calibration.kernel_classes(raw, amap)
+    assert (counted[~query] == raw.cls[~query]).all() and not (counted == CLASS_ID["query"]).any()
+    starts = np.flatnonzero(np.r_[True, (np.diff(raw.layer) != 0) | (np.diff(counted) != 0)])
     for s in starts:  # every kernel's run opens with its two requests' queries
         assert query[s] and query[s + 1] and not query[s + 2]
-        size = 16384 if out.cls[s] == CLASS_ID["index"] else 147456
-        assert out.nbytes[s] == size and out.addr[s + 1] - out.addr[s] == size
-    assert len({int(a) for a in out.addr[query]}) == 4  # 2 requests x 2 kernels, all layers
-    attention = calibration.attention_query(out, amap)  # what a FlashMLA profile hints
-    assert attention.sum() == 6 and (attention == query & (out.cls == CLASS_ID["kv"])).all()
+        size = 16384 if counted[s] == CLASS_ID["index"] else 147456
+        assert raw.nbytes[s] == size and raw.addr[s + 1] - raw.addr[s] == size
+    assert len({int(a) for a in raw.addr[query]}) == 4  # 2 requests x 2 kernels, all layers
+    attention = calibration.attention_query(raw, amap)  # what a FlashMLA profile hints
+    assert attention.sum() == 6 and (attention == query & (counted == CLASS_ID["kv"])).all()
 
 
 def test_flashmla_query_is_simulated_evict_first():
