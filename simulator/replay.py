@@ -183,6 +183,10 @@ def replay(
         gpu=gpu,
         layout=amap.layout.spec,
         batch=workload.batch,
+        classes=",".join(workload.classes),
+        page_order=workload.page_order,
+        reads_per_token=workload.reads_per_token,
+        query_bytes=[amap.index_query_bytes, amap.kv_query_bytes],  # per request: index, kv
         trace=str(trace.path),
     )
     return df

@@ -137,6 +137,9 @@ def test_replay_query_class_reads_each_kernels_query(small_trace, tmp_path):
         got[name] = pd.read_parquet(out_file).groupby("class", observed=True)["bytes"].sum()
     reads = 6 * 3 * 2  # steps x layers x requests
     assert got["queries"]["query"] == reads * (64 * 128 * 2 + 4 * 64 * 2)
+    attrs = pd.read_parquet(tmp_path / "queries.parquet").attrs  # the saved result says so
+    assert attrs["classes"] == "index,kv,append,query"
+    assert list(attrs["query_bytes"]) == [64 * 128 * 2, 4 * 64 * 2]
     plain = got["plain"][got["plain"] > 0]
     assert (got["queries"][plain.index] == plain).all()
 
