@@ -604,8 +604,8 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
     kernels are ``compare_files(kernel_measurements(gpu))``), one row per (experiment,
     point, model): columns ``measured``, ``simulated``, ``error_points`` (hit rates) and
     ``measured_dram_bytes``, ``simulated_dram_bytes``, ``dram_error_pct`` (NaN where not
-    compared). ``models`` defaults to the naive model
-    (the reported L2 size, modulo sets) and the GPU's fitted one."""
+    compared). ``models`` defaults to the naive model (the reported L2 size, modulo sets) and
+    the GPU's fitted one."""
     measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
     if gpu not in measured_gpus:
         raise DsacacheError(
@@ -726,8 +726,7 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
     layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
     kernel's query (the ``query`` class, counted in its kernel's class: ``kernel_classes``);
-    ``first_from`` as in ``run_step``. Returns the rows
-    and the number of layers run."""
+    ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""
     import tempfile
 
     from dsacache.kernels.decode_step import INDEX_HEADS, kv_reads_per_token

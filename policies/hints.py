@@ -22,9 +22,10 @@ from numba import njit
 
 from dsacache.policies.base import Param, PolicyType, register
 from dsacache.policies.lru import PACKED_WAYS, lru_init, lru_touch, lru_victim
+from dsacache.simulator.workload import CLASSES
 
 LEVELS = ("first", "normal", "last")
-CLASS_ORDER = ("weights", "index", "kv", "append", "query")  # as simulator.workload.CLASSES
+CLASS_ORDER = CLASSES  # one level per traffic class, in the workload's class order
 
 
 @njit(inline="always")

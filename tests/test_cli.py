@@ -115,24 +115,10 @@ def test_replay_query_class_reads_each_kernels_query(small_trace, tmp_path):
     import pandas as pd
 
     got = {}
-    for name, extra in (("plain", []), ("queries", ["--classes", "index,kv,append,query"])):
+    query = ["--classes", "index,kv,append,query", "--heads", 4]
+    for name, extra in (("plain", []), ("queries", query)):
         out_file = tmp_path / f"{name}.parquet"
-        code, out = (
-            run(
-                "replay",
-                small_trace,
-                "--quiet",
-                "--batch",
-                2,
-                "--heads",
-                4,
-                "--out",
-                out_file,
-                *extra,
-            )
-            if extra
-            else run("replay", small_trace, "--quiet", "--batch", 2, "--out", out_file)
-        )
+        code, out = run("replay", small_trace, "--quiet", "--batch", 2, "--out", out_file, *extra)
         assert code == 0, out
         got[name] = pd.read_parquet(out_file).groupby("class", observed=True)["bytes"].sum()
     reads = 6 * 3 * 2  # steps x layers x requests
