@@ -57,7 +57,7 @@ OUT_RTOL = 3e-2
 def backbone():
     from dsacache.tracer.models import load_backbone
 
-    return load_backbone("smollm2-135m")
+    return load_backbone("smollm2-135m", device=DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def lightning_weights(backbone, tmp_path_factory):
 )
 def test_kernel_selection_has_the_eager_semantics(cfg, p):
     mass = torch.rand((3, 4, p), generator=torch.Generator().manual_seed(p))
-    kernels = ka.KernelAttention(3, 128, "cpu")
-    got = kernels.select(mass, cfg)
+    kernels = ka.KernelAttention(3, 128, DEVICE)
+    got = kernels.select(mass.to(DEVICE), cfg).cpu()
     want = oracle_topk(mass, cfg)
     assert got.dtype == torch.int32 and got.shape == want.shape == (3, 4, min(cfg.k, p))
     assert torch.equal(got.long(), want)
@@ -125,7 +125,11 @@ def test_paged_mirror_follows_the_cache():
 def test_backend_resolution(monkeypatch):
     assert ka.resolve_backend("eager", "cpu") == "eager"
     assert ka.resolve_backend("auto", "cpu") == "eager"
-    assert ka.resolve_backend("triton", "cpu") == ("triton" if INTERPRET else "eager")
+    if INTERPRET:
+        assert ka.resolve_backend("triton", "cpu") == "triton"
+    else:
+        with pytest.raises(DsacacheError, match="need a CUDA GPU"):
+            ka.resolve_backend("triton", "cpu")
     with pytest.raises(DsacacheError, match="unknown backend"):
         ka.resolve_backend("cuda", "cpu")
     with pytest.raises(DsacacheError, match="unknown backend"):
@@ -222,7 +226,8 @@ def test_cli_capture_through_the_kernels(backbone, tmp_path, lightning_weights):
     out = tmp_path / "cli.dsatrace"
     args = ["capture", "--backend", "triton", "--k", "12", "--steps", "2", "--prompt-tokens",
             "48", "--requests", "1", "--sink", "2", "--window", "3", "--indexer", "lightning",
-            "--indexer-weights", lightning_weights, "--out", str(out), "--quiet"]  # fmt: skip
+            "--indexer-weights", lightning_weights, "--device", DEVICE, "--out", str(out),
+            "--quiet"]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "backend: triton" in result.output

@@ -17,6 +17,10 @@ pytest.importorskip("triton")
 from dsacache import calibration  # noqa: E402
 from dsacache.calibration import DATA_DIR  # noqa: E402
 from dsacache.kernels import route_calibrate as rc  # noqa: E402
+from dsacache.kernels.indexer import INTERPRET  # noqa: E402
+
+# the kernels take CPU tensors only under the interpreter
+DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 def _rows(term, ns, fn, role="fit"):
@@ -76,24 +80,24 @@ def test_merge_partials_equals_attention_over_the_union():
     import torch
 
     torch.manual_seed(0)
-    q = torch.randn(4, 16)
-    k = torch.randn(10, 16)
-    v = torch.randn(10, 8)
+    q = torch.randn(4, 16, device=DEVICE)
+    k = torch.randn(10, 16, device=DEVICE)
+    v = torch.randn(10, 8, device=DEVICE)
 
     def attend(sel):
         s = q @ k[sel].T
         lse = torch.logsumexp(s, -1)
         return (torch.softmax(s, -1) @ v[sel])[None].to(torch.bfloat16), lse[None]
 
-    parts = [attend(torch.arange(0, 4)), attend(torch.arange(4, 10))]
+    parts = [attend(torch.arange(0, 4, device=DEVICE)), attend(torch.arange(4, 10, device=DEVICE))]
     out, lse = rc.merge_partials(parts)
-    full, full_lse = attend(torch.arange(10))
+    full, full_lse = attend(torch.arange(10, device=DEVICE))
     torch.testing.assert_close(out.float(), full.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, full_lse, atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_smoke_run_measures_every_term_and_path():
-    df = rc.measure("cpu", fit_tokens=(64, 128), check_tokens=(96,), partials=(2,),
+def test_smoke_run_measures_every_term_and_path():
+    df = rc.measure(DEVICE, fit_tokens=(64, 128), check_tokens=(96,), partials=(2,),
                     pool_tokens=1024, reps=1, trials=1)  # fmt: skip
     assert set(df.term) == {"attend", "gather", "copy_d2d", "merge", "fetch_local", "route_local"}
     assert (df.seconds > 0).all()
