@@ -412,7 +412,7 @@ def test_check_rows_agrees_with_per_row_rules(rows, int64):
 def test_every_bundled_trace_is_intact_and_documented():
     """Each bundled trace validates (sha256 of every part, the row rules), has its provenance
     note beside it, and says where it was captured; those captured on a GPU went through the
-    Triton kernels (issue: traces from real kernels)."""
+    Triton kernels on an H100 (issue: traces from real kernels)."""
     from dsacache.traces import DATA_DIR, bundled
 
     gpu = []
@@ -427,6 +427,7 @@ def test_every_bundled_trace_is_intact_and_documented():
             assert capture["backend"]["name"] == "triton", name
             gpu.append(trace)
     assert len(gpu) >= 3
+    assert all("H100" in t.manifest["capture"]["device"] for t in gpu)  # the issue's GPU
     assert {t.indexer["kind"] for t in gpu} == {"oracle", "lightning"}
     assert max(t.indexer["k"] for t in gpu) == 1024
     assert all(t.manifest["totals"]["requests"] >= 4 for t in gpu)
