@@ -1,8 +1,8 @@
 """Sweep the launch parameters of our DSA decode kernels on the GPU; print the best per shape.
 
 For the indexer logits (pages per program and per loop step, warps, pipeline stages), the
-sparse GQA decode and the sparse MLA fp8 decode (tokens per tile, warps, stages, split-K),
-at the shapes where ``bench_kernels.py`` found them furthest from their goals, every
+sparse GQA decode and the sparse MLA fp8 decode (heads and tokens per tile, warps, stages,
+split-K), at the shapes where ``bench_kernels.py`` found them furthest from their goals, every
 combination is timed from a CUDA graph (median, ``do_bench_cudagraph``) on the same inputs,
 beside the defaults the library picks. Combinations that do not compile or run (shared
 memory, registers) are recorded with their error. The defaults in ``kernels/`` come from
@@ -42,8 +42,8 @@ GRIDS = {
                 "num_warps": [4, 8], "num_stages": [2, 3, 4]},
     "gqa": {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [2, 3],
             "num_splits": [None, 1, 2, 4, 8, 16]},
-    "mla": {"block_n": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3],
-            "num_splits": [None, 1, 2, 4]},
+    "mla": {"block_h": [32, 64], "block_n": [32, 64], "num_warps": [4, 8],
+            "num_stages": [1, 2, 3], "num_splits": [None, 1, 2, 4]},
 }  # fmt: skip
 
 

@@ -246,7 +246,8 @@ def test_lightning_keys_of_an_unsupported_dim_are_refused(backbone, tmp_path):
     weights = tmp_path / "li8.pt"
     train(backbone, LightningConfig(heads=2, dim=8, steps=1, sequences=1, tokens=64,
                                     skip_tokens=256)).save(weights)  # fmt: skip
-    cfg = replace(TINY, backend="triton", indexer="lightning", indexer_weights=str(weights))
+    cfg = replace(TINY, backend="triton", indexer="lightning", indexer_weights=str(weights),
+                  device=DEVICE)  # fmt: skip
     with pytest.raises(DsacacheError, match="power-of-two dim >= 16.*--backend eager"):
         capture_trace(cfg, tmp_path / "x.dsatrace", backbone=backbone)
 
