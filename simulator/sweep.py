@@ -102,6 +102,13 @@ PARAMS: dict[str, Param] = {
         Param("seed", _int, 0, "seed of the shuffled page order"),
         Param("classes", _classes, "index,kv,append", "traffic classes (index+kv+append)"),
         Param("reads_per_token", _int, 1, "CTAs reading each selected token"),
+        Param(
+            "heads",
+            _int,
+            0,
+            "query heads of the attention kernel, for the query class "
+            "(0/default: the trace model's)",
+        ),
         Param("weight_bytes", _size, 0, "weights read per layer per step"),
     )
 }
@@ -250,6 +257,7 @@ def _workload(cfg: Mapping[str, Any]):
         classes=tuple(cfg["classes"].split(",")),
         weight_bytes=cfg["weight_bytes"],
         reads_per_token=cfg["reads_per_token"],
+        heads=cfg["heads"],
     )
 
 

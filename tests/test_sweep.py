@@ -220,3 +220,25 @@ def test_an_edited_plugin_changes_its_cell_key(tmp_path):
     assert cell_key(cfg, "trace") == before  # stable
     plugin.write_text(src.read_text() + "\n# edited\n")
     assert cell_key(cfg, "trace") != before  # --resume replays the edited plug-in
+
+
+def test_heads_sweep_sizes_the_query_class(trace_path, tmp_path, client):
+    """``heads`` reaches the workload: each cell equals the direct replay with those query
+    heads, more heads stream more query bytes, and a query class without any head count
+    fails before a worker starts."""
+    classes = "index,kv,append,query"
+    with pytest.raises(DsacacheError, match="heads"):
+        run_sweep(trace_path, {"classes": [classes]}, tmp_path / "none", client=client)
+    out = tmp_path / "heads"
+    run_sweep(trace_path, {"classes": [classes], "heads": [2, 8]}, out, client=client)
+    df = load_sweep(out)
+    query_bytes = {}
+    for heads in (2, 8):
+        cell = df[df["heads"] == heads]
+        direct = replay(open_trace(trace_path), policies=["lru"],
+                        workload=Workload(classes=tuple(classes.split(",")), heads=heads))  # fmt: skip
+        ours = cell[list(direct.columns.drop("policy"))].reset_index(drop=True)
+        direct = direct.drop(columns=["policy"]).astype({"class": str, "tier": str})
+        assert_frame_equal(ours, direct, check_dtype=False)
+        query_bytes[heads] = cell.loc[cell["class"] == "query", "bytes"].sum()
+    assert 0 < query_bytes[2] < query_bytes[8]
