@@ -513,7 +513,9 @@ class Cache:
         """Empty the cache and its policy state."""
         cfg = self.config
         n = cfg.n_sets * cfg.ways
-        self.tags = _aligned(n + MATCH_WIDTH, np.int64, -1)  # padded for the vector compare
+        # 32-bit tags until a line number needs more (``_widen_tags``): a 16-way set's tags
+        # then fill one host cache line instead of two, and the tag array half the cache
+        self.tags = _aligned(n + MATCH_WIDTH, np.int32, -1)  # padded for the vector compare
         self.valid = _aligned(n, np.uint8, 0)
         ptype = self.policy.type
         self.line_state = np.zeros(n * ptype.line_words, ptype.line_dtype)
@@ -550,9 +552,15 @@ class Cache:
         bucket = np.ascontiguousarray(bucket, np.int64)
         check_counters(counters, bucket)
         n = len(addr)
+        addr = np.ascontiguousarray(addr, np.int64)
+        nbytes = np.ascontiguousarray(nbytes, np.int64)
+        if n and self.tags.dtype != np.int64:
+            highest = (int(addr.max()) + int(nbytes.max()) - 1) >> (cfg.line.bit_length() - 1)
+            if highest >= TAG32_LINES:
+                self._widen_tags()
         self.clock = self._kernel(
-            np.ascontiguousarray(addr, np.int64),
-            np.ascontiguousarray(nbytes, np.int64),
+            addr,
+            nbytes,
             np.ascontiguousarray(is_write, np.bool_),
             bucket,
             np.zeros(n, np.int8) if klass is None else np.ascontiguousarray(klass, np.int8),
@@ -578,7 +586,18 @@ class Cache:
             self._ring,
         )
 
+    def _widen_tags(self) -> None:
+        """Switch to 64-bit tags, keeping every line cached (32-bit tags hold line numbers
+        below ``TAG32_LINES`` as their low 32 bits; all ones is an empty way)."""
+        narrow = self.tags.view(np.uint32)
+        wide = _aligned(len(narrow), np.int64, -1)
+        wide[:] = np.where(narrow == 0xFFFFFFFF, -1, narrow.astype(np.int64))
+        self.tags = wide
 
+
+# Line numbers a 32-bit tag holds: the compiled loop stores a line number's low 32 bits and
+# compares keys truncated the same way, and all ones (-1) marks an empty way.
+TAG32_LINES = 2**32 - 1
 _NO_FUTURE = np.zeros(0, np.int64)
 _INIT_CACHE: dict[int, object] = {}
 

@@ -16,6 +16,7 @@ from dsacache.simulator import (
     replay,
     simulate_addresses,
 )
+from dsacache.simulator.engine import TAG32_LINES
 from dsacache.simulator.reference import (
     COUNTERS,
     ReferenceCache,
@@ -234,6 +235,30 @@ def test_huge_line_numbers_map_like_the_reference(sets):
     out = simulate_addresses(addr, size=sets * 2 * 128, ways=2, nbytes=128)
     assert out["line_hits"] == ref.counts[()]["line_hits"]
     assert out["sector_misses"] == ref.counts[()]["sector_misses"]
+
+
+@pytest.mark.parametrize("first_line", [0, 2**31 - 60, TAG32_LINES - 60])
+@pytest.mark.parametrize("ways", [2, 16])
+def test_tag_width_is_invisible(first_line, ways):
+    """Line numbers are kept in 32-bit tags while they fit (above 2**31 their low bits wrap
+    negative) and in 64-bit tags once a call reaches ``TAG32_LINES``: the switch happens
+    between two calls and keeps the cached lines, and every counter equals the reference."""
+    rng = np.random.default_rng(ways)
+    below = first_line + rng.integers(0, 40, 400)  # all below TAG32_LINES
+    later = first_line + rng.integers(0, 120, 400)  # the last case crosses it
+    addr = np.concatenate([below, later]) * 128 + rng.integers(0, 128, 800)
+    nbytes = rng.integers(1, 200, 800)
+    ref = ReferenceCache(4 * ways * 128, ways)
+    for a, b in zip(addr.tolist(), nbytes.tolist(), strict=True):
+        ref.access(a, b)
+    cache = Cache(CacheConfig(4 * ways * 128, ways), "lru")
+    counters = np.zeros((1, len(COUNTERS)), np.int64)
+    for sl in (slice(0, 400), slice(400, 800)):
+        if sl.start:
+            assert cache.tags.dtype == np.int32  # the first call stayed below TAG32_LINES
+        cache.run(addr[sl], nbytes[sl], np.zeros(400, bool), np.zeros(400, np.int64), counters)
+    assert dict(zip(COUNTERS, counters[0].tolist(), strict=True)) == ref.counts[()]
+    assert cache.tags.dtype == (np.int64 if first_line == TAG32_LINES - 60 else np.int32)
 
 
 def test_counters_the_compiled_loop_would_overrun_are_refused():
