@@ -3,19 +3,21 @@
 The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3.2-shaped
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
 indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. Each
-repetition runs it once without capture and once with ``capture=PATH`` (per step one
-non-blocking copy of the selections every layer reads into a pinned buffer and a CUDA
-event; a thread waits for it and appends the step to a raw spool, which is encoded into the
-trace at close), in a shuffled order (seeded), so that neither drift nor the run before (a
-capture's encoding leaves work behind) favours one. Reported: the median over repetitions
-of the ratio of the wall time per decode step with capture to the one without in the same
-repetition, with a 95% bootstrap interval of that median (the shared VMs these run on vary
+repetition runs it once without capture and once with ``capture=PATH`` for each thread
+wake-up interval in ``--steps-per-wake`` (per step one non-blocking copy of the selections
+every layer reads into a pinned buffer; every N steps a CUDA event, and a thread that waits
+for it and appends those steps to a raw spool, which is encoded into the trace at close),
+in a shuffled order (seeded), so that neither drift nor the run before (a capture's
+encoding leaves work behind) favours one. Reported per interval: the median over
+repetitions of the ratio of the wall time per decode step with capture to the one without
+in the same repetition, with a 95% bootstrap interval of that median (the shared VMs these run on vary
 by tens of percent from run to run; the interval says what the data can resolve), the
 median times, and apart from the ratio the encoding at close. Time per step: the step loop
 until its last kernel and the spool are done; building the random caches is not timed. A
 first run compiles the kernels untimed.
 
-    python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768] [--out DIR]
+    python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768]
+        [--steps-per-wake 1,4] [--repeats 20] [--out DIR]
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20, help="repetitions (runs vary by 20-30%%)")
+    p.add_argument("--steps-per-wake", default="1,4",
+                   help="capture runs per repetition: the thread woken every N steps, N in this list")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
+    wakes = [int(n) for n in args.steps_per_wake.split(",")]
     if not torch.cuda.is_available():
         sys.exit("bench_capture needs a CUDA GPU")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))
@@ -66,51 +71,56 @@ def main(argv: list[str] | None = None) -> None:
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
 
-    stats: list[dict[str, float]] = []
+    stats: dict[int, list[dict[str, float]]] = {n: [] for n in wakes}
 
-    def run(capture: Path | None) -> float:
+    def run(capture: Path | None, wake: int = 1) -> float:
         """Seconds per decode step: the step loop to its final sync and the spool's last
         write (``RunResult.seconds`` less the encoding at close, reported apart; building
         the caches is not in it)."""
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
-                        capture=str(capture) if capture else None)  # fmt: skip
+                        capture=str(capture) if capture else None,
+                        capture_steps_per_wake=wake)  # fmt: skip
         if capture:
-            stats.append({k: v / res.steps for k, v in res.capture_stats.items()})
+            stats[wake].append({k: v / res.steps for k, v in res.capture_stats.items()})
         return (res.seconds - res.capture_stats.get("encode_s", 0.0)) / res.steps
 
     run(work / "warm.dsatrace")  # compiles every kernel, fills the allocator
-    stats.clear()
-    times: dict[str, list[float]] = {"off": [], "capture": []}
+    times: dict[int, list[float]] = {0: [], **{n: [] for n in wakes}}  # 0: no capture
     order = random.Random(0)
     for i in range(args.repeats):
         for case in order.sample(list(times), len(times)):
             gc.collect()
-            path = work / f"cap-{i}.dsatrace" if case == "capture" else None
-            times[case].append(run(path))
-            if i and path is not None:  # the first repetition's trace is validated below
+            path = work / f"cap-{case}-{i}.dsatrace" if case else None
+            times[case].append(run(path, case or 1))
+            if i and path is not None:  # the first repetition's traces are validated below
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    off, on = statistics.median(times["off"]), statistics.median(times["capture"])
-    captured = open_trace(work / "cap-0.dsatrace")
-    captured.validate()
-    ratios = [c / o for c, o in zip(times["capture"], times["off"], strict=True)]
-    ratio = statistics.median(ratios)
-    low, high = median_interval(ratios)
-    per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats)
-                for key in stats[0]}  # fmt: skip
-    result: dict = {"step_ms_without_capture": 1e3 * off, "step_ms_with_capture": 1e3 * on,
-                    "ratio": ratio, "ratio_95": [low, high], "overhead_pct": 100 * (ratio - 1),
-                    "runs_without": [round(1e3 * x, 3) for x in times["off"]],
-                    "runs_with": [round(1e3 * x, 3) for x in times["capture"]], **per_step,
-                    "captured_rows": int(captured.manifest["totals"]["rows"])}  # fmt: skip
+    off = statistics.median(times[0])
+    result: dict = {"step_ms_without_capture": 1e3 * off,
+                    "runs_without": [round(1e3 * x, 3) for x in times[0]], "by_steps_per_wake": {}}  # fmt: skip
     print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}), "
           f"{args.repeats} repetitions in shuffled order: median {1e3 * off:.3f} ms without "
-          f"capture, {1e3 * on:.3f} ms with\n  capture: ratio {ratio:.3f} "
-          f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
-          f"{100 * (high - 1):+.1f}%); per step the launching thread waited "
-          f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer, the capture's "
-          f"thread {per_step['copy_wait_ms_per_step']:.3f} ms for copies and "
-          f"{per_step['spool_ms_per_step']:.3f} ms writing the spool; encoding it at close "
-          f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip
+          "capture")  # fmt: skip
+    for wake in wakes:
+        captured = open_trace(work / f"cap-{wake}-0.dsatrace")
+        captured.validate()
+        ratios = [c / o for c, o in zip(times[wake], times[0], strict=True)]
+        ratio = statistics.median(ratios)
+        low, high = median_interval(ratios)
+        per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats[wake])
+                    for key in stats[wake][0]}  # fmt: skip
+        result["by_steps_per_wake"][wake] = {
+            "step_ms_with_capture": 1e3 * statistics.median(times[wake]), "ratio": ratio,
+            "ratio_95": [low, high], "overhead_pct": 100 * (ratio - 1),
+            "runs_with": [round(1e3 * x, 3) for x in times[wake]], **per_step,
+            "captured_rows": int(captured.manifest["totals"]["rows"])}  # fmt: skip
+        print(f"  capture, thread woken every {wake} step(s): "
+              f"{1e3 * statistics.median(times[wake]):.3f} ms, ratio {ratio:.3f} "
+              f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
+              f"{100 * (high - 1):+.1f}%); per step the launching thread waited "
+              f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer, the capture's "
+              f"thread {per_step['copy_wait_ms_per_step']:.3f} ms for copies and "
+              f"{per_step['spool_ms_per_step']:.3f} ms writing the spool; encoding it at close "
+              f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip
     result.update(config=vars(args) | {"k": 2048, "layout": "mla-fp8", "heads": 128},
                   gpu=torch.cuda.get_device_name(), command=" ".join([sys.executable, *sys.argv]))  # fmt: skip
     if args.out:

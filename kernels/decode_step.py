@@ -191,10 +191,12 @@ class IndexCapture:
     ``close`` encode the spool into the trace.
 
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
-    step for every layer, ``add_all``); per step: ``end_step()`` records a CUDA event and
-    hands the step to a thread, which waits for the event and writes the buffer with one
-    system call (the GIL is released while it waits and writes); the launching thread waits
-    only when all ``buffers`` are in flight. Measured with ``benchmarks/bench_capture.py`` on
+    step for every layer, ``add_all``); every ``steps_per_wake`` steps ``end_step()`` records
+    one CUDA event and hands those steps to a thread, which waits for the event and writes
+    them with one system call. The thread takes the GIL back after each wait, so it wakes
+    once per batch of steps rather than per step: each time it does, the launch-bound loop
+    can lose the GIL. The launching thread waits only when all ``buffers`` (default: two
+    batches) are in use. Measured with ``benchmarks/bench_capture.py`` on
     the H200 (docs/results/h200-kernels/capture/): spooling from the launching thread
     instead, when a step's event had fired, cost more (+13.6% vs +9.7% per step at batch 8 x
     8 layers; +9.0% vs +1.4% at batch 64 x 16 layers, where the writes take 2 ms per step).
@@ -204,10 +206,14 @@ class IndexCapture:
     it.
     """
 
-    def __init__(self, path: str, cuda: bool, buffers: int = 3, **writer_kwargs: Any) -> None:
+    def __init__(self, path: str, cuda: bool, buffers: int | None = None,
+                 steps_per_wake: int = 4, **writer_kwargs: Any) -> None:  # fmt: skip
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
+        if steps_per_wake < 1:
+            raise ValueError(f"IndexCapture needs steps_per_wake >= 1, got {steps_per_wake}")
+        buffers = 2 * steps_per_wake if buffers is None else buffers
         if buffers < 1:
             raise ValueError(f"IndexCapture needs at least 1 host buffer, got buffers={buffers}")
         self.writer = TraceWriter(path, **writer_kwargs)
@@ -217,7 +223,9 @@ class IndexCapture:
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._buffers = buffers
         self._made = 0
-        self._todo: queue.Queue[_StepCapture | None] = queue.Queue()
+        self._todo: queue.Queue[list[_StepCapture] | None] = queue.Queue()
+        self._steps_per_wake = steps_per_wake
+        self._pending: list[_StepCapture] = []  # finished steps not yet handed to the thread
         self._error: BaseException | None = None
         self._current: _StepCapture | None = None
         # seconds: the launching thread blocked for a free buffer; the thread waiting for the
@@ -235,9 +243,13 @@ class IndexCapture:
                     self._made += 1
                     return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
             else:
-                t0 = time.perf_counter()
-                buf = self._free.get()  # the writer is behind: wait for a buffer
-                self.stats["launcher_wait_s"] += time.perf_counter() - t0
+                try:
+                    buf = self._free.get_nowait()
+                except queue.Empty:
+                    self._hand_over()  # the buffers may all be in steps not yet handed over
+                    t0 = time.perf_counter()
+                    buf = self._free.get()  # the writer is behind: wait for a buffer
+                    self.stats["launcher_wait_s"] += time.perf_counter() - t0
             if tuple(buf.shape) == shape:
                 return buf
             self._made -= 1  # the width changed: drop this buffer, make another
@@ -270,19 +282,29 @@ class IndexCapture:
         cur.added[layers] = True
 
     def end_step(self) -> None:
-        """Finish the step: record a CUDA event (no wait) and hand the step to the thread."""
+        """Finish the step; every ``steps_per_wake`` steps, hand them to the thread."""
         cur, self._current = self._current, None
         assert cur is not None
         # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
         # fill_ wakes its thread pool, ms on a busy host); filling every buffer up front cost
         # the launching thread a pass over the whole buffer per step
         cur.host.numpy()[~cur.added] = -1
+        self._pending.append(cur)
+        if len(self._pending) >= self._steps_per_wake:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the pending steps to the thread, with a CUDA event recorded after their copies
+        (no wait; the copies of one stream finish in order, so one event covers them all)."""
+        if not self._pending:
+            return
         if self._events:
             # blocking: a wait for the copies sleeps instead of spinning a CPU (the loop's time
             # on the H200 was the same either way: capture/capexp4_b8_l8.json)
-            cur.event = _copy_event()
-            cur.event.record()
-        self._todo.put(cur)
+            self._pending[-1].event = _copy_event()
+            self._pending[-1].event.record()
+        self._todo.put(self._pending)
+        self._pending = []
 
     def close(self, complete: bool = True) -> None:
         """Wait for the thread to spool every queued step, encode the spool into the trace and
@@ -290,6 +312,7 @@ class IndexCapture:
         incomplete); re-raises the thread's error."""
         from dsacache.traces.spool import to_trace
 
+        self._hand_over()
         self._todo.put(None)
         self._thread.join()
         t0 = time.perf_counter()
@@ -313,27 +336,28 @@ class IndexCapture:
 
     def _work(self) -> None:
         while True:
-            item = self._todo.get()
-            if item is None:
+            steps = self._todo.get()
+            if steps is None:
                 return
-            self._spool_step(item)
+            self._spool_steps(steps)
 
-    def _spool_step(self, item: _StepCapture) -> None:
-        """Wait for a step's copies, append it to the spool and free its buffer; an error is
-        kept for the next ``begin_step`` / ``close`` to raise."""
+    def _spool_steps(self, steps: list[_StepCapture]) -> None:
+        """Wait for the steps' copies, append them to the spool and free their buffers; an
+        error is kept for the next ``begin_step`` / ``close`` to raise."""
         try:
             t0 = time.perf_counter()
-            if item.event is not None:
-                item.event.synchronize()
+            if steps[-1].event is not None:
+                steps[-1].event.synchronize()
             t1 = time.perf_counter()
             if self._error is None:
-                self._spool.append(item.step, item.positions, item.host.numpy())
+                self._spool.append_many([(s.step, s.positions, s.host.numpy()) for s in steps])
             self.stats["copy_wait_s"] += t1 - t0
             self.stats["spool_s"] += time.perf_counter() - t1
         except BaseException as e:
             self._error = e
         finally:
-            self._free.put(item.host)
+            for item in steps:
+                self._free.put(item.host)
 
 
 # -- the trace-driven workload --------------------------------------------------------------------
@@ -430,6 +454,7 @@ def run_trace(
     index_heads: int = INDEX_HEADS,
     heads: int | None = None,
     capture: str | None = None,
+    capture_steps_per_wake: int = 4,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
     persist: Persist | None = None,
@@ -443,7 +468,7 @@ def run_trace(
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
     the indices the attention kernels read to a new trace at that path (see
-    ``IndexCapture``). ``backend``: the sparse attention kernel, ours ("triton") or
+    ``IndexCapture``; its thread wakes every ``capture_steps_per_wake`` steps). ``backend``: the sparse attention kernel, ours ("triton") or
     DeepSeek's FlashMLA ("flashmla", mla-fp8). ``persist`` runs the decode on a stream whose
     L2 persisting access-policy window covers the KV pools of the first layers (MLA layouts).
     The L2 is flushed before the first step, so every run starts from the same state.
@@ -512,6 +537,7 @@ def run_trace(
             rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
             cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
                                indexer=dict(tr.indexer), capture=meta,
+                               steps_per_wake=capture_steps_per_wake,
                                part_rows=8 * rows_per_step)  # fmt: skip
         result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
         kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)

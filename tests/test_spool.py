@@ -157,15 +157,22 @@ def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
     ]
 
 
-def test_index_capture_writes_every_step_when_copies_finish_late(tmp_path, monkeypatch):
-    """Copies that finish late (a CUDA event whose wait takes a while), two buffers for 20
-    steps, and a change of width halfway: every step is spooled once, intact and in order."""
+@pytest.mark.parametrize(
+    ("steps_per_wake", "buffers", "waits"), [(1, 2, 20), (4, None, 5), (4, 2, 10)]
+)
+def test_index_capture_writes_every_step_when_copies_finish_late(
+    tmp_path, monkeypatch, steps_per_wake, buffers, waits
+):
+    """Copies that finish late (a CUDA event whose wait takes a while), 20 steps, and a
+    change of width halfway: every step is spooled once, intact and in order. The thread
+    waits once per hand-over: every ``steps_per_wake`` steps, or sooner when the launcher
+    runs out of buffers (two here, so batches of two)."""
     import torch
 
     from dsacache.kernels import decode_step
 
     class LateEvent:
-        waits = 0
+        waits = 0  # counted per test case (the class is made anew)
 
         def record(self) -> None:
             pass
@@ -177,8 +184,12 @@ def test_index_capture_writes_every_step_when_copies_finish_late(tmp_path, monke
     monkeypatch.setattr(decode_step, "_copy_event", LateEvent)
     with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
         decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
+    with pytest.raises(ValueError, match="steps_per_wake >= 1, got 0"):
+        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, steps_per_wake=0)
     trace = tmp_path / "late.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=2, model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
+    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=buffers, model=MODEL,
+                                   indexer=INDEXER, capture={},
+                                   steps_per_wake=steps_per_wake)  # fmt: skip
     cap._events = True  # as on CUDA, without pinned memory
     sent = {}
     for step in range(20):
@@ -189,7 +200,7 @@ def test_index_capture_writes_every_step_when_copies_finish_late(tmp_path, monke
         cap.end_step()
         sent[step] = idx.reshape(4, width).tolist()
     cap.close()
-    assert LateEvent.waits == 20
+    assert LateEvent.waits == waits
     got = open_trace(trace).read_all()
     assert sorted(set(got.step.tolist())) == list(range(20))
     for step, rows in sent.items():

@@ -84,12 +84,17 @@ class StepSpool:
 
     def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
         """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
+        self.append_many([(step, positions, dense)])
+
+    def append_many(self, steps: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Write several ``(step, positions, dense)`` records with one system call."""
         self._raise()
-        layers, batch, groups, width = dense.shape
-        header = np.array([MAGIC, step, layers, batch, groups, width], np.int32)
-        pos = np.ascontiguousarray(positions, dtype=np.int32)
-        data = np.ascontiguousarray(dense, dtype=np.int32)
-        parts = [header, pos, data]
+        parts = []
+        for step, positions, dense in steps:
+            layers, batch, groups, width = dense.shape
+            parts += [np.array([MAGIC, step, layers, batch, groups, width], np.int32),
+                      np.ascontiguousarray(positions, dtype=np.int32),
+                      np.ascontiguousarray(dense, dtype=np.int32)]  # fmt: skip
         written = os.writev(self._fd, parts)  # one syscall; the GIL is released during it
         total = sum(p.nbytes for p in parts)
         if written < total:  # a short write (a signal, a full disk): finish it or fail loudly
