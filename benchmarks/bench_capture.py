@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
     wakes = [int(n) for n in args.steps_per_wake.split(",")]
+    if min(wakes) < 1 or len(set(wakes)) < len(wakes):
+        sys.exit(f"--steps-per-wake {args.steps_per_wake}: distinct intervals >= 1")
     if not torch.cuda.is_available():
         sys.exit("bench_capture needs a CUDA GPU")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             stats[wake].append({k: v / res.steps for k, v in res.capture_stats.items()})
         return (res.seconds - res.capture_stats.get("encode_s", 0.0)) / res.steps
 
-    run(work / "warm.dsatrace")  # compiles every kernel, fills the allocator
+    run(work / "warm.dsatrace", wakes[0])  # compiles every kernel, fills the allocator
+    stats[wakes[0]].clear()
     times: dict[int, list[float]] = {0: [], **{n: [] for n in wakes}}  # 0: no capture
     order = random.Random(0)
     for i in range(args.repeats):

@@ -196,7 +196,7 @@ class IndexCapture:
     them with one system call. The thread takes the GIL back after each wait, so it wakes
     once per batch of steps rather than per step: each time it does, the launch-bound loop
     can lose the GIL. The launching thread waits only when all ``buffers`` (default: two
-    batches) are in use. Measured with ``benchmarks/bench_capture.py`` on
+    batches, at least 3) are in use. Measured with ``benchmarks/bench_capture.py`` on
     the H200 (docs/results/h200-kernels/capture/): spooling from the launching thread
     instead, when a step's event had fired, cost more (+13.6% vs +9.7% per step at batch 8 x
     8 layers; +9.0% vs +1.4% at batch 64 x 16 layers, where the writes take 2 ms per step).
@@ -213,7 +213,7 @@ class IndexCapture:
 
         if steps_per_wake < 1:
             raise ValueError(f"IndexCapture needs steps_per_wake >= 1, got {steps_per_wake}")
-        buffers = 2 * steps_per_wake if buffers is None else buffers
+        buffers = max(3, 2 * steps_per_wake) if buffers is None else buffers
         if buffers < 1:
             raise ValueError(f"IndexCapture needs at least 1 host buffer, got buffers={buffers}")
         self.writer = TraceWriter(path, **writer_kwargs)
@@ -312,8 +312,13 @@ class IndexCapture:
         incomplete); re-raises the thread's error."""
         from dsacache.traces.spool import to_trace
 
-        self._hand_over()
-        self._todo.put(None)
+        try:
+            self._hand_over()  # records an event: after a CUDA error this raises too
+        except BaseException as e:
+            self._error = self._error or e
+            self._pending = []
+        finally:
+            self._todo.put(None)
         self._thread.join()
         t0 = time.perf_counter()
         finished = False

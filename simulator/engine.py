@@ -556,7 +556,7 @@ class Cache:
         nbytes = np.ascontiguousarray(nbytes, np.int64)
         if n and self.tags.dtype != np.int64:
             highest = (int(addr.max()) + int(nbytes.max()) - 1) >> (cfg.line.bit_length() - 1)
-            if highest >= TAG32_LINES:
+            if highest >= TAG32_LINES or int(addr.min()) < 0:
                 self._widen_tags()
         self.clock = self._kernel(
             addr,

@@ -114,6 +114,9 @@ PARAMS: dict[str, Param] = {
 }
 
 
+ADDED_LATER = ("heads",)  # in a cell's key only when not at their default
+
+
 def _policy_with_reservation(policy: str, reservation: int) -> tuple[str, int]:
     """The effective policy spec of a cell and the reservation that applies to it. A plug-in
     policy (``file.py:name[:k=v]``) keeps its file, made absolute so workers find it."""
@@ -157,6 +160,9 @@ def cell_key(config: Mapping[str, Any], trace_id: str) -> str:
     profile = Path(str(config.get("gpu", "")))
     if profile.suffix.lower() == ".json" and profile.exists():  # an edited profile runs again
         extra["profile_sha256"] = hashlib.sha256(profile.read_bytes()).hexdigest()
+    # parameters added after a sweep format was in use count only when set, so that older
+    # sweep directories keep their keys and resume
+    config = {k: v for k, v in config.items() if not (k in ADDED_LATER and v == PARAMS[k].default)}
     blob = json.dumps({"trace": trace_id, **config, **extra}, sort_keys=True,
                       separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -355,6 +361,10 @@ def load_sweep(out: str | os.PathLike) -> pd.DataFrame:
     if not parts:
         raise DsacacheError(f"{out}: no finished sweep cells")
     frames = [pq.read_table(p, use_threads=False).to_pandas() for p in parts]  # see format.py
+    for frame in frames:  # cells written before a parameter existed ran at its default
+        for name in ADDED_LATER:
+            if name not in frame:
+                frame[name] = PARAMS[name].default
     return pd.concat(frames, ignore_index=True)
 
 

@@ -201,8 +201,38 @@ def test_index_capture_writes_every_step_when_copies_finish_late(
         sent[step] = idx.reshape(4, width).tolist()
     cap.close()
     assert LateEvent.waits == waits
+    assert open_trace(trace).manifest["order"] == "step-major"  # spooled in step order
     got = open_trace(trace).read_all()
     assert sorted(set(got.step.tolist())) == list(range(20))
     for step, rows in sent.items():
         mine = got.take(np.flatnonzero(got.step == step))
         assert [mine.row(i).tolist() for i in range(len(mine))] == rows
+
+
+def test_index_capture_close_stops_its_threads_when_the_last_event_fails(tmp_path, monkeypatch):
+    """After a CUDA error, recording the last batch's event raises: close still stops the
+    capture's thread, keeps the steps written so far (trace left incomplete) and raises."""
+    import torch
+
+    from dsacache.kernels import decode_step
+
+    class BrokenEvent:
+        def record(self) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        def synchronize(self) -> None:
+            pass
+
+    trace = tmp_path / "broken.dsatrace"
+    cap = decode_step.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
+                                   capture={}, steps_per_wake=4)  # fmt: skip
+    cap._events = True
+    monkeypatch.setattr(decode_step, "_copy_event", BrokenEvent)
+    for step in range(2):  # pending: not yet handed to the thread
+        cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, 4))
+        cap.add_all(torch.zeros((2, 2, 4), dtype=torch.int32))
+        cap.end_step()
+    with pytest.raises(RuntimeError, match="index capture failed.*illegal memory access"):
+        cap.close(complete=False)
+    assert not cap._thread.is_alive()
+    assert not open_trace(trace).manifest["complete"]

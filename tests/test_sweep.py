@@ -242,3 +242,26 @@ def test_heads_sweep_sizes_the_query_class(trace_path, tmp_path, client):
         assert_frame_equal(ours, direct, check_dtype=False)
         query_bytes[heads] = cell.loc[cell["class"] == "query", "bytes"].sum()
     assert 0 < query_bytes[2] < query_bytes[8]
+
+
+def test_a_parameter_added_later_keeps_older_sweeps_resumable(trace_path, tmp_path, client):
+    """An older sweep directory (cells written before ``heads`` existed) resumes: a cell at
+    the new parameter's default keeps the key it had without it, and its rows load with the
+    default filled in."""
+    import pyarrow.parquet as pq
+
+    from dsacache.simulator.sweep import ADDED_LATER, cell_key
+
+    cfg = expand({"policy": ["lru"]})[0]
+    old = {k: v for k, v in cfg.items() if k not in ADDED_LATER}
+    assert cell_key(cfg, "t") == cell_key(old, "t") != cell_key({**cfg, "heads": 8}, "t")
+    out = tmp_path / "old"
+    run_sweep(trace_path, {"policy": ["lru", "fifo"]}, out, client=client)
+    for part in out.glob("*.parquet"):  # as written before heads existed
+        table = pq.read_table(part)
+        pq.write_table(
+            table.drop_columns(["heads"]).replace_schema_metadata(table.schema.metadata), part
+        )
+    again = run_sweep(trace_path, {"policy": ["lru", "fifo"]}, out, client=client, resume=True)
+    assert not again.ran and len(again.skipped) == 2
+    assert (load_sweep(out)["heads"] == 0).all()

@@ -36,6 +36,7 @@ from dsacache.traces.format import SelectionBatch, TraceWriter, open_trace
 
 MAGIC = 0x44534153  # "DSAS"
 HEADER = 6
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def spool_path(trace_path: str | os.PathLike) -> Path:
@@ -87,7 +88,8 @@ class StepSpool:
         self.append_many([(step, positions, dense)])
 
     def append_many(self, steps: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-        """Write several ``(step, positions, dense)`` records with one system call."""
+        """Write several ``(step, positions, dense)`` records with one system call (one per
+        ``IOV_MAX`` buffers, three per record)."""
         self._raise()
         parts = []
         for step, positions, dense in steps:
@@ -95,12 +97,14 @@ class StepSpool:
             parts += [np.array([MAGIC, step, layers, batch, groups, width], np.int32),
                       np.ascontiguousarray(positions, dtype=np.int32),
                       np.ascontiguousarray(dense, dtype=np.int32)]  # fmt: skip
-        written = os.writev(self._fd, parts)  # one syscall; the GIL is released during it
-        total = sum(p.nbytes for p in parts)
-        if written < total:  # a short write (a signal, a full disk): finish it or fail loudly
-            rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
-            while len(rest):
-                rest = rest[os.write(self._fd, rest) :]
+        for first in range(0, len(parts), _IOV_MAX):  # writev takes at most IOV_MAX buffers
+            group = parts[first : first + _IOV_MAX]
+            written = os.writev(self._fd, group)  # the GIL is released during it
+            # a short write (a signal, a full disk): finish it or fail loudly
+            if written < sum(p.nbytes for p in group):
+                rest = memoryview(b"".join(p.tobytes() for p in group))[written:]
+                while len(rest):
+                    rest = rest[os.write(self._fd, rest) :]
         if self._syncer is None:
             os.fsync(self._fd)
         else:
