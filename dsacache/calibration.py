@@ -64,22 +64,29 @@ class _Sim:
     def __init__(self, m: Model) -> None:
         self.model = make_model(m.config(), m.policy)
 
-    def access(self, addr: np.ndarray, nbytes: np.ndarray, write: bool = False) -> float:
-        """Hit rate of these accesses; the bytes they read from memory go to ``dram_bytes``."""
+    def access(
+        self, addr: np.ndarray, nbytes: np.ndarray, write: bool = False, klass: str = "index"
+    ) -> float:
+        """Hit rate of these accesses (traffic class ``klass``: what a ``hints`` policy keys
+        its priority on); the bytes they read from memory go to ``dram_bytes``."""
         counters = np.zeros((1, len(COUNTERS)), np.int64)
         n = len(addr)
         self.model.run_chunk(
             np.asarray(addr, np.int64), np.asarray(nbytes, np.int64), np.full(n, write),
-            np.full(n, 1, np.int8), np.zeros(n, np.int16), np.zeros(n, np.int64), counters,
+            np.full(n, CLASS_ID[klass], np.int8), np.zeros(n, np.int16), np.zeros(n, np.int64),
+            counters,
         )  # fmt: skip
         self.dram_bytes = int(counters[0, COUNTERS.index("fetched_sectors")]) * 32
         sectors, hits = counters[0, 2], counters[0, 3]
         return hits / sectors if sectors else float("nan")
 
-    def stream(self, buffer: int, nbytes: int, write: bool = False, block: int = 16384) -> float:
+    def stream(
+        self, buffer: int, nbytes: int, write: bool = False, block: int = 16384,
+        klass: str = "index",
+    ) -> float:  # fmt: skip
         starts = np.arange(0, nbytes, block, dtype=np.int64)
         sizes = np.minimum(block, nbytes - starts)
-        return self.access(buffer * _BASE_STRIDE + starts, sizes, write)
+        return self.access(buffer * _BASE_STRIDE + starts, sizes, write, klass)
 
     def gather(
         self, buffer: int, index_buffer: int, tokens: np.ndarray, row_bytes: int
@@ -181,6 +188,38 @@ def simulate_reuse(sizes: list[int], model: Model) -> np.ndarray:
         sim.stream(1, s)
         out.append(sim.stream(1, s))
     return np.array(out)
+
+
+HINT_LEVEL = {"": "normal", "evict_first": "first", "evict_last": "last"}
+
+
+def hint_policy(model: Model, evict: str) -> Model:
+    """``model`` with a ``hints`` policy that gives the ``kv`` class the ``evict`` priority
+    (the class the hint probe's first read is simulated in)."""
+    if not evict:
+        return model
+    if model.policy != "lru":
+        raise DsacacheError(f"the hint probe is modelled on an LRU model, not {model.policy!r}")
+    return model.with_policy(f"hints:kv={HINT_LEVEL[evict]}")
+
+
+def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
+    """Hit rate of the first (hinted) and second read for each (size, bytes between) of a
+    ``hint`` measurement (columns ``bytes``, ``other_bytes``, ``role``, ``simulated``): the
+    first read runs in the ``kv`` class under ``hint_policy``, the rest unhinted."""
+    args = probe_args(df)
+    hinted = hint_policy(model, args.evict)
+    rows = []
+    for size, x in df[df["role"] == "second"][["bytes", "other_bytes"]].itertuples(index=False):
+        sim = _Sim(hinted)
+        fill_with_stale_lines(sim.model, model.capacity)  # the probe's flush (simulate_reuse)
+        first = sim.stream(1, int(size), klass="kv")
+        if x:
+            sim.stream(2, int(x))
+        second = sim.stream(1, int(size))
+        rows += [{"bytes": size, "other_bytes": x, "role": "first", "simulated": first},
+                 {"bytes": size, "other_bytes": x, "role": "second", "simulated": second}]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def simulate_gather(df: pd.DataFrame, model: Model) -> pd.DataFrame:
@@ -480,7 +519,7 @@ def command_args(m: pd.DataFrame, module: str):
         return None
     words = words[words.index(f"dsacache.kernels.{module}") + 1 :]
     for i in reversed(range(len(words))):
-        if words[i] in ("--index-evict", "--kv-evict") and (
+        if words[i] in ("--evict", "--index-evict", "--kv-evict") and (
             i + 1 == len(words) or words[i + 1].startswith("--")
         ):
             words.insert(i + 1, "")
@@ -556,6 +595,19 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
                 {"experiment": name, "point": f"second read, {b / 2**20:g} MiB",
                  "model": model.label, "policy": model.policy, "measured": hit, "simulated": s}
                 for b, hit, s in zip(second["bytes"], second["hit"], sim, strict=True)
+            ]  # fmt: skip
+        return rows
+    if args.experiment == "hint":
+        meas = m[m["role"].isin(["first", "second"])][["bytes", "other_bytes", "role", "hit"]]
+        for model in models:
+            j = meas.merge(simulate_hint(m, model), on=["bytes", "other_bytes", "role"])
+            rows += [
+                {"experiment": name,
+                 "point": f"{r.role} read, {r.bytes / 2**20:g} MiB {args.evict or 'unhinted'}, "
+                          f"{r.other_bytes / 2**20:g} MiB between",
+                 "model": model.label, "policy": hint_policy(model, args.evict).policy,
+                 "measured": r.hit, "simulated": r.simulated}
+                for r in j.itertuples()
             ]  # fmt: skip
         return rows
     if args.experiment == "gather":

@@ -477,10 +477,16 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 
 
 @main.command()
-@click.argument("experiment", type=click.Choice(["reuse", "gather", "decode"]))
+@click.argument("experiment", type=click.Choice(["reuse", "hint", "gather", "decode"]))
 @click.option("--out", required=True, type=click.Path(), help="Measured counters (.parquet).")
-@click.option("--sizes", default=None, help="reuse: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
-@click.option("--between", default=None, help="gather: bytes streamed between the two gathers.")
+@click.option("--sizes", default=None, help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
+@click.option("--between", default=None, help="hint, gather: bytes streamed between the two reads.")
+@click.option(
+    "--evict",
+    type=click.Choice(["", "evict_first", "evict_last"]),
+    default=None,
+    help="hint: L2 hint of the first read (default evict_last).",
+)
 @click.option("--k", "k", type=int, default=None, help="gather: tokens selected.")
 @click.option(
     "--row-bytes", type=click.IntRange(4), default=None, help="gather: bytes per token row (656)."
@@ -519,14 +525,15 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
-    experiment, out, sizes, between, k, row_bytes, context, layers, steps, keep, index_evict, kv_evict,
-    kv_first_from, persist_layers, hit_ratio, set_aside, raw,
+    experiment, out, sizes, between, evict, k, row_bytes, context, layers, steps, keep,
+    index_evict, kv_evict, kv_first_from, persist_layers, hit_ratio, set_aside, raw,
 ) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
 
     \b
     Example:
       dsacache probe reuse --out reuse.parquet
+      dsacache probe hint --evict evict_last --sizes 8MiB,24MiB --between 0,32MiB --out h.parquet
       dsacache probe gather --k 2048 --context 32768 --out gather.parquet
       dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
     """
@@ -534,7 +541,8 @@ def probe(
 
     if row_bytes is not None and row_bytes % 4:
         raise click.BadParameter(f"{row_bytes} is not a multiple of 4", param_hint="--row-bytes")
-    options = {"--sizes": sizes, "--between": between, "--k": k, "--row-bytes": row_bytes,
+    options = {"--sizes": sizes, "--between": between, "--evict": evict, "--k": k,
+               "--row-bytes": row_bytes,
                "--context": context,
                "--layers": layers, "--steps": steps, "--keep": keep,
                "--index-evict": index_evict, "--kv-evict": kv_evict,

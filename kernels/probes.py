@@ -5,6 +5,9 @@ Known-answer experiments, run under Nsight Compute with ``--cache-control none
 
 - ``reuse``: read a buffer of S bytes, then read it again; the second read's L2 hit rate as
   a function of S shows the capacity the L2 really offers to reuse (not the 50 MiB it reports).
+- ``hint``: read a buffer of S bytes with an L2 eviction hint, stream X bytes of other data,
+  read the buffer again (no hint): how much of a hinted buffer other traffic leaves, as a
+  function of S and X (what evict_last on the KV gathers does between decode steps).
 - ``gather``: gather the rows a DSA selection picks from a paged KV pool (656-byte tokens, as
   DeepSeek-V3.2's FP8 cache), for step t, then optionally stream X bytes of other traffic
   (the indexer's keys), then gather step t+1's selection: the hit rate of the second gather
@@ -86,6 +89,33 @@ def run_reuse(sizes: list[int], device: str = "cuda") -> list[Launch]:
         read(buf)
         read(buf)
         launches += [Launch("reuse", "first", size), Launch("reuse", "second", size)]
+        del buf
+    return launches
+
+
+def run_hint(
+    sizes: list[int], between: list[int], evict: str, device: str = "cuda"
+) -> list[Launch]:
+    """For each size S and volume X: flush, read S bytes with the ``evict`` hint, read X bytes
+    of another buffer (no hint), read the S bytes again (no hint). Returns the measured
+    launches in order (``bytes`` S, ``other_bytes`` X)."""
+    import torch
+
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    other = torch.rand(max(between, default=0) // 4, dtype=torch.float32, device=device)
+    launches = []
+    for size in sizes:
+        buf = torch.rand(size // 4, dtype=torch.float32, device=device)
+        for x in between:
+            flush(flush_buf)
+            read(buf, evict)
+            if x:
+                read(other[: x // 4])
+            read(buf)
+            launches.append(Launch("hint", "first", size, x))
+            if x:
+                launches.append(Launch("hint", "between", x, x))
+            launches.append(Launch("hint", "second", size, x))
         del buf
     return launches
 
@@ -203,7 +233,7 @@ def run_decode(
 def parser() -> argparse.ArgumentParser:
     """The probes' command line; ``calibration`` reads a measurement's command back with it."""
     p = argparse.ArgumentParser(prog="python -m dsacache.kernels.probes")
-    p.add_argument("experiment", choices=["reuse", "gather", "decode"])
+    p.add_argument("experiment", choices=["reuse", "hint", "gather", "decode"])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sizes", default="4MiB,8MiB,16MiB,24MiB,32MiB,40MiB,48MiB,64MiB")
@@ -212,6 +242,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.45)
     p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
     p.add_argument("--row-bytes", type=int, default=656, help="gather: bytes per token row")
+    p.add_argument("--evict", default="evict_last", choices=["", "evict_first", "evict_last"],
+                   help="hint: the first read's L2 hint")  # fmt: skip
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-first-from", type=int, default=-1)
@@ -223,12 +255,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dsacache.kernels.probes reuse|gather ... --plan FILE`` (run under ncu)."""
+    """``python -m dsacache.kernels.probes reuse|hint|gather|decode ... --plan FILE`` (run
+    under ncu)."""
     from dsacache.units import parse_size
 
     args = parser().parse_args(argv)
     if args.experiment == "reuse":
         launches = run_reuse([parse_size(s) for s in args.sizes.split(",")])
+    elif args.experiment == "hint":
+        launches = run_hint([parse_size(s) for s in args.sizes.split(",")],
+                            [parse_size(s) for s in args.between.split(",")], args.evict)  # fmt: skip
     elif args.experiment == "gather":
         between = [parse_size(s) for s in args.between.split(",")]
         launches = run_gather(args.k, args.context, args.keep, between, args.row_bytes)

@@ -43,6 +43,14 @@ def test_gather_probe_plans_rows_of_any_width(row_bytes):
         probes.run_gather(32, 500, 0.5, [0], row_bytes=658, device=DEVICE)
 
 
+def test_hint_probe_plans_what_it_launches():
+    launches = probes.run_hint([4 * probes.READ_BLOCK * 4], [0, 8192], "evict_last", device=DEVICE)
+    assert [(x.role, x.bytes, x.other_bytes) for x in launches] == [
+        ("first", 65536, 0), ("second", 65536, 0),
+        ("first", 65536, 8192), ("between", 8192, 8192), ("second", 65536, 8192),
+    ]  # fmt: skip
+
+
 def test_probe_cli_refuses_a_row_width_it_cannot_read():
     from click.testing import CliRunner
 
