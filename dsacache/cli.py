@@ -477,7 +477,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 
 
 @main.command()
-@click.argument("experiment", type=click.Choice(["reuse", "hint", "gather", "decode"]))
+@click.argument("experiment", type=click.Choice(["reuse", "hint", "gather", "twice", "decode"]))
 @click.option("--out", required=True, type=click.Path(), help="Measured counters (.parquet).")
 @click.option("--sizes", default=None, help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
 @click.option("--between", default=None, help="hint, gather: bytes streamed between the two reads.")
@@ -487,15 +487,20 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     default=None,
     help="hint: L2 hint of the first read (default evict_last).",
 )
-@click.option("--k", "k", type=int, default=None, help="gather: tokens selected.")
+@click.option("--k", "k", type=int, default=None, help="gather, twice: tokens selected.")
 @click.option(
-    "--row-bytes", type=click.IntRange(4), default=None, help="gather: bytes per token row (656)."
+    "--row-bytes",
+    type=click.IntRange(4),
+    default=None,
+    help="gather, twice: bytes per token row (656).",
 )
-@click.option("--context", type=int, default=None, help="gather, decode: tokens in the context.")
+@click.option(
+    "--context", type=int, default=None, help="gather, twice, decode: tokens in the context."
+)
 @click.option("--layers", type=int, default=None, help="decode: layers.")
 @click.option("--steps", type=int, default=None, help="decode: decode steps.")
 @click.option(
-    "--keep", type=float, default=None, help="gather, decode: share of picks kept per step."
+    "--keep", type=float, default=None, help="gather, twice, decode: share of picks kept per step."
 )
 @click.option(
     "--index-evict",
@@ -535,6 +540,7 @@ def probe(
       dsacache probe reuse --out reuse.parquet
       dsacache probe hint --evict evict_last --sizes 8MiB,24MiB --between 0,32MiB --out h.parquet
       dsacache probe gather --k 2048 --context 32768 --out gather.parquet
+      dsacache probe twice --k 2048 --context 32768 --out twice.parquet
       dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
     """
     from dsacache.kernels.ncu import probe as run_probe

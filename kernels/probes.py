@@ -12,6 +12,10 @@ Known-answer experiments, run under Nsight Compute with ``--cache-control none
   DeepSeek-V3.2's FP8 cache), for step t, then optionally stream X bytes of other traffic
   (the indexer's keys), then gather step t+1's selection: the hit rate of the second gather
   is what a token reservation is meant to raise.
+- ``twice``: every selected row read twice, by two programs of one kernel at about the same
+  time, and by two kernels one after the other: whether a read that arrives while the other
+  read's miss is in flight counts as a hit (what two 64-head programs of a sparse MLA kernel
+  do when they gather one token together).
 
 Only kernels whose name starts with ``l2probe_`` are measured; a torch kernel writing a
 256 MiB buffer evicts the L2 between experiments. Every kernel also runs under ``TRITON_INTERPRET=1`` on the CPU.
@@ -162,6 +166,32 @@ def run_gather(
     return launches
 
 
+def run_twice(
+    k: int, context: int, keep: float, row_bytes: int = 656, device: str = "cuda"
+) -> list[Launch]:
+    """A DSA selection's rows read twice from a flushed L2: by one gather of the selection
+    followed by itself (its two halves run in different programs of one wave: role
+    ``together``), then, after another flush, by two gathers one after the other (``first``,
+    ``second``)."""
+    import torch
+
+    if row_bytes <= 0 or row_bytes % 4:
+        raise ValueError(f"row_bytes={row_bytes}: must be a positive multiple of 4")
+    row_words = row_bytes // 4
+    pool = torch.randint(0, 1 << 20, ((context + 2) * row_words,), dtype=torch.int32, device=device)
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    a, _ = dsa_selections(k, context, keep)
+    once = torch.as_tensor(a, dtype=torch.int32, device=device)
+    flush(flush_buf)
+    gather(pool, torch.cat([once, once]), row_words)
+    flush(flush_buf)
+    gather(pool, once, row_words)
+    gather(pool, once, row_words)
+    rows = len(a) * row_bytes
+    return [Launch("twice", "together", 2 * rows, k=k), Launch("twice", "first", rows, k=k),
+            Launch("twice", "second", rows, k=k)]  # fmt: skip
+
+
 def decode_config(layers: int, context: int, steps: int, k: int, keep: float, seed: int = 0):
     """The synthetic DeepSeek-V3.2-shaped trace the ``decode`` probe replays (deterministic)."""
     from dsacache.tracer.synth import preset
@@ -233,7 +263,7 @@ def run_decode(
 def parser() -> argparse.ArgumentParser:
     """The probes' command line; ``calibration`` reads a measurement's command back with it."""
     p = argparse.ArgumentParser(prog="python -m dsacache.kernels.probes")
-    p.add_argument("experiment", choices=["reuse", "hint", "gather", "decode"])
+    p.add_argument("experiment", choices=["reuse", "hint", "gather", "twice", "decode"])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sizes", default="4MiB,8MiB,16MiB,24MiB,32MiB,40MiB,48MiB,64MiB")
@@ -255,8 +285,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dsacache.kernels.probes reuse|hint|gather|decode ... --plan FILE`` (run
-    under ncu)."""
+    """``python -m dsacache.kernels.probes reuse|hint|gather|twice|decode ... --plan FILE``
+    (run under ncu)."""
     from dsacache.units import parse_size
 
     args = parser().parse_args(argv)
@@ -268,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.experiment == "gather":
         between = [parse_size(s) for s in args.between.split(",")]
         launches = run_gather(args.k, args.context, args.keep, between, args.row_bytes)
+    elif args.experiment == "twice":
+        launches = run_twice(args.k, args.context, args.keep, args.row_bytes)
     else:
         launches = run_decode(
             args.layers, args.context, args.steps, args.k, args.keep,

@@ -408,3 +408,19 @@ def test_hint_probe_known_answers_on_a_small_model():
     assert [r["point"] for r in rows][-1] == "second read, 0.25 MiB unhinted, 0.5 MiB between"
     rows = calibration.compare_measurement("h", _hint_measurement("evict_first"), (model,))
     assert {r["policy"] for r in rows} == {"hints:kv=first"} and len(rows) == 4
+
+
+def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
+    """The model has no misses in flight: a selection gathered twice in one kernel hits as
+    often as two gathers in a row, half of the first's misses and all the second's."""
+    command = ("ncu --cache-control none --replay-mode application python -m "
+               "dsacache.kernels.probes twice --plan p.json --k 64 --context 4096")  # fmt: skip
+    m = pd.DataFrame({"role": ["together", "first", "second"], "hit": [0.3, 0.0, 1.0],
+                      calibration.DRAM: [1e5, 5e4, 0.0], "meta_command": command})  # fmt: skip
+    model = calibration.Model(capacity=2**20, ways=16, fill=64)
+    sim = calibration.simulate_twice(m, model).set_index("role")["simulated"]
+    assert sim["second"] == 1.0 and sim["first"] < 0.2
+    assert sim["together"] == pytest.approx((sim["first"] + sim["second"]) / 2, rel=1e-9)
+    rows = calibration.compare_measurement("tw", m, (model,))
+    assert [r["point"] for r in rows] == [f"{r} (64 rows read twice)" for r in m["role"]]
+    assert rows[0]["measured"] == 0.3 and rows[0]["simulated"] == sim["together"]

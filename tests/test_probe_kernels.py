@@ -51,6 +51,13 @@ def test_hint_probe_plans_what_it_launches():
     ]  # fmt: skip
 
 
+def test_twice_probe_plans_what_it_launches():
+    launches = probes.run_twice(32, 500, 0.5, device=DEVICE)
+    assert [(x.role, x.bytes) for x in launches] == [
+        ("together", 2 * 32 * 656), ("first", 32 * 656), ("second", 32 * 656)
+    ]  # fmt: skip
+
+
 def test_probe_cli_refuses_a_row_width_it_cannot_read():
     from click.testing import CliRunner
 
