@@ -600,6 +600,18 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
+def _gather_rows(name: str, model: Model, joined: pd.DataFrame, point) -> list[dict]:
+    """Compare rows of gather probes: measured and simulated hit rate and DRAM bytes, one per
+    row of ``joined``, named by ``point(row)``."""
+    return [
+        {"experiment": name, "point": point(r), "model": model.label, "policy": model.policy,
+         "measured": r.measured, "simulated": r.simulated,
+         "measured_dram_bytes": r.measured_dram_bytes,
+         "simulated_dram_bytes": r.simulated_dram_bytes}
+        for r in joined.itertuples()
+    ]  # fmt: skip
+
+
 def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -> list[dict]:
     """Measured vs simulated rows of one probe measurement (``dsacache probe``'s output, with
     its ``hit`` column), for each model: decode steps per (step, role), gathers per (role,
@@ -635,27 +647,16 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
         )
         for model in models:
             j = meas.merge(simulate_twice(m, model), on="role")
-            rows += [
-                {"experiment": name, "point": f"{r.role} ({args.k} rows read twice)",
-                 "model": model.label, "policy": model.policy, "measured": r.measured,
-                 "simulated": r.simulated, "measured_dram_bytes": r.measured_dram_bytes,
-                 "simulated_dram_bytes": r.simulated_dram_bytes}
-                for r in j.itertuples()
-            ]  # fmt: skip
+            rows += _gather_rows(name, model, j, lambda r: f"{r.role} ({args.k} rows read twice)")
         return rows
     if args.experiment == "gather":
         meas = m[m["role"].isin(["first", "second"])][["other_bytes", "role", "hit", DRAM]]
         meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
         for model in models:
             j = meas.merge(simulate_gather(m, model), on=["other_bytes", "role"])
-            rows += [
-                {"experiment": name,
-                 "point": f"{r.role} gather, {r.other_bytes / 2**20:g} MiB between",
-                 "model": model.label, "policy": model.policy, "measured": r.measured,
-                 "simulated": r.simulated, "measured_dram_bytes": r.measured_dram_bytes,
-                 "simulated_dram_bytes": r.simulated_dram_bytes}
-                for r in j.itertuples()
-            ]  # fmt: skip
+            rows += _gather_rows(
+                name, model, j, lambda r: f"{r.role} gather, {r.other_bytes / 2**20:g} MiB between"
+            )
         return rows
     meas = m.groupby(["step", "role"]).agg(measured=("hit", "mean"),
                                            measured_dram_bytes=(DRAM, "mean")).reset_index()  # fmt: skip

@@ -135,11 +135,9 @@ def dsa_selections(
     return sel.next(context), sel.next(context + 1)
 
 
-def run_gather(
-    k: int, context: int, keep: float, between: list[int], row_bytes: int = 656,
-    device: str = "cuda",
-) -> list[Launch]:  # fmt: skip
-    """Gather step t's rows, stream ``x`` bytes of other data, gather step t+1's rows."""
+def _gather_inputs(k: int, context: int, keep: float, row_bytes: int, device: str):
+    """A gather probe's KV pool (int32 words), words per row, flush buffer and two
+    consecutive selections."""
     import torch
 
     if row_bytes <= 0 or row_bytes % 4:
@@ -147,7 +145,17 @@ def run_gather(
     row_words = row_bytes // 4
     pool = torch.randint(0, 1 << 20, ((context + 2) * row_words,), dtype=torch.int32, device=device)
     flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
-    a, b = dsa_selections(k, context, keep)
+    return pool, row_words, flush_buf, dsa_selections(k, context, keep)
+
+
+def run_gather(
+    k: int, context: int, keep: float, between: list[int], row_bytes: int = 656,
+    device: str = "cuda",
+) -> list[Launch]:  # fmt: skip
+    """Gather step t's rows, stream ``x`` bytes of other data, gather step t+1's rows."""
+    import torch
+
+    pool, row_words, flush_buf, (a, b) = _gather_inputs(k, context, keep, row_bytes, device)
     ia = torch.as_tensor(a, dtype=torch.int32, device=device)
     ib = torch.as_tensor(b, dtype=torch.int32, device=device)
     overlap = len(np.intersect1d(a, b)) / len(b)
@@ -175,12 +183,7 @@ def run_twice(
     ``second``)."""
     import torch
 
-    if row_bytes <= 0 or row_bytes % 4:
-        raise ValueError(f"row_bytes={row_bytes}: must be a positive multiple of 4")
-    row_words = row_bytes // 4
-    pool = torch.randint(0, 1 << 20, ((context + 2) * row_words,), dtype=torch.int32, device=device)
-    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
-    a, _ = dsa_selections(k, context, keep)
+    pool, row_words, flush_buf, (a, _) = _gather_inputs(k, context, keep, row_bytes, device)
     once = torch.as_tensor(a, dtype=torch.int32, device=device)
     flush(flush_buf)
     gather(pool, torch.cat([once, once]), row_words)
