@@ -36,7 +36,8 @@ from dsacache.traces.format import SelectionBatch, TraceWriter, open_trace
 
 MAGIC = 0x44534153  # "DSAS"
 HEADER = 6
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else -1
+_IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 16  # none reported: POSIX's least (_XOPEN_IOV_MAX)
 
 
 def spool_path(trace_path: str | os.PathLike) -> Path:
