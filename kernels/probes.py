@@ -185,8 +185,9 @@ def run_twice(
 
     pool, row_words, flush_buf, (a, _) = _gather_inputs(k, context, keep, row_bytes, device)
     once = torch.as_tensor(a, dtype=torch.int32, device=device)
+    both = torch.cat([once, once])  # written before the flush, as the model assumes
     flush(flush_buf)
-    gather(pool, torch.cat([once, once]), row_words)
+    gather(pool, both, row_words)
     flush(flush_buf)
     gather(pool, once, row_words)
     gather(pool, once, row_words)

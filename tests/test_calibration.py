@@ -384,9 +384,10 @@ def _hint_measurement(evict: str) -> pd.DataFrame:
     only the launch plan and the command matter to the simulation)."""
     command = ("ncu --cache-control none --replay-mode application python -m "
                f"dsacache.kernels.probes hint --plan p.json --sizes 256KiB "
-               f"--between 0,512KiB --evict {evict}")  # fmt: skip
-    rows = [("first", 2**18, 0), ("second", 2**18, 0), ("first", 2**18, 2**19),
-            ("between", 2**19, 2**19), ("second", 2**18, 2**19)]  # fmt: skip
+               f"--between 0,512KiB,1MiB --evict {evict}")  # fmt: skip
+    rows = [("first", 2**18, 0), ("second", 2**18, 0)]
+    for x in (2**19, 2**20):
+        rows += [("first", 2**18, x), ("between", x, x), ("second", 2**18, x)]
     return pd.DataFrame(
         [{"role": r, "bytes": b, "other_bytes": x, "hit": 0.5, "meta_command": command}
          for r, b, x in rows]
@@ -394,20 +395,21 @@ def _hint_measurement(evict: str) -> pd.DataFrame:
 
 
 def test_hint_probe_known_answers_on_a_small_model():
-    """A 256 KiB buffer read with a hint, then 0 or 512 KiB of other data, then the buffer
-    again, in a 1 MiB L2 full of stale lines: unhinted (and evict_last, which acts as normal
-    without a set-aside) the buffer survives; its evict_first lines are the first victims of
-    every later fill, the buffer's own included, so almost none survive."""
+    """A 256 KiB buffer read with a hint, then 0, 512 KiB or 1 MiB of other data, then the
+    buffer again, in a 1 MiB L2 full of stale lines: unhinted (and evict_last, which acts as
+    normal without a set-aside) the buffer survives until the other data fill the L2; its
+    evict_first lines are the first victims of every later fill, the buffer's own included,
+    so almost none survive."""
     model = calibration.Model(capacity=2**20, ways=16)
-    for evict, survives in (("", 1.0), ("evict_last", 1.0), ("evict_first", 0.0)):
+    for evict, survives in (("", [1, 1, 0]), ("evict_last", [1, 1, 0]), ("evict_first", [0, 0, 0])):
         sim = calibration.simulate_hint(_hint_measurement(evict), model)
         assert (sim[sim["role"] == "first"]["simulated"] == 0).all()  # cold
         second = sim[sim["role"] == "second"]["simulated"]
-        assert second.tolist() == pytest.approx([survives, survives], abs=0.05)
+        assert second.tolist() == pytest.approx(survives, abs=0.05)
     rows = calibration.compare_measurement("h", _hint_measurement(""), (model,))
-    assert [r["point"] for r in rows][-1] == "second read, 0.25 MiB unhinted, 0.5 MiB between"
+    assert [r["point"] for r in rows][-1] == "second read, 0.25 MiB unhinted, 1 MiB between"
     rows = calibration.compare_measurement("h", _hint_measurement("evict_first"), (model,))
-    assert {r["policy"] for r in rows} == {"hints:kv=first"} and len(rows) == 4
+    assert {r["policy"] for r in rows} == {"hints:kv=first"} and len(rows) == 6
 
 
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():

@@ -43,19 +43,43 @@ def test_gather_probe_plans_rows_of_any_width(row_bytes):
         probes.run_gather(32, 500, 0.5, [0], row_bytes=658, device=DEVICE)
 
 
-def test_hint_probe_plans_what_it_launches():
-    launches = probes.run_hint([4 * probes.READ_BLOCK * 4], [0, 8192], "evict_last", device=DEVICE)
+@pytest.fixture
+def launched(monkeypatch):
+    """The probe kernels a workload launches, in order: ("read", bytes, hint) and
+    ("gather", rows, hint); the kernels still run."""
+    calls = []
+    read, gather = probes.read, probes.gather
+
+    def record_read(buf, evict=""):
+        calls.append(("read", buf.numel() * 4, evict))
+        return read(buf, evict)
+
+    def record_gather(pool, idx, row_words, evict=""):
+        calls.append(("gather", idx.numel(), evict))
+        return gather(pool, idx, row_words, evict)
+
+    monkeypatch.setattr(probes, "read", record_read)
+    monkeypatch.setattr(probes, "gather", record_gather)
+    return calls
+
+
+def test_hint_probe_plans_what_it_launches(launched):
+    size = 4 * probes.READ_BLOCK * 4
+    launches = probes.run_hint([size], [0, 8192], "evict_last", device=DEVICE)
     assert [(x.role, x.bytes, x.other_bytes) for x in launches] == [
-        ("first", 65536, 0), ("second", 65536, 0),
-        ("first", 65536, 8192), ("between", 8192, 8192), ("second", 65536, 8192),
+        ("first", size, 0), ("second", size, 0),
+        ("first", size, 8192), ("between", 8192, 8192), ("second", size, 8192),
     ]  # fmt: skip
+    assert launched == [("read", size, "evict_last"), ("read", size, ""),
+                        ("read", size, "evict_last"), ("read", 8192, ""), ("read", size, "")]  # fmt: skip
 
 
-def test_twice_probe_plans_what_it_launches():
+def test_twice_probe_plans_what_it_launches(launched):
     launches = probes.run_twice(32, 500, 0.5, device=DEVICE)
     assert [(x.role, x.bytes) for x in launches] == [
         ("together", 2 * 32 * 656), ("first", 32 * 656), ("second", 32 * 656)
     ]  # fmt: skip
+    assert launched == [("gather", 64, ""), ("gather", 32, ""), ("gather", 32, "")]
 
 
 def test_probe_cli_refuses_a_row_width_it_cannot_read():
