@@ -223,21 +223,23 @@ def hint_policy(model: Model, evict: str) -> Model:
 
 
 def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
-    """Hit rate of the first (hinted) and second read for each (size, bytes between) of a
-    ``hint`` measurement (columns ``bytes``, ``other_bytes``, ``role``, ``simulated``): the
-    first read runs in the ``kv`` class under ``hint_policy``, the rest unhinted."""
+    """Hit rate and DRAM bytes of the first (hinted) read, the other data and the second read
+    for each (size, bytes between) of a ``hint`` measurement (columns ``bytes``,
+    ``other_bytes``, ``role``, ``simulated``, ``simulated_dram_bytes``): the first read runs
+    in the ``kv`` class under ``hint_policy``, the rest unhinted."""
     args = probe_args(df)
     hinted = hint_policy(model, args.evict)
     rows = []
     for size, x in df[df["role"] == "second"][["bytes", "other_bytes"]].itertuples(index=False):
         sim = _Sim(hinted)
         fill_with_stale_lines(sim.model, model.capacity)  # the probe's flush (simulate_reuse)
-        first = sim.stream(1, int(size), klass="kv")
-        if x:
-            sim.stream(2, int(x))
-        second = sim.stream(1, int(size))
-        rows += [{"bytes": size, "other_bytes": x, "role": "first", "simulated": first},
-                 {"bytes": size, "other_bytes": x, "role": "second", "simulated": second}]  # fmt: skip
+        for role, buffer, nbytes, klass in (("first", 1, size, "kv"), ("between", 2, x, "index"),
+                                            ("second", 1, size, "index")):  # fmt: skip
+            if nbytes:
+                hit = sim.stream(buffer, int(nbytes), klass=klass)
+                rows.append({"bytes": nbytes if role == "between" else size, "other_bytes": x,
+                             "role": role, "simulated": hit,
+                             "simulated_dram_bytes": sim.dram_bytes})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -600,11 +602,15 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
-def _gather_rows(name: str, model: Model, joined: pd.DataFrame, point) -> list[dict]:
-    """Compare rows of gather probes: measured and simulated hit rate and DRAM bytes, one per
-    row of ``joined``, named by ``point(row)``."""
+def _gather_rows(
+    name: str, model: Model, joined: pd.DataFrame, point, policy: str | None = None
+) -> list[dict]:
+    """Compare rows of a probe: measured and simulated hit rate and DRAM bytes, one per row
+    of ``joined``, named by ``point(row)``; ``policy``: the one simulated, if not the
+    model's own (a hint probe's)."""
     return [
-        {"experiment": name, "point": point(r), "model": model.label, "policy": model.policy,
+        {"experiment": name, "point": point(r), "model": model.label,
+         "policy": policy or model.policy,
          "measured": r.measured, "simulated": r.simulated,
          "measured_dram_bytes": r.measured_dram_bytes,
          "simulated_dram_bytes": r.simulated_dram_bytes}
@@ -629,17 +635,16 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
             ]  # fmt: skip
         return rows
     if args.experiment == "hint":
-        meas = m[m["role"].isin(["first", "second"])][["bytes", "other_bytes", "role", "hit"]]
+        meas = m[m["role"].isin(["first", "second"])][["bytes", "other_bytes", "role", "hit", DRAM]]
+        meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
         for model in models:
             j = meas.merge(simulate_hint(m, model), on=["bytes", "other_bytes", "role"])
-            rows += [
-                {"experiment": name,
-                 "point": f"{r.role} read, {r.bytes / 2**20:g} MiB {args.evict or 'unhinted'}, "
-                          f"{r.other_bytes / 2**20:g} MiB between",
-                 "model": model.label, "policy": hint_policy(model, args.evict).policy,
-                 "measured": r.hit, "simulated": r.simulated}
-                for r in j.itertuples()
-            ]  # fmt: skip
+            rows += _gather_rows(
+                name, model, j,
+                lambda r: f"{r.role} read, {r.bytes / 2**20:g} MiB {args.evict or 'unhinted'}, "
+                f"{r.other_bytes / 2**20:g} MiB between",
+                policy=hint_policy(model, args.evict).policy,
+            )  # fmt: skip
         return rows
     if args.experiment == "twice":
         meas = m[["role", "hit", DRAM]].rename(

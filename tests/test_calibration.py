@@ -389,8 +389,8 @@ def _hint_measurement(evict: str) -> pd.DataFrame:
     for x in (2**19, 2**20):
         rows += [("first", 2**18, x), ("between", x, x), ("second", 2**18, x)]
     return pd.DataFrame(
-        [{"role": r, "bytes": b, "other_bytes": x, "hit": 0.5, "meta_command": command}
-         for r, b, x in rows]
+        [{"role": r, "bytes": b, "other_bytes": x, "hit": 0.5, calibration.DRAM: 1e5,
+          "meta_command": command} for r, b, x in rows]
     )  # fmt: skip
 
 
@@ -410,6 +410,9 @@ def test_hint_probe_known_answers_on_a_small_model():
     assert [r["point"] for r in rows][-1] == "second read, 0.25 MiB unhinted, 1 MiB between"
     rows = calibration.compare_measurement("h", _hint_measurement("evict_first"), (model,))
     assert {r["policy"] for r in rows} == {"hints:kv=first"} and len(rows) == 6
+    assert {r["model"] for r in rows} == {model.label}  # the base model, as decode rows name it
+    cold = rows[0]  # the first read at 0 between: every byte from memory
+    assert cold["simulated_dram_bytes"] == 2**18 and cold["measured_dram_bytes"] == 1e5
 
 
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
