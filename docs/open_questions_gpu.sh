@@ -1,6 +1,7 @@
 #!/bin/bash
 # The GPU runs that answer the open model and capture questions of 2026-12-06, in one go
-# (about 10 minutes on an H100 with Nsight Compute): usage open_questions_gpu.sh OUTDIR.
+# (an estimated 10-15 minutes on an H100 with Nsight Compute, not yet timed): usage
+# open_questions_gpu.sh OUTDIR.
 # - capture overhead with the capture thread woken every step vs every 4 steps (issue #6;
 #   docs/results/h100-kernels/README.md);
 # - how much of a buffer read with evict_last / evict_first survives other traffic
