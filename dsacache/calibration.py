@@ -589,20 +589,28 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
             f"persist:window=kv,hit_ratio={args.hit_ratio},set_aside={aside}",
             args.persist_layers,
         )
-    short = {"evict_first": "first", "evict_last": "last"}
     hints = [
-        f"{cls}={short[h]}" for cls, h in (("index", args.index_evict), ("kv", args.kv_evict)) if h
+        f"{cls}={HINT_LEVEL[h]}"
+        for cls, h in (("index", args.index_evict), ("kv", args.kv_evict))
+        if h
     ]
     if args.kv_first_from >= 0 and query:
         raise DsacacheError("--kv-first-from is a probe option; FlashMLA profiles cannot take it")
     if args.kv_first_from >= 0:
         hints.append("weights=first")  # those KV layers (kv_layers_from)
     elif query:
-        hints.append(f"weights={short[query]}")  # the query (attention_query)
+        hints.append(f"weights={HINT_LEVEL[query]}")  # the query (attention_query)
     return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
 
 
-def _gather_rows(
+def _measured(m: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """A probe measurement's first and second reads (roles ``together``, ``first``,
+    ``second``): ``keys``, ``measured`` (hit rate) and ``measured_dram_bytes``."""
+    reads = m[m["role"].isin(["together", "first", "second"])][[*keys, "hit", DRAM]]
+    return reads.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
+
+
+def _probe_rows(
     name: str, model: Model, joined: pd.DataFrame, point, policy: str | None = None
 ) -> list[dict]:
     """Compare rows of a probe: measured and simulated hit rate and DRAM bytes, one per row
@@ -635,11 +643,10 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
             ]  # fmt: skip
         return rows
     if args.experiment == "hint":
-        meas = m[m["role"].isin(["first", "second"])][["bytes", "other_bytes", "role", "hit", DRAM]]
-        meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
+        meas = _measured(m, ["bytes", "other_bytes", "role"])
         for model in models:
             j = meas.merge(simulate_hint(m, model), on=["bytes", "other_bytes", "role"])
-            rows += _gather_rows(
+            rows += _probe_rows(
                 name, model, j,
                 lambda r: f"{r.role} read, {r.bytes / 2**20:g} MiB {args.evict or 'unhinted'}, "
                 f"{r.other_bytes / 2**20:g} MiB between",
@@ -647,19 +654,16 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
             )  # fmt: skip
         return rows
     if args.experiment == "twice":
-        meas = m[["role", "hit", DRAM]].rename(
-            columns={"hit": "measured", DRAM: "measured_dram_bytes"}
-        )
+        meas = _measured(m, ["role"])
         for model in models:
             j = meas.merge(simulate_twice(m, model), on="role")
-            rows += _gather_rows(name, model, j, lambda r: f"{r.role} ({args.k} rows read twice)")
+            rows += _probe_rows(name, model, j, lambda r: f"{r.role} ({args.k} rows read twice)")
         return rows
     if args.experiment == "gather":
-        meas = m[m["role"].isin(["first", "second"])][["other_bytes", "role", "hit", DRAM]]
-        meas = meas.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes"})
+        meas = _measured(m, ["other_bytes", "role"])
         for model in models:
             j = meas.merge(simulate_gather(m, model), on=["other_bytes", "role"])
-            rows += _gather_rows(
+            rows += _probe_rows(
                 name, model, j, lambda r: f"{r.role} gather, {r.other_bytes / 2**20:g} MiB between"
             )
         return rows

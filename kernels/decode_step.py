@@ -473,10 +473,11 @@ def run_trace(
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
     the indices the attention kernels read to a new trace at that path (see
-    ``IndexCapture``; its thread wakes every ``capture_steps_per_wake`` steps). ``backend``: the sparse attention kernel, ours ("triton") or
-    DeepSeek's FlashMLA ("flashmla", mla-fp8). ``persist`` runs the decode on a stream whose
-    L2 persisting access-policy window covers the KV pools of the first layers (MLA layouts).
-    The L2 is flushed before the first step, so every run starts from the same state.
+    ``IndexCapture``; its thread wakes every ``capture_steps_per_wake`` steps). ``backend``:
+    the sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
+    ``persist`` runs the decode on a stream whose L2 persisting access-policy window covers
+    the KV pools of the first layers (MLA layouts). The L2 is flushed before the first step,
+    so every run starts from the same state.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
