@@ -112,11 +112,13 @@ class Model:
     partitions: int = 1
     replicate: bool = False
     fill: int = 0  # bytes read from memory per miss unit (CacheConfig.fill); 0: one sector
+    last_ways: int = 0  # ways per set where evict_last lines keep priority (fit_evict_last)
 
     @property
     def label(self) -> str:
         label = f"{self.policy} {self.capacity / 2**20:.4g}MiB {self.ways}-way {self.set_hash}"
         label += f" {self.fill}B fill" if self.fill else ""
+        label += f" evict_last {self.last_ways} ways" if self.last_ways else ""
         return label + (f" {self.partitions} halves replicating" if self.replicate else "")
 
     def config(self) -> CacheConfig:
@@ -135,12 +137,20 @@ class Model:
         """The L2 model of a GPU profile (``dsacache calibrate``)."""
         m = profile["l2_model"]
         return cls(m["policy"], int(m["capacity"]), int(m["ways"]), m["set_hash"],
-                   fill=int(m["fill"]))  # fmt: skip
+                   fill=int(m["fill"]), last_ways=int(m.get("evict_last_ways", 0)))  # fmt: skip
 
     def profile_fields(self) -> dict:
         """The ``l2_model`` section of a GPU profile."""
         return {"policy": self.policy, "capacity": self.capacity, "ways": self.ways,
-                "set_hash": self.set_hash, "fill": self.fill, "line": 128, "sector": 32}  # fmt: skip
+                "set_hash": self.set_hash, "fill": self.fill, "line": 128, "sector": 32,
+                **({"evict_last_ways": self.last_ways} if self.last_ways else {})}  # fmt: skip
+
+    def hints(self, levels: list[str]) -> str:
+        """The ``hints`` policy giving each ``class=level`` of ``levels`` its priority, with
+        this GPU's ways for evict_last lines when one is ``last``."""
+        if self.last_ways and any(lv.endswith("=last") for lv in levels):
+            levels = [*levels, f"persist_ways={self.last_ways}"]
+        return "hints:" + ",".join(levels)
 
 
 # The fitted models are the bundled GPU profiles (data/<gpu>/profile.json), which
@@ -219,19 +229,23 @@ def hint_policy(model: Model, evict: str) -> Model:
         return model
     if model.policy != "lru":
         raise DsacacheError(f"the hint probe is modelled on an LRU model, not {model.policy!r}")
-    return model.with_policy(f"hints:kv={HINT_LEVEL[evict]}")
+    return model.with_policy(model.hints([f"kv={HINT_LEVEL[evict]}"]))
 
 
 def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     """Hit rate and DRAM bytes of the first (hinted) read, the other data and the second read
     for each (size, bytes between) of a ``hint`` measurement (columns ``bytes``,
     ``other_bytes``, ``role``, ``simulated``, ``simulated_dram_bytes``): the first read runs
-    in the ``kv`` class under ``hint_policy``, the rest unhinted."""
+    in the ``kv`` class under ``hint_policy``, the rest unhinted. The points of one size
+    share a cache, as the probe reads one buffer for all of them: its flush (unhinted, as
+    ``fill_with_stale_lines``) leaves the evict_last lines the GPU keeps in place."""
     args = probe_args(df)
     hinted = hint_policy(model, args.evict)
     rows = []
+    sim, sim_size = None, None
     for size, x in df[df["role"] == "second"][["bytes", "other_bytes"]].itertuples(index=False):
-        sim = _Sim(hinted)
+        if size != sim_size:  # the probe's next buffer
+            sim, sim_size = _Sim(hinted), size
         fill_with_stale_lines(sim.model, model.capacity)  # the probe's flush (simulate_reuse)
         for role, buffer, nbytes, klass in (("first", 1, size, "kv"), ("between", 2, x, "index"),
                                             ("second", 1, size, "index")):  # fmt: skip
@@ -433,6 +447,29 @@ def fit_fill(gathers: list[pd.DataFrame], model: Model, fills=(32, 64, 128)) -> 
     return pd.DataFrame(rows).sort_values("dram_error_pct", kind="stable").reset_index(drop=True)
 
 
+def fit_evict_last(hints: list[pd.DataFrame], model: Model) -> pd.DataFrame:
+    """How many ways per set the GPU keeps evict_last lines in without a persisting set-aside,
+    fit to ``dsacache probe hint --evict evict_last`` measurements: for each count from 0 to
+    ``model.ways - 1``, the mean |simulated - measured| DRAM bytes of the probes' first and
+    second reads, as points of the bytes read (column ``dram_error_points``), best first.
+    DRAM bytes, not hit rates: a GH100 read from the far L2 half misses its near half even
+    when the far copy is kept (half the kept lines' reads), which this unpartitioned model
+    does not represent."""
+    rows = []
+    for ways in range(model.ways):
+        fit = replace(model, last_ways=ways)
+        errors = []
+        for df in hints:
+            keys = ["bytes", "other_bytes", "role"]
+            j = _measured(df.assign(hit=df[READ_HIT] / df[READ]), keys).merge(
+                simulate_hint(df, fit), on=keys
+            )
+            errors.append((j["simulated_dram_bytes"] - j["measured_dram_bytes"]) / j["bytes"])
+        rows.append({"evict_last_ways": ways,
+                     "dram_error_points": 100 * float(np.abs(np.concatenate(errors)).mean())})  # fmt: skip
+    return pd.DataFrame(rows).sort_values("dram_error_points", kind="stable", ignore_index=True)
+
+
 def hierarchy_coefficients(reuse: pd.DataFrame) -> dict[str, float]:
     """Memory-time coefficients from a ``reuse`` measurement's kernel durations: cold first
     reads give HBM latency and bandwidth (time = latency + bytes / bandwidth, least squares),
@@ -465,10 +502,11 @@ def _source(path: str | Path, m: pd.DataFrame) -> dict:
 def calibrate(
     reuse_path: str | Path, gather_paths: list[str | Path] = (), *, capacities_mib=None,
     ways=(8, 16, 24, 32), set_hashes=("hash", "mix"), fills=(32, 64, 128),
-    progress: bool = False,
+    progress: bool = False, hint_paths: list[str | Path] = (),
 ) -> dict:  # fmt: skip
     """Fit a GPU profile to probe measurements: the L2 geometry (LRU; effective capacity,
-    ways, set index) to the reuse curve, the fill unit to the gathers' DRAM bytes, the memory
+    ways, set index) to the reuse curve, the fill unit to the gathers' DRAM bytes, the ways
+    kept for evict_last lines to evict_last hint probes (``fit_evict_last``), the memory
     coefficients to the reuse kernels' durations. ``capacities_mib`` defaults to 40-70% of
     the L2 the GPU reports, in 1 MiB steps. Returns the profile (``presets.load_profile``'s
     format) with the fit's errors and the runner-up models."""
@@ -493,6 +531,16 @@ def calibrate(
     fill_errors = fit_fill(gathers, model, fills) if gathers else None
     if fill_errors is not None:
         model = replace(model, fill=int(fill_errors["fill"].iloc[0]))
+    hints = [read_measurement(p) for p in hint_paths]
+    for path, h in zip(hint_paths, hints, strict=True):
+        args = probe_args(h)
+        if args.experiment != "hint" or args.evict != "evict_last":
+            raise DsacacheError(
+                f"{path}: the evict_last ways are fit to `dsacache probe hint --evict evict_last` files"
+            )
+    last_errors = fit_evict_last(hints, model) if hints else None
+    if last_errors is not None:
+        model = replace(model, last_ways=int(last_errors["evict_last_ways"].iloc[0]))
     gpu = {key: (v.item() if hasattr(v, "item") else v) for key, v in first.items()
            if str(key).startswith("meta_") and key not in ("meta_command", "meta_date")}  # fmt: skip
     gpu = {key.removeprefix("meta_"): v for key, v in gpu.items()}
@@ -518,9 +566,13 @@ def calibrate(
             "fill_dram_error_pct": None
             if fill_errors is None
             else {str(r.fill): r.dram_error_pct for r in fill_errors.itertuples()},
+            "evict_last_dram_error_points": None
+            if last_errors is None
+            else {str(r.evict_last_ways): r.dram_error_points for r in last_errors.itertuples()},
         },  # fmt: skip
         "measurements": [_source(reuse_path, reuse)]
-        + [_source(p, g) for p, g in zip(gather_paths, gathers, strict=True)],
+        + [_source(p, g) for p, g in zip(gather_paths, gathers, strict=True)]
+        + [_source(p, h) for p, h in zip(hint_paths, hints, strict=True)],
         "dsacache": version("dsacache"),
     }
 
@@ -600,7 +652,7 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
         hints.append("weights=first")  # those KV layers (kv_layers_from)
     elif query:
         hints.append(f"weights={HINT_LEVEL[query]}")  # the query (attention_query)
-    return (f"hints:{','.join(hints)}" if hints else base.policy), args.kv_first_from
+    return (base.hints(hints) if hints else base.policy), args.kv_first_from
 
 
 def _measured(m: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -628,6 +628,8 @@ def compare(gpu, measured_paths, kernels, out) -> None:
 
 REUSE_SIZES = "8MiB,16MiB,24MiB,28MiB,32MiB,36MiB,40MiB,44MiB,48MiB,56MiB,64MiB,80MiB"
 GATHER_PROBE = {"--k": 2048, "--context": 32768, "--between": "0,16MiB", "--row-bytes": 656}
+HINT_PROBE = {"--evict": "evict_last", "--sizes": "4MiB,8MiB,16MiB,24MiB",
+              "--between": "0,8MiB,16MiB,32MiB,64MiB"}  # fmt: skip
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -651,19 +653,23 @@ def _int_list(text: str, what: str) -> list[int]:
               help="A `dsacache probe reuse` measurement.")  # fmt: skip
 @click.option("--gather", "gathers", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="`dsacache probe gather` measurements, for the fill unit (repeatable).")  # fmt: skip
+@click.option("--hint", "hints", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="`dsacache probe hint --evict evict_last` measurements, for the ways the L2 "
+              "keeps evict_last lines in (repeatable).")  # fmt: skip
 @click.option("--capacities", default=None, help="MiB searched, e.g. 24-40 (default: 40-70% "
               "of the L2 the GPU reports).")  # fmt: skip
 @click.option("--ways", default="8,16,24,32", show_default=True, help="Associativities searched.")
 @click.option("--set-hashes", default="hash,mix", show_default=True, help="Set indexes searched.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet) -> None:
+def calibrate(out, run, gpu, reuse, gathers, hints, capacities, ways, set_hashes, quiet) -> None:
     """Fit the L2 model and the memory coefficients to known-answer probes; write a GPU
     profile that `replay --gpu PROFILE.json` (and the API's gpu=) simulates with.
 
     The reuse probe (read S bytes twice, S = 8-80 MiB) fits the L2 geometry: LRU with the
     effective capacity, ways and set index whose second-read hit rates are closest; the
-    gather probe's DRAM bytes fit the fill unit; the reuse kernels' durations fit HBM latency
-    and bandwidth and the L2 bandwidth.
+    gather probe's DRAM bytes fit the fill unit; an evict_last hint probe's DRAM bytes fit how
+    many ways per set the L2 keeps evict_last lines in without a set-aside; the reuse kernels'
+    durations fit HBM latency and bandwidth and the L2 bandwidth.
 
     \b
     Example:
@@ -680,8 +686,8 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
     sources = sum(bool(x) for x in (run, gpu, reuse))
     if sources != 1:
         raise click.UsageError("give exactly one of --run, --gpu or --reuse")
-    if gathers and not reuse:
-        raise click.UsageError("--gather goes with --reuse")
+    if (gathers or hints) and not reuse:
+        raise click.UsageError("--gather and --hint go with --reuse")
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # before minutes of measuring
     if run:
         from dsacache.kernels.ncu import probe as run_probe
@@ -689,8 +695,10 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
         folder = Path(out).parent
         reuse = str(folder / "l2-reuse.parquet")
         gathers = (str(folder / "l2-gather-rows-656.parquet"),)
+        hints = (str(folder / "l2-hint-evict_last.parquet"),)
         for path, experiment, options in ((reuse, "reuse", {"--sizes": REUSE_SIZES}),
-                                          (gathers[0], "gather", GATHER_PROBE)):  # fmt: skip
+                                          (gathers[0], "gather", GATHER_PROBE),
+                                          (hints[0], "hint", HINT_PROBE)):  # fmt: skip
             click.echo(f"measuring the {experiment} probe under ncu -> {path}")
             save_table(run_probe(experiment, options), path)
     elif gpu:
@@ -703,6 +711,7 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
             )  # fmt: skip
         reuse = str(folder / "l2-reuse.parquet")
         gathers = tuple(str(p) for p in sorted(folder.glob("l2-gather*.parquet")))
+        hints = tuple(str(p) for p in sorted(folder.glob("l2-hint-evict_last*.parquet")))
     span = None
     if capacities:
         try:
@@ -721,7 +730,7 @@ def calibrate(out, run, gpu, reuse, gathers, capacities, ways, set_hashes, quiet
                                  param_hint="--set-hashes")  # fmt: skip
     profile = calibration.calibrate(
         reuse, list(gathers), capacities_mib=span, ways=_int_list(ways, "--ways"),
-        set_hashes=hashes, progress=not quiet,
+        set_hashes=hashes, progress=not quiet, hint_paths=list(hints),
     )  # fmt: skip
     profile["command"] = shlex.join(["dsacache", *sys.argv[1:]])
     Path(out).write_text(json.dumps(profile, indent=1, allow_nan=False) + "\n")

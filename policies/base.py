@@ -179,9 +179,11 @@ def split_plugin(spec: str) -> tuple[Path | None, str]:
     return Path(path + ".py"), rest
 
 
-def make_policy(spec: str | Policy) -> Policy:
+def make_policy(spec: str | Policy, defaults: dict[str, Any] | None = None) -> Policy:
     """Parse ``name:key=value,...`` into a bound ``Policy``. ``path/to/file.py:name[:k=v,...]``
-    first loads a plug-in file that registers ``name``."""
+    first loads a plug-in file that registers ``name``. ``defaults``: values for the
+    parameters the spec leaves out, where the policy has them (a GPU profile's, e.g. the
+    ``persist_ways`` of ``hints``)."""
     if isinstance(spec, Policy):
         return spec
     _load_builtin()
@@ -202,7 +204,7 @@ def make_policy(spec: str | Policy) -> Policy:
         raise DsacacheError(
             f"policy {parsed.name}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}"
         )
-    values = {p.name: p.default for p in ptype.params}
+    values = {p.name: (defaults or {}).get(p.name, p.default) for p in ptype.params}
     for key, raw in parsed.params.items():
         values[key] = known[key].parse(raw, parsed.name)
     return Policy(ptype, values)

@@ -1,20 +1,19 @@
 """Cache-eviction hints as a GPU offers them: ``evict_first`` / ``evict_last`` per traffic class.
 
 On Hopper a load can carry an L2 eviction priority (PTX ``ld.global.L2::evict_first`` /
-``L2::evict_last``; Triton's ``tl.load(..., eviction_policy=...)``). The model: every line
-keeps the priority of the access that last touched it; a victim is the least recently used
-line of the lowest priority present in the set (first < normal < last). Recency is
-``lru.py``'s (a packed order up to 16 ways, a linked list above); the victim search walks it
-from the least recent line, and is the plain LRU victim while a set holds no evict_first line
-and nothing is set aside.
+``L2::evict_last``; Triton's ``tl.load(..., eviction_policy=...)``). The model: a fill takes
+the priority of its access, a hinted hit sets it, and an unhinted (``normal``) hit leaves it
+as it is; a victim is the least recently used line of the lowest priority present in the set
+(first < normal < last). Recency is ``lru.py``'s (a packed order up to 16 ways, a linked list
+above); the victim search walks it from the least recent line, and is the plain LRU victim
+while a set holds no evict_first line and no evict_last line keeps its priority.
 
-evict_last is the priority of persisting accesses, and the CUDA programming guide (L2 cache
-control) gives persisting accesses prioritised use of the L2 set-aside only. So only the
-``persist_ways`` most recent evict_last lines of a set keep their priority; the others, and
-all of them when nothing is set aside (a GPU's default, ``persist_ways=0``), act as normal.
-That matches the H100 and H200 measurements (dsacache/data/*/README.md): evict_first on the
-indexer-key loads lifts the next step's KV hit rate from 4% to 37-54%, evict_last on the KV
-gathers alone changes nothing.
+Only the ``persist_ways`` most recent evict_last lines of a set keep their priority; the
+others act as normal. ``persist_ways`` is the L2 set-aside for persisting accesses (CUDA
+programming guide, L2 cache control) or, without one, what the GPU gives evict_last lines
+anyway: the H100's hint probe (dsacache/data/h100/README.md) keeps about 9.4 MiB of
+evict_last data through any volume of unhinted reads, even after an unhinted re-read of it,
+which the fitted profile's ``evict_last_ways`` captures. With 0 evict_last acts as normal.
 """
 
 import numpy as np
@@ -37,14 +36,25 @@ def init(line_state, set_state, glob, n_sets, ways, params):
 
 
 @njit(inline="always")
-def touch(line_state, set_state, glob, s, way, ways, clock, params):
+def _touch(line_state, set_state, glob, s, way, ways, clock, params, fill):
     n = line_state.shape[0] // 3
     n_sets = set_state.shape[0] // 3
     lru_touch(line_state[: 2 * n], set_state[: 2 * n_sets], glob, s, way, ways, clock, params)
     i = 2 * n + s * ways + way
     level = params[glob[1]]
-    set_state[2 * n_sets + s] += np.int64(level == 0) - np.int64(line_state[i] == 0)
-    line_state[i] = level
+    if fill or level != 1:  # an unhinted hit keeps the line's priority
+        set_state[2 * n_sets + s] += np.int64(level == 0) - np.int64(line_state[i] == 0)
+        line_state[i] = level
+
+
+@njit(inline="always")
+def on_hit(line_state, set_state, glob, s, way, ways, clock, params):
+    _touch(line_state, set_state, glob, s, way, ways, clock, params, False)
+
+
+@njit(inline="always")
+def on_fill(line_state, set_state, glob, s, way, ways, clock, params):
+    _touch(line_state, set_state, glob, s, way, ways, clock, params, True)
 
 
 @njit(inline="always")
@@ -101,8 +111,8 @@ HINTS = register(
         name="hints",
         description="LRU with evict_first / evict_last priorities per traffic class (GPU load hints)",
         init=init,
-        on_hit=touch,
-        on_fill=touch,
+        on_hit=on_hit,
+        on_fill=on_fill,
         victim=victim,
         params=tuple(
             Param(c, "choice", "normal", f"eviction priority of {c} loads", LEVELS)
@@ -114,7 +124,8 @@ HINTS = register(
                 "int",
                 0,
                 "ways per set where evict_last lines keep their priority (the L2 set-aside for "
-                "persisting accesses; 0, a GPU's default: evict_last acts as normal)",
+                "persisting accesses, or what the GPU keeps without one: a fitted profile's "
+                "evict_last_ways; 0: evict_last acts as normal)",
                 low=0,
             ),
         ),

@@ -37,6 +37,12 @@ class GPUPreset:
     fill: int = 0  # bytes the memory behind the L2 returns per miss unit; 0: one sector
     set_hash: str = "mod"  # engine.SET_HASHES
     reported_l2_bytes: int | None = None  # calibrated presets: the L2 the GPU reports
+    evict_last_ways: int = 0  # ways per set where evict_last lines keep priority unasked
+
+    def policy_defaults(self) -> dict[str, int]:
+        """Policy parameters this GPU fixes unless a spec names them: the ways its L2 keeps
+        evict_last lines in without a persisting set-aside (``hints``' ``persist_ways``)."""
+        return {"persist_ways": self.evict_last_ways} if self.evict_last_ways else {}
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
@@ -151,6 +157,7 @@ def preset_from_profile(profile: dict[str, Any]) -> GPUPreset:
         fill=int(l2["fill"]),
         set_hash=str(l2["set_hash"]),
         reported_l2_bytes=int(gpu["l2_bytes"]),
+        evict_last_ways=int(l2.get("evict_last_ways", 0)),
     )
 
 

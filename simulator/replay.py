@@ -110,7 +110,8 @@ def replay(
     config: CacheConfig = preset.cache(cache_size, **overrides)
     workload = workload or Workload()
     amap = plan_replay(trace, workload)
-    caches = [make_model(config, make_policy(p), amap.layers) for p in policies]
+    defaults = preset.policy_defaults()
+    caches = [make_model(config, make_policy(p, defaults), amap.layers) for p in policies]
     labels = [c.policy.label for c in caches]
     if len(set(labels)) != len(labels):
         raise DsacacheError(f"policies given twice: {', '.join(labels)}")

@@ -95,6 +95,35 @@ def test_replay_cli_takes_a_calibrated_gpu(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_the_h100_keeps_evict_last_lines_without_a_set_aside():
+    """The H100's evict_last hint probe reads no DRAM for 4-8 MiB kept through 64 MiB of other
+    reads, and about 9.4 MiB of 16-24 MiB; the model without kept ways misses that by 42
+    points of the bytes read, the fitted 6 of 16 ways (the bundled profile's) by under 6."""
+    probe = calibration.measured("h100", "hint-evict_last")
+    errors = calibration.fit_evict_last([probe], calibration.fitted("h100")).set_index(
+        "evict_last_ways"
+    )["dram_error_points"]
+    assert errors.idxmin() == calibration.fitted("h100").last_ways == 6
+    assert errors[6] < 6 and errors[0] > 35
+    # the policy a replay on the calibrated H100 builds keeps them too; other GPUs do not
+    assert gpu_preset("h100-calibrated").policy_defaults() == {"persist_ways": 6}
+    assert gpu_preset("h200-calibrated").policy_defaults() == {}
+    assert calibration.hint_policy(calibration.fitted("h100"), "evict_last").policy == (
+        "hints:kv=last,persist_ways=6"
+    )
+
+
+def test_a_gpu_policy_default_fills_only_what_the_spec_leaves_out():
+    from dsacache.policies import make_policy
+
+    defaults = {"persist_ways": 6}
+    assert make_policy("hints:kv=last", defaults).label == "hints:kv=last,persist_ways=6"
+    assert make_policy("hints:kv=last,persist_ways=2", defaults).label == (
+        "hints:kv=last,persist_ways=2"
+    )
+    assert make_policy("lru", defaults).label == "lru"  # a policy without it ignores it
+
+
 def test_bad_profiles_and_names_get_clear_errors(tmp_path):
     with pytest.raises(DsacacheError, match="unknown GPU preset 'h300'.*h200-calibrated"):
         gpu_preset("h300")

@@ -45,9 +45,23 @@ def test_evict_last_lines_survive_a_scan_only_inside_the_set_aside():
     assert _run("hints:kv=last,persist_ways=2", seq, klass)[-2:].tolist() == [True, True]
     # one way set aside: only the most recent evict_last line (1) keeps its priority
     assert _run("hints:kv=last,persist_ways=1", seq, klass)[-2:].tolist() == [False, True]
-    # nothing set aside (a GPU's default): evict_last acts as normal, as measured
+    # no ways for evict_last: it acts as normal
     assert _run("hints:kv=last", seq, klass)[-2:].tolist() == [False, False]
     assert _run("lru", seq, klass)[-2:].tolist() == [False, False]
+
+
+def test_an_unhinted_hit_keeps_the_priority_a_hinted_one_sets_it():
+    # lines 0, 1 filled evict_last (kv), re-read unhinted (index), then a scan of unhinted
+    # lines: they still hold their priority, as the H100 keeps evict_last data that was re-read
+    # without a hint (dsacache/data/h100/l2-hint-evict_last.parquet)
+    kv, index, append = (CLASSES.index(c) for c in ("kv", "index", "append"))
+    seq = [0, 1, 0, 1] + list(range(10, 20)) + [0, 1]
+    klass = [kv, kv, index, index] + [index] * 10 + [kv, kv]
+    assert _run("hints:kv=last,persist_ways=2", seq, klass)[-2:].tolist() == [True, True]
+    # a hinted re-read (append marked evict_first) sets the new priority: both go first
+    klass = [kv, kv, append, append] + [index] * 10 + [kv, kv]
+    spec = "hints:kv=last,append=first,persist_ways=2"
+    assert _run(spec, seq, klass)[-2:].tolist() == [False, False]
 
 
 def _python_hints(levels, lines, klass, ways, sets, persist_ways):
@@ -59,7 +73,10 @@ def _python_hints(levels, lines, klass, ways, sets, persist_ways):
         hits.append(hit)
         if hit:
             s.move_to_end(ln)
-        elif len(s) == ways:
+            if levels[k] != 1:  # an unhinted hit keeps the line's priority
+                s[ln] = levels[k]
+            continue
+        if len(s) == ways:
             # evict_last (2) counts only for the persist_ways most recent such lines
             last = [x for x, p in s.items() if p == 2]
             kept = set(last[max(0, len(last) - persist_ways) :])
