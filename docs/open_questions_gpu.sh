@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU runs that answer the open model and capture questions of 2026-12-06, in one go
-# (an estimated 10-15 minutes on an H100 with Nsight Compute, not yet timed): usage
+# (about 4 minutes on the H100 with Nsight Compute, 2026-12-06): usage
 # open_questions_gpu.sh OUTDIR.
 # - capture overhead with the capture thread woken every step vs every 4 steps (issue #6;
 #   docs/results/h100-kernels/README.md);

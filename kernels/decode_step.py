@@ -193,10 +193,12 @@ class IndexCapture:
     Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
     step for every layer, ``add_all``); every ``steps_per_wake`` steps ``end_step()`` records
     one CUDA event and hands those steps to a thread, which waits for the event and writes
-    them with one system call. The thread takes the GIL back after each wait, so it wakes
-    once per batch of steps rather than per step: each time it does, the launch-bound loop
-    can lose the GIL. The launching thread waits only when all ``buffers`` (default: two
-    batches, at least 3) are in use. Measured with ``benchmarks/bench_capture.py`` on
+    them with one system call. Waking once per batch of steps was meant to take the GIL from
+    the launch-bound loop less often, but on the H100 it measured no better than every step
+    (batch 8 x 8 layers, two runs: +5.6% and +7.9% vs +3.4% and +5.7%, intervals overlapping;
+    docs/results/h100-kernels/capture/) while a crash loses more steps, so the default is 1.
+    The launching thread waits only when all ``buffers`` (default: two batches, at least 3)
+    are in use. Measured with ``benchmarks/bench_capture.py`` on
     the H200 (docs/results/h200-kernels/capture/): spooling from the launching thread
     instead, when a step's event had fired, cost more (+13.6% vs +9.7% per step at batch 8 x
     8 layers; +9.0% vs +1.4% at batch 64 x 16 layers, where the writes take 2 ms per step).
@@ -207,7 +209,7 @@ class IndexCapture:
     """
 
     def __init__(self, path: str, cuda: bool, buffers: int | None = None,
-                 steps_per_wake: int = 4, **writer_kwargs: Any) -> None:  # fmt: skip
+                 steps_per_wake: int = 1, **writer_kwargs: Any) -> None:  # fmt: skip
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
@@ -459,7 +461,7 @@ def run_trace(
     index_heads: int = INDEX_HEADS,
     heads: int | None = None,
     capture: str | None = None,
-    capture_steps_per_wake: int = 4,
+    capture_steps_per_wake: int = 1,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
     persist: Persist | None = None,
