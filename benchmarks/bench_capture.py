@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  capture, thread woken every {wake} step(s): "
               f"{1e3 * statistics.median(times[wake]):.3f} ms, ratio {ratio:.3f} "
               f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
-              f"{100 * (high - 1):+.1f}%); per step the launching thread waited "
-              f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer, the capture's "
+              f"{100 * (high - 1):+.1f}%); per step the launching thread spent "
+              f"{per_step['launcher_ms_per_step']:.3f} ms in the capture's calls (waiting "
+              f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer), the capture's "
               f"thread {per_step['copy_wait_ms_per_step']:.3f} ms for copies and "
               f"{per_step['spool_ms_per_step']:.3f} ms writing the spool; encoding it at close "
               f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip

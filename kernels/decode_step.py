@@ -228,11 +228,15 @@ class IndexCapture:
         self._todo: queue.Queue[list[_StepCapture] | None] = queue.Queue()
         self._steps_per_wake = steps_per_wake
         self._pending: list[_StepCapture] = []  # finished steps not yet handed to the thread
+        self._spare_events: list[Any] = []  # events the thread is done with (reused: creating
+        # one per hand-over cost the launching thread more than recording it)
         self._error: BaseException | None = None
         self._current: _StepCapture | None = None
         # seconds: the launching thread blocked for a free buffer; the thread waiting for the
         # copies, then writing the spool; close encoding the spool into the trace
-        self.stats = {"launcher_wait_s": 0.0, "copy_wait_s": 0.0, "spool_s": 0.0, "encode_s": 0.0}
+        # launcher_s: all the launching thread spent in begin_step, add/add_all and end_step
+        self.stats = {"launcher_s": 0.0, "launcher_wait_s": 0.0, "copy_wait_s": 0.0,
+                      "spool_s": 0.0, "encode_s": 0.0}  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
         self._thread.start()
 
@@ -258,11 +262,13 @@ class IndexCapture:
 
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
+        t0 = time.perf_counter()
         self._raise()
         assert self._current is None, "end_step first"
         host = self._buffer(shape)
         self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host,
                                      np.zeros(shape[0], bool))  # fmt: skip
+        self.stats["launcher_s"] += time.perf_counter() - t0
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
         """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
@@ -274,26 +280,32 @@ class IndexCapture:
         self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
 
     def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
+        t0 = time.perf_counter()
         cur = self._current
         assert cur is not None, "begin_step first"
         assert not cur.added[layers].any(), "a layer's indices are copied once per step"
-        host = cur.host[layers]
-        if tuple(idx.shape) != tuple(host.shape):  # a narrower copy: pad the rest
+        host = cur.host if layers == slice(None) else cur.host[layers]
+        if idx.shape != host.shape:  # a narrower copy: pad the rest
             host.numpy().fill(-1)  # before the copy is queued (it is asynchronous)
-        host[..., : idx.shape[-2], : idx.shape[-1]].copy_(idx, non_blocking=idx.is_cuda)
+            host = host[..., : idx.shape[-2], : idx.shape[-1]]
+        host.copy_(idx, non_blocking=idx.is_cuda)  # (each torch indexing costs the loop ~us)
         cur.added[layers] = True
+        self.stats["launcher_s"] += time.perf_counter() - t0
 
     def end_step(self) -> None:
         """Finish the step; every ``steps_per_wake`` steps, hand them to the thread."""
+        t0 = time.perf_counter()
         cur, self._current = self._current, None
         assert cur is not None
         # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
         # fill_ wakes its thread pool, ms on a busy host); filling every buffer up front cost
         # the launching thread a pass over the whole buffer per step
-        cur.host.numpy()[~cur.added] = -1
+        if not cur.added.all():
+            cur.host.numpy()[~cur.added] = -1
         self._pending.append(cur)
         if len(self._pending) >= self._steps_per_wake:
             self._hand_over()
+        self.stats["launcher_s"] += time.perf_counter() - t0
 
     def _hand_over(self) -> None:
         """Give the pending steps to the thread, with a CUDA event recorded after their copies
@@ -303,8 +315,9 @@ class IndexCapture:
         if self._events:
             # blocking: a wait for the copies sleeps instead of spinning a CPU (the loop's time
             # on the H200 was the same either way: capture/capexp4_b8_l8.json)
-            self._pending[-1].event = _copy_event()
-            self._pending[-1].event.record()
+            event = self._spare_events.pop() if self._spare_events else _copy_event()
+            self._pending[-1].event = event
+            event.record()
         self._todo.put(self._pending)
         self._pending = []
 
@@ -363,6 +376,8 @@ class IndexCapture:
         except BaseException as e:
             self._error = e
         finally:
+            if steps[-1].event is not None:
+                self._spare_events.append(steps[-1].event)
             for item in steps:
                 self._free.put(item.host)
 
