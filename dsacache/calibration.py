@@ -518,6 +518,13 @@ def calibrate(
     for path, g in zip(gather_paths, gathers, strict=True):
         if probe_args(g).experiment != "gather":
             raise DsacacheError(f"{path}: the fill unit is fit to `dsacache probe gather` files")
+    hints = [read_measurement(p) for p in hint_paths]
+    for path, h in zip(hint_paths, hints, strict=True):
+        args = probe_args(h)
+        if args.experiment != "hint" or args.evict != "evict_last":
+            raise DsacacheError(
+                f"{path}: the evict_last ways are fit to `dsacache probe hint --evict evict_last` files"
+            )
     if "meta_l2_bytes" not in reuse:
         raise DsacacheError(f"{reuse_path} lacks meta_l2_bytes (the L2 size the GPU reports)")
     first = reuse.iloc[0]
@@ -531,13 +538,6 @@ def calibrate(
     fill_errors = fit_fill(gathers, model, fills) if gathers else None
     if fill_errors is not None:
         model = replace(model, fill=int(fill_errors["fill"].iloc[0]))
-    hints = [read_measurement(p) for p in hint_paths]
-    for path, h in zip(hint_paths, hints, strict=True):
-        args = probe_args(h)
-        if args.experiment != "hint" or args.evict != "evict_last":
-            raise DsacacheError(
-                f"{path}: the evict_last ways are fit to `dsacache probe hint --evict evict_last` files"
-            )
     last_errors = fit_evict_last(hints, model) if hints else None
     if last_errors is not None:
         model = replace(model, last_ways=int(last_errors["evict_last_ways"].iloc[0]))

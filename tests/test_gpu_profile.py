@@ -151,6 +151,11 @@ def test_calibrate_refuses_inputs_it_cannot_fit(tmp_path):
     reuse = str(DATA / "h200" / "l2-reuse.parquet")
     result = runner.invoke(main, ["calibrate", "--reuse", reuse, "--gather", reuse, "--out", out])
     assert result.exit_code == 2 and "probe gather" in result.output, result.output
+    unhinted = str(DATA / "h100" / "l2-hint-none.parquet")
+    result = runner.invoke(main, ["calibrate", "--reuse", reuse, "--hint", unhinted, "--out", out])
+    assert result.exit_code == 2 and "--evict evict_last" in result.output, result.output
+    result = runner.invoke(main, ["calibrate", "--gpu", "h100", "--hint", unhinted, "--out", out])
+    assert result.exit_code == 2 and "go with --reuse" in result.output, result.output
     for flag, value, message in (("--capacities", "40-30", "LOW <= HIGH"),
                                  ("--set-hashes", "md5", "choose from"),
                                  ("--ways", "8,x", "comma-separated integers"),
