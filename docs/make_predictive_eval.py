@@ -113,11 +113,12 @@ FEASIBILITY = """## Hardware feasibility
 | learned per-layer split | reuse EMA and footprint per layer (two floats per layer) | 0 | per-layer choice of `evict_last` vs normal KV loads, or of which layer's KV sits in the persisting window |
 | OPT-managed reservation | the future selection | n/a | not implementable (offline bound) |
 
-Every `evict_last` above needs an L2 set-aside for persisting accesses
-(`cudaLimitPersistingL2CacheSize` > 0): evict_last is the persisting priority, which keeps its
-protection only inside the set-aside. Measured on the H100 without one, evict_last on the KV
-loads changed nothing (dsacache/data/h100); the `hints` policy models this with
-`persist_ways` (0 by default).
+Every `evict_last` above keeps its protection only in the ways the L2 gives evict_last
+lines: the persisting set-aside (`cudaLimitPersistingL2CacheSize` > 0), or what the GPU keeps
+without one. The H100 kept about 9.4 MiB of evict_last data through any volume of other
+reads with no set-aside (dsacache/data/h100/l2-hint-evict_last.parquet); its calibrated
+profile keeps evict_last lines in 6 of 16 ways (the `hints` policy's `persist_ways`, which
+a replay on `h100-calibrated` fills in). A reservation larger than that needs the set-aside.
 """
 
 if __name__ == "__main__":

@@ -148,7 +148,8 @@ class Model:
     def hints(self, levels: list[str]) -> str:
         """The ``hints`` policy giving each ``class=level`` of ``levels`` its priority, with
         this GPU's ways for evict_last lines when one is ``last``."""
-        if self.last_ways and any(lv.endswith("=last") for lv in levels):
+        named = any(lv.startswith("persist_ways=") for lv in levels)
+        if self.last_ways and not named and any(lv.endswith("=last") for lv in levels):
             levels = [*levels, f"persist_ways={self.last_ways}"]
         return "hints:" + ",".join(levels)
 
@@ -236,16 +237,16 @@ def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     """Hit rate and DRAM bytes of the first (hinted) read, the other data and the second read
     for each (size, bytes between) of a ``hint`` measurement (columns ``bytes``,
     ``other_bytes``, ``role``, ``simulated``, ``simulated_dram_bytes``): the first read runs
-    in the ``kv`` class under ``hint_policy``, the rest unhinted. The points of one size
-    share a cache, as the probe reads one buffer for all of them: its flush (unhinted, as
-    ``fill_with_stale_lines``) leaves the evict_last lines the GPU keeps in place."""
+    in the ``kv`` class under ``hint_policy``, the rest unhinted. All points share one cache
+    and one buffer address, as on the GPU: the probe reads one buffer for every point of a
+    size, and PyTorch's allocator handed the next size's buffer the same address (the H100's
+    8 and 16 MiB first reads found the kept evict_last lines of the size before; 24 MiB, which
+    did not, is the model's one miss there). Its flush (unhinted, as ``fill_with_stale_lines``)
+    leaves the evict_last lines the GPU keeps in place."""
     args = probe_args(df)
-    hinted = hint_policy(model, args.evict)
+    sim = _Sim(hint_policy(model, args.evict))
     rows = []
-    sim, sim_size = None, None
     for size, x in df[df["role"] == "second"][["bytes", "other_bytes"]].itertuples(index=False):
-        if size != sim_size:  # the probe's next buffer
-            sim, sim_size = _Sim(hinted), size
         fill_with_stale_lines(sim.model, model.capacity)  # the probe's flush (simulate_reuse)
         for role, buffer, nbytes, klass in (("first", 1, size, "kv"), ("between", 2, x, "index"),
                                             ("second", 1, size, "index")):  # fmt: skip
@@ -454,7 +455,8 @@ def fit_evict_last(hints: list[pd.DataFrame], model: Model) -> pd.DataFrame:
     second reads, as points of the bytes read (column ``dram_error_points``), best first.
     DRAM bytes, not hit rates: a GH100 read from the far L2 half misses its near half even
     when the far copy is kept (half the kept lines' reads), which this unpartitioned model
-    does not represent."""
+    does not represent. A count that beats none by less than ``MIN_LAST_GAIN_POINTS`` ranks
+    below none, so noise on a GPU that keeps nothing does not set a default."""
     rows = []
     for ways in range(model.ways):
         fit = replace(model, last_ways=ways)
@@ -467,7 +469,14 @@ def fit_evict_last(hints: list[pd.DataFrame], model: Model) -> pd.DataFrame:
             errors.append((j["simulated_dram_bytes"] - j["measured_dram_bytes"]) / j["bytes"])
         rows.append({"evict_last_ways": ways,
                      "dram_error_points": 100 * float(np.abs(np.concatenate(errors)).mean())})  # fmt: skip
-    return pd.DataFrame(rows).sort_values("dram_error_points", kind="stable", ignore_index=True)
+    out = pd.DataFrame(rows)
+    none = out["dram_error_points"].iloc[0]
+    out["rank"] = np.where(out["dram_error_points"] <= none - MIN_LAST_GAIN_POINTS,
+                           out["dram_error_points"], none + (out["evict_last_ways"] > 0))  # fmt: skip
+    return out.sort_values("rank", kind="stable", ignore_index=True).drop(columns="rank")
+
+
+MIN_LAST_GAIN_POINTS = 1.0
 
 
 def hierarchy_coefficients(reuse: pd.DataFrame) -> dict[str, float]:

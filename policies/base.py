@@ -204,8 +204,9 @@ def make_policy(spec: str | Policy, defaults: dict[str, Any] | None = None) -> P
         raise DsacacheError(
             f"policy {parsed.name}: unknown parameter(s) {', '.join(unknown)}; allowed: {allowed}"
         )
-    values = {p.name: (defaults or {}).get(p.name, p.default) for p in ptype.params}
-    for key, raw in parsed.params.items():
+    values = {p.name: p.default for p in ptype.params}
+    given = {k: str(v) for k, v in (defaults or {}).items() if k in known}
+    for key, raw in (given | parsed.params).items():  # defaults checked as a spec's values are
         values[key] = known[key].parse(raw, parsed.name)
     return Policy(ptype, values)
 

@@ -39,10 +39,21 @@ class GPUPreset:
     reported_l2_bytes: int | None = None  # calibrated presets: the L2 the GPU reports
     evict_last_ways: int = 0  # ways per set where evict_last lines keep priority unasked
 
-    def policy_defaults(self) -> dict[str, int]:
-        """Policy parameters this GPU fixes unless a spec names them: the ways its L2 keeps
-        evict_last lines in without a persisting set-aside (``hints``' ``persist_ways``)."""
-        return {"persist_ways": self.evict_last_ways} if self.evict_last_ways else {}
+    def policy(self, spec: Any, ways: int | None = None) -> Any:
+        """The policy ``spec`` as this GPU runs it: a ``hints`` policy with an evict_last level
+        keeps evict_last lines in the ways this L2 gives them without a persisting set-aside
+        (``persist_ways``), unless the spec names its own or the cache's ``ways`` differ from
+        the preset's (the fitted count belongs to the fitted geometry)."""
+        from dsacache.policies import make_policy
+
+        policy = make_policy(spec)
+        if not isinstance(spec, str):  # a bound Policy: taken as it is
+            return policy
+        keeps_last = policy.name == "hints" and "last" in policy.values.values()
+        named = "persist_ways" in spec.split(":", 1)[-1]
+        if not (self.evict_last_ways and keeps_last and not named and ways in (None, self.ways)):
+            return policy
+        return make_policy(spec, {"persist_ways": self.evict_last_ways})
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
@@ -137,6 +148,12 @@ def load_profile(path: str | os.PathLike) -> dict[str, Any]:
     if bad:
         raise DsacacheError(
             f"GPU profile {path}: {', '.join(bad)} must be finite and positive (latency >= 0)"
+        )
+    last = profile["l2_model"].get("evict_last_ways", 0)
+    if not isinstance(last, int) or not 0 <= last < profile["l2_model"]["ways"]:
+        raise DsacacheError(
+            f"GPU profile {path}: l2_model.evict_last_ways={last!r} must be an integer from 0 "
+            f"to ways - 1 ({profile['l2_model']['ways'] - 1})"
         )
     return profile
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from dsacache.errors import DsacacheError
-from dsacache.policies import make_policy
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig, next_use
 from dsacache.simulator.presets import GPUPreset, gpu_preset
@@ -110,8 +109,7 @@ def replay(
     config: CacheConfig = preset.cache(cache_size, **overrides)
     workload = workload or Workload()
     amap = plan_replay(trace, workload)
-    defaults = preset.policy_defaults()
-    caches = [make_model(config, make_policy(p, defaults), amap.layers) for p in policies]
+    caches = [make_model(config, preset.policy(p, config.ways), amap.layers) for p in policies]
     labels = [c.policy.label for c in caches]
     if len(set(labels)) != len(labels):
         raise DsacacheError(f"policies given twice: {', '.join(labels)}")

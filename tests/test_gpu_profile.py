@@ -105,9 +105,15 @@ def test_the_h100_keeps_evict_last_lines_without_a_set_aside():
     )["dram_error_points"]
     assert errors.idxmin() == calibration.fitted("h100").last_ways == 6
     assert errors[6] < 6 and errors[0] > 35
-    # the policy a replay on the calibrated H100 builds keeps them too; other GPUs do not
-    assert gpu_preset("h100-calibrated").policy_defaults() == {"persist_ways": 6}
-    assert gpu_preset("h200-calibrated").policy_defaults() == {}
+    # a replay on the calibrated H100 keeps them too, for a hints policy with an evict_last
+    # level, unless the spec names its own ways or the geometry is not the fitted one
+    h100 = gpu_preset("h100-calibrated")
+    assert h100.policy("hints:kv=last").label == "hints:kv=last,persist_ways=6"
+    assert h100.policy("hints:kv=last,persist_ways=0").label == "hints:kv=last"
+    assert h100.policy("hints:index=first").label == "hints:index=first"
+    assert h100.policy("hints:kv=last", ways=32).label == "hints:kv=last"
+    assert h100.policy("lru").label == "lru"
+    assert gpu_preset("h200-calibrated").policy("hints:kv=last").label == "hints:kv=last"
     assert calibration.hint_policy(calibration.fitted("h100"), "evict_last").policy == (
         "hints:kv=last,persist_ways=6"
     )
@@ -122,6 +128,17 @@ def test_a_gpu_policy_default_fills_only_what_the_spec_leaves_out():
         "hints:kv=last,persist_ways=2"
     )
     assert make_policy("lru", defaults).label == "lru"  # a policy without it ignores it
+    with pytest.raises(DsacacheError, match=r"persist_ways=-1 is outside \[0"):
+        make_policy("hints:kv=last", {"persist_ways": -1})  # checked as a spec's value is
+
+
+def test_a_profile_with_impossible_evict_last_ways_is_refused(tmp_path):
+    prof = load_profile(bundled_profile("h100"))
+    prof["l2_model"]["evict_last_ways"] = 16
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(prof))
+    with pytest.raises(DsacacheError, match="evict_last_ways=16 must be an integer from 0 to"):
+        gpu_preset(str(bad))
 
 
 def test_bad_profiles_and_names_get_clear_errors(tmp_path):
