@@ -368,6 +368,7 @@ class IndexCapture:
             t0 = time.perf_counter()
             if steps[-1].event is not None:
                 steps[-1].event.synchronize()
+                self._spare_events.append(steps[-1].event)  # waited for: free to record again
             t1 = time.perf_counter()
             if self._error is None:
                 self._spool.append_many([(s.step, s.positions, s.host.numpy()) for s in steps])
@@ -376,8 +377,6 @@ class IndexCapture:
         except BaseException as e:
             self._error = e
         finally:
-            if steps[-1].event is not None:
-                self._spare_events.append(steps[-1].event)
             for item in steps:
                 self._free.put(item.host)
 
