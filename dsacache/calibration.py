@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from dsacache.errors import DsacacheError
+from dsacache.policies.hints import takes_gpu_evict_last_ways
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig
 from dsacache.simulator.presets import (
@@ -148,10 +149,10 @@ class Model:
     def hints(self, levels: list[str]) -> str:
         """The ``hints`` policy giving each ``class=level`` of ``levels`` its priority, with
         this GPU's ways for evict_last lines when one is ``last``."""
-        named = any(lv.startswith("persist_ways=") for lv in levels)
-        if self.last_ways and not named and any(lv.endswith("=last") for lv in levels):
-            levels = [*levels, f"persist_ways={self.last_ways}"]
-        return "hints:" + ",".join(levels)
+        spec = "hints:" + ",".join(levels)
+        if self.last_ways and takes_gpu_evict_last_ways(spec):
+            spec += f",persist_ways={self.last_ways}"
+        return spec
 
 
 # The fitted models are the bundled GPU profiles (data/<gpu>/profile.json), which

@@ -19,9 +19,10 @@ which the fitted profile's ``evict_last_ways`` captures. With 0 evict_last acts 
 import numpy as np
 from numba import njit
 
-from dsacache.policies.base import Param, PolicyType, register
+from dsacache.policies.base import Param, PolicyType, make_policy, register, split_plugin
 from dsacache.policies.lru import PACKED_WAYS, lru_init, lru_touch, lru_victim
 from dsacache.simulator.workload import CLASSES
+from dsacache.units import parse_spec
 
 LEVELS = ("first", "normal", "last")
 CLASS_ORDER = CLASSES  # one level per traffic class, in the workload's class order
@@ -134,3 +135,14 @@ HINTS = register(
         set_words=3,
     )
 )
+
+
+def takes_gpu_evict_last_ways(spec: str) -> bool:
+    """Whether a GPU's fitted evict_last ways (a profile's ``evict_last_ways``) apply to the
+    policy ``spec``: a ``hints`` policy with an evict_last level that names no
+    ``persist_ways`` of its own."""
+    policy = make_policy(spec)
+    named = parse_spec(split_plugin(spec)[1], "policy").params
+    return (
+        policy.name == "hints" and "last" in policy.values.values() and "persist_ways" not in named
+    )

@@ -45,15 +45,11 @@ class GPUPreset:
         (``persist_ways``), unless the spec names its own or the cache's ``ways`` differ from
         the preset's (the fitted count belongs to the fitted geometry)."""
         from dsacache.policies import make_policy
+        from dsacache.policies.hints import takes_gpu_evict_last_ways
 
-        policy = make_policy(spec)
-        if not isinstance(spec, str):  # a bound Policy: taken as it is
-            return policy
-        keeps_last = policy.name == "hints" and "last" in policy.values.values()
-        named = "persist_ways" in spec.split(":", 1)[-1]
-        if not (self.evict_last_ways and keeps_last and not named and ways in (None, self.ways)):
-            return policy
-        return make_policy(spec, {"persist_ways": self.evict_last_ways})
+        applies = (self.evict_last_ways and ways in (None, self.ways) and isinstance(spec, str)
+                   and takes_gpu_evict_last_ways(spec))  # fmt: skip
+        return make_policy(spec, {"persist_ways": self.evict_last_ways} if applies else None)
 
     def cache(self, size: int | None = None, **overrides) -> CacheConfig:
         """The L2 as a ``CacheConfig`` (optionally resized, e.g. to its effective capacity)."""
