@@ -449,6 +449,9 @@ def fit_fill(gathers: list[pd.DataFrame], model: Model, fills=(32, 64, 128)) -> 
     return pd.DataFrame(rows).sort_values("dram_error_pct", kind="stable").reset_index(drop=True)
 
 
+MIN_LAST_GAIN_POINTS = 1.0  # fit_evict_last: DRAM error points a kept-ways count must gain
+
+
 def fit_evict_last(hints: list[pd.DataFrame], model: Model) -> pd.DataFrame:
     """How many ways per set the GPU keeps evict_last lines in without a persisting set-aside,
     fit to ``dsacache probe hint --evict evict_last`` measurements: for each count from 0 to
@@ -472,12 +475,11 @@ def fit_evict_last(hints: list[pd.DataFrame], model: Model) -> pd.DataFrame:
                      "dram_error_points": 100 * float(np.abs(np.concatenate(errors)).mean())})  # fmt: skip
     out = pd.DataFrame(rows)
     none = out["dram_error_points"].iloc[0]
-    out["rank"] = np.where(out["dram_error_points"] <= none - MIN_LAST_GAIN_POINTS,
-                           out["dram_error_points"], none + (out["evict_last_ways"] > 0))  # fmt: skip
-    return out.sort_values("rank", kind="stable", ignore_index=True).drop(columns="rank")
-
-
-MIN_LAST_GAIN_POINTS = 1.0
+    out = out.sort_values("dram_error_points", kind="stable", ignore_index=True)
+    if out["dram_error_points"].iloc[0] > none - MIN_LAST_GAIN_POINTS:  # no count gains enough
+        out = pd.concat([out[out["evict_last_ways"] == 0], out[out["evict_last_ways"] > 0]],
+                        ignore_index=True)  # fmt: skip
+    return out
 
 
 def hierarchy_coefficients(reuse: pd.DataFrame) -> dict[str, float]:
