@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import queue
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +177,21 @@ def _copy_event() -> Any:
     return torch.cuda.Event(blocking=True)
 
 
+def _launcher_time(method: Callable) -> Callable:
+    """Add the time the launching thread spends in an ``IndexCapture`` method to its
+    ``stats["launcher_s"]``."""
+
+    @functools.wraps(method)
+    def timed(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.stats["launcher_s"] += time.perf_counter() - t0
+
+    return timed
+
+
 @dataclass
 class _StepCapture:
     step: int
@@ -260,15 +276,14 @@ class IndexCapture:
                 return buf
             self._made -= 1  # the width changed: drop this buffer, make another
 
+    @_launcher_time
     def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        t0 = time.perf_counter()
         self._raise()
         assert self._current is None, "end_step first"
         host = self._buffer(shape)
         self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host,
                                      np.zeros(shape[0], bool))  # fmt: skip
-        self.stats["launcher_s"] += time.perf_counter() - t0
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
         """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
@@ -279,8 +294,8 @@ class IndexCapture:
         transfer per step when the selections of all layers exist before the layers run."""
         self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
 
+    @_launcher_time
     def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
-        t0 = time.perf_counter()
         cur = self._current
         assert cur is not None, "begin_step first"
         assert not cur.added[layers].any(), "a layer's indices are copied once per step"
@@ -290,11 +305,10 @@ class IndexCapture:
             host = host[..., : idx.shape[-2], : idx.shape[-1]]
         host.copy_(idx, non_blocking=idx.is_cuda)  # (each torch indexing costs the loop ~us)
         cur.added[layers] = True
-        self.stats["launcher_s"] += time.perf_counter() - t0
 
+    @_launcher_time
     def end_step(self) -> None:
         """Finish the step; every ``steps_per_wake`` steps, hand them to the thread."""
-        t0 = time.perf_counter()
         cur, self._current = self._current, None
         assert cur is not None
         # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
@@ -305,7 +319,6 @@ class IndexCapture:
         self._pending.append(cur)
         if len(self._pending) >= self._steps_per_wake:
             self._hand_over()
-        self.stats["launcher_s"] += time.perf_counter() - t0
 
     def _hand_over(self) -> None:
         """Give the pending steps to the thread, with a CUDA event recorded after their copies
