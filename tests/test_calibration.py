@@ -187,6 +187,23 @@ def test_dram_bytes_are_predicted_with_64_byte_fill_units(gpu):
     assert by_model.max()[replace(fit, fill=0).label] < -3.5  # sectors alone: 4% short
 
 
+def test_dram_error_in_points_of_bytes_read_stays_meaningful_where_dram_is_near_zero():
+    """H100, 4-8 MiB read evict_last come back with almost no DRAM reads: there a relative
+    DRAM error is huge for either model, while points of the bytes read through the L2 tell
+    the fitted model (kept ways) from the naive one."""
+    naive, fit = calibration.NAIVES["h100"], calibration.fitted("h100")
+    df = calibration.compare("h100", (naive, fit))
+    df = df[df["experiment"] == "hint-evict_last"]
+    kept = df[df["point"].str.contains(r"second read, [48] MiB") & (df["model"] == fit.label)]
+    assert (
+        len(kept) > 0 and (kept["measured_dram_bytes"] < 0.05 * kept["measured_read_bytes"]).all()
+    )
+    diff = kept["simulated_dram_bytes"] - kept["measured_dram_bytes"]
+    np.testing.assert_allclose(kept["dram_error_points"], 100 * diff / kept["measured_read_bytes"])
+    points = df.groupby("model")["dram_error_points"].apply(lambda e: e.abs().median())
+    assert points[fit.label] < 3 < 15 < points[naive.label]
+
+
 def test_cold_gather_hits_come_from_rows_that_straddle_lines():
     """H200, cold L2: rows of 640 B (whole 128-B lines) hit 0.3% of sectors, as the model
     says; rows of 672 B (whole sectors, but not whole lines) hit 4.9% though no two rows
