@@ -407,7 +407,7 @@ def _hint_measurement(evict: str) -> pd.DataFrame:
         rows += [("first", 2**18, x), ("between", x, x), ("second", 2**18, x)]
     return pd.DataFrame(
         [{"role": r, "bytes": b, "other_bytes": x, "hit": 0.5, calibration.DRAM: 1e5,
-          "meta_command": command} for r, b, x in rows]
+          calibration.READ: b // 32, "meta_command": command} for r, b, x in rows]
     )  # fmt: skip
 
 
@@ -430,6 +430,7 @@ def test_hint_probe_known_answers_on_a_small_model():
     assert {r["model"] for r in rows} == {model.label}  # the base model, as decode rows name it
     cold = rows[0]  # the first read at 0 between: every byte from memory
     assert cold["simulated_dram_bytes"] == 2**18 and cold["measured_dram_bytes"] == 1e5
+    assert cold["measured_read_bytes"] == 2**18  # ncu's read sectors x 32 B
 
 
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
@@ -438,7 +439,8 @@ def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
     command = ("ncu --cache-control none --replay-mode application python -m "
                "dsacache.kernels.probes twice --plan p.json --k 64 --context 4096")  # fmt: skip
     m = pd.DataFrame({"role": ["together", "first", "second"], "hit": [0.3, 0.0, 1.0],
-                      calibration.DRAM: [1e5, 5e4, 0.0], "meta_command": command})  # fmt: skip
+                      calibration.DRAM: [1e5, 5e4, 0.0], calibration.READ: [8192, 4096, 4096],
+                      "meta_command": command})  # fmt: skip
     model = calibration.Model(capacity=2**20, ways=16, fill=64)
     sim = calibration.simulate_twice(m, model).set_index("role")["simulated"]
     assert sim["second"] == 1.0 and sim["first"] < 0.2
