@@ -47,28 +47,47 @@ def test_normal_lines_use_set_aside_ways_no_persisting_line_holds():
     assert _run("persist:set_aside=256,hit_ratio=0", seq, [INDEX] * 8) == [False] * 4 + [True] * 4
 
 
+def test_window_lines_that_do_not_persist_stream_out_first():
+    """hit_ratio=0: every KV line gets missProp. Streaming, KV 0 and 1 are the first victims
+    of index lines 10-12 in a 4-way set, so index 5 and 6 survive and KV 0 misses again;
+    as normal lines, plain LRU evicts index 5 and 6 instead."""
+    seq = [5, 6, 0, 1, 10, 11, 5, 6, 0]
+    klass = [INDEX, INDEX, KV, KV, INDEX, INDEX, INDEX, INDEX, KV]
+    streaming = _run("persist:set_aside=0,hit_ratio=0", seq, klass)
+    assert streaming == [False] * 6 + [True, True, False]
+    assert _run("persist:set_aside=0,hit_ratio=0,miss=normal", seq, klass) == [False] * 9
+    with pytest.raises(DsacacheError, match="miss='evict'"):
+        make_policy("persist:miss=evict")
+
+
 def test_set_aside_is_capped_by_the_device_limit():
     with pytest.raises(DsacacheError, match="set_aside=40MiB is outside"):
         make_policy("persist:set_aside=40MiB")
 
 
-def _persisting(line, klass, window, ratio):
+def _kind(line, klass, window, ratio, miss):
+    """'persisting', 'streaming' or 'normal', as CUDA's window marks the line's accesses."""
+    if klass != window:
+        return "normal"
     h = ((line * 0x9E3779B97F4A7C15) % 2**64) >> 40
-    return klass == window and h < int(ratio * 2**24)
+    return "persisting" if h < int(ratio * 2**24) else miss
 
 
-def _python_persist(lines, klass, ways, sets, limit, window, ratio):
-    """Per set: way -> [line, last use, persisting]; the rules of policies/persist.py."""
+def _python_persist(lines, klass, ways, sets, limit, window, ratio, miss="streaming"):
+    """Per set: way -> [line, last use, persisting]; the rules of policies/persist.py (a
+    streaming line's last use is older than any clock: the first victim of its kind)."""
     cache = [[] for _ in range(sets)]
     hits = []
     for clock, (ln, k) in enumerate(zip(lines, klass, strict=True)):
         s = cache[ln % sets]
-        pers = _persisting(ln, k, window, ratio)
+        kind = _kind(ln, k, window, ratio, miss)
+        pers = kind == "persisting"
+        use = clock - 10**9 if kind == "streaming" else clock
         count = sum(w[2] for w in s)
         way = next((w for w in s if w[0] == ln), None)
         hits.append(way is not None)
         if way is not None:
-            way[1] = clock
+            way[1] = use
             if not way[2] and count < limit and pers:
                 way[2] = True
             continue
@@ -77,7 +96,7 @@ def _python_persist(lines, klass, ways, sets, limit, window, ratio):
             victim = min((w for w in s if w[2] == want), key=lambda w: w[1])
             s.remove(victim)
             count -= victim[2]
-        s.append([ln, clock, count < limit and pers])
+        s.append([ln, use, count < limit and pers])
     return hits
 
 
@@ -88,13 +107,15 @@ def _python_persist(lines, klass, ways, sets, limit, window, ratio):
     sets=st.sampled_from([1, 4]),
     aside=st.integers(0, 8),
     ratio=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    miss=st.sampled_from(["streaming", "normal"]),
 )
-def test_equals_python_model(seed, ways, sets, aside, ratio):
+def test_equals_python_model(seed, ways, sets, aside, ratio, miss):
     rng = np.random.default_rng(seed)
     n = 400
     lines = rng.integers(0, 6 * ways * sets, n).tolist()
     klass = rng.choice([KV, INDEX], n).tolist()
     set_aside = aside * sets * LINE
     limit = min(aside, ways - 1)
-    got = _run(f"persist:set_aside={set_aside},hit_ratio={ratio}", lines, klass, ways, sets)
-    assert got == _python_persist(lines, klass, ways, sets, limit, KV, ratio)
+    spec = f"persist:set_aside={set_aside},hit_ratio={ratio},miss={miss}"
+    got = _run(spec, lines, klass, ways, sets)
+    assert got == _python_persist(lines, klass, ways, sets, limit, KV, ratio, miss)
