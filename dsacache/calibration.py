@@ -916,8 +916,10 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         wl = Workload(
             layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
             classes=("index", "kv", "query"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
-            heads=heads, index_heads=INDEX_HEADS,
+            kv_loads_apart=args.backend == "triton", heads=heads, index_heads=INDEX_HEADS,
         )  # fmt: skip
+        # our kernel's loads are known from its source; FlashMLA keeps its empirical stand-in
+        # (FLASHMLA_READS whole-record reads: its DSMEM exchange and 256-B prefetch unmodelled)
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
         cache = make_model(model.config(), model.policy, layers)

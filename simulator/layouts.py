@@ -29,6 +29,9 @@ class Plane:
     name: str
     bytes_per_token: int
     grouped: bool = False  # split evenly over KV groups
+    # (offset, bytes) of the parts a decode kernel may load apart, in its order (every part
+    # of a block of tokens, then the next); a workload with ``kv_loads_apart`` reads them so
+    loads: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,15 @@ class KVLayout:
         if plane.grouped and selection_groups > 1:
             return plane.bytes_per_token // selection_groups
         return plane.bytes_per_token
+
+    def plane_loads(
+        self, plane: Plane, selection_groups: int, apart: bool
+    ) -> tuple[tuple[int, int], ...]:
+        """(offset, bytes) of each load a selection's read of ``plane`` makes per token: its
+        parts (``Plane.loads``) when the kernel loads them ``apart``, else one load."""
+        size = self.read_bytes(plane, selection_groups)
+        whole = size == plane.bytes_per_token
+        return plane.loads if apart and plane.loads and whole else ((0, size),)
 
     def selection_bytes(self, selection_groups: int) -> int:
         """Bytes one selection reads per token and layer (its group's slice of grouped planes)."""
@@ -92,19 +104,25 @@ def _int(params: dict[str, str], key: str, default: int, layout: str) -> int:
 def _mla_bf16(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     latent = _int(p, "latent", int(model.get("kv_lora_rank", 512)), "mla-bf16")
     rope = _int(p, "rope", int(model.get("rope_dim", 64)), "mla-bf16")
+    # our kernel loads the latent and the RoPE part apart (kernels/sparse_decode.py)
+    loads = ((0, latent * 2), (latent * 2, rope * 2))
     return KVLayout(
-        "mla-bf16", (Plane("latent+rope", (latent + rope) * 2),), query_dim=latent + rope
-    )
+        "mla-bf16", (Plane("latent+rope", (latent + rope) * 2, loads=loads),),
+        query_dim=latent + rope,
+    )  # fmt: skip
 
 
 def _mla_fp8(p: dict[str, str], model: dict[str, Any]) -> KVLayout:
     latent = _int(p, "latent", int(model.get("kv_lora_rank", 512)), "mla-fp8")
     rope = _int(p, "rope", int(model.get("rope_dim", 64)), "mla-fp8")
     tile = _int(p, "scale_tile", 128, "mla-fp8")
-    # fp8 latent, one fp32 scale per 128-wide tile, bf16 RoPE part (DeepSeek-V3.2 FlashMLA).
+    # fp8 latent, one fp32 scale per 128-wide tile, bf16 RoPE part (DeepSeek-V3.2 FlashMLA);
+    # our kernel and FlashMLA's load the three apart: the sector where two meet is read twice
+    scales = 4 * (latent // tile)
+    loads = ((0, latent), (latent, scales), (latent + scales, rope * 2))
     return KVLayout(
         "mla-fp8",
-        (Plane("latent+scales+rope", latent + 4 * (latent // tile) + rope * 2),),
+        (Plane("latent+scales+rope", latent + scales + rope * 2, loads=loads),),
         query_dim=latent + rope,
     )
 

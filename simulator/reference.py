@@ -224,12 +224,14 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                     block = tokens[start : start + wl.block_tokens]
                     for _cta in range(wl.reads_per_token):
                         for p, plane in enumerate(layout.planes):
-                            size = layout.read_bytes(plane, amap.groups)
-                            for t in block:
-                                addr = amap.kv_address(layer, p, request, t, group)
-                                phys = amap.page_table[request, t // pt]
-                                tier = int(page_tier(phys, wl.peer_share, wl.remote_share))
-                                yield addr, size, "kv", step, layer, tier
+                            for offset, size in layout.plane_loads(
+                                plane, amap.groups, wl.kv_loads_apart
+                            ):
+                                for t in block:
+                                    addr = amap.kv_address(layer, p, request, t, group) + offset
+                                    phys = amap.page_table[request, t // pt]
+                                    tier = int(page_tier(phys, wl.peer_share, wl.remote_share))
+                                    yield addr, size, "kv", step, layer, tier
         if "append" in wl.classes:
             for request, position in positions.items():
                 for p, plane in enumerate(layout.planes):

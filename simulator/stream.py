@@ -96,15 +96,19 @@ def _kv_gathers(amap: AddressMap, layer: int, rows: SelectionBatch):
         addr = amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
         if plane.grouped and amap.groups > 1:
             addr = addr + group * size
-        for rep in range(wl.reads_per_token):
-            addrs.append(addr)
-            sizes.append(np.full(len(addr), size, np.int64))
-            keys.append((rank, np.full(len(addr), p), np.full(len(addr), rep), block, row_of))
+        for part, (offset, nbytes) in enumerate(
+            layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
+        ):
+            for rep in range(wl.reads_per_token):
+                addrs.append(addr + offset)
+                sizes.append(np.full(len(addr), nbytes, np.int64))
+                keys.append((rank, np.full(len(addr), part), np.full(len(addr), p),
+                             np.full(len(addr), rep), block, row_of))  # fmt: skip
     score = rows.scores
     if len(keys) == 1:
         return addrs[0], sizes[0], tier, score
     cat = [np.concatenate(k) for k in zip(*keys, strict=True)]
-    order = np.lexsort(cat)  # row, then block, then CTA (rep), then plane, then token
+    order = np.lexsort(cat)  # row, then block, then CTA (rep), then plane, then load, then token
     tiers = np.tile(tier, len(keys))
     score = None if score is None else np.tile(score, len(keys))[order]
     return np.concatenate(addrs)[order], np.concatenate(sizes)[order], tiers[order], score

@@ -41,11 +41,13 @@ class Workload:
     cache of ``page_tokens``-token pages allocated ``contiguous`` or from a ``shuffled`` free
     list (seeded). ``reads_per_token`` and ``block_tokens`` describe the attention kernel's
     tiling: how many CTAs read each selected token per step, and how many tokens a CTA
-    loads per stage. The ``query`` class streams each kernel's query, once per request and
-    layer before the kernel's own reads: the indexer's (``index_heads`` x ``indexer_dim``) and
-    the attention kernel's (``heads`` x the layout's query width; 0: the trace model's heads),
-    both bf16, at fixed addresses past the pools (one query buffer reused by every layer, as a
-    serving engine keeps it).
+    loads per stage; ``kv_loads_apart``, whether it loads a record's parts with separate
+    loads (``Plane.loads``: the MLA latent, scales and RoPE, as our kernels and FlashMLA
+    do; token policies see each part as an access of the token). The ``query`` class
+    streams each kernel's query, once per request and layer before the kernel's own reads:
+    the indexer's (``index_heads`` x ``indexer_dim``) and the attention kernel's (``heads`` x
+    the layout's query width; 0: the trace model's heads), both bf16, at fixed addresses past
+    the pools (one query buffer reused by every layer, as a serving engine keeps it).
     """
 
     layout: str = ""
@@ -58,6 +60,7 @@ class Workload:
     weight_bytes: int = 0
     reads_per_token: int = 1
     block_tokens: int = 64
+    kv_loads_apart: bool = False
     heads: int = 0
     index_heads: int = INDEXER_HEADS
     peer_share: float = 0.0

@@ -90,7 +90,7 @@ def test_real_sparse_mla_kernel_on_the_h100_predicted_within_six_points():
     assert (df[df["experiment"] == "t03"]["dram_error_pct"].abs() < 1).all()
     later = kv[~kv["point"].str.startswith("step 0")].set_index("experiment")
     for col in ("measured", "simulated"):
-        assert (later.loc["t10", col] > 0.62).all() and (later.loc["t03", col] < 0.6).all()
+        assert later.loc["t10", col].min() > later.loc["t03", col].max() + 0.04
 
 
 def test_h200_fit_beats_its_nominal_60_mib_and_predicts_held_out_decode():

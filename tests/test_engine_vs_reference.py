@@ -107,6 +107,7 @@ workloads = st.builds(
     weight_bytes=st.sampled_from([0, 5000]),
     reads_per_token=st.integers(1, 3),
     block_tokens=st.sampled_from([8, 64]),
+    kv_loads_apart=st.booleans(),
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )

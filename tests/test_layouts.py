@@ -67,3 +67,17 @@ def test_group_mismatch():
 def test_default_layout():
     assert default_layout({"layout": "mla-fp8"}) == "mla-fp8"
     assert default_layout({"attention": "GQA"}) == "gqa"
+
+
+def test_mla_records_load_as_the_kernel_loads_their_parts():
+    """Our sparse MLA kernel loads an fp8 token's 512-B latent, 16 B of scales and 128-B RoPE
+    apart (the bf16 token's latent and RoPE), each a block of tokens at a time; a workload
+    with ``kv_loads_apart`` reads those parts, others the whole record."""
+    fp8, bf16 = make_layout("mla-fp8"), make_layout("mla-bf16")
+    (plane,) = fp8.planes
+    assert fp8.plane_loads(plane, 1, True) == ((0, 512), (512, 16), (528, 128))
+    assert sum(n for _, n in plane.loads) == plane.bytes_per_token == 656
+    assert fp8.plane_loads(plane, 1, False) == ((0, 656),)
+    assert bf16.plane_loads(bf16.planes[0], 1, True) == ((0, 1024), (1024, 128))
+    gqa = make_layout("gqa:kv_heads=2,head_dim=64")
+    assert gqa.plane_loads(gqa.planes[0], 2, True) == ((0, 128),)  # a group's slice, whole
