@@ -168,7 +168,8 @@ def validate(trace) -> None:
 
 
 def _workload(
-    layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token, heads
+    layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token, heads,
+    kv_loads_apart=False,
 ):  # fmt: skip
     from dsacache.simulator import Workload
 
@@ -182,6 +183,7 @@ def _workload(
         weight_bytes=weight_bytes,
         reads_per_token=reads_per_token,
         heads=heads,
+        kv_loads_apart=kv_loads_apart,
     )
 
 
@@ -266,6 +268,12 @@ def _replay_options(f):
             default=0,
             show_default=True,
             help="Query heads of the attention kernel, for the query class (0: the trace model's).",
+        ),
+        click.option(
+            "--kv-loads-apart",
+            is_flag=True,
+            help="Read each KV record's parts with separate loads (MLA latent, scales, RoPE), "
+            "as our sparse MLA kernel does (kernel tiling; token policies then see each part).",
         ),
         click.option(
             "--plugin",

@@ -130,6 +130,27 @@ def test_replay_query_class_reads_each_kernels_query(small_trace, tmp_path):
     assert (got["queries"][plain.index] == plain).all()
 
 
+def test_replay_kv_loads_apart_reads_the_mla_parts_separately(tmp_path):
+    """With --kv-loads-apart an MLA fp8 token is read as its 512-B latent, 16 B of scales and
+    128-B RoPE: the same KV bytes, more line accesses (a part may start a line of its own)."""
+    import pandas as pd
+
+    from dsacache.tracer import SynthConfig, synthesize
+
+    cfg = SynthConfig(layers=2, requests=1, context=600, steps=3, k=64, seed=1,
+                      model={"name": "tiny-mla", "attention": "MLA", "heads": 16})  # fmt: skip
+    small_trace = synthesize(cfg, tmp_path / "mla.dsatrace")
+    got = {}
+    for name, extra in (("record", []), ("apart", ["--kv-loads-apart"])):
+        out_file = tmp_path / f"{name}.parquet"
+        code, out = run("replay", small_trace, "--quiet", "--layout", "mla-fp8", "--classes",
+                        "kv", "--out", out_file, *extra)  # fmt: skip
+        assert code == 0, out
+        got[name] = pd.read_parquet(out_file).sum(numeric_only=True)
+    assert got["apart"]["bytes"] == got["record"]["bytes"]
+    assert got["apart"]["accesses"] > got["record"]["accesses"]
+
+
 def test_policies_lists_registered():
     code, out = run("policies")
     assert code == 0 and "lru" in out and "fifo" in out and "seed=" in out
