@@ -169,7 +169,7 @@ def validate(trace) -> None:
 
 def _workload(
     layout, batch, page_tokens, page_order, seed, classes, weight_bytes, reads_per_token, heads,
-    kv_loads_apart=False,
+    kv_loads_apart,
 ):  # fmt: skip
     from dsacache.simulator import Workload
 
