@@ -17,7 +17,7 @@ until its last kernel and the spool are done; building the random caches is not 
 first run compiles the kernels untimed.
 
     python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768]
-        [--steps-per-wake 1,4] [--repeats 20] [--out DIR]
+        [--steps-per-wake 1,4] [--repeats 20] [--cuda-graph] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20, help="repetitions (runs vary by 20-30%%)")
     p.add_argument("--steps-per-wake", default="1,4",
                    help="capture runs per repetition: the thread woken every N steps, N in this list")  # fmt: skip
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="launch each step as one CUDA graph (a loop bound by the GPU, as in serving)")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
     wakes = [int(n) for n in args.steps_per_wake.split(",")]
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         the caches is not in it)."""
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
                         capture=str(capture) if capture else None,
-                        capture_steps_per_wake=wake)  # fmt: skip
+                        capture_steps_per_wake=wake, cuda_graph=args.cuda_graph)  # fmt: skip
         if capture:
             stats[wake].append({k: v / res.steps for k, v in res.capture_stats.items()})
         return (res.seconds - res.capture_stats.get("encode_s", 0.0)) / res.steps
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     off = statistics.median(times[0])
     result: dict = {"step_ms_without_capture": 1e3 * off,
                     "runs_without": [round(1e3 * x, 3) for x in times[0]], "by_steps_per_wake": {}}  # fmt: skip
-    print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}), "
+    print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}"
+          f"{', CUDA graphs' if args.cuda_graph else ''}), "
           f"{args.repeats} repetitions in shuffled order: median {1e3 * off:.3f} ms without "
           "capture")  # fmt: skip
     for wake in wakes:

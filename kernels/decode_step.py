@@ -394,6 +394,32 @@ class IndexCapture:
                 self._free.put(item.host)
 
 
+class _StepGraph:
+    """One decode step's kernels captured as a CUDA graph over static inputs, the selections
+    ``[L, B, G, W]`` and context lengths ``[L, B]``, which ``replay`` copies in first."""
+
+    def __init__(self, launch: Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]],
+                 shape: tuple[int, ...], max_context: int, device: torch.device) -> None:  # fmt: skip
+        self.sel = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.ctx = torch.ones(shape[:2], dtype=torch.int32, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compiles the kernels and fills the allocator, unrecorded
+            launch(self.sel, self.ctx, max_context)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.read = launch(self.sel, self.ctx, max_context)
+
+    def replay(self, sel: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
+        """Run the step on ``sel`` and ``ctx`` (host or device tensors of the static shapes);
+        returns the indices each layer's attention read (the graph's own tensors)."""
+        self.sel.copy_(sel, non_blocking=True)
+        self.ctx.copy_(ctx, non_blocking=True)
+        self.graph.replay()
+        return self.read
+
+
 # -- the trace-driven workload --------------------------------------------------------------------
 @dataclass
 class RunResult:
@@ -492,6 +518,7 @@ def run_trace(
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
     persist: Persist | None = None,
+    cuda_graph: bool = False,
 ) -> RunResult:
     """Run ``steps`` decode steps of ``trace`` (a path, a bundled trace's name, a
     ``synth:PRESET:KNOB=VALUE,...`` spec or an opened trace) through the kernels.
@@ -505,14 +532,23 @@ def run_trace(
     ``IndexCapture``; its thread wakes every ``capture_steps_per_wake`` steps). ``backend``:
     the sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     ``persist`` runs the decode on a stream whose L2 persisting access-policy window covers
-    the KV pools of the first layers (MLA layouts). The L2 is flushed before the first step,
-    so every run starts from the same state.
+    the KV pools of the first layers (MLA layouts). ``cuda_graph`` launches each step's
+    layers as one CUDA graph (our kernels, no window), as serving engines run decode: the
+    indexer then scores the page table's whole capacity (tokens past a context are masked,
+    not read) and the loop is bound by the GPU rather than by its Python. The L2 is flushed
+    before the first step, so every run starts from the same state.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     check_backend(backend, layout, hints, attn_options)
     if persist is not None and (not layout.startswith("mla") or hints.index or hints.kv):
         raise ValueError("a persisting window runs with an MLA layout and without L2 hints")
+    if cuda_graph and (
+        backend != "triton" or persist is not None or torch.device(device).type != "cuda"
+    ):
+        raise ValueError("cuda_graph runs our kernels (backend 'triton') on a CUDA device, "
+                         f"without a persisting window; got backend {backend!r}, device "
+                         f"{device!r}, persist {persist}")  # fmt: skip
     with opened_trace(trace) as tr:
         model, totals = tr.model, tr.manifest.get("totals", {})
         requests = max(1, int(totals.get("requests", 1)))
@@ -577,6 +613,23 @@ def run_trace(
         result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
         kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+        def launch(sel: torch.Tensor, ctx: torch.Tensor, max_ctx: int) -> list[torch.Tensor]:
+            """Every layer of one step; the indices each layer's attention read."""
+            read = []
+            for layer in range(n_layers):
+                res = decode_step(
+                    q_index, weights, q_attn, caches[layer], ctx[layer], k=k, sink=sink,
+                    window=window, hints=hints, max_context=max_ctx,
+                    selection=sel[layer] if use_trace_selection else None,
+                    attn_options=attn_options, backend=backend,
+                )  # fmt: skip
+                read.append(res.indices)
+            return read
+
+        graphs: dict[int, _StepGraph] = {}  # by selection width
+        if cuda_graph:  # the usual width, built before the flush and the clock
+            graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev)
         if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
             flush(torch.ones(FLUSH_BYTES // 4, device=dev))
         l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
@@ -602,28 +655,28 @@ def run_trace(
                 sel_all = torch.from_numpy(sel_np)
                 ctx_all = torch.from_numpy(pos_np.astype(np.int32))
                 if dev.type == "cuda":
-                    sel_all = sel_all.pin_memory().to(dev, non_blocking=True)
-                    ctx_all = ctx_all.pin_memory().to(dev, non_blocking=True)
-                max_ctx = int(pos_np.max())
+                    sel_all = sel_all.pin_memory()
+                    ctx_all = ctx_all.pin_memory()
+                if cuda_graph:
+                    if width not in graphs:
+                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev)
+                    read = graphs[width].replay(sel_all, ctx_all)
+                    sel_all = graphs[width].sel
+                else:
+                    sel_all = sel_all.to(dev, non_blocking=True)
+                    read = launch(sel_all, ctx_all.to(dev, non_blocking=True), int(pos_np.max()))
                 if cap is not None:
                     out_groups = groups if use_trace_selection else 1
                     out_width = width if use_trace_selection else k
                     cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
                     if use_trace_selection:  # the selections every layer reads: one copy
                         cap.add_all(sel_all)
-                for layer in range(n_layers):
-                    res = decode_step(
-                        q_index, weights, q_attn, caches[layer], ctx_all[layer], k=k, sink=sink,
-                        window=window, hints=hints, max_context=max_ctx,
-                        selection=sel_all[layer] if use_trace_selection else None,
-                        attn_options=attn_options, backend=backend,
-                    )  # fmt: skip
-                    if cap is not None and not use_trace_selection:
-                        cap.add(layer, res.indices)
-                    result.index_bytes += int(pos_np[layer].sum()) * 132
-                    result.kv_bytes += int((sel_np[layer] >= 0).sum()) * kv_tok
-                if cap is not None:
+                    else:
+                        for layer, indices in enumerate(read):
+                            cap.add(layer, indices)
                     cap.end_step()
+                result.index_bytes += int(pos_np.sum()) * 132
+                result.kv_bytes += int((sel_np >= 0).sum()) * kv_tok
                 result.steps += 1
                 result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
             sync()
@@ -662,6 +715,8 @@ def parser() -> argparse.ArgumentParser:
                    help="L2 persisting window over the KV of the first N layers (MLA)")  # fmt: skip
     p.add_argument("--hit-ratio", type=float, default=1.0, help="the window's hitRatio")
     p.add_argument("--set-aside", default="0", help="persisting L2 set-aside, e.g. 30MiB")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="launch each step's layers as one CUDA graph (triton backend)")  # fmt: skip
     return p
 
 
@@ -682,7 +737,7 @@ def main(argv: list[str] | None = None) -> None:
             layers=args.layers, heads=args.heads, hints=Hints(args.index_evict, args.kv_evict),
             device=args.device, page_order=args.page_order,
             use_trace_selection=not args.indexer_topk, capture=args.capture,
-            backend=args.backend, seed=args.seed, persist=persist,
+            backend=args.backend, seed=args.seed, persist=persist, cuda_graph=args.cuda_graph,
         )  # fmt: skip
     except DsacacheError as e:
         raise SystemExit(f"error: {e}") from None

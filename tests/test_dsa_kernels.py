@@ -449,6 +449,38 @@ def test_run_trace_rejects_backends_it_cannot_run(tmp_path):
         run_trace(src, device=DEVICE, backend="flashmla", hints=Hints(kv="evict_last"))
 
 
+def test_cuda_graph_mode_is_refused_where_it_cannot_run(tmp_path):
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path))
+    with pytest.raises(ValueError, match="cuda_graph runs our kernels .* device 'cpu'"):
+        run_trace(src, device="cpu", cuda_graph=True)
+    with pytest.raises(ValueError, match="backend 'flashmla'"):
+        run_trace(src, device="cuda", backend="flashmla", cuda_graph=True)
+
+
+@needs_gpu
+def test_cuda_graph_steps_read_what_eager_steps_read(tmp_path):
+    """Replayed as CUDA graphs, the steps read the trace's selections, and the indexer's own
+    top-k (scored over the page table's whole capacity) equals the eager run's."""
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path))
+    graph = tmp_path / "graph.dsatrace"
+    res = run_trace(src, batch=3, device="cuda", index_heads=8, capture=str(graph), cuda_graph=True)
+    want, got = _rows(src), _rows(open_trace(graph))
+    assert res.steps == 3 and len(got) == 3 * 2 * 3
+    for (step, layer, req, group), row in got.items():  # slot 2 replays request 0
+        assert row == want[(step, layer, req % 2, group)]
+    topk = {}
+    for mode in (False, True):
+        out = tmp_path / f"topk-{mode}.dsatrace"
+        run_trace(src, batch=2, device="cuda", index_heads=8, use_trace_selection=False,
+                  capture=str(out), cuda_graph=mode)  # fmt: skip
+        topk[mode] = _rows(open_trace(out))
+    assert topk[True] == topk[False] and len(topk[True]) == 3 * 2 * 2
+
+
 def test_run_trace_rejects_group_selections_for_mla(tmp_path):
     from dsacache.traces import open_trace
 
