@@ -38,7 +38,7 @@ SHAPES = {  # (batch, context) per kernel
     "mla": [(8, 65536), (64, 65536)],
 }
 GRIDS = {
-    "indexer": {"pages_per_step": [1, 2, 4], "pages_per_prog": [8, 16, 32, 64],
+    "indexer": {"pages_per_step": [1, 2, 4], "pages_per_prog": [8, 13, 16, 25, 32],
                 "num_warps": [4, 8], "num_stages": [2, 3, 4]},
     "gqa": {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [2, 3],
             "num_splits": [None, 1, 2, 4, 8, 16]},

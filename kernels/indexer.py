@@ -34,7 +34,12 @@ FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims 
 # tune_kernels.csv): one page per loop step, 16 pages per program, 4 warps, 2 stages were
 # fastest at batch 8-64 x context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages
 PAGES_PER_STEP = 1
-MAX_PAGES_PER_PROG = 16
+MAX_PAGES_PER_PROG = 32
+# Resident programs per SM of the default launch: 4 warps at 94 registers a thread, so the
+# registers allow 5 (ncu on the H100, 2026-12-06). 16 pages per program left a batch-8 x 64K
+# grid (512 programs) at 0.78 of one wave of 660, with DRAM throughput at 58%.
+PROGRAMS_PER_SM = 5
+PROGRAM_OVERHEAD_PAGES = 2  # a program's query load and quantisation, in pages of keys
 
 
 def _check_evict(evict: str) -> str:
@@ -98,7 +103,7 @@ def dsa_indexer_logits(
         q = q.to(tl.bfloat16)
     q_t = tl.trans(q)
     page_bytes = PAGE * (D + 4)
-    for i in range(PAGES_PER_PROG // PAGES_PER_STEP):
+    for i in range(PAGES_PER_PROG // PAGES_PER_STEP):  # constexpr (the interpreter needs it)
         tok = (pid * PAGES_PER_PROG + i * PAGES_PER_STEP) * PAGE + t
         p = tok // PAGE
         live = tok < ctx
@@ -121,6 +126,39 @@ def dsa_indexer_logits(
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+_SMS: dict[str, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    key = str(device)
+    if key not in _SMS:
+        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[key]
+
+
+def balanced_pages_per_prog(
+    batch: int, pages: int, pages_per_step: int, device: torch.device
+) -> int:
+    """Pages per indexer program (whole loop steps, at most ``MAX_PAGES_PER_PROG``) that
+    make the grid's waves of ``PROGRAMS_PER_SM`` programs per SM cost least: waves x
+    (pages + ``PROGRAM_OVERHEAD_PAGES``), the larger program on a tie. A grid of fixed-size
+    programs leaves the last wave's slots idle (at batch 8 x 64K, 16 pages a program filled
+    0.78 of a wave; 13 fill 0.96)."""
+    slots = PROGRAMS_PER_SM * _sm_count(device)
+    best, best_cost = pages_per_step, None
+    top = max(pages_per_step, MAX_PAGES_PER_PROG // pages_per_step * pages_per_step)
+    for per in range(pages_per_step, top + 1, pages_per_step):
+        waves = -(-batch * -(-pages // per) // slots)
+        cost = waves * (per + PROGRAM_OVERHEAD_PAGES)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = per, cost
+        if per >= pages:  # one program covers a request: larger ones only add empty pages
+            break
+    return best
 
 
 def indexer_logits(
@@ -159,10 +197,9 @@ def indexer_logits(
     max_pages = min(-(-max_context // pt.page_size), pt.table.shape[1])
     if pages_per_step < 1 or pages_per_step & (pages_per_step - 1):
         raise ValueError(f"pages_per_step must be a power of two >= 1, got {pages_per_step}")
-    if pages_per_prog is None:  # the largest power of two <= b * pages / 512, at most 16,
-        pages_per_prog = min(MAX_PAGES_PER_PROG, max(1, _pow2(b * max_pages // 512 + 1) // 2))
-        pages_per_prog = -(-pages_per_prog // pages_per_step) * pages_per_step  # in whole steps
-    if pages_per_prog % pages_per_step:
+    if pages_per_prog is None:
+        pages_per_prog = balanced_pages_per_prog(b, max_pages, pages_per_step, q.device)
+    if pages_per_prog < 1 or pages_per_prog % pages_per_step:
         raise ValueError(f"pages_per_prog must be a multiple of pages_per_step={pages_per_step}")
     grid = (-(-max_pages // pages_per_prog), b)
     out = torch.empty((b, grid[0] * pages_per_prog * pt.page_size), device=q.device,

@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dsacache.kernels.indexer import INTERPRET, _check_evict, _pow2, pipeline_stages
+from dsacache.kernels.indexer import (
+    INTERPRET,
+    _check_evict,
+    _pow2,
+    _sm_count,
+    pipeline_stages,
+)
 from dsacache.kernels.paged import (
     MLA_DIM,
     MLA_FP8_BYTES,
@@ -211,18 +217,6 @@ def dsa_merge_splits(o_part, lse_part, out_ptr, lse_ptr, H, S, DV: tl.constexpr,
 
 
 # -- launchers ----------------------------------------------------------------------------------
-_SMS: dict[str, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    key = str(device)
-    if key not in _SMS:
-        _SMS[key] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[key]
-
-
 def _plan_splits(work: int, k_sel: int, block_n: int, device: torch.device,
                  num_splits: int | None, per_sm: int) -> tuple[int, int]:  # fmt: skip
     """(splits, tokens per split) for ``work`` programs before the split: enough splits for

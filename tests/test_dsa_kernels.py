@@ -179,6 +179,25 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     torch.testing.assert_close(got[fin], ref[fin], **tol)
 
 
+def test_indexer_grid_is_balanced_to_whole_waves(monkeypatch):
+    """On 132 SMs of 5 programs: 16 pages a program left batch 8 x 64K at 512 programs, 0.78
+    of a wave; the default takes 13 (632 programs, one wave), and 25 at 128K (656) where 16
+    made 1.55 waves. Small grids keep programs of one page; sizes stay whole loop steps."""
+    from dsacache.kernels import indexer
+
+    monkeypatch.setattr(indexer, "_sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+
+    def pick(batch, context, step=1):
+        return indexer.balanced_pages_per_prog(batch, context // 64, step, cpu)
+
+    assert pick(8, 65536) == 13 and pick(8, 131072) == 25
+    assert pick(1, 8192) == 1 and pick(4, 2048) == 1
+    for batch, context, step in [(8, 65536, 2), (64, 131072, 4), (3, 640, 8)]:
+        per = pick(batch, context, step)
+        assert per % step == 0 and step <= per <= max(step, indexer.MAX_PAGES_PER_PROG)
+
+
 @pytest.mark.parametrize(
     "pages_per_step",
     [1, 4, pytest.param(32, marks=pytest.mark.skipif(
