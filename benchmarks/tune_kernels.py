@@ -41,7 +41,7 @@ GRIDS = {
     "indexer": {"pages_per_step": [1, 2, 4], "pages_per_prog": [8, 13, 16, 25, 32],
                 "num_warps": [4, 8], "num_stages": [2, 3, 4]},
     "gqa": {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [2, 3],
-            "num_splits": [None, 1, 2, 4, 8, 16]},
+            "num_splits": [None, 1, 2, 4, 8, 16, 32, 64]},
     "mla": {"block_h": [32, 64], "block_n": [32, 64], "num_warps": [4, 8],
             "num_stages": [1, 2, 3], "num_splits": [None, 1, 2, 4]},
 }  # fmt: skip
