@@ -268,6 +268,9 @@ def test_selection_batch_take_and_concat():
     )
     c = SelectionBatch.concat([t, b])
     assert len(c) == 5 and c.row(4).tolist() == [3, 4, 5] and c.row(3).tolist() == []
+    s = b.slice(1, 3)  # views of rows 1 and 2, offsets from 0
+    assert s.offsets.tolist() == [0, 0, 3] and s.request.tolist() == [1, 2]
+    assert s.row(1).tolist() == [3, 4, 5] and np.shares_memory(s.indices, b.indices)
 
 
 def test_synth_killed_then_resumed_equals_uninterrupted(tmp_path):

@@ -81,6 +81,17 @@ class SelectionBatch:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def slice(self, start: int, stop: int) -> SelectionBatch:
+        """Rows ``start`` to ``stop`` (exclusive) as views of this batch's arrays (no copy of
+        their indices)."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        return SelectionBatch(
+            **{name: getattr(self, name)[start:stop] for name in SCALAR_COLUMNS},
+            offsets=self.offsets[start : stop + 1] - lo,
+            indices=self.indices[lo:hi],
+            scores=None if self.scores is None else self.scores[lo:hi],
+        )
+
     def take(self, rows: np.ndarray) -> SelectionBatch:
         """A new batch with the given rows (integer positions or boolean mask), in that order."""
         rows = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows, dtype=np.int64)
@@ -568,14 +579,15 @@ class Trace:
             if not len(part):
                 continue
             order = np.lexsort((part.group, part.request, part.layer, part.step))
-            part = part.take(order)
+            if np.any(order[1:] < order[:-1]):  # the writer's order usually is this one already
+                part = part.take(order)
             steps = part.step
             cut = np.flatnonzero(np.diff(steps)) + 1
             bounds = [0, *cut.tolist(), len(part)]
             finished = len(bounds) - 2 if self.step_major else len(bounds) - 1
             for a, b in zip(bounds[:finished], bounds[1 : finished + 1], strict=True):
-                yield part.take(np.arange(a, b))
-            carry = part.take(np.arange(bounds[finished], len(part))) if self.step_major else None
+                yield part.slice(a, b)
+            carry = part.slice(bounds[finished], len(part)) if self.step_major else None
         if carry is not None and len(carry):
             yield carry
 
