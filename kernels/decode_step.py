@@ -739,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
             use_trace_selection=not args.indexer_topk, capture=args.capture,
             backend=args.backend, seed=args.seed, persist=persist, cuda_graph=args.cuda_graph,
         )  # fmt: skip
-    except DsacacheError as e:
+    except (DsacacheError, ValueError) as e:  # run_trace's checks of its options raise ValueError
         raise SystemExit(f"error: {e}") from None
     summary = asdict(res)
     summary.pop("step_seconds")

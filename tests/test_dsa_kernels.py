@@ -595,6 +595,9 @@ def test_driver_command_line_reports_a_bad_spec_in_one_line(capsys):
 
     with pytest.raises(SystemExit, match="error: trace spec .* 'ctx=9' is not KNOB=VALUE"):
         main(["synth:deepseek-v3.2:ctx=9", "--device", DEVICE])
+    spec = "synth:deepseek-v3.2:context=200,k=32,requests=2,layers=2,steps=2"
+    with pytest.raises(SystemExit, match="error: cuda_graph runs our kernels .* device 'cpu'"):
+        main([spec, "--device", "cpu", "--cuda-graph"])
 
 
 def test_kv_reads_per_token_follow_each_kernels_tiling():
