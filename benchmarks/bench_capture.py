@@ -13,8 +13,9 @@ repetitions of the ratio of the wall time per decode step with capture to the on
 in the same repetition, with a 95% bootstrap interval of that median (the shared VMs these run on vary
 by tens of percent from run to run; the interval says what the data can resolve), the
 median times, and apart from the ratio the encoding at close. Time per step: the step loop
-until its last kernel and the spool are done; building the random caches is not timed. A
-first run compiles the kernels untimed.
+until its last kernel and the spool are done; building the random caches and reading the
+trace's first step (the whole of this short trace's one part) are not timed. A first run
+compiles the kernels untimed.
 
     python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768]
         [--steps-per-wake 1,4] [--repeats 20] [--cuda-graph] [--out DIR]
