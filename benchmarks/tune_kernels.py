@@ -42,7 +42,7 @@ GRIDS = {
                 "num_warps": [4, 8], "num_stages": [2, 3, 4]},
     "gqa": {"block_n": [64, 128, 256], "num_warps": [4, 8], "num_stages": [2, 3],
             "num_splits": [None, 1, 2, 4, 8, 16, 32, 64]},
-    "mla": {"block_h": [32, 64], "block_n": [32, 64], "num_warps": [4, 8],
+    "mla": {"block_h": [32, 64], "block_n": [32, 64], "num_warps": [4, 8, 16],
             "num_stages": [1, 2, 3], "num_splits": [None, 1, 2, 4]},
 }  # fmt: skip
 
