@@ -643,10 +643,11 @@ def run_trace(
             l2_window.enter_context(persisting_window(stream.cuda_stream, persisted.data_ptr(),
                                  persisted.numel() * persisted.element_size(), persist.hit_ratio,
                                  persist.set_aside))  # fmt: skip
+        # the first step's rows are read before the clock starts: decoding the trace's first
+        # part (all of a short trace) is replay overhead, not decode time; later parts are
+        # decoded by a worker thread while the GPU runs the steps before them
+        trace_steps = tr.iter_steps(read_ahead=True)
         try:
-            # the first step's rows are read before the clock starts: decoding the trace's
-            # first part (all of a short trace) is replay overhead, not decode time
-            trace_steps = tr.iter_steps()
             first = next(trace_steps, None)
             sync()
             t_all = time.perf_counter()
@@ -692,6 +693,7 @@ def run_trace(
             raise
         finally:
             l2_window.close()
+            trace_steps.close()  # a step limit leaves a part in the worker: done before the trace closes
         if cap is not None:
             cap.close()
             result.capture_stats = dict(cap.stats)

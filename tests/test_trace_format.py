@@ -114,6 +114,22 @@ def _write(path, rows=12, part_rows=4):
     return path
 
 
+def test_iter_steps_reading_ahead_yields_the_same_steps_and_errors(tmp_path):
+    path = _write(tmp_path / "t.dsatrace", rows=12, part_rows=4)  # 3 parts
+    tr = open_trace(path)
+    plain = [(b.step.tolist(), b.indices.tolist()) for b in tr.iter_steps()]
+    ahead = [(b.step.tolist(), b.indices.tolist()) for b in tr.iter_steps(read_ahead=True)]
+    assert ahead == plain and len(plain) == 12
+    first = next(iter(tr.iter_steps(read_ahead=True)))  # left unfinished: nothing hangs
+    assert first.step.tolist() == [0]
+    (path / "part-00002.parquet").unlink()
+    got = []
+    with pytest.raises(TraceError, match="part-00002.parquet: part listed in manifest.json"):
+        for b in open_trace(path).iter_steps(read_ahead=True):
+            got.append(int(b.step[0]))
+    assert got == list(range(7))  # the steps before the missing part (its first step is held)
+
+
 def test_missing_part(tmp_path):
     path = _write(tmp_path / "t.dsatrace")
     (path / "part-00001.parquet").unlink()

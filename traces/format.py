@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +53,17 @@ SCORES_FIELD = pa.field("scores", pa.list_(pa.float16()))
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ENCODING = {name: "DELTA_BINARY_PACKED" for name in SCALAR_COLUMNS}
 _ENCODING["indices.list.element"] = "DELTA_BINARY_PACKED"
+
+
+def _read_ahead(items: Iterator[SelectionBatch]) -> Iterator[SelectionBatch]:
+    """``items`` in order, the next one produced by a worker thread while the caller uses the
+    current one; the worker's error is raised where its item would have come."""
+    end = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="dsacache-read-ahead") as pool:
+        pending = pool.submit(next, items, end)
+        while (item := pending.result()) is not end:
+            pending = pool.submit(next, items, end)
+            yield item
 
 
 @dataclass
@@ -565,13 +577,20 @@ class Trace:
         for i in range(len(self.parts)):
             yield self.read_part(i, verify)
 
-    def iter_steps(self, verify: bool = True) -> Iterator[SelectionBatch]:
+    def iter_steps(self, verify: bool = True, read_ahead: bool = False) -> Iterator[SelectionBatch]:
         """Yield one batch per decode step, rows ordered by (layer, request, group).
 
         Streams with bounded memory when the trace is step-major (as the writer produces when
         rows arrive in step order); otherwise the whole trace is loaded and sorted.
+        ``read_ahead`` decodes the next part in a worker thread while the caller works through
+        the current one's steps (the Parquet decode releases the GIL; two parts in memory).
         """
-        source = self.iter_parts(verify) if self.step_major else iter([self.read_all(verify)])
+        if not self.step_major:
+            source = iter([self.read_all(verify)])
+        elif read_ahead:
+            source = _read_ahead(self.iter_parts(verify))
+        else:
+            source = self.iter_parts(verify)
         carry: SelectionBatch | None = None
         for part in source:
             if carry is not None:
