@@ -31,8 +31,10 @@ EVICT_POLICIES = ("", "evict_first", "evict_last")
 _FP8_MAX = tl.constexpr(FP8_MAX)  # a global a Triton kernel may read
 FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims stay bf16
 # launch defaults from benchmarks/tune_kernels.py on the H200 (docs/results/h200-kernels/
-# tune_kernels.csv): one page per loop step, 16 pages per program, 4 warps, 2 stages were
-# fastest at batch 8-64 x context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages
+# tune_kernels.csv): one page per loop step, 4 warps, 2 stages were fastest at batch 8-64 x
+# context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages. Pages per program
+# are sized per grid (balanced_pages_per_prog; H100 A/B against the fixed 16 pages of that
+# sweep: docs/results/h100-kernels/waves-1207/)
 PAGES_PER_STEP = 1
 MAX_PAGES_PER_PROG = 32
 # Resident programs per SM of the default launch: 4 warps at 94 registers a thread, so the

@@ -243,9 +243,8 @@ def run_decode(
             for i in range(len(rows)):
                 layer, step, pos = int(rows.layer[i]), int(rows.step[i]), int(rows.position[i])
                 read(index[layer][: pos * 33], index_evict)
-                idx = torch.tensor(
-                    rows.row(i), dtype=torch.int32, device=device
-                )  # a copy: rows may be read-only views
+                # a copy: rows may be read-only views of the trace's part
+                idx = torch.tensor(rows.row(i), dtype=torch.int32, device=device)
                 hint = "evict_first" if 0 <= kv_first_from <= layer else kv_evict
                 gather(kv[layer], idx, 164, hint)
                 launches.append(Launch("decode", "index", pos * 132, k=k, layer=layer, step=step))
