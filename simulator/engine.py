@@ -17,6 +17,7 @@ from numba.extending import intrinsic
 
 from dsacache.errors import DsacacheError
 from dsacache.policies import Policy, make_policy
+from dsacache.simulator.jitcache import persist
 from dsacache.simulator.reference import COUNTERS
 from dsacache.units import format_size, parse_size
 
@@ -242,7 +243,8 @@ def reader_partition(clock, partitions):
 
 
 def _kernel(policy: Policy, ways: int, replicate: bool = False):
-    """The compiled replay loop for ``policy``'s type (compiled on first use, then cached).
+    """The compiled replay loop for ``policy``'s type (compiled on first use, then kept in
+    this process and on disk, ``jitcache``).
     Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own build with the way count a
     constant: the tag match is then one compare without the chunk loop, and the policy's
     branches on ``ways`` fold away.
@@ -451,8 +453,10 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
             _flush(counters, cur, n_acc, n_hit, n_sec, n_sec_miss, n_written, n_bytes, n_fetched)
         return clock
 
-    _KERNELS[key] = run
-    return run
+    hooks = (on_hit, on_fill, victim, policy_prefetch)
+    build = f"{policy.name}:{fixed_ways}:{int(replicate)}:{int(access_context)}:{set_words}"
+    _KERNELS[key] = persist(run, build, hooks)
+    return _KERNELS[key]
 
 
 def _aligned(count: int, dtype: type, fill: int, align: int = 128) -> np.ndarray:
@@ -633,11 +637,12 @@ def _run_init(init, *args) -> None:
     key = id(init)
     if key not in _INIT_CACHE:
 
-        @njit(cache=False)
+        @njit
         def call(line_state, set_state, glob, n_sets, ways, params):
             init(line_state, set_state, glob, n_sets, ways, params)
 
-        _INIT_CACHE[key] = call
+        name = f"init:{init.py_func.__module__}.{init.py_func.__qualname__}"
+        _INIT_CACHE[key] = persist(call, name, (init,))
     _INIT_CACHE[key](*args)
 
 

@@ -37,6 +37,7 @@ from numba import njit
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.engine import line_numbers, lines_per_access, next_use
+from dsacache.simulator.jitcache import persist
 from dsacache.simulator.stream import build_step, layout_and_groups, plan_replay, trace_shape
 from dsacache.simulator.workload import CLASSES, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
@@ -85,7 +86,8 @@ def _bit_prefix(bit, i):
     return s
 
 
-@njit(nogil=True, cache=False)
+@persist
+@njit(nogil=True)
 def _feed(keys, counted, start, tkeys, tids, shift, last, bit, hist, state, thresh, seed, mask):
     """Process ``keys[start:]``; return the position reached (``< len(keys)`` when a table
     must grow first). ``state``: [objects, time, seen, sampled, cold, seen_all, sampled_all]
@@ -142,7 +144,8 @@ def _feed(keys, counted, start, tkeys, tids, shift, last, bit, hist, state, thre
     return keys.shape[0]
 
 
-@njit(cache=False)
+@persist
+@njit
 def _rehash(tkeys, tids, new_keys, new_ids, shift):
     mask = new_keys.shape[0] - 1
     for i in range(tkeys.shape[0]):
@@ -156,7 +159,8 @@ def _rehash(tkeys, tids, new_keys, new_ids, shift):
         new_ids[j] = tids[i]
 
 
-@njit(cache=False)
+@persist
+@njit
 def _build_bit(bit, n):
     """Fenwick tree with one mark at each of the times ``0..n-1``."""
     bit[:] = 0
@@ -400,7 +404,8 @@ def _heap_pop(hk, hn, size):
     return top_k, top_n, size
 
 
-@njit(nogil=True, cache=False)
+@persist
+@njit(nogil=True)
 def _opt_hits(ids, future, counted, capacity, n_objects):
     """Belady's MIN over equal-size objects: counted hits of a cache of ``capacity`` objects.
     Every miss is inserted; when full, the cached object used furthest ahead is evicted (a

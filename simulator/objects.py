@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from dsacache.simulator.engine import _POPCOUNT8, prefetch
+from dsacache.simulator.jitcache import persist
 
 EMPTY = -1
 EVICT_AHEAD = 3  # LRU evictions whose list nodes and table slots are prefetched
@@ -285,6 +286,7 @@ def set_of(key, n_sets):
     return np.int64((np.uint64(key) * _HASH_MUL) >> np.uint64(33)) % n_sets
 
 
+@persist
 @njit
 def sets_of(keys, n_sets):
     """``set_of`` of every key (an int64 array)."""
@@ -307,6 +309,7 @@ def _key_of(a, is_token, line_shift):
 ADMIT_NEVER, ADMIT_ALWAYS, ADMIT_SECOND = 0, 1, 2  # what a token read miss does (run_objects)
 
 
+@persist
 @njit(nogil=True, _nrt=False)  # no reference counting in the hot loop (5x faster)
 def run_objects(
     addr,

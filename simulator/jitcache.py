@@ -1,0 +1,90 @@
+"""Compiled replay loops kept on disk between processes.
+
+Numba compiles each policy's replay loop on first use: 2 s for LRU, 20 s for the object
+engine behind ``token-lru``, more than half of a ``dsacache demo`` and a cost every sweep
+worker paid again. Numba's own file cache (``cache=True``) cannot hold these loops: they are
+closures over the policy's hooks, and numba keys a closure by its pickled cells, which differ
+from process to process, so every process wrote a new entry and never read one back.
+
+``persist`` gives a dispatcher numba's file cache (same folders, same ``NUMBA_CACHE_DIR``,
+same checks of numba's version, the CPU and the defining file) keyed instead by a name the
+caller chooses plus a digest of the sources the loop is compiled from: every file of
+dsacache's ``simulator`` and ``policies`` packages, and the files that define the hooks
+(a policy plug-in). Editing any of them compiles afresh; a plug-in's hooks that call helpers
+from yet another file of the user's are not followed, and hooks made by a factory (closures)
+are compiled in every process. ``DSACACHE_JIT_CACHE=0`` turns the file cache off.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from numba.core.caching import FunctionCache
+
+import dsacache.policies
+
+
+class _KeyedCache(FunctionCache):
+    """Numba's per-function file cache with a stable index key."""
+
+    def __init__(self, py_func: Callable, key: str) -> None:
+        super().__init__(py_func)
+        self._stable_key = key
+
+    def _index_key(self, sig, codegen):
+        return (sig, codegen.magic_tuple(), self._stable_key)
+
+
+@functools.cache
+def _package_digest() -> str:
+    h = hashlib.sha256()
+    for folder in (Path(__file__).parent, Path(dsacache.policies.__file__).parent):
+        for path in sorted(folder.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _file_digest(paths: Iterable[str]) -> str:
+    h = hashlib.sha256(_package_digest().encode())
+    for path in sorted(set(paths)):
+        try:
+            h.update(Path(path).read_bytes())
+        except OSError:  # defined in an interactive session: no file to follow
+            h.update(path.encode())
+    return h.hexdigest()
+
+
+def _module_level(func: Callable) -> bool:
+    """A hook its module and name identify: not a closure, whose cells could make two
+    builds of one name differ."""
+    return func.__closure__ is None and "<locals>" not in func.__qualname__
+
+
+def enabled() -> bool:
+    """False when ``DSACACHE_JIT_CACHE=0`` asks for compilation in every process."""
+    return os.environ.get("DSACACHE_JIT_CACHE", "1") != "0"
+
+
+def persist(dispatcher, name: str | None = None, hooks: Iterable[Callable] = ()):
+    """Give numba ``dispatcher`` (compiled lazily, without numba's ``cache=True``) a file
+    cache keyed by ``name`` (what a generated build specialises on, e.g. the policy and its
+    way count; default: the function's module and name) and the sources of the package and
+    of ``hooks`` (njit functions compiled into it). Returns the dispatcher, so it also
+    decorates: ``@persist`` over ``@njit``."""
+    hooks = [getattr(h, "py_func", h) for h in hooks]
+    if not enabled() or not all(_module_level(h) for h in hooks):
+        return dispatcher
+    func = dispatcher.py_func
+    name = name or f"{func.__module__}.{func.__qualname__}"
+    names = ",".join(f"{h.__module__}.{h.__qualname__}" for h in hooks)
+    files = [h.__code__.co_filename for h in hooks]
+    try:
+        dispatcher._cache = _KeyedCache(func, f"{name}|{names}|{_file_digest(files)}")
+    except RuntimeError:  # numba found no writable cache folder: compile in-process only
+        pass
+    return dispatcher
