@@ -305,9 +305,15 @@ def _replay_options(f):
     default=None,
     help="Save per (policy, step, layer, class) counters (.parquet or .csv).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Policies replayed at once [default: one per policy, up to the CPU count].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(
-    trace, policies, gpu, cache_size, ways, set_hash, fill, plugins, out, quiet, **wl
+    trace, policies, gpu, cache_size, ways, set_hash, fill, plugins, out, threads, quiet, **wl
 ) -> None:
     """Replay a trace through a GPU L2 model under one or more policies.
 
@@ -334,6 +340,7 @@ def replay(
         fill=fill,
         workload=_workload(**wl),
         progress=not quiet,
+        threads=threads,
     )
     if out:
         save_table(df, out)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
 
+from dsacache.background import read_ahead
 from dsacache.errors import DsacacheError
 from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig, next_use
@@ -88,6 +92,7 @@ def replay(
     progress: bool = False,
     replicate: bool = False,
     fill: int | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Replay ``trace`` through the GPU's L2 under each policy; one row per (policy, step,
     layer, class, tier) with the counters of ``RESULT_COLUMNS``. ``gpu`` is a preset name, a
@@ -95,7 +100,9 @@ def replay(
     calibrate``); ``cache_size``, ``ways``, ``set_hash`` and ``fill`` override its L2
     geometry (default: the preset's). ``replicate``: the L2's
     partitions keep near copies of far reads (``CacheConfig.replicate``); ``fill``: bytes the
-    memory returns per miss unit (``CacheConfig.fill``; default the GPU preset's)."""
+    memory returns per miss unit (``CacheConfig.fill``; default the GPU preset's).
+    ``threads``: policies replayed at once, each step (default: one per policy, up to the
+    CPU count; the replay loops run without the GIL)."""
     if not policies:
         raise DsacacheError("replay needs at least one policy")
     preset = gpu_preset(gpu)
@@ -125,40 +132,54 @@ def replay(
         # with the trace, about 30 bytes per access).
         chunks = list(chunks)
         futures = [_futures(c, chunks) if c.needs_future else None for c in caches]
+    else:  # the next step's stream is built while the replay loops (nogil) run this one's
+        chunks = read_ahead(chunks)
     if progress:
         from tqdm import tqdm
 
         chunks = tqdm(chunks, desc="replay", unit="step")
-    for i, chunk in enumerate(chunks):
-        if not len(chunk):
-            continue
-        bucket = (chunk.layer.astype(np.int64) * n_cls + chunk.cls) * n_tier + chunk.tier
-        is_write = write_cls[chunk.cls]
-        for cache, label, future in zip(caches, labels, futures, strict=True):
-            counters = np.zeros((n_buckets, len(COUNTERS)), np.int64)
-            cache.run_chunk(
-                chunk.addr,
-                chunk.nbytes,
-                is_write,
-                chunk.cls,
-                chunk.layer,
-                bucket,
-                counters,
-                None if future is None else future[i],
-                score=chunk.score,
-            )
-            used = np.flatnonzero(counters.any(axis=1))
-            layer, rest = np.divmod(used, n_cls * n_tier)
-            cls, tier = np.divmod(rest, n_tier)
-            frame = {name: counters[used, i] for i, name in enumerate(COUNTERS)}
-            frame.update(
-                policy=np.full(len(used), label, object),
-                step=np.full(len(used), int(chunk.step[0]), np.int32),
-                layer=layer.astype(np.int16),
-                cls=cls,
-                tier=tier,
-            )
-            frames.append(frame)
+
+    def run(cache, future, chunk, bucket, is_write) -> np.ndarray:
+        counters = np.zeros((n_buckets, len(COUNTERS)), np.int64)
+        cache.run_chunk(
+            chunk.addr,
+            chunk.nbytes,
+            is_write,
+            chunk.cls,
+            chunk.layer,
+            bucket,
+            counters,
+            future,
+            score=chunk.score,
+        )
+        return counters
+
+    # Each policy's cache replays the step in its own thread: the replay loops release the GIL
+    threads = min(len(caches), os.cpu_count() or 1) if threads is None else threads
+    if threads < 1:
+        raise DsacacheError(f"threads must be >= 1, got {threads}")
+    with ThreadPoolExecutor(threads, "dsacache-replay") as pool:
+        map_ = pool.map if threads > 1 else map
+        for i, chunk in enumerate(chunks):
+            if not len(chunk):
+                continue
+            bucket = (chunk.layer.astype(np.int64) * n_cls + chunk.cls) * n_tier + chunk.tier
+            is_write = write_cls[chunk.cls]
+            job = partial(run, chunk=chunk, bucket=bucket, is_write=is_write)
+            step_futures = [None if f is None else f[i] for f in futures]
+            for counters, label in zip(map_(job, caches, step_futures), labels, strict=True):
+                used = np.flatnonzero(counters.any(axis=1))
+                layer, rest = np.divmod(used, n_cls * n_tier)
+                cls, tier = np.divmod(rest, n_tier)
+                frame = {name: counters[used, i] for i, name in enumerate(COUNTERS)}
+                frame.update(
+                    policy=np.full(len(used), label, object),
+                    step=np.full(len(used), int(chunk.step[0]), np.int32),
+                    layer=layer.astype(np.int16),
+                    cls=cls,
+                    tier=tier,
+                )
+                frames.append(frame)
     if not frames:
         raise DsacacheError(f"{trace.path}: no rows for requests 0..{workload.batch - 1}")
     cat = {k: np.concatenate([f[k] for f in frames]) for k in frames[0]}

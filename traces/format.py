@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dsacache import background
 from dsacache.errors import TraceError
 
 SCHEMA_VERSION = 1
@@ -53,17 +53,6 @@ SCORES_FIELD = pa.field("scores", pa.list_(pa.float16()))
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ENCODING = {name: "DELTA_BINARY_PACKED" for name in SCALAR_COLUMNS}
 _ENCODING["indices.list.element"] = "DELTA_BINARY_PACKED"
-
-
-def _read_ahead(items: Iterator[SelectionBatch]) -> Iterator[SelectionBatch]:
-    """``items`` in order, the next one produced by a worker thread while the caller uses the
-    current one; the worker's error is raised where its item would have come."""
-    end = object()
-    with ThreadPoolExecutor(1, thread_name_prefix="dsacache-read-ahead") as pool:
-        pending = pool.submit(next, items, end)
-        while (item := pending.result()) is not end:
-            pending = pool.submit(next, items, end)
-            yield item
 
 
 @dataclass
@@ -588,7 +577,7 @@ class Trace:
         if not self.step_major:
             source = iter([self.read_all(verify)])
         elif read_ahead:
-            source = _read_ahead(self.iter_parts(verify))
+            source = background.read_ahead(self.iter_parts(verify))
         else:
             source = self.iter_parts(verify)
         carry: SelectionBatch | None = None
