@@ -54,135 +54,164 @@ class AccessChunk:
         )
 
 
-def _piece(addr, nbytes, cls: str, step: int, layer: int, tier=None, score=None) -> AccessChunk:
-    n = len(addr)
-    return AccessChunk(
-        np.asarray(addr, np.int64),
-        np.broadcast_to(np.asarray(nbytes, np.int64), (n,)).copy(),
-        np.full(n, CLASS_ID[cls], np.int8),
-        np.full(n, step, np.int32),
-        np.full(n, layer, np.int16),
-        np.zeros(n, np.int8) if tier is None else np.asarray(tier, np.int8),
-        np.full(n, np.nan, np.float32) if score is None else np.asarray(score, np.float32),
-    )
+@dataclass
+class _Section:
+    """One kind of access of every layer of a step (e.g. the indexer's key reads), its
+    elements in layer order; ``build_step`` interleaves the sections layer by layer."""
+
+    cls: str
+    addr: np.ndarray
+    nbytes: np.ndarray
+    layer: np.ndarray  # of each access, non-decreasing
+    tier: np.ndarray | None = None
+    score: np.ndarray | None = None
 
 
-def _index_reads(amap: AddressMap, layer: int, requests: np.ndarray, positions: np.ndarray):
+def _index_reads(
+    amap: AddressMap, layer: np.ndarray, requests: np.ndarray, positions: np.ndarray
+) -> _Section:
+    """The indexer's reads of every cached token's key, one access per page, per (layer,
+    request) pair."""
     pt = amap.workload.page_tokens
     npages = -(-positions // pt)
-    req = np.repeat(requests, npages)
+    pair = np.repeat(np.arange(len(requests)), npages)
     page = np.arange(npages.sum()) - np.repeat(np.cumsum(npages) - npages, npages)
-    tokens = np.minimum(pt, np.repeat(positions, npages) - page * pt)
-    phys = amap.page_table[req, page]
-    addr = amap.index_base[layer] + phys * pt * amap.index_bytes
-    return addr, tokens * amap.index_bytes
+    tokens = np.minimum(pt, positions[pair] - page * pt)
+    phys = amap.page_table[requests[pair], page]
+    addr = amap.index_base[layer[pair]] + phys * pt * amap.index_bytes
+    return _Section("index", addr, tokens * amap.index_bytes, layer[pair])
 
 
-def _kv_gathers(amap: AddressMap, layer: int, rows: SelectionBatch):
+def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
+    """The sparse kernel's gathers of every row's selected tokens: per row, block by block
+    of ``block_tokens``; within a block, CTA by CTA (``reads_per_token``), plane by plane,
+    load by load, the block's tokens in order."""
     wl, layout = amap.workload, amap.layout
     pt = wl.page_tokens
-    lengths = rows.lengths
+    lengths = rows.lengths.astype(np.int64)
+    starts = rows.offsets[:-1].astype(np.int64)
     row_of = np.repeat(np.arange(len(rows)), lengths)
-    rank = np.arange(len(rows.indices)) - np.repeat(rows.offsets[:-1], lengths)
-    block = rank // wl.block_tokens
+    rank = np.arange(len(rows.indices)) - starts[row_of]
+    block, in_block = np.divmod(rank, wl.block_tokens)
+    block_len = np.minimum(wl.block_tokens, lengths[row_of] - block * wl.block_tokens)
     tok = rows.indices.astype(np.int64)
     phys = amap.page_table[rows.request[row_of], tok // pt]
     slot_global = phys * pt + tok % pt
-    tier = page_tier(phys, wl.peer_share, wl.remote_share)
+    layer = rows.layer[row_of].astype(np.int64)
     group = rows.group[row_of].astype(np.int64)
-    addrs, sizes, keys = [], [], []
-    for p, plane in enumerate(layout.planes):
-        size = layout.read_bytes(plane, amap.groups)
-        addr = amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
-        if plane.grouped and amap.groups > 1:
-            addr = addr + group * size
-        for part, (offset, nbytes) in enumerate(
-            layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
-        ):
-            for rep in range(wl.reads_per_token):
-                addrs.append(addr + offset)
-                sizes.append(np.full(len(addr), nbytes, np.int64))
-                keys.append((rank, np.full(len(addr), part), np.full(len(addr), p),
-                             np.full(len(addr), rep), block, row_of))  # fmt: skip
-    score = rows.scores
-    if len(keys) == 1:
-        return addrs[0], sizes[0], tier, score
-    cat = [np.concatenate(k) for k in zip(*keys, strict=True)]
-    order = np.lexsort(cat)  # row, then block, then CTA (rep), then plane, then load, then token
-    tiers = np.tile(tier, len(keys))
-    score = None if score is None else np.tile(score, len(keys))[order]
-    return np.concatenate(addrs)[order], np.concatenate(sizes)[order], tiers[order], score
+    loads = [  # (plane, byte offset in the token's record, bytes) in CTA, plane, load order
+        (p, plane, offset + (group * layout.read_bytes(plane, amap.groups)
+                             if plane.grouped and amap.groups > 1 else 0), nbytes)
+        for _rep in range(wl.reads_per_token)
+        for p, plane in enumerate(layout.planes)
+        for offset, nbytes in layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
+    ]  # fmt: skip
+    n = len(loads)
+    # each row's accesses start at n x its first index; a block after n x the full blocks
+    base = n * (starts[row_of] + block * wl.block_tokens) + in_block
+    addr = np.empty(n * len(tok), np.int64)
+    nbytes = np.empty(n * len(tok), np.int64)
+    where = np.empty(n * len(tok), np.int64)  # the token of every access
+    for c, (p, plane, offset, size) in enumerate(loads):
+        at = base + c * block_len
+        addr[at] = amap.plane_base[layer, p] + slot_global * plane.bytes_per_token + offset
+        nbytes[at] = size
+        where[at] = np.arange(len(tok))
+    tier = page_tier(phys, wl.peer_share, wl.remote_share)[where]
+    score = None if rows.scores is None else np.asarray(rows.scores, np.float32)[where]
+    return _Section("kv", addr, nbytes, layer[where], tier, score)
 
 
 def _appends(
-    amap: AddressMap, layer: int, requests: np.ndarray, positions: np.ndarray, with_index: bool
-):
+    amap: AddressMap,
+    layer: np.ndarray,
+    requests: np.ndarray,
+    positions: np.ndarray,
+    with_index: bool,
+) -> _Section:
+    """The new token's writes per (layer, request) pair: its record in every plane, then its
+    indexer key."""
     pt = amap.workload.page_tokens
     slot_global = amap.page_table[requests, positions // pt] * pt + positions % pt
-    addrs, sizes = [], []
-    for r in range(len(requests)):
-        for p, plane in enumerate(amap.layout.planes):
-            addrs.append(amap.plane_base[layer, p] + slot_global[r] * plane.bytes_per_token)
-            sizes.append(plane.bytes_per_token)
-        if with_index:
-            addrs.append(amap.index_base[layer] + slot_global[r] * amap.index_bytes)
-            sizes.append(amap.index_bytes)
-    return np.array(addrs, np.int64), np.array(sizes, np.int64)
+    cols = [amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
+            for p, plane in enumerate(amap.layout.planes)]  # fmt: skip
+    sizes = [plane.bytes_per_token for plane in amap.layout.planes]
+    if with_index:
+        cols.append(amap.index_base[layer] + slot_global * amap.index_bytes)
+        sizes.append(amap.index_bytes)
+    addr = np.stack(cols, axis=1).ravel()
+    nbytes = np.tile(np.array(sizes, np.int64), len(requests))
+    return _Section("append", addr, nbytes, np.repeat(layer, len(sizes)))
 
 
 def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
-    """All accesses of one decode step; ``rows`` are that step's trace rows for the batch."""
+    """All accesses of one decode step; ``rows`` are that step's trace rows for the batch.
+    Layer by layer, in kernel order: weights, the indexer's query and key reads, the
+    attention kernel's query and KV gathers, the appends (the module docstring)."""
     wl = amap.workload
     if not len(rows):
         return AccessChunk.concat([])
     step = int(rows.step[0])
     order = np.lexsort((rows.group, rows.request, rows.layer))
-    rows = rows.take(order)
-    pieces: list[AccessChunk] = []
-    layer_cut = np.flatnonzero(np.diff(rows.layer)) + 1
-    for lo, hi in zip([0, *layer_cut.tolist()], [*layer_cut.tolist(), len(rows)], strict=True):
-        lrows = rows.take(np.arange(lo, hi))
-        layer = int(lrows.layer[0])
-        if layer >= amap.layers:
-            raise DsacacheError(
-                f"trace has layer {layer}, but the workload was built for {amap.layers}"
+    if np.any(order[1:] < order[:-1]):  # iter_steps yields this order already
+        rows = rows.take(order)
+    if int(rows.layer[-1]) >= amap.layers:
+        raise DsacacheError(
+            f"trace has layer {int(rows.layer[-1])}, but the workload was built for {amap.layers}"
+        )
+    # one (layer, request) pair per request of each layer: its first row
+    first = np.flatnonzero(np.r_[True, (np.diff(rows.layer) != 0) | (np.diff(rows.request) != 0)])
+    layer = rows.layer[first].astype(np.int64)
+    requests = rows.request[first].astype(np.int64)
+    positions = rows.position[first].astype(np.int64)
+    sections: list[_Section] = []
+    if "weights" in wl.classes and wl.weight_bytes:
+        present = np.unique(layer)
+        addr = amap.weights_base + present * wl.weight_bytes
+        sections.append(_Section("weights", addr, np.full(len(present), wl.weight_bytes), present))
+    if "index" in wl.classes:
+        if amap.index_query_bytes:
+            addr = amap.query_address("index", requests)
+            sections.append(
+                _Section("query", addr, np.full(len(addr), amap.index_query_bytes), layer)
             )
-        first = np.flatnonzero(np.r_[True, np.diff(lrows.request) != 0])
-        requests = lrows.request[first].astype(np.int64)
-        positions = lrows.position[first].astype(np.int64)
-        if "weights" in wl.classes and wl.weight_bytes:
-            pieces.append(
-                _piece(
-                    np.array([amap.weights_base + layer * wl.weight_bytes]),
-                    wl.weight_bytes,
-                    "weights",
-                    step,
-                    layer,
-                )
-            )
-        if "index" in wl.classes:
-            if amap.index_query_bytes:
-                addr = amap.query_address("index", requests)
-                pieces.append(_piece(addr, amap.index_query_bytes, "query", step, layer))
-            pieces.append(
-                _piece(*_index_reads(amap, layer, requests, positions), "index", step, layer)
-            )
-        if "kv" in wl.classes:
-            if amap.kv_query_bytes:
-                addr = amap.query_address("kv", requests)
-                pieces.append(_piece(addr, amap.kv_query_bytes, "query", step, layer))
-            addr, size, tier, score = _kv_gathers(amap, layer, lrows)
-            pieces.append(_piece(addr, size, "kv", step, layer, tier, score))
-        if "append" in wl.classes:
-            pieces.append(
-                _piece(
-                    *_appends(amap, layer, requests, positions, "index" in wl.classes),
-                    "append",
-                    step,
-                    layer,
-                )
-            )
-    return AccessChunk.concat(pieces)
+        sections.append(_index_reads(amap, layer, requests, positions))
+    if "kv" in wl.classes:
+        if amap.kv_query_bytes:
+            addr = amap.query_address("kv", requests)
+            sections.append(_Section("query", addr, np.full(len(addr), amap.kv_query_bytes), layer))
+        sections.append(_kv_gathers(amap, rows))
+    if "append" in wl.classes:
+        sections.append(_appends(amap, layer, requests, positions, "index" in wl.classes))
+    return _interleave(sections, step, amap.layers)
+
+
+def _interleave(sections: list[_Section], step: int, layers: int) -> AccessChunk:
+    """One chunk of the sections' accesses, layer by layer, each layer's sections in order."""
+    counts = np.stack([np.bincount(s.layer, minlength=layers) for s in sections], axis=1)
+    start = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)  # [layer, sec]
+    total = int(counts.sum())
+    out = AccessChunk(
+        np.empty(total, np.int64),
+        np.empty(total, np.int64),
+        np.empty(total, np.int8),
+        np.full(total, step, np.int32),
+        np.empty(total, np.int16),
+        np.zeros(total, np.int8),
+        np.full(total, np.nan, np.float32),
+    )
+    for k, sec in enumerate(sections):
+        first_of_layer = np.cumsum(counts[:, k]) - counts[:, k]
+        at = start[sec.layer, k] + np.arange(len(sec.addr)) - first_of_layer[sec.layer]
+        out.addr[at] = sec.addr
+        out.nbytes[at] = sec.nbytes
+        out.cls[at] = CLASS_ID[sec.cls]
+        out.layer[at] = sec.layer
+        if sec.tier is not None:
+            out.tier[at] = sec.tier
+        if sec.score is not None:
+            out.score[at] = sec.score
+    return out
 
 
 def trace_shape(trace: Trace) -> tuple[int, int, int, int]:

@@ -25,7 +25,7 @@ from dsacache.simulator.reference import (
 )
 from dsacache.simulator.workload import CLASSES, TIERS
 from dsacache.tracer import SynthConfig, synthesize
-from dsacache.traces import open_trace
+from dsacache.traces import TraceWriter, open_trace
 
 geometries = st.tuples(
     st.sampled_from([1, 2, 4, 8, 16]),  # ways (16: the fixed-way kernel build)
@@ -111,6 +111,34 @@ workloads = st.builds(
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )
+
+
+def test_kv_gathers_carry_their_tokens_scores(tmp_path):
+    """Each KV access carries the indexer score of the token it reads, in the kernel's order
+    (row, block, CTA, plane, load, token), with ragged rows of several blocks."""
+    model = {"name": "t", "attention": "MLA", "kv_heads": 1, "head_dim": 64}
+    rng = np.random.default_rng(0)
+    with TraceWriter(tmp_path / "s.dsatrace", model=model, indexer={"kind": "t", "k": 40}) as w:
+        for layer in range(2):
+            for request in range(2):
+                idx = np.sort(rng.choice(300, 13 + 17 * request + layer, replace=False))
+                w.append(request=request, step=0, position=300, layer=layer, group=0,
+                         indices=idx, scores=idx / 1024)  # fmt: skip
+    trace = open_trace(tmp_path / "s.dsatrace")
+    wl = Workload(layout="mla-fp8", batch=2, reads_per_token=2, kv_loads_apart=True,
+                  block_tokens=8, classes=("index", "kv", "append", "query"), heads=8)  # fmt: skip
+    amap = plan_replay(trace, wl)
+    rows = next(trace.iter_steps())
+    chunk = build_step(amap, rows)
+    loads = sum(len(amap.layout.plane_loads(p, 1, True)) for p in amap.layout.planes)
+    expect = []
+    for i in range(len(rows)):  # rows come in (layer, request) order
+        tokens = rows.row(i).tolist()
+        for start in range(0, len(tokens), 8):
+            expect += [t / 1024 for t in tokens[start : start + 8]] * (2 * loads)
+    kv = chunk.cls == CLASSES.index("kv")
+    assert chunk.score[kv].tolist() == expect
+    assert np.isnan(chunk.score[~kv]).all()
 
 
 @settings(max_examples=40, deadline=None)
