@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -37,6 +38,22 @@ class _KeyedCache(FunctionCache):
 
     def _index_key(self, sig, codegen):
         return (sig, codegen.magic_tuple(), self._stable_key)
+
+    # A cache must never stop a replay: an unreadable or damaged entry is compiled afresh,
+    # and a full or read-only disk leaves the loop compiled in this process only.
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as e:  # pickle, OS and numba errors alike
+            warnings.warn(f"dsacache: compiling afresh, the cached build is unreadable ({e})",
+                          stacklevel=2)  # fmt: skip
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except OSError as e:
+            warnings.warn(f"dsacache: compiled loop not kept on disk ({e})", stacklevel=2)
 
 
 @functools.cache

@@ -48,7 +48,7 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def _child(tmp_path, *args, env=None) -> dict:
+def _child(tmp_path, *args, env=None, stderr=None) -> dict:
     environ = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "numba")} | (env or {})
     done = subprocess.run(
         [sys.executable, "-c", CHILD, *args],
@@ -59,6 +59,8 @@ def _child(tmp_path, *args, env=None) -> dict:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    if stderr is not None:
+        stderr.append(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -68,6 +70,18 @@ def test_second_process_loads_the_compiled_loop(tmp_path):
     assert first["loaded"] == 0
     assert second["loaded"] == 1
     assert second["misses"] == first["misses"] > 0
+
+
+def test_a_damaged_cache_entry_is_compiled_afresh(tmp_path):
+    first = _child(tmp_path, "lru")
+    damaged = list((tmp_path / "numba").rglob("*.nbc"))
+    assert damaged
+    for path in damaged:
+        path.write_bytes(b"not a compiled loop")
+    errors: list[str] = []
+    again = _child(tmp_path, "lru", stderr=errors)
+    assert again == first  # same result, nothing loaded
+    assert "compiling afresh, the cached build is unreadable" in errors[0]
 
 
 def test_opting_out_compiles_in_every_process(tmp_path):
