@@ -621,14 +621,64 @@ def line_numbers(addr: np.ndarray, nbytes: np.ndarray, line: int) -> np.ndarray:
     return starts + np.arange(int(count.sum()), dtype=np.int64)
 
 
+NEVER = 1 << 62  # next_use of a key's last occurrence
+
+
 def next_use(keys: np.ndarray) -> np.ndarray:
-    """For each position, the position of the next occurrence of the same key (``2**62`` if
-    none): the future that Belady/OPT needs. O(N log N), 24 bytes of memory per access."""
+    """For each position, the position of the next occurrence of the same key (``NEVER`` =
+    ``2**62`` if none): the future that Belady/OPT needs. One backward pass over ``keys``
+    (integers) with a hash table of the distinct keys: O(N) time, memory 8 bytes per access
+    plus 32-64 per distinct key."""
     keys = np.asarray(keys)
-    order = np.argsort(keys, kind="stable")
-    out = np.full(len(keys), 1 << 62, np.int64)
-    same = keys[order[1:]] == keys[order[:-1]]
-    out[order[:-1][same]] = order[1:][same]
+    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
+        raise DsacacheError(f"next_use needs a 1-D integer array, got {keys.dtype} {keys.shape}")
+    return _next_use(keys.astype(np.int64, copy=False))
+
+
+@njit(inline="always")
+def _table_slot(key, bits):
+    return (key * _HASH_MUL >> (64 - bits)) & ((1 << bits) - 1)
+
+
+@njit(nogil=True)
+def _new_table(bits):
+    table = np.empty(2 << bits, np.int64)  # slot s: key at 2s, latest position at 2s + 1
+    table[1::2] = -1  # empty
+    return table
+
+
+@persist
+@njit(nogil=True)
+def _next_use(keys):
+    # key and position share a host cache line: one miss per probe of a table beyond the caches
+    n = keys.shape[0]
+    out = np.empty(n, np.int64)
+    bits = 10
+    table = _new_table(bits)
+    count = 0
+    for i in range(n - 1, -1, -1):
+        if 2 * (count + 1) > (1 << bits):  # keep the table at most half full: rehash to 2x
+            old = table
+            bits += 1
+            table = _new_table(bits)
+            for j in range(0, old.shape[0], 2):
+                if old[j + 1] >= 0:
+                    s = _table_slot(old[j], bits)
+                    while table[2 * s + 1] >= 0:
+                        s = (s + 1) & ((1 << bits) - 1)
+                    table[2 * s] = old[j]
+                    table[2 * s + 1] = old[j + 1]
+        k = keys[i]
+        s = _table_slot(k, bits)
+        while table[2 * s + 1] >= 0 and table[2 * s] != k:
+            s = (s + 1) & ((1 << bits) - 1)
+        if table[2 * s + 1] >= 0:
+            out[i] = table[2 * s + 1]
+        else:
+            out[i] = NEVER
+            table[2 * s] = k
+            count += 1
+        table[2 * s + 1] = i
     return out
 
 

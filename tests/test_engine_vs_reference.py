@@ -16,7 +16,7 @@ from dsacache.simulator import (
     replay,
     simulate_addresses,
 )
-from dsacache.simulator.engine import TAG32_LINES
+from dsacache.simulator.engine import NEVER, TAG32_LINES, next_use
 from dsacache.simulator.reference import (
     COUNTERS,
     ReferenceCache,
@@ -300,3 +300,30 @@ def test_counters_the_compiled_loop_would_overrun_are_refused():
         cache.run(addr, n, write, bucket, np.zeros((1, len(COUNTERS))))
     with pytest.raises(DsacacheError, match=r"bucket numbers must be in \[0, 2\) .*got 0\.\.2"):
         cache.run(addr, n, write, np.array([0, 1, 2, 0]), np.zeros((2, len(COUNTERS)), np.int64))
+
+
+def _check_next_use(keys):
+    """The hash-table next_use against the definition, by a stable sort of the keys."""
+    keys = np.array(keys, np.int64)
+    order = np.argsort(keys, kind="stable")
+    expect = np.full(len(keys), NEVER, np.int64)
+    same = keys[order[1:]] == keys[order[:-1]]
+    expect[order[:-1][same]] = order[1:][same]
+    assert next_use(keys).tolist() == expect.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.integers(-(2**62), 2**62)) | st.lists(st.integers(0, 30)))
+def test_next_use_is_the_next_position_of_the_same_key(keys):
+    _check_next_use(keys)  # negative and huge keys hash like any other
+
+
+def test_next_use_across_table_growth():
+    rng = np.random.default_rng(1)
+    for distinct in (600, 5000, 70000):  # the table starts at 1024 slots, kept half full
+        _check_next_use(rng.integers(0, distinct, 4 * distinct) * 128)
+
+
+def test_next_use_refuses_what_is_not_integer_keys():
+    with pytest.raises(DsacacheError, match="next_use needs a 1-D integer array, got float64"):
+        next_use(np.array([1.0, 2.0]))
