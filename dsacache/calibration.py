@@ -14,7 +14,9 @@ same quantity as the simulator's ``sector_hits / sectors``; the measured DRAM by
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -767,14 +769,17 @@ def _errors(rows: list[dict]) -> pd.DataFrame:
     return out
 
 
-def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.DataFrame:
+def compare(
+    gpu: str = "h100", models: tuple[Model, ...] | None = None, threads: int | None = None
+) -> pd.DataFrame:
     """Measured vs simulated hit rates and DRAM bytes read on the DSA-shaped measurements
     bundled for ``gpu`` (every probe but ``reuse``, which the fit used; the profiled decode
     kernels are ``compare_files(kernel_measurements(gpu))``), one row per (experiment,
     point, model): columns ``measured``, ``simulated``, ``error_points`` (hit rates) and
     ``measured_dram_bytes``, ``simulated_dram_bytes``, ``dram_error_pct`` (NaN where not
     compared). ``models`` defaults to the naive model (the reported L2 size, modulo sets) and
-    the GPU's fitted one."""
+    the GPU's fitted one. ``threads``: measurements simulated at once (default: the CPU count;
+    the replay loops run without the GIL)."""
     measured_gpus = sorted(p.name for p in DATA_DIR.iterdir() if any(p.glob("l2-*.parquet")))
     if gpu not in measured_gpus:
         raise DsacacheError(
@@ -782,13 +787,11 @@ def compare(gpu: str = "h100", models: tuple[Model, ...] | None = None) -> pd.Da
         )
     if models is None:
         models = (NAIVES[gpu], fitted(gpu)) if gpu in FITS else (NAIVE,)
-    rows = []
-    for path in sorted((DATA_DIR / gpu).glob("l2-*.parquet")):
-        name = path.stem[len("l2-") :]
-        if name == "reuse":
-            continue
-        rows += compare_measurement(name, measured(gpu, name), models)
-    return _errors(rows)
+    names = [p.stem[len("l2-") :] for p in sorted((DATA_DIR / gpu).glob("l2-*.parquet"))]
+    names = [n for n in names if n != "reuse"]
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1, "dsacache-compare") as pool:
+        parts = pool.map(lambda n: compare_measurement(n, measured(gpu, n), models), names)
+        return _errors([row for part in parts for row in part])
 
 
 def gpu_of(m: pd.DataFrame) -> str:

@@ -448,3 +448,9 @@ def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
     rows = calibration.compare_measurement("tw", m, (model,))
     assert [r["point"] for r in rows] == [f"{r} (64 rows read twice)" for r in m["role"]]
     assert rows[0]["measured"] == 0.3 and rows[0]["simulated"] == sim["together"]
+
+
+def test_compare_in_threads_equals_one_thread():
+    one = calibration.compare("h200", (calibration.H200_FIT,), threads=1)
+    many = calibration.compare("h200", (calibration.H200_FIT,), threads=3)
+    pd.testing.assert_frame_equal(one, many)
