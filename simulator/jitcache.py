@@ -11,8 +11,9 @@ same checks of numba's version, the CPU and the defining file) keyed instead by 
 caller chooses plus a digest of the sources the loop is compiled from: every file of
 dsacache's ``simulator`` and ``policies`` packages, and the files that define the hooks
 (a policy plug-in). Editing any of them compiles afresh; a plug-in's hooks that call helpers
-from yet another file of the user's are not followed, and hooks made by a factory (closures)
-are compiled in every process. ``DSACACHE_JIT_CACHE=0`` turns the file cache off.
+from yet another file of the user's are not followed, nor are module-level values a hook
+reads that its file computes at import (from the environment, say); hooks made by a factory
+(closures) or typed into a session are compiled in every process. ``DSACACHE_JIT_CACHE=0`` turns the file cache off.
 """
 
 from __future__ import annotations
@@ -24,20 +25,45 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from numba.core.caching import FunctionCache
+from numba.core.caching import FunctionCache, IndexDataCacheFile
 
 import dsacache.policies
 
 
 class _KeyedCache(FunctionCache):
-    """Numba's per-function file cache with a stable index key."""
+    """Numba's per-function file cache with a stable index key, one index file per key (the
+    builds of one closure would otherwise share numba's index, where two processes saving
+    at once can list one build's data under the other's key), and every data file tagged
+    with its key, checked on load."""
 
     def __init__(self, py_func: Callable, key: str) -> None:
         super().__init__(py_func)
         self._stable_key = key
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._cache_file = IndexDataCacheFile(
+            cache_path=self._cache_path,
+            filename_base=f"{self._impl.filename_base}-{digest}",
+            source_stamp=self._impl.locator.get_source_stamp(),
+        )
 
     def _index_key(self, sig, codegen):
         return (sig, codegen.magic_tuple(), self._stable_key)
+
+    def _save_overload(self, sig, data):
+        if not self._enabled or not self._impl.check_cachable(data):
+            return
+        self._impl.locator.ensure_cache_path()
+        key = self._index_key(sig, data.codegen)
+        self._cache_file.save(key, (key, self._impl.reduce(data)))
+
+    def _load_overload(self, sig, target_context):
+        if not self._enabled:
+            return None
+        key = self._index_key(sig, target_context.codegen())
+        stored = self._cache_file.load(key)
+        if stored is None or stored[0] != key:  # another build's data: compile this one
+            return None
+        return self._impl.rebuild(target_context, stored[1])
 
     # A cache must never stop a replay: an unreadable or damaged entry is compiled afresh,
     # and a full or read-only disk leaves the loop compiled in this process only.
@@ -69,17 +95,19 @@ def _package_digest() -> str:
 def _file_digest(paths: Iterable[str]) -> str:
     h = hashlib.sha256(_package_digest().encode())
     for path in sorted(set(paths)):
-        try:
-            h.update(Path(path).read_bytes())
-        except OSError:  # defined in an interactive session: no file to follow
-            h.update(path.encode())
+        h.update(Path(path).read_bytes())
     return h.hexdigest()
 
 
-def _module_level(func: Callable) -> bool:
-    """A hook its module and name identify: not a closure, whose cells could make two
-    builds of one name differ."""
-    return func.__closure__ is None and "<locals>" not in func.__qualname__
+def _identified(func: Callable) -> bool:
+    """A hook its file, module and name identify: defined at the top level of a readable
+    file (not a closure, whose cells could make two builds of one name differ, nor code
+    typed into a session or ``exec``, whose source cannot be digested)."""
+    return (
+        func.__closure__ is None
+        and "<locals>" not in func.__qualname__
+        and Path(func.__code__.co_filename).is_file()
+    )
 
 
 def enabled() -> bool:
@@ -94,7 +122,7 @@ def persist(dispatcher, name: str | None = None, hooks: Iterable[Callable] = ())
     of ``hooks`` (njit functions compiled into it). Returns the dispatcher, so it also
     decorates: ``@persist`` over ``@njit``."""
     hooks = [getattr(h, "py_func", h) for h in hooks]
-    if not enabled() or not all(_module_level(h) for h in hooks):
+    if not enabled() or not all(_identified(h) for h in hooks):
         return dispatcher
     func = dispatcher.py_func
     name = name or f"{func.__module__}.{func.__qualname__}"

@@ -183,7 +183,7 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
         sections.append(_kv_gathers(amap, rows))
     if "append" in wl.classes:
         sections.append(_appends(amap, layer, requests, positions, "index" in wl.classes))
-    return _interleave(sections, step, amap.layers)
+    return _interleave(sections, step, amap.layers) if sections else AccessChunk.concat([])
 
 
 def _interleave(sections: list[_Section], step: int, layers: int) -> AccessChunk:

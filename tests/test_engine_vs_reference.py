@@ -113,6 +113,13 @@ workloads = st.builds(
 )
 
 
+def test_a_step_with_no_class_to_stream_is_empty(tmp_path):
+    trace = _trace(tmp_path, 0)
+    amap = plan_replay(trace, Workload(classes=("weights",)))  # weights of 0 bytes: nothing
+    chunk = build_step(amap, next(trace.iter_steps()))
+    assert len(chunk) == 0 and chunk.addr.dtype == np.int64
+
+
 def test_kv_gathers_carry_their_tokens_scores(tmp_path):
     """Each KV access carries the indexer score of the token it reads, in the kernel's order
     (row, block, CTA, plane, load, token), with ragged rows of several blocks."""

@@ -101,6 +101,40 @@ def test_changed_plugin_is_compiled_afresh(tmp_path):
     assert way15["misses"] != way0["misses"]  # and the new victim choice is what ran
 
 
+def test_hooks_without_a_source_file_are_compiled_in_every_process(tmp_path):
+    """A hook typed into ``python -c`` has no file to digest: editing it must not load the
+    earlier build."""
+    code = CHILD.replace("if len(sys.argv) > 2:\n    load_plugin(sys.argv[2])", PLUGIN)
+    results = []
+    for way in ("0", "15"):
+        done = subprocess.run(
+            [sys.executable, "-c", code.replace("WAY", way), "fixed-way"],
+            capture_output=True,
+            text=True,
+            env=os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "numba")},
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert [r["loaded"] for r in results] == [0, 0]
+    assert results[0]["misses"] != results[1]["misses"]
+
+
+def test_a_data_file_of_another_build_is_not_loaded(tmp_path):
+    """Two processes saving at once can leave one build's data under another's name: the
+    data carries its key, and a mismatch compiles afresh."""
+    fifo = _child(tmp_path, "fifo")
+    sieve = _child(tmp_path, "sieve")
+    loops = (tmp_path / "numba").rglob("engine._kernel.locals.run-*.nbc")
+    data = sorted(loops, key=lambda p: p.stat().st_mtime)  # fifo's, then sieve's
+    assert len(data) == 2
+    data[1].write_bytes(data[0].read_bytes())  # sieve's file now holds fifo's build
+    again = _child(tmp_path, "sieve")
+    assert again == sieve | {"loaded": 0}
+    assert fifo["misses"] != sieve["misses"]
+
+
 def test_closures_are_not_kept_on_disk():
     def make(k):
         @njit(inline="always")
