@@ -23,6 +23,7 @@ from dsacache.units import format_size, parse_size
 
 SET_HASHES = ("mod", "xor", "hash", "mix")
 _HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_HASH_MUL_U = np.uint64(0x9E3779B97F4A7C15)
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 
 
@@ -636,8 +637,10 @@ def next_use(keys: np.ndarray) -> np.ndarray:
 
 
 @njit(inline="always")
-def _table_slot(key, bits):
-    return (key * _HASH_MUL >> (64 - bits)) & ((1 << bits) - 1)
+def hash_slot(key, shift):
+    """Slot of ``key`` in an open-addressing table of ``2**(64 - shift)`` slots (Fibonacci
+    hashing: the top bits of the key times 2**64 / golden ratio)."""
+    return np.int64((np.uint64(key) * _HASH_MUL_U) >> np.uint64(shift))
 
 
 @njit(nogil=True)
@@ -663,13 +666,13 @@ def _next_use(keys):
             table = _new_table(bits)
             for j in range(0, old.shape[0], 2):
                 if old[j + 1] >= 0:
-                    s = _table_slot(old[j], bits)
+                    s = hash_slot(old[j], 64 - bits)
                     while table[2 * s + 1] >= 0:
                         s = (s + 1) & ((1 << bits) - 1)
                     table[2 * s] = old[j]
                     table[2 * s + 1] = old[j + 1]
         k = keys[i]
-        s = _table_slot(k, bits)
+        s = hash_slot(k, 64 - bits)
         while table[2 * s + 1] >= 0 and table[2 * s] != k:
             s = (s + 1) & ((1 << bits) - 1)
         if table[2 * s + 1] >= 0:

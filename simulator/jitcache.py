@@ -13,7 +13,8 @@ dsacache's ``simulator`` and ``policies`` packages, and the files that define th
 (a policy plug-in). Editing any of them compiles afresh; a plug-in's hooks that call helpers
 from yet another file of the user's are not followed, nor are module-level values a hook
 reads that its file computes at import (from the environment, say); hooks made by a factory
-(closures) or typed into a session are compiled in every process. ``DSACACHE_JIT_CACHE=0`` turns the file cache off.
+(closures) or typed into a session are compiled in every process. ``DSACACHE_JIT_CACHE=0``
+turns the file cache off.
 """
 
 from __future__ import annotations

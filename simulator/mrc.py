@@ -36,14 +36,13 @@ import numpy as np
 from numba import njit
 
 from dsacache.errors import DsacacheError
-from dsacache.simulator.engine import line_numbers, lines_per_access, next_use
+from dsacache.simulator.engine import hash_slot, line_numbers, lines_per_access, next_use
 from dsacache.simulator.jitcache import persist
 from dsacache.simulator.stream import build_step, layout_and_groups, plan_replay, trace_shape
 from dsacache.simulator.workload import CLASSES, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
 
 _EMPTY = np.int64(-1)
-_MUL = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 SHARDS_MODULUS = 1 << 24
@@ -59,11 +58,6 @@ def _mix(key, seed):
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     return z ^ (z >> np.uint64(31))
-
-
-@njit(inline="always")
-def _slot(key, shift):
-    return np.int64((np.uint64(key) * _MUL) >> np.uint64(shift))
 
 
 @njit(inline="always")
@@ -117,7 +111,7 @@ def _feed(keys, counted, start, tkeys, tids, shift, last, bit, hist, state, thre
         state[3] += c
         state[5] += 1
         state[6] += 1
-        j = _slot(key, shift)
+        j = hash_slot(key, shift)
         while True:
             k = tkeys[j]
             if k == key or k == _EMPTY:
@@ -152,7 +146,7 @@ def _rehash(tkeys, tids, new_keys, new_ids, shift):
         k = tkeys[i]
         if k == _EMPTY:
             continue
-        j = _slot(k, shift)
+        j = hash_slot(k, shift)
         while new_keys[j] != _EMPTY:
             j = (j + 1) & mask
         new_keys[j] = k

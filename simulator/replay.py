@@ -17,7 +17,7 @@ from dsacache.simulator.caches import make_model
 from dsacache.simulator.engine import CacheConfig, next_use
 from dsacache.simulator.presets import GPUPreset, gpu_preset
 from dsacache.simulator.reference import COUNTERS
-from dsacache.simulator.stream import build_step, plan_replay
+from dsacache.simulator.stream import iter_stream, plan_replay
 from dsacache.simulator.workload import CLASSES, TIERS, WRITE_CLASSES, Workload
 from dsacache.traces import Trace
 
@@ -105,6 +105,8 @@ def replay(
     CPU count; the replay loops run without the GIL)."""
     if not policies:
         raise DsacacheError("replay needs at least one policy")
+    if threads is not None and threads < 1:
+        raise DsacacheError(f"threads must be >= 1, got {threads}")
     preset = gpu_preset(gpu)
     overrides: dict = {"replicate": replicate}
     if set_hash is not None:
@@ -125,7 +127,7 @@ def replay(
     n_buckets = amap.layers * n_cls * n_tier
     write_cls = np.array([c in WRITE_CLASSES for c in CLASSES])
     frames: list[dict[str, np.ndarray]] = []
-    chunks = (build_step(amap, rows) for rows in _batch_steps(trace, workload.batch))
+    chunks = iter_stream(trace, amap)
     futures = [None] * len(caches)
     if any(c.needs_future for c in caches):
         # Offline policies read the whole stream's future: build it up front (memory grows
@@ -156,8 +158,6 @@ def replay(
 
     # Each policy's cache replays the step in its own thread: the replay loops release the GIL
     threads = min(len(caches), os.cpu_count() or 1) if threads is None else threads
-    if threads < 1:
-        raise DsacacheError(f"threads must be >= 1, got {threads}")
     with ThreadPoolExecutor(threads, "dsacache-replay") as pool:
         map_ = pool.map if threads > 1 else map
         for i, chunk in enumerate(chunks):
@@ -210,13 +210,6 @@ def replay(
         trace=str(trace.path),
     )
     return df
-
-
-def _batch_steps(trace: Trace, batch: int):
-    for rows in trace.iter_steps():
-        rows = rows.take(rows.request < batch)
-        if len(rows):
-            yield rows
 
 
 def _futures(model, chunks: list) -> list[np.ndarray]:

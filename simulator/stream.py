@@ -112,11 +112,12 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     addr = np.empty(n * len(tok), np.int64)
     nbytes = np.empty(n * len(tok), np.int64)
     where = np.empty(n * len(tok), np.int64)  # the token of every access
+    token = np.arange(len(tok))
     for c, (p, plane, offset, size) in enumerate(loads):
         at = base + c * block_len
         addr[at] = amap.plane_base[layer, p] + slot_global * plane.bytes_per_token + offset
         nbytes[at] = size
-        where[at] = np.arange(len(tok))
+        where[at] = token
     tier = page_tier(phys, wl.peer_share, wl.remote_share)[where]
     score = None if rows.scores is None else np.asarray(rows.scores, np.float32)[where]
     return _Section("kv", addr, nbytes, layer[where], tier, score)
