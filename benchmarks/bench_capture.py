@@ -3,10 +3,11 @@
 The decode-step driver (``kernels/decode_step.run_trace``) replays a DeepSeek-V3.2-shaped
 synthetic trace (MLA fp8, 128 heads, k = 2048, 64 indexer heads) through our kernels:
 indexer over every cached key, radix top-k, sparse MLA decode, per layer and step. Each
-repetition runs it once without capture and once with ``capture=PATH`` for each thread
-wake-up interval in ``--steps-per-wake`` (per step one non-blocking copy of the selections
-every layer reads into a pinned buffer; every N steps a CUDA event, and a thread that waits
-for it and appends those steps to a raw spool, which is encoded into the trace at close),
+repetition runs it once without capture and once with ``capture=PATH`` for each transfer
+interval N in ``--steps-per-copy`` (per step one device-to-device copy of the selections
+every layer reads into a ring on the GPU; every N steps one transfer of N steps to a pinned
+buffer, and a thread that waits for it and appends those steps to a raw spool, which is
+encoded into the trace at close),
 in a shuffled order (seeded), so that neither drift nor the run before (a capture's
 encoding leaves work behind) favours one. Reported per interval: the median over
 repetitions of the ratio of the wall time per decode step with capture to the one without
@@ -18,7 +19,7 @@ trace's first step (the whole of this short trace's one part) are not timed. A f
 compiles the kernels untimed.
 
     python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768]
-        [--steps-per-wake 1,4] [--repeats 20] [--cuda-graph] [--out DIR]
+        [--steps-per-copy 1,16] [--repeats 20] [--cuda-graph] [--out DIR]
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--repeats", type=int, default=20, help="repetitions (runs vary by 20-30%%)")
-    p.add_argument("--steps-per-wake", default="1,4",
-                   help="capture runs per repetition: the thread woken every N steps, N in this list")  # fmt: skip
+    p.add_argument("--steps-per-copy", default="1,16",
+                   help="capture runs per repetition: N steps per transfer to the host, N in this list")  # fmt: skip
     p.add_argument("--cuda-graph", action="store_true",
                    help="launch each step as one CUDA graph (a loop bound by the GPU, as in serving)")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
-    wakes = [int(n) for n in args.steps_per_wake.split(",")]
-    if min(wakes) < 1 or len(set(wakes)) < len(wakes):
-        sys.exit(f"--steps-per-wake {args.steps_per_wake}: distinct intervals >= 1")
+    intervals = [int(n) for n in args.steps_per_copy.split(",")]
+    if min(intervals) < 1 or len(set(intervals)) < len(intervals):
+        sys.exit(f"--steps-per-copy {args.steps_per_copy}: distinct intervals >= 1")
     if not torch.cuda.is_available():
         sys.exit("bench_capture needs a CUDA GPU")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))
@@ -76,22 +77,22 @@ def main(argv: list[str] | None = None) -> None:
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
 
-    stats: dict[int, list[dict[str, float]]] = {n: [] for n in wakes}
+    stats: dict[int, list[dict[str, float]]] = {n: [] for n in intervals}
 
-    def run(capture: Path | None, wake: int = 1) -> float:
+    def run(capture: Path | None, per_copy: int = 1) -> float:
         """Seconds per decode step: the step loop to its final sync and the spool's last
         write (``RunResult.seconds`` less the encoding at close, reported apart; building
         the caches is not in it)."""
         res = run_trace(trace, layout="mla-fp8", batch=args.batch, device="cuda",
                         capture=str(capture) if capture else None,
-                        capture_steps_per_wake=wake, cuda_graph=args.cuda_graph)  # fmt: skip
+                        capture_steps_per_copy=per_copy, cuda_graph=args.cuda_graph)  # fmt: skip
         if capture:
-            stats[wake].append({k: v / res.steps for k, v in res.capture_stats.items()})
+            stats[per_copy].append({k: v / res.steps for k, v in res.capture_stats.items()})
         return (res.seconds - res.capture_stats.get("encode_s", 0.0)) / res.steps
 
-    run(work / "warm.dsatrace", wakes[0])  # compiles every kernel, fills the allocator
-    stats[wakes[0]].clear()
-    times: dict[int, list[float]] = {0: [], **{n: [] for n in wakes}}  # 0: no capture
+    run(work / "warm.dsatrace", intervals[0])  # compiles every kernel, fills the allocator
+    stats[intervals[0]].clear()
+    times: dict[int, list[float]] = {0: [], **{n: [] for n in intervals}}  # 0: no capture
     order = random.Random(0)
     for i in range(args.repeats):
         for case in order.sample(list(times), len(times)):
@@ -102,31 +103,31 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     off = statistics.median(times[0])
     result: dict = {"step_ms_without_capture": 1e3 * off,
-                    "runs_without": [round(1e3 * x, 3) for x in times[0]], "by_steps_per_wake": {}}  # fmt: skip
+                    "runs_without": [round(1e3 * x, 3) for x in times[0]], "by_steps_per_copy": {}}  # fmt: skip
     print(f"per decode step ({args.layers} layers, batch {args.batch}, context {args.context}"
           f"{', CUDA graphs' if args.cuda_graph else ''}), "
           f"{args.repeats} repetitions in shuffled order: median {1e3 * off:.3f} ms without "
           "capture")  # fmt: skip
-    for wake in wakes:
-        captured = open_trace(work / f"cap-{wake}-0.dsatrace")
+    for per_copy in intervals:
+        captured = open_trace(work / f"cap-{per_copy}-0.dsatrace")
         captured.validate()
-        ratios = [c / o for c, o in zip(times[wake], times[0], strict=True)]
+        ratios = [c / o for c, o in zip(times[per_copy], times[0], strict=True)]
         ratio = statistics.median(ratios)
         low, high = median_interval(ratios)
-        per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats[wake])
-                    for key in stats[wake][0]}  # fmt: skip
-        result["by_steps_per_wake"][wake] = {
-            "step_ms_with_capture": 1e3 * statistics.median(times[wake]), "ratio": ratio,
+        per_step = {f"{key[:-2]}_ms_per_step": 1e3 * statistics.median(st[key] for st in stats[per_copy])
+                    for key in stats[per_copy][0]}  # fmt: skip
+        result["by_steps_per_copy"][per_copy] = {
+            "step_ms_with_capture": 1e3 * statistics.median(times[per_copy]), "ratio": ratio,
             "ratio_95": [low, high], "overhead_pct": 100 * (ratio - 1),
-            "runs_with": [round(1e3 * x, 3) for x in times[wake]], **per_step,
+            "runs_with": [round(1e3 * x, 3) for x in times[per_copy]], **per_step,
             "captured_rows": int(captured.manifest["totals"]["rows"])}  # fmt: skip
-        print(f"  capture, thread woken every {wake} step(s): "
-              f"{1e3 * statistics.median(times[wake]):.3f} ms, ratio {ratio:.3f} "
+        print(f"  capture, {per_copy} step(s) per transfer: "
+              f"{1e3 * statistics.median(times[per_copy]):.3f} ms, ratio {ratio:.3f} "
               f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
               f"{100 * (high - 1):+.1f}%); per step the launching thread spent "
               f"{per_step['launcher_ms_per_step']:.3f} ms in the capture's calls (waiting "
               f"{per_step['launcher_wait_ms_per_step']:.3f} ms for a free buffer), the capture's "
-              f"thread {per_step['copy_wait_ms_per_step']:.3f} ms for copies and "
+              f"thread {per_step['copy_wait_ms_per_step']:.3f} ms waiting for transfers and "
               f"{per_step['spool_ms_per_step']:.3f} ms writing the spool; encoding it at close "
               f"took {per_step['encode_ms_per_step']:.3f} ms per step (not in the ratio)")  # fmt: skip
     result.update(config=vars(args) | {"k": 2048, "layout": "mla-fp8", "heads": 128},

@@ -6,10 +6,10 @@ measures under Nsight Compute.
 then for each decode step of the trace and each layer runs the indexer over every cached key
 of each request and the sparse attention over the trace's selection (or, with
 ``use_trace_selection=False``, over the indexer's own top-k). With ``capture=PATH`` the
-indices the attention kernels read are written to a new trace: each layer's index tensor is
-copied to pinned host memory with ``non_blocking=True`` (no device-wide sync per layer); a
-background thread waits for the step's CUDA event and appends the step to a raw spool, which
-``close`` encodes into the trace (``dsacache.traces.spool``).
+indices the attention kernels read are written to a new trace: each step's index tensors are
+copied into a ring on the GPU (no sync, no host transfer per step); every few steps one
+transfer moves them to pinned host memory, and a background thread appends them to a raw
+spool, which ``close`` encodes into the trace (``IndexCapture``, ``dsacache.traces.spool``).
 
 Command line (the workload to profile)::
 
@@ -174,7 +174,7 @@ def decode_step(
 
 # -- index capture without a sync per layer ------------------------------------------------------
 def _copy_event() -> Any:
-    """The CUDA event a step's copies are waited on with (tests replace it)."""
+    """A CUDA event that a host wait sleeps on (tests replace it)."""
     return torch.cuda.Event(blocking=True)
 
 
@@ -193,71 +193,168 @@ def _launcher_time(method: Callable) -> Callable:
     return timed
 
 
+# device staging ring of a capture: at most this many bytes, at most MAX_STEPS_PER_COPY steps
+# per half (a process that dies loses the ring's steps not yet copied to the host)
+RING_BYTES = 256 << 20
+MAX_STEPS_PER_COPY = 16
+
+
 @dataclass
-class _StepCapture:
+class _StepRecord:
     step: int
     positions: np.ndarray  # int64 [L, B]
-    host: torch.Tensor  # int32 [L, B, G, W], pinned on CUDA, filled by non_blocking copies
-    added: np.ndarray  # bool [L]: layers whose copy is queued
-    event: Any = None  # torch.cuda.Event recorded after the last copy (None on the CPU)
+    written: np.ndarray  # int64 [L, 2]: (groups, width) each layer's copy wrote; (0, 0) none
+
+
+@dataclass
+class _Batch:
+    """Steps copied from the device ring to one host buffer with one transfer."""
+
+    steps: list[_StepRecord]
+    host: torch.Tensor  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) in use
+    done: Any = None  # CUDA event after the transfer (None: already on the host)
+    failed: bool = False  # the transfer raised: nothing to spool
 
 
 class IndexCapture:
-    """Copy the kernels' index tensors to pinned host buffers as they are produced, append
-    each finished step to a raw spool beside the trace (``dsacache.traces.spool``), and let
-    ``close`` encode the spool into the trace.
+    """Capture the kernels' index tensors during a decode and write them to a trace.
 
-    Per layer: ``add(layer, indices)`` queues a device-to-host copy (non-blocking; or once per
-    step for every layer, ``add_all``); every ``steps_per_wake`` steps ``end_step()`` records
-    one CUDA event and hands those steps to a thread, which waits for the event and writes
-    them with one system call. Waking once per batch of steps was meant to take the GIL from
-    the launch-bound loop less often, but on the H100 it measured no better than every step
-    (batch 8 x 8 layers, two runs: +5.6% and +7.9% vs +3.4% and +5.7%, intervals overlapping;
-    docs/results/h100-kernels/capture/) while a crash loses more steps, so the default is 1.
-    The launching thread waits only when all ``buffers`` (default: two batches, at least 3)
-    are in use. Measured with ``benchmarks/bench_capture.py`` on
-    the H200 (docs/results/h200-kernels/capture/): spooling from the launching thread
-    instead, when a step's event had fired, cost more (+13.6% vs +9.7% per step at batch 8 x
-    8 layers; +9.0% vs +1.4% at batch 64 x 16 layers, where the writes take 2 ms per step).
-    Encoding rows during the decode cost +68% per step; it runs after the decode, in
-    ``close``. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s. If the process dies
+    Per step, ``begin_step``, then ``add(layer, indices)`` per layer or ``add_all`` once for
+    every layer, then ``end_step``. Each ``add`` is one device-to-device copy into a ring of
+    ``2 * steps_per_copy`` step slots on the indices' own device, on the launching stream
+    (no sync, no host transfer). When a half of the ring is full, one transfer on a side
+    stream moves its steps to a pinned host buffer, and a thread waits for it, appends the
+    steps to a raw spool beside the trace (``dsacache.traces.spool``) with one system call and
+    frees the buffer; the launching stream waits (on the GPU) for that transfer before it
+    writes to the half again. ``close`` encodes the spool into the trace.
+
+    Why a ring on the device: in a decode bound by the GPU (CUDA graphs), a per-step copy to
+    the host, an event and a hand-over to the thread cost +37% per step on the H100 (batch 8
+    x 8 layers, 2026-12-07, docs/results/h100-kernels/capture/): the launching thread's calls,
+    the GIL the thread took from it, and a transfer serialised with the kernels.
+    ``steps_per_copy`` (default: as many steps as fit ``RING_BYTES`` per ring, at most
+    ``MAX_STEPS_PER_COPY``) trades those costs against what a dying process loses: the steps
+    still in the ring, up to ``2 * steps_per_copy``. Rows a copy left out (narrower groups or
+    width, layers never added) are written as empty, not left from an earlier step. The
+    launching thread waits only when all ``buffers`` host buffers (default 3) are in use.
+    Encoding rows during the decode cost +68% per step on the H200; it runs after the decode,
+    in ``close``. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s. If the process dies
     before ``close``, the spool is left beside the trace: ``dsacache recover PATH`` finishes
-    it.
+    it. ``cuda`` says that the indices live on a CUDA device (pinned host buffers).
     """
 
-    def __init__(self, path: str, cuda: bool, buffers: int | None = None,
-                 steps_per_wake: int = 1, **writer_kwargs: Any) -> None:  # fmt: skip
+    def __init__(self, path: str, cuda: bool, buffers: int = 3, steps_per_copy: int | None = None,
+                 **writer_kwargs: Any) -> None:  # fmt: skip
         from dsacache.traces import TraceWriter
         from dsacache.traces.spool import StepSpool, spool_path
 
-        if steps_per_wake < 1:
-            raise ValueError(f"IndexCapture needs steps_per_wake >= 1, got {steps_per_wake}")
-        buffers = max(3, 2 * steps_per_wake) if buffers is None else buffers
+        if steps_per_copy is not None and steps_per_copy < 1:
+            raise ValueError(f"IndexCapture needs steps_per_copy >= 1, got {steps_per_copy}")
         if buffers < 1:
             raise ValueError(f"IndexCapture needs at least 1 host buffer, got buffers={buffers}")
         self.writer = TraceWriter(path, **writer_kwargs)
         self._spool = StepSpool(spool_path(path))
-        self._cuda = cuda  # pinned buffers
-        self._events = cuda  # a CUDA event per step marks its copies done
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._cuda = cuda
         self._buffers = buffers
-        self._made = 0
-        self._todo: queue.Queue[list[_StepCapture] | None] = queue.Queue()
-        self._steps_per_wake = steps_per_wake
-        self._pending: list[_StepCapture] = []  # finished steps not yet handed to the thread
-        self._spare_events: list[Any] = []  # events the thread is done with (reused: creating
-        # one per hand-over cost the launching thread more than recording it)
+        self._steps_per_copy = steps_per_copy
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()  # buffers the thread gave back
+        self._made = 0  # host buffers of the current shape
+        self._shape: tuple[int, ...] | None = None  # (L, B, G, W) of the ring's slots
+        self._ring: torch.Tensor | None = None  # [2R, L, B, G, W] on the indices' device
+        self._slots: list[torch.Tensor] = []  # the ring's slots as views (indexing costs ~us)
+        self._per_copy = 1  # R: steps per half
+        self._half = 0  # the half the current step goes to (slot: half * R + pending steps)
+        self._half_free: list[Any] = [None, None]  # per half: event after its last transfer
+        self._side: Any = None  # the transfers' CUDA stream
+        self._todo: queue.Queue[_Batch | None] = queue.Queue()
+        self._pending: list[_StepRecord] = []  # steps in the current half
         self._error: BaseException | None = None
-        self._current: _StepCapture | None = None
-        # seconds: the launching thread blocked for a free buffer; the thread waiting for the
-        # copies, then writing the spool; close encoding the spool into the trace
-        # launcher_s: all the launching thread spent in begin_step, add/add_all and end_step
+        self._spool_failed = False
+        self._current: _StepRecord | None = None
+        # seconds: launcher_s all the launching thread spent in the capture's calls, of which
+        # launcher_wait_s blocked for a free host buffer; the thread waiting for transfers
+        # (copy_wait_s) and writing the spool (spool_s); close encoding the spool (encode_s)
         self.stats = {"launcher_s": 0.0, "launcher_wait_s": 0.0, "copy_wait_s": 0.0,
                       "spool_s": 0.0, "encode_s": 0.0}  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
         self._thread.start()
 
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+    @property
+    def steps_per_copy(self) -> int:
+        """Steps moved to the host per transfer (set when the first step's shape is known)."""
+        return self._per_copy
+
+    @_launcher_time
+    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
+        """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
+        self._raise()
+        assert self._current is None, "end_step first"
+        shape = tuple(int(s) for s in shape)
+        if shape != self._shape:
+            self._hand_over()
+            self._shape, self._ring, self._slots = shape, None, []  # made by the first copy
+            self._made = 0  # buffers of the old shape are dropped when they come back
+        self._current = _StepRecord(step, np.asarray(positions, dtype=np.int64),
+                                    np.zeros((shape[0], 2), np.int64))  # fmt: skip
+
+    def add(self, layer: int, indices: torch.Tensor) -> None:
+        """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
+        self._queue(layer, indices if indices.dim() == 3 else indices[:, None, :])
+
+    def add_all(self, indices: torch.Tensor) -> None:
+        """Queue one copy of every layer's indices (``[L, B, W]`` or ``[L, B, G, W]``): one
+        copy per step when the selections of all layers exist in one tensor."""
+        self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
+
+    @_launcher_time
+    def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
+        cur = self._current
+        assert cur is not None, "begin_step first"
+        assert not cur.written[layers, 1].any(), "a layer's indices are copied once per step"
+        if self._ring is None:
+            self._make_ring(idx.device)
+        if self._half_free[self._half] is not None:
+            # the half's last transfer to the host must finish before it is written again
+            torch.cuda.current_stream(idx.device).wait_event(self._half_free[self._half])
+            self._half_free[self._half] = None
+        dest = self._slots[self._half * self._per_copy + len(self._pending)]
+        if layers != slice(None):
+            dest = dest[layers]
+        groups, width = idx.shape[-2], idx.shape[-1]
+        if dest.shape != idx.shape:  # a narrower copy: the thread empties the rest on the host
+            dest = dest[..., :groups, :width]
+        dest.copy_(idx, non_blocking=True)
+        cur.written[layers] = (groups, width)
+
+    def _make_ring(self, device: torch.device) -> None:
+        step_bytes = 4 * int(np.prod(self._shape))
+        self._per_copy = self._steps_per_copy or max(
+            1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * step_bytes))
+        )
+        self._ring = torch.empty(
+            (2 * self._per_copy, *self._shape), dtype=torch.int32, device=device
+        )
+        self._slots = list(self._ring.unbind(0))
+        self._half = 0
+        self._half_free = [None, None]
+        if self._ring.is_cuda:
+            if self._side is None:
+                self._side = torch.cuda.Stream(device)
+            self._ring.record_stream(self._side)  # freed (a new shape): not reused mid-transfer
+
+    @_launcher_time
+    def end_step(self) -> None:
+        """Finish the step; when it fills a half of the ring, move that half to the host."""
+        cur, self._current = self._current, None
+        assert cur is not None
+        if self._ring is None:  # no copy this step: every row is empty
+            self._make_ring(torch.device("cuda" if self._cuda else "cpu"))
+        self._pending.append(cur)
+        if len(self._pending) == self._per_copy:
+            self._hand_over()
+
+    def _host_buffer(self) -> torch.Tensor:
+        shape = (self._per_copy, *self._shape)
         while True:
             if self._made < self._buffers:
                 try:
@@ -266,74 +363,44 @@ class IndexCapture:
                     self._made += 1
                     return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
             else:
-                try:
-                    buf = self._free.get_nowait()
-                except queue.Empty:
-                    self._hand_over()  # the buffers may all be in steps not yet handed over
-                    t0 = time.perf_counter()
-                    buf = self._free.get()  # the writer is behind: wait for a buffer
-                    self.stats["launcher_wait_s"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                buf = self._free.get()  # the thread is behind: wait for a buffer
+                self.stats["launcher_wait_s"] += time.perf_counter() - t0
             if tuple(buf.shape) == shape:
                 return buf
-            self._made -= 1  # the width changed: drop this buffer, make another
-
-    @_launcher_time
-    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
-        """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        self._raise()
-        assert self._current is None, "end_step first"
-        host = self._buffer(shape)
-        self._current = _StepCapture(step, np.asarray(positions, dtype=np.int64), host,
-                                     np.zeros(shape[0], bool))  # fmt: skip
-
-    def add(self, layer: int, indices: torch.Tensor) -> None:
-        """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
-        self._queue(layer, indices if indices.dim() == 3 else indices[:, None, :])
-
-    def add_all(self, indices: torch.Tensor) -> None:
-        """Queue one copy of every layer's indices (``[L, B, W]`` or ``[L, B, G, W]``): one
-        transfer per step when the selections of all layers exist before the layers run."""
-        self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
-
-    @_launcher_time
-    def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
-        cur = self._current
-        assert cur is not None, "begin_step first"
-        assert not cur.added[layers].any(), "a layer's indices are copied once per step"
-        host = cur.host if layers == slice(None) else cur.host[layers]
-        if idx.shape != host.shape:  # a narrower copy: pad the rest
-            host.numpy().fill(-1)  # before the copy is queued (it is asynchronous)
-            host = host[..., : idx.shape[-2], : idx.shape[-1]]
-        host.copy_(idx, non_blocking=idx.is_cuda)  # (each torch indexing costs the loop ~us)
-        cur.added[layers] = True
-
-    @_launcher_time
-    def end_step(self) -> None:
-        """Finish the step; every ``steps_per_wake`` steps, hand them to the thread."""
-        cur, self._current = self._current, None
-        assert cur is not None
-        # layers no copy wrote hold a previous step's rows: mark them empty (numpy, as torch's
-        # fill_ wakes its thread pool, ms on a busy host); filling every buffer up front cost
-        # the launching thread a pass over the whole buffer per step
-        if not cur.added.all():
-            cur.host.numpy()[~cur.added] = -1
-        self._pending.append(cur)
-        if len(self._pending) >= self._steps_per_wake:
-            self._hand_over()
+            self._made -= 1  # the shape changed: drop this buffer, make another
 
     def _hand_over(self) -> None:
-        """Give the pending steps to the thread, with a CUDA event recorded after their copies
-        (no wait; the copies of one stream finish in order, so one event covers them all)."""
+        """Move the current half's steps to a host buffer (one transfer, on the side stream
+        after the copies) and give them to the thread; the next step starts the other half."""
         if not self._pending:
             return
-        if self._events:
-            # blocking: a wait for the copies sleeps instead of spinning a CPU (the loop's time
-            # on the H200 was the same either way: capture/capexp4_b8_l8.json)
-            event = self._spare_events.pop() if self._spare_events else _copy_event()
-            self._pending[-1].event = event
-            event.record()
-        self._todo.put(self._pending)
-        self._pending = []
+        steps, self._pending = self._pending, []
+        first = self._half * self._per_copy
+        host = self._host_buffer()
+        batch = _Batch(steps, host)
+        try:
+            self._transfer(self._ring[first : first + len(steps)], host[: len(steps)], batch)
+        except BaseException as e:
+            batch.failed = True
+            self._error = self._error or e
+            raise
+        finally:
+            self._todo.put(batch)  # even after an error: the thread frees its buffer
+            self._half = 1 - self._half
+
+    def _transfer(self, src: torch.Tensor, dst: torch.Tensor, batch: _Batch) -> None:
+        if not src.is_cuda:
+            dst.copy_(src)
+            return
+        copied = _copy_event()
+        copied.record()  # on the launching stream, after the half's copies
+        self._side.wait_event(copied)
+        with torch.cuda.stream(self._side):
+            dst.copy_(src, non_blocking=True)
+        batch.done = _copy_event()
+        batch.done.record(self._side)
+        self._half_free[self._half] = batch.done
 
     def close(self, complete: bool = True) -> None:
         """Wait for the thread to spool every queued step, encode the spool into the trace and
@@ -345,7 +412,6 @@ class IndexCapture:
             self._hand_over()  # records an event: after a CUDA error this raises too
         except BaseException as e:
             self._error = self._error or e
-            self._pending = []
         finally:
             self._todo.put(None)
         self._thread.join()
@@ -370,29 +436,37 @@ class IndexCapture:
 
     def _work(self) -> None:
         while True:
-            steps = self._todo.get()
-            if steps is None:
+            batch = self._todo.get()
+            if batch is None:
                 return
-            self._spool_steps(steps)
+            self._spool_batch(batch)
 
-    def _spool_steps(self, steps: list[_StepCapture]) -> None:
-        """Wait for the steps' copies, append them to the spool and free their buffers; an
-        error is kept for the next ``begin_step`` / ``close`` to raise."""
+    def _spool_batch(self, batch: _Batch) -> None:
+        """Wait for the batch's transfer, empty the rows its copies left out, append its steps
+        to the spool and free its buffer; an error is kept for the next ``begin_step`` /
+        ``close`` to raise."""
         try:
             t0 = time.perf_counter()
-            if steps[-1].event is not None:
-                steps[-1].event.synchronize()
-                self._spare_events.append(steps[-1].event)  # waited for: free to record again
+            if batch.done is not None:
+                batch.done.synchronize()
             t1 = time.perf_counter()
-            if self._error is None:
-                self._spool.append_many([(s.step, s.positions, s.host.numpy()) for s in steps])
+            if not batch.failed and not self._spool_failed:
+                dense = batch.host.numpy()
+                written = np.stack([s.written for s in batch.steps])  # [n, L, 2]
+                short = (written[..., 0] < dense.shape[3]) | (written[..., 1] < dense.shape[4])
+                for i, layer in zip(*np.nonzero(short), strict=True):
+                    groups, width = written[i, layer]
+                    dense[i, layer, :, groups:] = -1
+                    dense[i, layer, :, :groups, width:] = -1
+                self._spool.append_many([(s.step, s.positions, dense[i])
+                                         for i, s in enumerate(batch.steps)])  # fmt: skip
             self.stats["copy_wait_s"] += t1 - t0
             self.stats["spool_s"] += time.perf_counter() - t1
         except BaseException as e:
-            self._error = e
+            self._spool_failed = True  # later batches are not spooled: the spool may be torn
+            self._error = self._error or e
         finally:
-            for item in steps:
-                self._free.put(item.host)
+            self._free.put(batch.host)
 
 
 class _StepGraph:
@@ -515,7 +589,7 @@ def run_trace(
     index_heads: int = INDEX_HEADS,
     heads: int | None = None,
     capture: str | None = None,
-    capture_steps_per_wake: int = 1,
+    capture_steps_per_copy: int | None = None,
     attn_options: dict[str, Any] | None = None,
     backend: str = "triton",
     persist: Persist | None = None,
@@ -530,7 +604,7 @@ def run_trace(
     (k, sink and window from the trace's indexer). Caches hold random data. ``heads``
     overrides the model's attention heads (e.g. fewer for a small GPU); ``capture`` writes
     the indices the attention kernels read to a new trace at that path (see
-    ``IndexCapture``; its thread wakes every ``capture_steps_per_wake`` steps). ``backend``:
+    ``IndexCapture``, which moves them to the host every ``capture_steps_per_copy`` steps). ``backend``:
     the sparse attention kernel, ours ("triton") or DeepSeek's FlashMLA ("flashmla", mla-fp8).
     ``persist`` runs the decode on a stream whose L2 persisting access-policy window covers
     the KV pools of the first layers (MLA layouts). ``cuda_graph`` launches each step's
@@ -609,7 +683,7 @@ def run_trace(
             rows_per_step = n_layers * batch * (groups if use_trace_selection else 1)
             cap = IndexCapture(capture, dev.type == "cuda", model=dict(model),
                                indexer=dict(tr.indexer), capture=meta,
-                               steps_per_wake=capture_steps_per_wake,
+                               steps_per_copy=capture_steps_per_copy,
                                part_rows=8 * rows_per_step)  # fmt: skip
         result = RunResult(0, n_layers, batch, layout, 0.0, backend=backend, capture=capture)
         kv_tok = _kv_bytes_per_token(layout, kv_heads, head_dim if not mla else 0, groups)
@@ -677,9 +751,8 @@ def run_trace(
                     cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
                     if use_trace_selection:  # the selections every layer reads: one copy
                         cap.add_all(sel_all)
-                    else:
-                        for layer, indices in enumerate(read):
-                            cap.add(layer, indices)
+                    else:  # the indexer's top-k of every layer: stacked, one copy
+                        cap.add_all(torch.stack(read))
                     cap.end_step()
                 result.index_bytes += int(pos_np.sum()) * 132
                 result.kv_bytes += int((sel_np >= 0).sum()) * kv_tok

@@ -120,28 +120,46 @@ def test_recover_finishes_an_interrupted_capture(tmp_path):
     assert out.exit_code != 0 and "no spool" in out.output and "Traceback" not in out.output
 
 
-def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
-    """One host buffer reused for every step: rows of a narrower copy and layers a step
-    never wrote must not keep the previous step's indices."""
+def _cuda_ready() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+CPU_AND_CUDA = pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not _cuda_ready(), reason="needs a CUDA GPU")])],
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("steps_per_copy", [1, 2, None])
+@CPU_AND_CUDA
+def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(
+    tmp_path, device, steps_per_copy
+):
+    """Ring slots and host buffers reused from step to step: rows of a narrower copy and
+    layers a step never wrote must not keep an earlier step's indices."""
     import torch
 
     from dsacache.kernels.decode_step import IndexCapture
 
     trace = tmp_path / "c.dsatrace"
-    cap = IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
-                       indexer=INDEXER, capture={"tool": "test"})  # fmt: skip
+    cap = IndexCapture(str(trace), cuda=device == "cuda", buffers=1, model=MODEL,
+                       indexer=INDEXER, capture={"tool": "test"},
+                       steps_per_copy=steps_per_copy)  # fmt: skip
     positions = np.full((3, 2), 40)
-    full = torch.arange(16, dtype=torch.int32).reshape(2, 8)
+    full = torch.arange(16, dtype=torch.int32, device=device).reshape(2, 8)
     cap.begin_step(0, positions, (3, 2, 1, 8))
     for layer in range(3):
         cap.add(layer, full + layer)
     cap.end_step()
     cap.begin_step(1, positions, (3, 2, 1, 8))
     cap.add(0, full)
-    cap.add(1, torch.tensor([[1, 2, 3], [4, 5, -1]], dtype=torch.int32))  # narrower: padded
+    cap.add(1, torch.tensor([[1, 2, 3], [4, 5, -1]], dtype=torch.int32, device=device))
     cap.end_step()  # layer 2 left out: its rows are empty
     cap.begin_step(2, positions, (3, 2, 1, 8))
-    cap.add_all(torch.arange(36, dtype=torch.int32).reshape(3, 2, 6))  # every layer, narrower
+    cap.add_all(torch.arange(36, dtype=torch.int32, device=device).reshape(3, 2, 6))
     cap.end_step()
     cap.close()
     got = open_trace(trace).read_all()
@@ -157,50 +175,49 @@ def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(tmp_path):
     ]
 
 
+@CPU_AND_CUDA
 @pytest.mark.parametrize(
-    ("steps_per_wake", "buffers", "waits"), [(1, 2, 20), (4, None, 5), (4, 2, 10)]
+    ("steps_per_copy", "buffers", "batches"), [(1, 1, 20), (4, 1, 6), (4, 3, 6), (16, 2, 2)]
 )
-def test_index_capture_writes_every_step_when_copies_finish_late(
-    tmp_path, monkeypatch, steps_per_wake, buffers, waits
+def test_index_capture_writes_every_step_when_the_thread_is_slow(
+    tmp_path, monkeypatch, device, steps_per_copy, buffers, batches
 ):
-    """Copies that finish late (a CUDA event whose wait takes a while), 20 steps, and a
-    change of width halfway: every step is spooled once, intact and in order. The thread
-    waits once per hand-over: every ``steps_per_wake`` steps, or sooner when the launcher
-    runs out of buffers (two here, so batches of two)."""
+    """A thread that spools slowly (so the launcher runs out of host buffers and waits), 20
+    steps, and a change of width halfway: every step is spooled once, intact and in order,
+    in one write per ``steps_per_copy`` steps (the width change ends a batch early)."""
     import torch
 
     from dsacache.kernels import decode_step
+    from dsacache.traces.spool import StepSpool
 
-    class LateEvent:
-        waits = 0  # counted per test case (the class is made anew)
+    writes = []
+    append_many = StepSpool.append_many
 
-        def record(self) -> None:
-            pass
+    def slow_append(self, steps):
+        time.sleep(0.002 * (len(writes) % 3))
+        writes.append([s[0] for s in steps])
+        append_many(self, steps)
 
-        def synchronize(self) -> None:
-            LateEvent.waits += 1
-            time.sleep(0.002 * (LateEvent.waits % 3))
-
-    monkeypatch.setattr(decode_step, "_copy_event", LateEvent)
+    monkeypatch.setattr(StepSpool, "append_many", slow_append)
     with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
         decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
-    with pytest.raises(ValueError, match="steps_per_wake >= 1, got 0"):
-        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, steps_per_wake=0)
-    trace = tmp_path / "late.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=buffers, model=MODEL,
+    with pytest.raises(ValueError, match="steps_per_copy >= 1, got 0"):
+        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, steps_per_copy=0)
+    trace = tmp_path / "slow.dsatrace"
+    cap = decode_step.IndexCapture(str(trace), cuda=device == "cuda", buffers=buffers, model=MODEL,
                                    indexer=INDEXER, capture={},
-                                   steps_per_wake=steps_per_wake)  # fmt: skip
-    cap._events = True  # as on CUDA, without pinned memory
+                                   steps_per_copy=steps_per_copy)  # fmt: skip
     sent = {}
     for step in range(20):
         width = 4 if step < 10 else 6
-        idx = torch.arange(step, step + 2 * 2 * width, dtype=torch.int32).reshape(2, 2, width)
+        idx = torch.arange(step, step + 4 * width, dtype=torch.int32).reshape(2, 2, width)
         cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, width))
-        cap.add_all(idx)
+        cap.add_all(idx.to(device))
         cap.end_step()
         sent[step] = idx.reshape(4, width).tolist()
     cap.close()
-    assert LateEvent.waits == waits
+    assert cap.steps_per_copy == steps_per_copy
+    assert len(writes) == batches and sum(writes, []) == list(range(20))
     assert open_trace(trace).manifest["order"] == "step-major"  # spooled in step order
     got = open_trace(trace).read_all()
     assert sorted(set(got.step.tolist())) == list(range(20))
@@ -209,30 +226,48 @@ def test_index_capture_writes_every_step_when_copies_finish_late(
         assert [mine.row(i).tolist() for i in range(len(mine))] == rows
 
 
-def test_index_capture_close_stops_its_threads_when_the_last_event_fails(tmp_path, monkeypatch):
-    """After a CUDA error, recording the last batch's event raises: close still stops the
-    capture's thread, keeps the steps written so far (trace left incomplete) and raises."""
+def test_index_capture_ring_size_follows_the_step_bytes(tmp_path, monkeypatch):
+    """By default a transfer moves as many steps as fit half of ``RING_BYTES``, at least one
+    and at most ``MAX_STEPS_PER_COPY``."""
     import torch
 
     from dsacache.kernels import decode_step
 
-    class BrokenEvent:
-        def record(self) -> None:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(decode_step, "RING_BYTES", 2 * 4 * 2 * 2 * 8 * 5)  # five 2x2x1x8 steps
+    for shape, want in [((2, 2, 1, 8), 5), ((2, 2, 1, 64), 1), ((1, 1, 1, 1), 16)]:
+        cap = decode_step.IndexCapture(str(tmp_path / f"r{want}.dsatrace"), cuda=False,
+                                       model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
+        cap.begin_step(0, np.full(shape[:2], 1000), shape)
+        cap.add_all(torch.arange(np.prod(shape), dtype=torch.int32).reshape(shape))
+        cap.end_step()
+        cap.close()
+        assert cap.steps_per_copy == want
 
-        def synchronize(self) -> None:
-            pass
+
+def test_index_capture_close_stops_its_threads_when_the_last_transfer_fails(tmp_path, monkeypatch):
+    """After a CUDA error, the last batch's transfer raises: close still stops the capture's
+    thread, keeps the steps spooled before (trace left incomplete), drops the failed batch
+    and raises."""
+    import torch
+
+    from dsacache.kernels import decode_step
 
     trace = tmp_path / "broken.dsatrace"
     cap = decode_step.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
-                                   capture={}, steps_per_wake=4)  # fmt: skip
-    cap._events = True
-    monkeypatch.setattr(decode_step, "_copy_event", BrokenEvent)
-    for step in range(2):  # pending: not yet handed to the thread
+                                   capture={}, steps_per_copy=2)  # fmt: skip
+    for step in range(3):  # steps 0-1 transferred and spooled, step 2 pending in the ring
+        if step == 2:
+
+            def broken(*args):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            monkeypatch.setattr(cap, "_transfer", broken)
         cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, 4))
-        cap.add_all(torch.zeros((2, 2, 4), dtype=torch.int32))
+        cap.add_all(torch.arange(step, step + 4, dtype=torch.int32).expand(2, 2, 4))
         cap.end_step()
     with pytest.raises(RuntimeError, match="index capture failed.*illegal memory access"):
         cap.close(complete=False)
     assert not cap._thread.is_alive()
-    assert not open_trace(trace).manifest["complete"]
+    kept = open_trace(trace)
+    assert not kept.manifest["complete"]
+    assert sorted(set(kept.read_all().step.tolist())) == [0, 1]
