@@ -211,7 +211,7 @@ class _Batch:
     """Steps copied from the device ring to one host buffer with one transfer."""
 
     steps: list[_StepRecord]
-    host: torch.Tensor  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) in use
+    host: torch.Tensor | None  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) in use
     done: Any = None  # CUDA event after the transfer (None: already on the host)
     failed: bool = False  # the transfer raised: nothing to spool
 
@@ -258,7 +258,7 @@ class IndexCapture:
         self._buffers = buffers
         self._steps_per_copy = steps_per_copy
         self._free: queue.Queue[torch.Tensor] = queue.Queue()  # buffers the thread gave back
-        self._made = 0  # host buffers of the current shape
+        self._made = 0  # host buffers made and not yet dropped (any shape)
         self._shape: tuple[int, ...] | None = None  # (L, B, G, W) of the ring's slots
         self._ring: torch.Tensor | None = None  # [2R, L, B, G, W] on the indices' device
         self._slots: list[torch.Tensor] = []  # the ring's slots as views (indexing costs ~us)
@@ -293,8 +293,8 @@ class IndexCapture:
         if shape != self._shape:
             self._hand_over()
             self._shape, self._ring, self._slots = shape, None, []  # made by the first copy
-            self._made = 0  # buffers of the old shape are dropped when they come back
-        self._current = _StepRecord(step, np.asarray(positions, dtype=np.int64),
+            # host buffers of the old shape still count until they come back to be dropped
+        self._current = _StepRecord(step, np.array(positions, dtype=np.int64),
                                     np.zeros((shape[0], 2), np.int64))  # fmt: skip
 
     def add(self, layer: int, indices: torch.Tensor) -> None:
@@ -360,8 +360,9 @@ class IndexCapture:
                 try:
                     buf = self._free.get_nowait()
                 except queue.Empty:
+                    buf = torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
                     self._made += 1
-                    return torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
+                    return buf
             else:
                 t0 = time.perf_counter()
                 buf = self._free.get()  # the thread is behind: wait for a buffer
@@ -377,16 +378,18 @@ class IndexCapture:
             return
         steps, self._pending = self._pending, []
         first = self._half * self._per_copy
-        host = self._host_buffer()
-        batch = _Batch(steps, host)
+        batch = None
         try:
-            self._transfer(self._ring[first : first + len(steps)], host[: len(steps)], batch)
+            batch = _Batch(steps, self._host_buffer())
+            self._transfer(self._ring[first : first + len(steps)], batch.host[: len(steps)], batch)
         except BaseException as e:
-            batch.failed = True
-            self._error = self._error or e
+            if batch is not None:
+                batch.failed = True
+            self._error = self._error or e  # the steps are lost: the trace stays incomplete
             raise
         finally:
-            self._todo.put(batch)  # even after an error: the thread frees its buffer
+            if batch is not None:
+                self._todo.put(batch)  # even after an error: the thread frees its buffer
             self._half = 1 - self._half
 
     def _transfer(self, src: torch.Tensor, dst: torch.Tensor, batch: _Batch) -> None:
@@ -394,7 +397,7 @@ class IndexCapture:
             dst.copy_(src)
             return
         copied = _copy_event()
-        copied.record()  # on the launching stream, after the half's copies
+        copied.record(torch.cuda.current_stream(src.device))  # after the half's copies
         self._side.wait_event(copied)
         with torch.cuda.stream(self._side):
             dst.copy_(src, non_blocking=True)
@@ -466,7 +469,8 @@ class IndexCapture:
             self._spool_failed = True  # later batches are not spooled: the spool may be torn
             self._error = self._error or e
         finally:
-            self._free.put(batch.host)
+            host, batch.host = batch.host, None  # the pool's alone: a dropped one is freed
+            self._free.put(host)
 
 
 class _StepGraph:
@@ -483,7 +487,8 @@ class _StepGraph:
             launch(self.sel, self.ctx, max_context)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the capture's thread may wait on an event meanwhile (a new width mid-run)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.read = launch(self.sel, self.ctx, max_context)
 
     def replay(self, sel: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:

@@ -271,3 +271,80 @@ def test_index_capture_close_stops_its_threads_when_the_last_transfer_fails(tmp_
     kept = open_trace(trace)
     assert not kept.manifest["complete"]
     assert sorted(set(kept.read_all().step.tolist())) == [0, 1]
+
+
+@pytest.mark.parametrize("buffers", [1, 3])
+def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
+    tmp_path, monkeypatch, buffers
+):
+    """The width changing every step while the thread spools slowly: buffers of an earlier
+    shape still count against ``buffers`` until they come back, so no more than ``buffers``
+    host buffers are ever alive, and every step is spooled."""
+    import weakref
+
+    import torch
+
+    from dsacache.kernels import decode_step
+    from dsacache.traces.spool import StepSpool
+
+    append_many = StepSpool.append_many
+
+    def slow_append(self, steps):
+        time.sleep(0.003)
+        append_many(self, steps)
+
+    monkeypatch.setattr(StepSpool, "append_many", slow_append)
+    cap = decode_step.IndexCapture(str(tmp_path / "w.dsatrace"), cuda=False, buffers=buffers,
+                                   model=MODEL, indexer=INDEXER, capture={},
+                                   steps_per_copy=1)  # fmt: skip
+    made = []
+    host_buffer = cap._host_buffer
+
+    def counted():
+        buf = host_buffer()
+        made.append(weakref.ref(buf))
+        alive.append(len({id(r()) for r in made if r() is not None}))
+        return buf
+
+    alive = []
+    monkeypatch.setattr(cap, "_host_buffer", counted)
+    for step in range(30):
+        width = (4, 6, 8)[step % 3]
+        cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, width))
+        cap.add_all(torch.arange(4 * width, dtype=torch.int32).reshape(2, 2, width))
+        cap.end_step()
+    cap.close()
+    assert max(alive) <= buffers
+    assert sorted(set(open_trace(tmp_path / "w.dsatrace").read_all().step.tolist())) == list(
+        range(30)
+    )
+
+
+def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, monkeypatch):
+    """A host buffer that cannot be made (pinned memory exhausted): the steps of that batch
+    are reported, not dropped silently, the capture does not hang, and the trace stays
+    incomplete."""
+    import torch
+
+    from dsacache.kernels import decode_step
+
+    trace = tmp_path / "oom.dsatrace"
+    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
+                                   indexer=INDEXER, capture={}, steps_per_copy=1)  # fmt: skip
+    empty = torch.empty
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory (pinned)")
+
+    cap.begin_step(0, np.full((2, 2), 99), (2, 2, 1, 4))
+    cap.add_all(torch.arange(16, dtype=torch.int32).reshape(2, 2, 4))
+    monkeypatch.setattr(decode_step.torch, "empty", no_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cap.end_step()
+    monkeypatch.setattr(decode_step.torch, "empty", empty)
+    with pytest.raises(RuntimeError, match="index capture failed.*out of memory"):
+        cap.begin_step(1, np.full((2, 2), 99), (2, 2, 1, 4))
+    with pytest.raises(RuntimeError, match="index capture failed"):
+        cap.close()
+    assert not cap._thread.is_alive()
+    assert not open_trace(trace).manifest["complete"]
