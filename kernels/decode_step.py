@@ -794,6 +794,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="page order and cache contents")
     p.add_argument("--indexer-topk", action="store_true", help="attend to the indexer's top-k")
     p.add_argument("--capture", default=None, help="write the indices read to this trace")
+    p.add_argument("--capture-steps-per-copy", type=int, default=None,
+                   help="steps moved to the host per transfer (default: up to 16)")  # fmt: skip
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", choices=BACKENDS, default="triton", help="sparse attention kernel")
     p.add_argument("--persist-layers", type=int, default=0,
@@ -822,6 +824,7 @@ def main(argv: list[str] | None = None) -> None:
             layers=args.layers, heads=args.heads, hints=Hints(args.index_evict, args.kv_evict),
             device=args.device, page_order=args.page_order,
             use_trace_selection=not args.indexer_topk, capture=args.capture,
+            capture_steps_per_copy=args.capture_steps_per_copy,
             backend=args.backend, seed=args.seed, persist=persist, cuda_graph=args.cuda_graph,
         )  # fmt: skip
     except (DsacacheError, ValueError) as e:  # run_trace's checks of its options raise ValueError
