@@ -266,6 +266,10 @@ class IndexCapture:
         self._half = 0  # the half the current step goes to (slot: half * R + pending steps)
         self._half_free: list[Any] = [None, None]  # per half: event after its last transfer
         self._side: Any = None  # the transfers' CUDA stream
+        # CUDA events, made once (making one costs the launching thread more than recording
+        # it): after a half's copies, and per half after its transfer to the host
+        self._copied: Any = None
+        self._transferred: list[Any] = []
         self._todo: queue.Queue[_Batch | None] = queue.Queue()
         self._pending: list[_StepRecord] = []  # steps in the current half
         self._error: BaseException | None = None
@@ -308,6 +312,7 @@ class IndexCapture:
 
     @_launcher_time
     def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
+        self._raise()
         cur = self._current
         assert cur is not None, "begin_step first"
         assert not cur.written[layers, 1].any(), "a layer's indices are copied once per step"
@@ -326,7 +331,25 @@ class IndexCapture:
         dest.copy_(idx, non_blocking=True)
         cur.written[layers] = (groups, width)
 
+    def reserve(self, shape: tuple[int, ...], device: torch.device | str) -> None:
+        """Allocate the ring and the pinned host buffers for steps of ``shape`` ``(L, B, G,
+        W)`` on ``device`` now, before the decode (else the first step does it: allocating
+        pinned memory takes milliseconds and stalls the GPU's queue)."""
+        shape = tuple(int(s) for s in shape)
+        if shape != self._shape:
+            self._hand_over()
+            self._shape = shape
+        self._make_ring(torch.device(device))
+
     def _make_ring(self, device: torch.device) -> None:
+        try:
+            self._allocate(device)
+        except BaseException as e:  # (out of memory) raised now and by every later call
+            self._ring, self._slots = None, []
+            self._error = self._error or e
+            raise
+
+    def _allocate(self, device: torch.device) -> None:
         step_bytes = 4 * int(np.prod(self._shape))
         self._per_copy = self._steps_per_copy or max(
             1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * step_bytes))
@@ -340,18 +363,37 @@ class IndexCapture:
         if self._ring.is_cuda:
             if self._side is None:
                 self._side = torch.cuda.Stream(device)
+                self._copied = _copy_event()
+                self._transferred = [_copy_event(), _copy_event()]
             self._ring.record_stream(self._side)  # freed (a new shape): not reused mid-transfer
+        wanted, kept = (self._per_copy, *self._shape), []
+        while not self._free.empty():  # drop returned buffers of another shape
+            buf = self._free.get_nowait()
+            if tuple(buf.shape) == wanted:
+                kept.append(buf)
+            else:
+                self._made -= 1
+        for buf in kept:
+            self._free.put(buf)
+        while self._made < self._buffers:  # the host buffers too, up front
+            self._free.put(self._new_host_buffer())
 
     @_launcher_time
     def end_step(self) -> None:
         """Finish the step; when it fills a half of the ring, move that half to the host."""
         cur, self._current = self._current, None
         assert cur is not None
+        self._raise()  # a step whose copy failed is not written
         if self._ring is None:  # no copy this step: every row is empty
             self._make_ring(torch.device("cuda" if self._cuda else "cpu"))
         self._pending.append(cur)
         if len(self._pending) == self._per_copy:
             self._hand_over()
+
+    def _new_host_buffer(self) -> torch.Tensor:
+        buf = torch.empty((self._per_copy, *self._shape), dtype=torch.int32, pin_memory=self._cuda)
+        self._made += 1
+        return buf
 
     def _host_buffer(self) -> torch.Tensor:
         shape = (self._per_copy, *self._shape)
@@ -360,9 +402,7 @@ class IndexCapture:
                 try:
                     buf = self._free.get_nowait()
                 except queue.Empty:
-                    buf = torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
-                    self._made += 1
-                    return buf
+                    return self._new_host_buffer()
             else:
                 t0 = time.perf_counter()
                 buf = self._free.get()  # the thread is behind: wait for a buffer
@@ -396,12 +436,13 @@ class IndexCapture:
         if not src.is_cuda:
             dst.copy_(src)
             return
-        copied = _copy_event()
-        copied.record(torch.cuda.current_stream(src.device))  # after the half's copies
-        self._side.wait_event(copied)
+        self._copied.record(torch.cuda.current_stream(src.device))  # after the half's copies
+        self._side.wait_event(self._copied)  # (takes the event's state now: free to record again)
         with torch.cuda.stream(self._side):
             dst.copy_(src, non_blocking=True)
-        batch.done = _copy_event()
+        # recorded again for the half's next transfer, perhaps before the thread waits for it:
+        # the thread then waits for that later transfer too (same stream), never too little
+        batch.done = self._transferred[self._half]
         batch.done.record(self._side)
         self._half_free[self._half] = batch.done
 
@@ -710,6 +751,9 @@ def run_trace(
         graphs: dict[int, _StepGraph] = {}  # by selection width
         if cuda_graph:  # the usual width, built before the flush and the clock
             graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev)
+        out_groups = groups if use_trace_selection else 1
+        if cap is not None:  # its buffers for the usual width, before the clock
+            cap.reserve((n_layers, batch, out_groups, k), dev)
         if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
             flush(torch.ones(FLUSH_BYTES // 4, device=dev))
         l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
@@ -751,7 +795,6 @@ def run_trace(
                     sel_all = sel_all.to(dev, non_blocking=True)
                     read = launch(sel_all, ctx_all.to(dev, non_blocking=True), int(pos_np.max()))
                 if cap is not None:
-                    out_groups = groups if use_trace_selection else 1
                     out_width = width if use_trace_selection else k
                     cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
                     if use_trace_selection:  # the selections every layer reads: one copy

@@ -321,9 +321,9 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
 
 
 def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, monkeypatch):
-    """A host buffer that cannot be made (pinned memory exhausted): the steps of that batch
-    are reported, not dropped silently, the capture does not hang, and the trace stays
-    incomplete."""
+    """A host buffer that cannot be made (pinned memory exhausted; here at a change of
+    width): the call raises, every later call raises too (no step is written half empty),
+    the capture does not hang, and the trace keeps the steps before, marked incomplete."""
     import torch
 
     from dsacache.kernels import decode_step
@@ -331,20 +331,24 @@ def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, 
     trace = tmp_path / "oom.dsatrace"
     cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
                                    indexer=INDEXER, capture={}, steps_per_copy=1)  # fmt: skip
+    cap.begin_step(0, np.full((2, 2), 99), (2, 2, 1, 4))
+    cap.add_all(torch.arange(16, dtype=torch.int32).reshape(2, 2, 4))
+    cap.end_step()
     empty = torch.empty
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("CUDA error: out of memory (pinned)")
 
-    cap.begin_step(0, np.full((2, 2), 99), (2, 2, 1, 4))
-    cap.add_all(torch.arange(16, dtype=torch.int32).reshape(2, 2, 4))
+    cap.begin_step(1, np.full((2, 2), 99), (2, 2, 1, 6))
     monkeypatch.setattr(decode_step.torch, "empty", no_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
-        cap.end_step()
+        cap.add_all(torch.arange(24, dtype=torch.int32).reshape(2, 2, 6))
     monkeypatch.setattr(decode_step.torch, "empty", empty)
     with pytest.raises(RuntimeError, match="index capture failed.*out of memory"):
-        cap.begin_step(1, np.full((2, 2), 99), (2, 2, 1, 4))
+        cap.end_step()
     with pytest.raises(RuntimeError, match="index capture failed"):
         cap.close()
     assert not cap._thread.is_alive()
-    assert not open_trace(trace).manifest["complete"]
+    kept = open_trace(trace)
+    assert not kept.manifest["complete"]
+    assert sorted(set(kept.read_all().step.tolist())) == [0]
