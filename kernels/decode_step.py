@@ -328,7 +328,13 @@ class IndexCapture:
         groups, width = idx.shape[-2], idx.shape[-1]
         if dest.shape != idx.shape:  # a narrower copy: the thread empties the rest on the host
             dest = dest[..., :groups, :width]
-        dest.copy_(idx, non_blocking=True)
+        if dest.is_cuda:
+            # an elementwise kernel, not copy_'s device-to-device memcpy: CUDA lets no command
+            # of another stream run beside one issued after such a memcpy, so every transfer
+            # on the side stream would stall the decode until it finished
+            torch.mul(idx, 1, out=dest)
+        else:
+            dest.copy_(idx)
         cur.written[layers] = (groups, width)
 
     def reserve(self, shape: tuple[int, ...], device: torch.device | str) -> None:
@@ -550,13 +556,14 @@ class RunResult:
     layers: int
     batch: int
     layout: str
-    seconds: float  # the step loop, from after the trace's first step was read to the last sync
+    seconds: float  # from after the trace's first step was read to the end (capture closed)
     backend: str = "triton"
     step_seconds: list[float] = field(default_factory=list)  # each step's launches (no sync)
     index_bytes: int = 0  # indexer key bytes read (all steps and layers)
     kv_bytes: int = 0  # KV bytes gathered
     capture: str | None = None
     capture_stats: dict[str, float] = field(default_factory=dict)  # IndexCapture.stats
+    decode_seconds: float = 0.0  # the step loop to its last kernel (before the capture's close)
 
 
 def kv_reads_per_token(backend: str, layout: str, heads: int) -> int:
@@ -807,6 +814,7 @@ def run_trace(
                 result.steps += 1
                 result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
             sync()
+            result.decode_seconds = time.perf_counter() - t_all
         except BaseException:
             if cap is not None:
                 with contextlib.suppress(Exception):  # the loop's error is the one to report
