@@ -47,7 +47,8 @@ os.environ.setdefault("TRITON_INTERPRET", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dsacache.kernels.decode_step import IndexCapture, run_trace  # noqa: E402
+from dsacache.kernels.decode_step import run_trace  # noqa: E402
+from dsacache.kernels.index_capture import IndexCapture  # noqa: E402
 from dsacache.tracer import SynthConfig, synthesize  # noqa: E402
 from dsacache.traces import open_trace  # noqa: E402
 

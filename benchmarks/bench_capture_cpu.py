@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from dsacache.kernels.decode_step import IndexCapture
+from dsacache.kernels.index_capture import IndexCapture
 
 
 def _spin(seconds: float) -> None:

@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import itertools
-import queue
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ import torch
 
 from dsacache.errors import DsacacheError
 from dsacache.kernels.flashmla import flashmla_sparse_decode
+from dsacache.kernels.index_capture import IndexCapture
 from dsacache.kernels.indexer import indexer_logits, select_topk
 from dsacache.kernels.paged import (
     MLA_DIM,
@@ -173,359 +171,15 @@ def decode_step(
 
 
 # -- index capture without a sync per layer ------------------------------------------------------
-def _copy_event() -> Any:
-    """A CUDA event that a host wait sleeps on (tests replace it)."""
-    return torch.cuda.Event(blocking=True)
-
-
-def _launcher_time(method: Callable) -> Callable:
-    """Add the time the launching thread spends in an ``IndexCapture`` method to its
-    ``stats["launcher_s"]``."""
-
-    @functools.wraps(method)
-    def timed(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.stats["launcher_s"] += time.perf_counter() - t0
-
-    return timed
-
-
-# device staging ring of a capture: at most this many bytes, at most MAX_STEPS_PER_COPY steps
-# per half (a process that dies loses the ring's steps not yet copied to the host)
-RING_BYTES = 256 << 20
-MAX_STEPS_PER_COPY = 16
-
-
-@dataclass
-class _StepRecord:
-    step: int
-    positions: np.ndarray  # int64 [L, B]
-    written: np.ndarray  # int64 [L, 2]: (groups, width) each layer's copy wrote; (0, 0) none
-
-
-@dataclass
-class _Batch:
-    """Steps copied from the device ring to one host buffer with one transfer."""
-
-    steps: list[_StepRecord]
-    host: torch.Tensor | None  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) in use
-    done: Any = None  # CUDA event after the transfer (None: already on the host)
-    failed: bool = False  # the transfer raised: nothing to spool
-
-
-class IndexCapture:
-    """Capture the kernels' index tensors during a decode and write them to a trace.
-
-    Per step, ``begin_step``, then ``add(layer, indices)`` per layer or ``add_all`` once for
-    every layer, then ``end_step``. Each ``add`` is one device-to-device copy into a ring of
-    ``2 * steps_per_copy`` step slots on the indices' own device, on the launching stream
-    (no sync, no host transfer). When a half of the ring is full, one transfer on a side
-    stream moves its steps to a pinned host buffer, and a thread waits for it, appends the
-    steps to a raw spool beside the trace (``dsacache.traces.spool``) with one system call and
-    frees the buffer; the launching stream waits (on the GPU) for that transfer before it
-    writes to the half again. ``close`` encodes the spool into the trace.
-
-    Why a ring on the device: in a decode bound by the GPU (CUDA graphs), a per-step copy to
-    the host, an event and a hand-over to the thread cost +37% per step on the H100 (batch 8
-    x 8 layers, 2026-12-07, docs/results/h100-kernels/capture/): the launching thread's calls,
-    the GIL the thread took from it, and a transfer serialised with the kernels.
-    ``steps_per_copy`` (default: as many steps as fit ``RING_BYTES`` per ring, at most
-    ``MAX_STEPS_PER_COPY``) trades those costs against what a dying process loses: the steps
-    still in the ring, up to ``2 * steps_per_copy``. Rows a copy left out (narrower groups or
-    width, layers never added) are written as empty, not left from an earlier step. The
-    launching thread waits only when all ``buffers`` host buffers (default 3) are in use.
-    Encoding rows during the decode cost +68% per step on the H200; it runs after the decode,
-    in ``close``. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s. If the process dies
-    before ``close``, the spool is left beside the trace: ``dsacache recover PATH`` finishes
-    it. ``cuda`` says that the indices live on a CUDA device (pinned host buffers).
-    """
-
-    def __init__(self, path: str, cuda: bool, buffers: int = 3, steps_per_copy: int | None = None,
-                 **writer_kwargs: Any) -> None:  # fmt: skip
-        from dsacache.traces import TraceWriter
-        from dsacache.traces.spool import StepSpool, spool_path
-
-        if steps_per_copy is not None and steps_per_copy < 1:
-            raise ValueError(f"IndexCapture needs steps_per_copy >= 1, got {steps_per_copy}")
-        if buffers < 1:
-            raise ValueError(f"IndexCapture needs at least 1 host buffer, got buffers={buffers}")
-        self.writer = TraceWriter(path, **writer_kwargs)
-        self._spool = StepSpool(spool_path(path))
-        self._cuda = cuda
-        self._buffers = buffers
-        self._steps_per_copy = steps_per_copy
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()  # buffers the thread gave back
-        self._made = 0  # host buffers made and not yet dropped (any shape)
-        self._shape: tuple[int, ...] | None = None  # (L, B, G, W) of the ring's slots
-        self._ring: torch.Tensor | None = None  # [2R, L, B, G, W] on the indices' device
-        self._slots: list[torch.Tensor] = []  # the ring's slots as views (indexing costs ~us)
-        self._per_copy = 1  # R: steps per half
-        self._half = 0  # the half the current step goes to (slot: half * R + pending steps)
-        self._half_free: list[Any] = [None, None]  # per half: event after its last transfer
-        self._side: Any = None  # the transfers' CUDA stream
-        # CUDA events, made once (making one costs the launching thread more than recording
-        # it): after a half's copies, and per half after its transfer to the host
-        self._copied: Any = None
-        self._transferred: list[Any] = []
-        self._todo: queue.Queue[_Batch | None] = queue.Queue()
-        self._pending: list[_StepRecord] = []  # steps in the current half
-        self._error: BaseException | None = None
-        self._spool_failed = False
-        self._current: _StepRecord | None = None
-        # seconds: launcher_s all the launching thread spent in the capture's calls, of which
-        # launcher_wait_s blocked for a free host buffer; the thread waiting for transfers
-        # (copy_wait_s) and writing the spool (spool_s); close encoding the spool (encode_s)
-        self.stats = {"launcher_s": 0.0, "launcher_wait_s": 0.0, "copy_wait_s": 0.0,
-                      "spool_s": 0.0, "encode_s": 0.0}  # fmt: skip
-        self._thread = threading.Thread(target=self._work, name="dsa-index-capture", daemon=True)
-        self._thread.start()
-
-    @property
-    def steps_per_copy(self) -> int:
-        """Steps moved to the host per transfer (set when the first step's shape is known)."""
-        return self._per_copy
-
-    @_launcher_time
-    def begin_step(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
-        """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
-        self._raise()
-        assert self._current is None, "end_step first"
-        shape = tuple(int(s) for s in shape)
-        if shape != self._shape:
-            self._hand_over()
-            self._shape, self._ring, self._slots = shape, None, []  # made by the first copy
-            # host buffers of the old shape still count until they come back to be dropped
-        self._current = _StepRecord(step, np.array(positions, dtype=np.int64),
-                                    np.zeros((shape[0], 2), np.int64))  # fmt: skip
-
-    def add(self, layer: int, indices: torch.Tensor) -> None:
-        """Queue the copy of one layer's indices (``[B, W]`` or ``[B, G, W]``)."""
-        self._queue(layer, indices if indices.dim() == 3 else indices[:, None, :])
-
-    def add_all(self, indices: torch.Tensor) -> None:
-        """Queue one copy of every layer's indices (``[L, B, W]`` or ``[L, B, G, W]``): one
-        copy per step when the selections of all layers exist in one tensor."""
-        self._queue(slice(None), indices if indices.dim() == 4 else indices[:, :, None, :])
-
-    @_launcher_time
-    def _queue(self, layers: int | slice, idx: torch.Tensor) -> None:
-        self._raise()
-        cur = self._current
-        assert cur is not None, "begin_step first"
-        assert not cur.written[layers, 1].any(), "a layer's indices are copied once per step"
-        if self._ring is None:
-            self._make_ring(idx.device)
-        if self._half_free[self._half] is not None:
-            # the half's last transfer to the host must finish before it is written again
-            torch.cuda.current_stream(idx.device).wait_event(self._half_free[self._half])
-            self._half_free[self._half] = None
-        dest = self._slots[self._half * self._per_copy + len(self._pending)]
-        if layers != slice(None):
-            dest = dest[layers]
-        groups, width = idx.shape[-2], idx.shape[-1]
-        if dest.shape != idx.shape:  # a narrower copy: the thread empties the rest on the host
-            dest = dest[..., :groups, :width]
-        if dest.is_cuda:
-            # an elementwise kernel, not copy_'s device-to-device memcpy: CUDA lets no command
-            # of another stream run beside one issued after such a memcpy, so every transfer
-            # on the side stream would stall the decode until it finished
-            torch.mul(idx, 1, out=dest)
-        else:
-            dest.copy_(idx)
-        cur.written[layers] = (groups, width)
-
-    def reserve(self, shape: tuple[int, ...], device: torch.device | str) -> None:
-        """Allocate the ring and the pinned host buffers for steps of ``shape`` ``(L, B, G,
-        W)`` on ``device`` now, before the decode (else the first step does it: allocating
-        pinned memory takes milliseconds and stalls the GPU's queue)."""
-        shape = tuple(int(s) for s in shape)
-        if shape != self._shape:
-            self._hand_over()
-            self._shape = shape
-        self._make_ring(torch.device(device))
-
-    def _make_ring(self, device: torch.device) -> None:
-        try:
-            self._allocate(device)
-        except BaseException as e:  # (out of memory) raised now and by every later call
-            self._ring, self._slots = None, []
-            self._error = self._error or e
-            raise
-
-    def _allocate(self, device: torch.device) -> None:
-        step_bytes = 4 * int(np.prod(self._shape))
-        self._per_copy = self._steps_per_copy or max(
-            1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * step_bytes))
-        )
-        self._ring = torch.empty(
-            (2 * self._per_copy, *self._shape), dtype=torch.int32, device=device
-        )
-        self._slots = list(self._ring.unbind(0))
-        self._half = 0
-        self._half_free = [None, None]
-        if self._ring.is_cuda:
-            if self._side is None:
-                self._side = torch.cuda.Stream(device)
-                self._copied = _copy_event()
-                self._transferred = [_copy_event(), _copy_event()]
-            self._ring.record_stream(self._side)  # freed (a new shape): not reused mid-transfer
-        wanted, kept = (self._per_copy, *self._shape), []
-        while not self._free.empty():  # drop returned buffers of another shape
-            buf = self._free.get_nowait()
-            if tuple(buf.shape) == wanted:
-                kept.append(buf)
-            else:
-                self._made -= 1
-        for buf in kept:
-            self._free.put(buf)
-        while self._made < self._buffers:  # the host buffers too, up front
-            self._free.put(self._new_host_buffer())
-
-    @_launcher_time
-    def end_step(self) -> None:
-        """Finish the step; when it fills a half of the ring, move that half to the host."""
-        cur, self._current = self._current, None
-        assert cur is not None
-        self._raise()  # a step whose copy failed is not written
-        if self._ring is None:  # no copy this step: every row is empty
-            self._make_ring(torch.device("cuda" if self._cuda else "cpu"))
-        self._pending.append(cur)
-        if len(self._pending) == self._per_copy:
-            self._hand_over()
-
-    def _new_host_buffer(self) -> torch.Tensor:
-        buf = torch.empty((self._per_copy, *self._shape), dtype=torch.int32, pin_memory=self._cuda)
-        self._made += 1
-        return buf
-
-    def _host_buffer(self) -> torch.Tensor:
-        shape = (self._per_copy, *self._shape)
-        while True:
-            if self._made < self._buffers:
-                try:
-                    buf = self._free.get_nowait()
-                except queue.Empty:
-                    return self._new_host_buffer()
-            else:
-                t0 = time.perf_counter()
-                buf = self._free.get()  # the thread is behind: wait for a buffer
-                self.stats["launcher_wait_s"] += time.perf_counter() - t0
-            if tuple(buf.shape) == shape:
-                return buf
-            self._made -= 1  # the shape changed: drop this buffer, make another
-
-    def _hand_over(self) -> None:
-        """Move the current half's steps to a host buffer (one transfer, on the side stream
-        after the copies) and give them to the thread; the next step starts the other half."""
-        if not self._pending:
-            return
-        steps, self._pending = self._pending, []
-        first = self._half * self._per_copy
-        batch = None
-        try:
-            batch = _Batch(steps, self._host_buffer())
-            self._transfer(self._ring[first : first + len(steps)], batch.host[: len(steps)], batch)
-        except BaseException as e:
-            if batch is not None:
-                batch.failed = True
-            self._error = self._error or e  # the steps are lost: the trace stays incomplete
-            raise
-        finally:
-            if batch is not None:
-                self._todo.put(batch)  # even after an error: the thread frees its buffer
-            self._half = 1 - self._half
-
-    def _transfer(self, src: torch.Tensor, dst: torch.Tensor, batch: _Batch) -> None:
-        if not src.is_cuda:
-            dst.copy_(src)
-            return
-        self._copied.record(torch.cuda.current_stream(src.device))  # after the half's copies
-        self._side.wait_event(self._copied)  # (takes the event's state now: free to record again)
-        with torch.cuda.stream(self._side):
-            dst.copy_(src, non_blocking=True)
-        # recorded again for the half's next transfer, perhaps before the thread waits for it:
-        # the thread then waits for that later transfer too (same stream), never too little
-        batch.done = self._transferred[self._half]
-        batch.done.record(self._side)
-        self._half_free[self._half] = batch.done
-
-    def close(self, complete: bool = True) -> None:
-        """Wait for the thread to spool every queued step, encode the spool into the trace and
-        remove it (``complete=False``, or after an error: keep the rows, leave the trace marked
-        incomplete); re-raises the thread's error."""
-        from dsacache.traces.spool import to_trace
-
-        try:
-            self._hand_over()  # records an event: after a CUDA error this raises too
-        except BaseException as e:
-            self._error = self._error or e
-        finally:
-            self._todo.put(None)
-        self._thread.join()
-        t0 = time.perf_counter()
-        finished = False
-        try:
-            self._spool.close()  # raises a failed fsync; the writer still keeps its rows
-            to_trace(self._spool.path, self.writer)
-            finished = complete and self._error is None
-        finally:
-            if finished:
-                self.writer.close()
-            else:
-                self.writer.flush()  # keep what was written; the trace stays incomplete
-        self.stats["encode_s"] += time.perf_counter() - t0
-        self._spool.path.unlink()
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise RuntimeError(f"index capture failed: {self._error!r}") from self._error
-
-    def _work(self) -> None:
-        while True:
-            batch = self._todo.get()
-            if batch is None:
-                return
-            self._spool_batch(batch)
-
-    def _spool_batch(self, batch: _Batch) -> None:
-        """Wait for the batch's transfer, empty the rows its copies left out, append its steps
-        to the spool and free its buffer; an error is kept for the next ``begin_step`` /
-        ``close`` to raise."""
-        try:
-            t0 = time.perf_counter()
-            if batch.done is not None:
-                batch.done.synchronize()
-            t1 = time.perf_counter()
-            if not batch.failed and not self._spool_failed:
-                dense = batch.host.numpy()
-                written = np.stack([s.written for s in batch.steps])  # [n, L, 2]
-                short = (written[..., 0] < dense.shape[3]) | (written[..., 1] < dense.shape[4])
-                for i, layer in zip(*np.nonzero(short), strict=True):
-                    groups, width = written[i, layer]
-                    dense[i, layer, :, groups:] = -1
-                    dense[i, layer, :, :groups, width:] = -1
-                self._spool.append_many([(s.step, s.positions, dense[i])
-                                         for i, s in enumerate(batch.steps)])  # fmt: skip
-            self.stats["copy_wait_s"] += t1 - t0
-            self.stats["spool_s"] += time.perf_counter() - t1
-        except BaseException as e:
-            self._spool_failed = True  # later batches are not spooled: the spool may be torn
-            self._error = self._error or e
-        finally:
-            host, batch.host = batch.host, None  # the pool's alone: a dropped one is freed
-            self._free.put(host)
-
-
 class _StepGraph:
     """One decode step's kernels captured as a CUDA graph over static inputs, the selections
-    ``[L, B, G, W]`` and context lengths ``[L, B]``, which ``replay`` copies in first."""
+    ``[L, B, G, W]`` and context lengths ``[L, B]``, which ``replay`` copies in first.
+    ``store(sel, read)``, if given, is captured after the layers (the index capture's copy
+    into its ring)."""
 
     def __init__(self, launch: Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]],
-                 shape: tuple[int, ...], max_context: int, device: torch.device) -> None:  # fmt: skip
+                 shape: tuple[int, ...], max_context: int, device: torch.device,
+                 store: Callable[[torch.Tensor, list[torch.Tensor]], None] | None = None) -> None:  # fmt: skip
         self.sel = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.ctx = torch.ones(shape[:2], dtype=torch.int32, device=device)
         side = torch.cuda.Stream(device)
@@ -537,6 +191,8 @@ class _StepGraph:
         # thread_local: the capture's thread may wait on an event meanwhile (a new width mid-run)
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.read = launch(self.sel, self.ctx, max_context)
+            if store is not None:
+                store(self.sel, self.read)
 
     def replay(self, sel: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
         """Run the step on ``sel`` and ``ctx`` (host or device tensors of the static shapes);
@@ -755,12 +411,23 @@ def run_trace(
                 read.append(res.indices)
             return read
 
+        out_groups = groups if use_trace_selection else 1
+
+        def out_shape(width: int) -> tuple[int, int, int, int]:
+            """The shape of a step's captured indices."""
+            return (n_layers, batch, out_groups, width if use_trace_selection else k)
+
+        store = None
+        if cap is not None:  # its buffers for the usual width, before the graphs and the clock
+            cap.reserve(out_shape(k), dev)
+            if cuda_graph:  # the copy into the capture's ring runs inside each step's graph
+
+                def store(sel: torch.Tensor, read: list[torch.Tensor]) -> None:
+                    cap.graph_store(sel if use_trace_selection else torch.stack(read))
+
         graphs: dict[int, _StepGraph] = {}  # by selection width
         if cuda_graph:  # the usual width, built before the flush and the clock
-            graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev)
-        out_groups = groups if use_trace_selection else 1
-        if cap is not None:  # its buffers for the usual width, before the clock
-            cap.reserve((n_layers, batch, out_groups, k), dev)
+            graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev, store)
         if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
             flush(torch.ones(FLUSH_BYTES // 4, device=dev))
         l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
@@ -795,15 +462,18 @@ def run_trace(
                     ctx_all = ctx_all.pin_memory()
                 if cuda_graph:
                     if width not in graphs:
-                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev)
+                        if cap is not None:
+                            cap.reserve(out_shape(width), dev)
+                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev, store)
                     read = graphs[width].replay(sel_all, ctx_all)
                     sel_all = graphs[width].sel
                 else:
                     sel_all = sel_all.to(dev, non_blocking=True)
                     read = launch(sel_all, ctx_all.to(dev, non_blocking=True), int(pos_np.max()))
-                if cap is not None:
-                    out_width = width if use_trace_selection else k
-                    cap.begin_step(step, pos_np, (n_layers, batch, out_groups, out_width))
+                if cap is not None and cuda_graph:  # the graph stored the step's indices
+                    cap.stored(step, pos_np, out_shape(width))
+                elif cap is not None:
+                    cap.begin_step(step, pos_np, out_shape(width))
                     if use_trace_selection:  # the selections every layer reads: one copy
                         cap.add_all(sel_all)
                     else:  # the indexer's top-k of every layer: stacked, one copy

@@ -1,5 +1,7 @@
-"""The capture's raw step spool (``traces.spool``): round trip, a crash cut, recovery."""
+"""The capture's raw step spool (``traces.spool``): round trip, a crash cut, recovery; and
+``IndexCapture``, which fills it during a decode."""
 
+import os
 import threading
 import time
 
@@ -9,6 +11,8 @@ import pytest
 from dsacache.errors import TraceError
 from dsacache.traces import SelectionBatch, TraceWriter, open_trace
 from dsacache.traces.spool import StepSpool, read_spool, recover, spool_path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # graph_store's kernels, on the CPU
 
 MODEL = {"name": "test", "layers": 2, "attention": "MLA"}
 INDEXER = {"kind": "oracle", "k": 6}
@@ -142,7 +146,7 @@ def test_index_capture_pads_narrow_copies_and_clears_layers_left_out(
     layers a step never wrote must not keep an earlier step's indices."""
     import torch
 
-    from dsacache.kernels.decode_step import IndexCapture
+    from dsacache.kernels.index_capture import IndexCapture
 
     trace = tmp_path / "c.dsatrace"
     cap = IndexCapture(str(trace), cuda=device == "cuda", buffers=1, model=MODEL,
@@ -187,7 +191,7 @@ def test_index_capture_writes_every_step_when_the_thread_is_slow(
     in one write per ``steps_per_copy`` steps (the width change ends a batch early)."""
     import torch
 
-    from dsacache.kernels import decode_step
+    from dsacache.kernels import index_capture
     from dsacache.traces.spool import StepSpool
 
     writes = []
@@ -200,11 +204,11 @@ def test_index_capture_writes_every_step_when_the_thread_is_slow(
 
     monkeypatch.setattr(StepSpool, "append_many", slow_append)
     with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
-        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
+        index_capture.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
     with pytest.raises(ValueError, match="steps_per_copy >= 1, got 0"):
-        decode_step.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, steps_per_copy=0)
+        index_capture.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, steps_per_copy=0)
     trace = tmp_path / "slow.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=device == "cuda", buffers=buffers, model=MODEL,
+    cap = index_capture.IndexCapture(str(trace), cuda=device == "cuda", buffers=buffers, model=MODEL,
                                    indexer=INDEXER, capture={},
                                    steps_per_copy=steps_per_copy)  # fmt: skip
     sent = {}
@@ -231,11 +235,11 @@ def test_index_capture_ring_size_follows_the_step_bytes(tmp_path, monkeypatch):
     and at most ``MAX_STEPS_PER_COPY``."""
     import torch
 
-    from dsacache.kernels import decode_step
+    from dsacache.kernels import index_capture
 
-    monkeypatch.setattr(decode_step, "RING_BYTES", 2 * 4 * 2 * 2 * 8 * 5)  # five 2x2x1x8 steps
+    monkeypatch.setattr(index_capture, "RING_BYTES", 2 * 4 * 2 * 2 * 8 * 5)  # five 2x2x1x8 steps
     for shape, want in [((2, 2, 1, 8), 5), ((2, 2, 1, 64), 1), ((1, 1, 1, 1), 16)]:
-        cap = decode_step.IndexCapture(str(tmp_path / f"r{want}.dsatrace"), cuda=False,
+        cap = index_capture.IndexCapture(str(tmp_path / f"r{want}.dsatrace"), cuda=False,
                                        model=MODEL, indexer=INDEXER, capture={})  # fmt: skip
         cap.begin_step(0, np.full(shape[:2], 1000), shape)
         cap.add_all(torch.arange(np.prod(shape), dtype=torch.int32).reshape(shape))
@@ -250,10 +254,10 @@ def test_index_capture_close_stops_its_threads_when_the_last_transfer_fails(tmp_
     and raises."""
     import torch
 
-    from dsacache.kernels import decode_step
+    from dsacache.kernels import index_capture
 
     trace = tmp_path / "broken.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
+    cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
                                    capture={}, steps_per_copy=2)  # fmt: skip
     for step in range(3):  # steps 0-1 transferred and spooled, step 2 pending in the ring
         if step == 2:
@@ -284,7 +288,7 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
 
     import torch
 
-    from dsacache.kernels import decode_step
+    from dsacache.kernels import index_capture
     from dsacache.traces.spool import StepSpool
 
     append_many = StepSpool.append_many
@@ -294,20 +298,20 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
         append_many(self, steps)
 
     monkeypatch.setattr(StepSpool, "append_many", slow_append)
-    cap = decode_step.IndexCapture(str(tmp_path / "w.dsatrace"), cuda=False, buffers=buffers,
+    cap = index_capture.IndexCapture(str(tmp_path / "w.dsatrace"), cuda=False, buffers=buffers,
                                    model=MODEL, indexer=INDEXER, capture={},
                                    steps_per_copy=1)  # fmt: skip
     made = []
-    host_buffer = cap._host_buffer
+    new_host_buffer = cap._new_host_buffer
 
-    def counted():
-        buf = host_buffer()
+    def counted(shape):
+        buf = new_host_buffer(shape)
         made.append(weakref.ref(buf))
-        alive.append(len({id(r()) for r in made if r() is not None}))
+        alive.append(sum(r() is not None for r in made))
         return buf
 
     alive = []
-    monkeypatch.setattr(cap, "_host_buffer", counted)
+    monkeypatch.setattr(cap, "_new_host_buffer", counted)
     for step in range(30):
         width = (4, 6, 8)[step % 3]
         cap.begin_step(step, np.full((2, 2), 99), (2, 2, 1, width))
@@ -326,10 +330,10 @@ def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, 
     the capture does not hang, and the trace keeps the steps before, marked incomplete."""
     import torch
 
-    from dsacache.kernels import decode_step
+    from dsacache.kernels import index_capture
 
     trace = tmp_path / "oom.dsatrace"
-    cap = decode_step.IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
+    cap = index_capture.IndexCapture(str(trace), cuda=False, buffers=1, model=MODEL,
                                    indexer=INDEXER, capture={}, steps_per_copy=1)  # fmt: skip
     cap.begin_step(0, np.full((2, 2), 99), (2, 2, 1, 4))
     cap.add_all(torch.arange(16, dtype=torch.int32).reshape(2, 2, 4))
@@ -340,10 +344,10 @@ def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, 
         raise RuntimeError("CUDA error: out of memory (pinned)")
 
     cap.begin_step(1, np.full((2, 2), 99), (2, 2, 1, 6))
-    monkeypatch.setattr(decode_step.torch, "empty", no_memory)
+    monkeypatch.setattr(index_capture.torch, "empty", no_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         cap.add_all(torch.arange(24, dtype=torch.int32).reshape(2, 2, 6))
-    monkeypatch.setattr(decode_step.torch, "empty", empty)
+    monkeypatch.setattr(index_capture.torch, "empty", empty)
     with pytest.raises(RuntimeError, match="index capture failed.*out of memory"):
         cap.end_step()
     with pytest.raises(RuntimeError, match="index capture failed"):
@@ -352,3 +356,44 @@ def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, 
     kept = open_trace(trace)
     assert not kept.manifest["complete"]
     assert sorted(set(kept.read_all().step.tolist())) == [0]
+
+
+@pytest.mark.parametrize("steps_per_copy", [1, 3])
+def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path, steps_per_copy):
+    """``graph_store`` as a CUDA graph replays it (here launched eagerly, its kernels under
+    the interpreter on the CPU): each call copies into the slot the ring's device counter
+    names, ``stored`` notes the step. Two shapes alternate in runs (a graph per width), the
+    second run of a shape starts after a partial hand-over: every step is spooled once,
+    in order, with its own indices."""
+    import torch
+
+    from dsacache.kernels import index_capture
+
+    trace = tmp_path / "g.dsatrace"
+    cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
+                                     capture={}, steps_per_copy=steps_per_copy)  # fmt: skip
+    shapes = {4: (2, 2, 1, 4), 6: (2, 2, 1, 6)}
+    static = {}
+    for width, shape in shapes.items():
+        cap.reserve(shape, "cpu")
+        static[width] = torch.zeros(shape, dtype=torch.int32)  # a graph's static input
+    sent = {}
+    widths = [4] * 5 + [6] * 2 + [4] * 4 + [6] * 3
+    for step, width in enumerate(widths):
+        values = torch.arange(step, step + 4 * width, dtype=torch.int32).reshape(shapes[width])
+        static[width].copy_(values)
+        cap.graph_store(static[width])  # what a replay of that width's graph runs
+        cap.stored(step, np.full((2, 2), 99), shapes[width])
+        sent[step] = values.reshape(4, width).tolist()
+    with pytest.raises(RuntimeError, match="stored by a CUDA graph"):
+        cap.begin_step(99, np.full((2, 2), 99), shapes[4])
+        cap.add_all(static[4])
+    cap._current = None
+    with pytest.raises(ValueError, match="reserve"):
+        cap.graph_store(torch.zeros((2, 2, 1, 8), dtype=torch.int32))
+    cap.close()
+    got = open_trace(trace).read_all()
+    assert sorted(set(got.step.tolist())) == list(range(len(widths)))
+    for step, rows in sent.items():
+        mine = got.take(np.flatnonzero(got.step == step))
+        assert [mine.row(i).tolist() for i in range(len(mine))] == rows
