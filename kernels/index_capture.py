@@ -242,11 +242,15 @@ class IndexCapture:
         if ring.added:
             raise RuntimeError(f"steps of shape {ring.shape} are added from Python")
         ring.graph = True
+        self._launch_store(idx, ring, ring.counter)
+
+    @staticmethod
+    def _launch_store(idx: torch.Tensor, ring: _Ring, counter: torch.Tensor) -> None:
         n = idx.numel()
         _ring_store[(triton.cdiv(n, _STORE_BLOCK),)](
-            idx, ring.data, ring.counter, n, 2 * ring.per_copy, BLOCK=_STORE_BLOCK
+            idx, ring.data, counter, n, 2 * ring.per_copy, BLOCK=_STORE_BLOCK
         )
-        _ring_advance[(1,)](ring.counter)
+        _ring_advance[(1,)](counter)
 
     @_launcher_time
     def stored(self, step: int, positions: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -306,6 +310,11 @@ class IndexCapture:
                 self._copied = _copy_event()
             transferred = [_copy_event(), _copy_event()]
         ring = _Ring(shape, per_copy, data, list(data.unbind(0)), counter, full, transferred)
+        if data.is_cuda:
+            # compile graph_store's kernels for this shape now: loading a module while a CUDA
+            # graph is being captured is not allowed (a scratch counter; slot 0 is written again)
+            self._launch_store(torch.zeros(shape, dtype=torch.int32, device=device), ring,
+                               torch.zeros_like(counter))  # fmt: skip
         self._rings[shape] = ring
         self._fill_pool((per_copy, *shape))
         return ring
