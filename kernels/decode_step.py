@@ -174,25 +174,30 @@ def decode_step(
 class _StepGraph:
     """One decode step's kernels captured as a CUDA graph over static inputs, the selections
     ``[L, B, G, W]`` and context lengths ``[L, B]``, which ``replay`` copies in first.
-    ``store(sel, read)``, if given, is captured after the layers (the index capture's copy
-    into its ring)."""
+    ``store(indices_of(sel, read))``, if given, is captured after the layers (the index
+    capture's copy into its ring; ``indices_of`` also runs in the warm-up, so that nothing
+    is loaded for the first time while the graph is captured)."""
 
     def __init__(self, launch: Callable[[torch.Tensor, torch.Tensor, int], list[torch.Tensor]],
                  shape: tuple[int, ...], max_context: int, device: torch.device,
-                 store: Callable[[torch.Tensor, list[torch.Tensor]], None] | None = None) -> None:  # fmt: skip
+                 store: Callable[[torch.Tensor], None] | None = None,
+                 indices_of: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None,
+                 ) -> None:  # fmt: skip
         self.sel = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.ctx = torch.ones(shape[:2], dtype=torch.int32, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compiles the kernels and fills the allocator, unrecorded
-            launch(self.sel, self.ctx, max_context)
+            read = launch(self.sel, self.ctx, max_context)
+            if store is not None:
+                indices_of(self.sel, read)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the capture's thread may wait on an event meanwhile (a new width mid-run)
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.read = launch(self.sel, self.ctx, max_context)
             if store is not None:
-                store(self.sel, self.read)
+                store(indices_of(self.sel, self.read))
 
     def replay(self, sel: torch.Tensor, ctx: torch.Tensor) -> list[torch.Tensor]:
         """Run the step on ``sel`` and ``ctx`` (host or device tensors of the static shapes);
@@ -417,17 +422,18 @@ def run_trace(
             """The shape of a step's captured indices."""
             return (n_layers, batch, out_groups, width if use_trace_selection else k)
 
-        store = None
+        def indices_read(sel: torch.Tensor, read: list[torch.Tensor]) -> torch.Tensor:
+            """What the step's attention read, for the capture: ``[L, B, G, W]``."""
+            return sel if use_trace_selection else torch.stack(read)
+
+        # with CUDA graphs the copy into the capture's ring runs inside each step's graph
+        store = cap.graph_store if cap is not None and cuda_graph else None
         if cap is not None:  # its buffers for the usual width, before the graphs and the clock
             cap.reserve(out_shape(k), dev)
-            if cuda_graph:  # the copy into the capture's ring runs inside each step's graph
-
-                def store(sel: torch.Tensor, read: list[torch.Tensor]) -> None:
-                    cap.graph_store(sel if use_trace_selection else torch.stack(read))
-
         graphs: dict[int, _StepGraph] = {}  # by selection width
         if cuda_graph:  # the usual width, built before the flush and the clock
-            graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev, store)
+            graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev, store,
+                                   indices_read)  # fmt: skip
         if dev.type == "cuda":  # the caches were just written: evict them, as a long decode would
             flush(torch.ones(FLUSH_BYTES // 4, device=dev))
         l2_window = contextlib.ExitStack()  # the persisting window's stream, entered for the loop
@@ -464,7 +470,8 @@ def run_trace(
                     if width not in graphs:
                         if cap is not None:
                             cap.reserve(out_shape(width), dev)
-                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev, store)
+                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev, store,
+                                                   indices_read)  # fmt: skip
                     read = graphs[width].replay(sel_all, ctx_all)
                     sel_all = graphs[width].sel
                 else:
@@ -474,10 +481,7 @@ def run_trace(
                     cap.stored(step, pos_np, out_shape(width))
                 elif cap is not None:
                     cap.begin_step(step, pos_np, out_shape(width))
-                    if use_trace_selection:  # the selections every layer reads: one copy
-                        cap.add_all(sel_all)
-                    else:  # the indexer's top-k of every layer: stacked, one copy
-                        cap.add_all(torch.stack(read))
+                    cap.add_all(indices_read(sel_all, read))  # every layer: one copy
                     cap.end_step()
                 result.index_bytes += int(pos_np.sum()) * 132
                 result.kv_bytes += int((sel_np >= 0).sum()) * kv_tok

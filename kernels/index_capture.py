@@ -78,6 +78,7 @@ class _Batch:
 
     steps: list[_StepRecord]
     host: torch.Tensor | None  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) used
+    pool: queue.Queue | None = None  # where the thread returns the host buffer
     done: Any = None  # CUDA event after the transfer (None: already on the host)
     failed: bool = False  # the transfer raised: nothing to spool
 
@@ -95,6 +96,8 @@ class _Ring:
     transferred: list[Any]  # per half: CUDA event after its last transfer (empty on the CPU)
     waits: list[bool] = field(default_factory=lambda: [False, False])  # per half: one pending
     half: int = 0  # the half the next step goes to
+    free: queue.Queue = field(default_factory=queue.Queue)  # its host buffers not in use
+    made: int = 0  # its host buffers
     graph: bool = False  # filled by graph_store (the device counter)
     added: bool = False  # filled by add / add_all (the host's position); never both
 
@@ -121,10 +124,10 @@ class IndexCapture:
     what was left (docs/results/h100-kernels/capture/ring-1207/). ``steps_per_copy``
     (default: as many steps as fit ``RING_BYTES`` per ring, at most ``MAX_STEPS_PER_COPY``)
     trades that against what a dying process loses: the steps still in the rings, up to
-    ``2 * steps_per_copy``. Each step shape has its own ring, kept until ``close`` (a CUDA
-    graph holds its address). Rows a copy left out (narrower groups or width, layers never
-    added) are written as empty. The launching thread waits only when all ``buffers`` host
-    buffers (default 3) are in use. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s;
+    ``2 * steps_per_copy``. Each step shape has its own ring and ``buffers`` host buffers
+    (default 3), kept until ``close`` (a CUDA graph holds the ring's address); the launching
+    thread waits only when all of a shape's host buffers are in use. Rows a copy left out
+    (narrower groups or width, layers never added) are written as empty. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s;
     if the process dies before ``close``, ``dsacache recover PATH`` finishes the spool.
     ``cuda``: the indices live on a CUDA device (pinned host buffers).
     """
@@ -143,8 +146,6 @@ class IndexCapture:
         self._cuda = cuda
         self._buffers = buffers
         self._steps_per_copy = steps_per_copy
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()  # buffers the thread gave back
-        self._made = 0  # host buffers made and not yet dropped (any shape)
         self._rings: dict[tuple[int, ...], _Ring] = {}
         self._ring: _Ring | None = None  # the ring of the steps in _pending
         self._pending: list[_StepRecord] = []  # steps in the current half of _ring
@@ -166,9 +167,8 @@ class IndexCapture:
     @property
     def steps_per_copy(self) -> int:
         """Steps moved to the host per transfer (known once a step's shape is)."""
-        if self._ring is not None:
-            return self._ring.per_copy
-        return self._steps_per_copy or 1
+        ring = self._ring or next(iter(self._rings.values()), None)  # current, or reserved
+        return ring.per_copy if ring is not None else self._steps_per_copy or 1
 
     # -- steps launched from Python ------------------------------------------------------------
     @_launcher_time
@@ -233,12 +233,13 @@ class IndexCapture:
         ``[L, B, G, W]``, contiguous) into the slot of their shape's ring that its device
         counter names, then the counter's advance. Call it while capturing a CUDA graph (the
         shape ``reserve``d before); after each replay, ``stored``."""
+        self._raise()
         idx = indices if indices.dim() == 4 else indices[:, :, None, :]
         ring = self._rings.get(tuple(idx.shape))
         if ring is None:
             raise ValueError(f"reserve({tuple(idx.shape)}, device) before graph_store")
-        if not idx.is_contiguous():
-            raise ValueError("graph_store needs contiguous indices")
+        if not idx.is_contiguous() or idx.device != ring.data.device:
+            raise ValueError(f"graph_store needs contiguous indices on {ring.data.device}")
         if ring.added:
             raise RuntimeError(f"steps of shape {ring.shape} are added from Python")
         ring.graph = True
@@ -316,42 +317,25 @@ class IndexCapture:
             self._launch_store(torch.zeros(shape, dtype=torch.int32, device=device), ring,
                                torch.zeros_like(counter))  # fmt: skip
         self._rings[shape] = ring
-        self._fill_pool((per_copy, *shape))
+        while ring.made < self._buffers:  # its host buffers too, up front
+            ring.free.put(self._new_host_buffer(ring))
         return ring
 
-    def _fill_pool(self, wanted: tuple[int, ...]) -> None:
-        """Drop returned host buffers of another shape and make the rest up front."""
-        returned = []
-        while not self._free.empty():
-            returned.append(self._free.get_nowait())
-        kept = [buf for buf in returned if tuple(buf.shape) == wanted]
-        self._made -= len(returned) - len(kept)
-        del returned  # the others are freed before new ones are made
-        for buf in kept:
-            self._free.put(buf)
-        while self._made < self._buffers:
-            self._free.put(self._new_host_buffer(wanted))
-
-    def _new_host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=torch.int32, pin_memory=self._cuda)
-        self._made += 1
+    def _new_host_buffer(self, ring: _Ring) -> torch.Tensor:
+        buf = torch.empty((ring.per_copy, *ring.shape), dtype=torch.int32, pin_memory=self._cuda)
+        ring.made += 1
         return buf
 
-    def _host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        while True:
-            if self._made < self._buffers:
-                try:
-                    buf = self._free.get_nowait()
-                except queue.Empty:
-                    return self._new_host_buffer(shape)
-            else:
-                t0 = time.perf_counter()
-                buf = self._free.get()  # the thread is behind: wait for a buffer
-                self.stats["launcher_wait_s"] += time.perf_counter() - t0
-            if tuple(buf.shape) == shape:
-                return buf
-            del buf  # another shape's: freed before another is made
-            self._made -= 1
+    def _host_buffer(self, ring: _Ring) -> torch.Tensor:
+        if ring.made < self._buffers:
+            try:
+                return ring.free.get_nowait()
+            except queue.Empty:
+                return self._new_host_buffer(ring)
+        t0 = time.perf_counter()
+        buf = ring.free.get()  # the thread is behind: wait for a buffer
+        self.stats["launcher_wait_s"] += time.perf_counter() - t0
+        return buf
 
     def _hand_over(self) -> None:
         """Move the current half's steps to a host buffer (one transfer, on the side stream
@@ -363,7 +347,7 @@ class IndexCapture:
         first = ring.half * ring.per_copy
         batch = None
         try:
-            batch = _Batch(steps, self._host_buffer((ring.per_copy, *ring.shape)))
+            batch = _Batch(steps, self._host_buffer(ring), ring.free)
             self._transfer(ring, first, batch)
         except BaseException as e:
             if batch is not None:
@@ -380,6 +364,7 @@ class IndexCapture:
             torch.cuda.current_stream(ring.data.device).wait_event(ring.transferred[ring.half])
             ring.waits[ring.half] = False
         if ring.graph and len(steps) < ring.per_copy:
+            self._check_counter(ring, (1 - ring.half) * ring.per_copy + len(steps))
             ring.counter.fill_(ring.half * ring.per_copy)
 
     def _transfer(self, ring: _Ring, first: int, batch: _Batch) -> None:
@@ -405,6 +390,9 @@ class IndexCapture:
         from dsacache.traces.spool import to_trace
 
         try:
+            ring = self._ring
+            if ring is not None and ring.graph and not self._pending:  # else _hand_over checks
+                self._check_counter(ring, ring.half * ring.per_copy)
             self._hand_over()  # records an event: after a CUDA error this raises too
         except BaseException as e:
             self._error = self._error or e
@@ -425,6 +413,19 @@ class IndexCapture:
         self.stats["encode_s"] += time.perf_counter() - t0
         self._spool.path.unlink()
         self._raise()
+
+    def _check_counter(self, ring: _Ring, noted: int) -> None:
+        """A graph ring's device counter must name the slot after the ``noted`` steps (a
+        replay without its ``stored`` call, or one noted twice, shifts every later step);
+        checked where a partial hand-over resets it, and at close."""
+        slot = int(ring.counter.item()) % (2 * ring.per_copy)
+        if slot != noted % (2 * ring.per_copy):
+            self._error = self._error or RuntimeError(
+                f"the ring of shape {ring.shape} was written up to slot {slot}, noted up to "
+                f"slot {noted}: graph replays and stored() calls differ, so the captured "
+                "steps may be shifted"
+            )
+            raise self._error
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -462,5 +463,5 @@ class IndexCapture:
             self._spool_failed = True  # later batches are not spooled: the spool may be torn
             self._error = self._error or e
         finally:
-            host, batch.host = batch.host, None  # the pool's alone: a dropped one is freed
-            self._free.put(host)
+            host, batch.host = batch.host, None  # the pool's alone
+            batch.pool.put(host)

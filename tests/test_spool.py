@@ -281,9 +281,9 @@ def test_index_capture_close_stops_its_threads_when_the_last_transfer_fails(tmp_
 def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
     tmp_path, monkeypatch, buffers
 ):
-    """The width changing every step while the thread spools slowly: buffers of an earlier
-    shape still count against ``buffers`` until they come back, so no more than ``buffers``
-    host buffers are ever alive, and every step is spooled."""
+    """The width changing every step while the thread spools slowly: each step shape has at
+    most ``buffers`` host buffers alive (made up front with its ring, never more), and every
+    step is spooled."""
     import weakref
 
     import torch
@@ -299,18 +299,16 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
 
     monkeypatch.setattr(StepSpool, "append_many", slow_append)
     cap = index_capture.IndexCapture(str(tmp_path / "w.dsatrace"), cuda=False, buffers=buffers,
-                                   model=MODEL, indexer=INDEXER, capture={},
-                                   steps_per_copy=1)  # fmt: skip
-    made = []
+                                     model=MODEL, indexer=INDEXER, capture={},
+                                     steps_per_copy=1)  # fmt: skip
+    made: dict[tuple, list] = {}
     new_host_buffer = cap._new_host_buffer
 
-    def counted(shape):
-        buf = new_host_buffer(shape)
-        made.append(weakref.ref(buf))
-        alive.append(sum(r() is not None for r in made))
+    def counted(ring):
+        buf = new_host_buffer(ring)
+        made.setdefault(ring.shape, []).append(weakref.ref(buf))
         return buf
 
-    alive = []
     monkeypatch.setattr(cap, "_new_host_buffer", counted)
     for step in range(30):
         width = (4, 6, 8)[step % 3]
@@ -318,7 +316,7 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
         cap.add_all(torch.arange(4 * width, dtype=torch.int32).reshape(2, 2, width))
         cap.end_step()
     cap.close()
-    assert max(alive) <= buffers
+    assert sorted(len(refs) for refs in made.values()) == [buffers] * 3
     assert sorted(set(open_trace(tmp_path / "w.dsatrace").read_all().step.tolist())) == list(
         range(30)
     )
@@ -397,3 +395,26 @@ def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path,
     for step, rows in sent.items():
         mine = got.take(np.flatnonzero(got.step == step))
         assert [mine.row(i).tolist() for i in range(len(mine))] == rows
+
+
+def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path):
+    """A graph replay without its ``stored`` call shifts every later step by a slot: close
+    compares the ring's device counter with the host's count, raises and leaves the trace
+    incomplete."""
+    import torch
+
+    from dsacache.kernels import index_capture
+
+    trace = tmp_path / "shift.dsatrace"
+    cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
+                                     capture={}, steps_per_copy=4)  # fmt: skip
+    shape = (2, 2, 1, 4)
+    cap.reserve(shape, "cpu")
+    static = torch.arange(16, dtype=torch.int32).reshape(shape)
+    for step in range(3):
+        cap.graph_store(static)
+        if step != 1:
+            cap.stored(step, np.full((2, 2), 99), shape)
+    with pytest.raises(RuntimeError, match="graph replays and stored"):
+        cap.close()
+    assert not open_trace(trace).manifest["complete"]
