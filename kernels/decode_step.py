@@ -429,7 +429,7 @@ def run_trace(
         # with CUDA graphs the copy into the capture's ring runs inside each step's graph
         store = cap.graph_store if cap is not None and cuda_graph else None
         if cap is not None:  # its buffers for the usual width, before the graphs and the clock
-            cap.reserve(out_shape(k), dev)
+            cap.reserve(out_shape(k), dev, graph=cuda_graph)
         graphs: dict[int, _StepGraph] = {}  # by selection width
         if cuda_graph:  # the usual width, built before the flush and the clock
             graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev, store,
@@ -469,7 +469,7 @@ def run_trace(
                 if cuda_graph:
                     if width not in graphs:
                         if cap is not None:
-                            cap.reserve(out_shape(width), dev)
+                            cap.reserve(out_shape(width), dev, graph=True)
                         graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev, store,
                                                    indices_read)  # fmt: skip
                     read = graphs[width].replay(sel_all, ctx_all)

@@ -99,6 +99,7 @@ class _Ring:
     free: queue.Queue = field(default_factory=queue.Queue)  # its host buffers not in use
     made: int = 0  # its host buffers
     graph: bool = False  # filled by graph_store (the device counter)
+    compiled: bool = False  # graph_store's kernels compiled for it (reserve(graph=True))
     added: bool = False  # filled by add / add_all (the host's position); never both
 
 
@@ -236,8 +237,8 @@ class IndexCapture:
         self._raise()
         idx = indices if indices.dim() == 4 else indices[:, :, None, :]
         ring = self._rings.get(tuple(idx.shape))
-        if ring is None:
-            raise ValueError(f"reserve({tuple(idx.shape)}, device) before graph_store")
+        if ring is None or not ring.compiled:
+            raise ValueError(f"reserve({tuple(idx.shape)}, device, graph=True) first")
         if not idx.is_contiguous() or idx.device != ring.data.device:
             raise ValueError(f"graph_store needs contiguous indices on {ring.data.device}")
         if ring.added:
@@ -266,13 +267,19 @@ class IndexCapture:
                      _StepRecord(step, np.array(positions, dtype=np.int64), ring.full))  # fmt: skip
 
     # -- rings and hand-overs --------------------------------------------------------------------
-    def reserve(self, shape: tuple[int, ...], device: torch.device | str) -> None:
+    def reserve(self, shape: tuple[int, ...], device: torch.device | str,
+                graph: bool = False) -> None:  # fmt: skip
         """Allocate the ring and the pinned host buffers for steps of ``shape`` ``(L, B, G,
         W)`` on ``device`` now, before the decode (else the first step does it: allocating
-        pinned memory takes milliseconds and stalls the GPU's queue)."""
+        pinned memory takes milliseconds and stalls the GPU's queue). ``graph``: the steps
+        will be stored by ``graph_store`` in a CUDA graph: its kernels are compiled now, as
+        loading a module while a graph is being captured is not allowed."""
         shape = tuple(int(s) for s in shape)
-        if shape not in self._rings:
-            self._make_ring(shape, torch.device(device))
+        ring = self._rings.get(shape) or self._make_ring(shape, torch.device(device))
+        if graph and not ring.compiled:  # (a scratch counter; slot 0 is written again)
+            self._launch_store(torch.zeros(shape, dtype=torch.int32, device=ring.data.device),
+                               ring, torch.zeros_like(ring.counter))  # fmt: skip
+            ring.compiled = True
 
     def _ring_for(self, shape: tuple[int, ...], device: torch.device) -> _Ring:
         """The ring of ``shape``, made if new; the steps of another shape are handed over
@@ -311,11 +318,6 @@ class IndexCapture:
                 self._copied = _copy_event()
             transferred = [_copy_event(), _copy_event()]
         ring = _Ring(shape, per_copy, data, list(data.unbind(0)), counter, full, transferred)
-        if data.is_cuda:
-            # compile graph_store's kernels for this shape now: loading a module while a CUDA
-            # graph is being captured is not allowed (a scratch counter; slot 0 is written again)
-            self._launch_store(torch.zeros(shape, dtype=torch.int32, device=device), ring,
-                               torch.zeros_like(counter))  # fmt: skip
         self._rings[shape] = ring
         while ring.made < self._buffers:  # its host buffers too, up front
             ring.free.put(self._new_host_buffer(ring))

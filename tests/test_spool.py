@@ -373,7 +373,7 @@ def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path,
     shapes = {4: (2, 2, 1, 4), 6: (2, 2, 1, 6)}
     static = {}
     for width, shape in shapes.items():
-        cap.reserve(shape, "cpu")
+        cap.reserve(shape, "cpu", graph=True)
         static[width] = torch.zeros(shape, dtype=torch.int32)  # a graph's static input
     sent = {}
     widths = [4] * 5 + [6] * 2 + [4] * 4 + [6] * 3
@@ -409,7 +409,7 @@ def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path):
     cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
                                      capture={}, steps_per_copy=4)  # fmt: skip
     shape = (2, 2, 1, 4)
-    cap.reserve(shape, "cpu")
+    cap.reserve(shape, "cpu", graph=True)
     static = torch.arange(16, dtype=torch.int32).reshape(shape)
     for step in range(3):
         cap.graph_store(static)
