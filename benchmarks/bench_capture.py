@@ -39,7 +39,6 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "0")
@@ -51,6 +50,7 @@ from dsacache.kernels.decode_step import run_trace  # noqa: E402
 from dsacache.kernels.index_capture import IndexCapture  # noqa: E402
 from dsacache.tracer import SynthConfig, synthesize  # noqa: E402
 from dsacache.traces import open_trace  # noqa: E402
+from dsacache.traces.spool import StepSpool  # noqa: E402
 
 DEEPSEEK = {"name": "deepseek-v3.2-shape", "attention": "MLA", "heads": 128}
 
@@ -65,20 +65,15 @@ def median_interval(x: list[float], seed: int = 0, n: int = 10000) -> tuple[floa
 @contextlib.contextmanager
 def ablated(part: str) -> Iterator[None]:
     """Run the capture with its later stages left out: ``copies`` (the ring copies alone:
-    no transfer to the host, nothing spooled) or ``transfers`` (nothing spooled)."""
+    no transfer to the host, nothing spooled) or ``transfers`` (nothing spooled). The
+    capture's thread still waits for each transfer and returns its buffer."""
     if not part:
         yield
         return
     if part not in ("copies", "transfers"):
         raise ValueError(f"ablation {part!r}: copies or transfers")
-
-    def wait_only(self: IndexCapture, batch: Any) -> None:
-        if batch.done is not None:
-            batch.done.synchronize()
-        self._free.put(batch.host)
-
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(IndexCapture, "_spool_batch", wait_only))
+        stack.enter_context(mock.patch.object(StepSpool, "append_many", lambda *a: None))
         if part == "copies":
             stack.enter_context(mock.patch.object(IndexCapture, "_transfer", lambda *a: None))
         yield

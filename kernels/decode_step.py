@@ -170,7 +170,7 @@ def decode_step(
     return StepOutput(out, lse, selection, logits)
 
 
-# -- index capture without a sync per layer ------------------------------------------------------
+# -- a decode step as one CUDA graph -------------------------------------------------------------
 class _StepGraph:
     """One decode step's kernels captured as a CUDA graph over static inputs, the selections
     ``[L, B, G, W]`` and context lengths ``[L, B]``, which ``replay`` copies in first.

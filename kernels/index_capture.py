@@ -196,10 +196,7 @@ class IndexCapture:
         cur = self._current
         assert cur is not None, "begin_step first"
         assert not cur.written[layers, 1].any(), "a layer's indices are copied once per step"
-        ring = self._ring_for(self._current_shape, idx.device)
-        if ring.graph:
-            raise RuntimeError(f"steps of shape {ring.shape} are stored by a CUDA graph")
-        ring.added = True
+        ring = self._added_ring(idx.device)
         dest = ring.slots[ring.half * ring.per_copy + len(self._pending)]
         if layers != slice(None):
             dest = dest[layers]
@@ -222,11 +219,15 @@ class IndexCapture:
         assert cur is not None
         self._raise()  # a step whose copy failed is not written
         default = torch.device("cuda" if self._cuda else "cpu")  # a step without copies
-        ring = self._ring_for(self._current_shape, default)
+        self._append(self._added_ring(default), cur)
+
+    def _added_ring(self, device: torch.device) -> _Ring:
+        """The current step's ring, for steps added from Python (never a graph's)."""
+        ring = self._ring_for(self._current_shape, device)
         if ring.graph:
             raise RuntimeError(f"steps of shape {ring.shape} are stored by a CUDA graph")
         ring.added = True
-        self._append(ring, cur)
+        return ring
 
     # -- steps replayed from a CUDA graph --------------------------------------------------------
     def graph_store(self, indices: torch.Tensor) -> None:
