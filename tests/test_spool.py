@@ -135,6 +135,15 @@ CPU_AND_CUDA = pytest.mark.parametrize(
     ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not _cuda_ready(), reason="needs a CUDA GPU")])],
 )  # fmt: skip
+# graph_store's Triton kernels: on CPU tensors only under the interpreter
+TRITON_CPU_AND_CUDA = pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu", marks=pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1",
+        reason="Triton runs on CPU tensors only with TRITON_INTERPRET=1")),
+     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not _cuda_ready(), reason="needs a CUDA GPU")])],
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("steps_per_copy", [1, 2, None])
@@ -357,9 +366,12 @@ def test_index_capture_failed_host_buffer_leaves_the_trace_incomplete(tmp_path, 
 
 
 @pytest.mark.parametrize("steps_per_copy", [1, 3])
-def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path, steps_per_copy):
-    """``graph_store`` as a CUDA graph replays it (here launched eagerly, its kernels under
-    the interpreter on the CPU): each call copies into the slot the ring's device counter
+@TRITON_CPU_AND_CUDA
+def test_index_capture_graph_store_fills_slots_from_its_device_counter(
+    tmp_path, device, steps_per_copy
+):
+    """``graph_store`` as a CUDA graph replays it (here launched eagerly; on the CPU its
+    kernels run under the interpreter): each call copies into the slot the ring's device counter
     names, ``stored`` notes the step. Two shapes alternate in runs (a graph per width), the
     second run of a shape starts after a partial hand-over: every step is spooled once,
     in order, with its own indices."""
@@ -368,17 +380,20 @@ def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path,
     from dsacache.kernels import index_capture
 
     trace = tmp_path / "g.dsatrace"
-    cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
-                                     capture={}, steps_per_copy=steps_per_copy)  # fmt: skip
+    cap = index_capture.IndexCapture(str(trace), cuda=device == "cuda", model=MODEL,
+                                     indexer=INDEXER, capture={},
+                                     steps_per_copy=steps_per_copy)  # fmt: skip
     shapes = {4: (2, 2, 1, 4), 6: (2, 2, 1, 6)}
     static = {}
     for width, shape in shapes.items():
-        cap.reserve(shape, "cpu", graph=True)
-        static[width] = torch.zeros(shape, dtype=torch.int32)  # a graph's static input
+        cap.reserve(shape, device, graph=True)
+        # a graph's static input
+        static[width] = torch.zeros(shape, dtype=torch.int32, device=device)
     sent = {}
     widths = [4] * 5 + [6] * 2 + [4] * 4 + [6] * 3
     for step, width in enumerate(widths):
-        values = torch.arange(step, step + 4 * width, dtype=torch.int32).reshape(shapes[width])
+        values = torch.arange(step, step + 4 * width, dtype=torch.int32, device=device)
+        values = values.reshape(shapes[width])
         static[width].copy_(values)
         cap.graph_store(static[width])  # what a replay of that width's graph runs
         cap.stored(step, np.full((2, 2), 99), shapes[width])
@@ -388,7 +403,7 @@ def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path,
         cap.add_all(static[4])
     cap._current = None
     with pytest.raises(ValueError, match="reserve"):
-        cap.graph_store(torch.zeros((2, 2, 1, 8), dtype=torch.int32))
+        cap.graph_store(torch.zeros((2, 2, 1, 8), dtype=torch.int32, device=device))
     cap.close()
     got = open_trace(trace).read_all()
     assert sorted(set(got.step.tolist())) == list(range(len(widths)))
@@ -397,7 +412,8 @@ def test_index_capture_graph_store_fills_slots_from_its_device_counter(tmp_path,
         assert [mine.row(i).tolist() for i in range(len(mine))] == rows
 
 
-def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path):
+@TRITON_CPU_AND_CUDA
+def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path, device):
     """A graph replay without its ``stored`` call shifts every later step by a slot: close
     compares the ring's device counter with the host's count, raises and leaves the trace
     incomplete."""
@@ -406,11 +422,11 @@ def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path):
     from dsacache.kernels import index_capture
 
     trace = tmp_path / "shift.dsatrace"
-    cap = index_capture.IndexCapture(str(trace), cuda=False, model=MODEL, indexer=INDEXER,
-                                     capture={}, steps_per_copy=4)  # fmt: skip
+    cap = index_capture.IndexCapture(str(trace), cuda=device == "cuda", model=MODEL,
+                                     indexer=INDEXER, capture={}, steps_per_copy=4)  # fmt: skip
     shape = (2, 2, 1, 4)
-    cap.reserve(shape, "cpu", graph=True)
-    static = torch.arange(16, dtype=torch.int32).reshape(shape)
+    cap.reserve(shape, device, graph=True)
+    static = torch.arange(16, dtype=torch.int32, device=device).reshape(shape)
     for step in range(3):
         cap.graph_store(static)
         if step != 1:
