@@ -8,8 +8,10 @@ interval N in ``--steps-per-copy`` (per step one copy of the selections every la
 into a ring on the GPU; every N steps one transfer of N steps to a pinned host buffer, and a
 thread that waits for it and appends those steps to a raw spool, encoded into the trace at
 close), in a shuffled order (seeded), so that neither drift nor the run before favours one.
-``--ablate`` adds, per interval, runs with the ring copies alone and with copies and
-transfers but no spool, to show which stage costs what.
+``--ablate`` adds, per interval, runs with the ring copies alone, with copies and
+transfers but no spool, with the spool's records written to /dev/null (all of the spool's
+work but the file system's), and with the trace and its spool on /dev/shm (a file system in
+memory), to show which stage costs what.
 
 Reported per case: the median over repetitions of the ratio of the time per decode step
 with capture to the one without in the same repetition, with a 95% bootstrap interval of
@@ -22,7 +24,8 @@ step (the whole of this short trace's one part) are not timed. A first run compi
 kernels untimed.
 
     python benchmarks/bench_capture.py [--batch 8] [--layers 8] [--context 32768]
-        [--steps-per-copy 1,16] [--repeats 20] [--cuda-graph] [--ablate] [--out DIR]
+        [--steps-per-copy 1,16] [--repeats 20] [--cuda-graph] [--ablate [copies,...]]
+        [--out DIR]
 """
 
 from __future__ import annotations
@@ -62,20 +65,35 @@ def median_interval(x: list[float], seed: int = 0, n: int = 10000) -> tuple[floa
     return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
+ABLATIONS = {"": "capture", "copies": "ring copies alone", "transfers": "copies + transfers",
+             "null": "spool to /dev/null", "shm": "capture on /dev/shm"}  # fmt: skip
+
+
 @contextlib.contextmanager
 def ablated(part: str) -> Iterator[None]:
     """Run the capture with its later stages left out: ``copies`` (the ring copies alone:
-    no transfer to the host, nothing spooled) or ``transfers`` (nothing spooled). The
-    capture's thread still waits for each transfer and returns its buffer."""
-    if not part:
-        yield
-        return
-    if part not in ("copies", "transfers"):
-        raise ValueError(f"ablation {part!r}: copies or transfers")
+    no transfer to the host, nothing spooled), ``transfers`` (nothing spooled; the capture's
+    thread still waits for each transfer and returns its buffer) or ``null`` (the spool's
+    records written to /dev/null). ``shm`` changes where the trace goes, not the capture."""
+    if part not in ABLATIONS:
+        raise ValueError(f"ablation {part!r}: one of {sorted(ABLATIONS)}")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(StepSpool, "append_many", lambda *a: None))
+        if part in ("copies", "transfers"):
+            stack.enter_context(mock.patch.object(StepSpool, "append_many", lambda *a: None))
         if part == "copies":
             stack.enter_context(mock.patch.object(IndexCapture, "_transfer", lambda *a: None))
+        if part == "null":
+            null, append_many = os.open(os.devnull, os.O_WRONLY), StepSpool.append_many
+
+            def to_null(spool: StepSpool, steps: list) -> None:
+                fd, spool._fd = spool._fd, null
+                try:
+                    append_many(spool, steps)
+                finally:
+                    spool._fd = fd
+
+            stack.callback(os.close, null)
+            stack.enter_context(mock.patch.object(StepSpool, "append_many", to_null))
         yield
 
 
@@ -90,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="capture runs per repetition: N steps per transfer to the host, N in this list")  # fmt: skip
     p.add_argument("--cuda-graph", action="store_true",
                    help="launch each step as one CUDA graph (a loop bound by the GPU, as in serving)")  # fmt: skip
-    p.add_argument("--ablate", action="store_true",
-                   help="also time the ring copies alone and copies + transfers (no spool)")  # fmt: skip
+    p.add_argument("--ablate", nargs="?", const=",".join(a for a in ABLATIONS if a), default="",
+                   help="also time the capture's stages apart (see above): all, or those listed")  # fmt: skip
     p.add_argument("--out", default=os.environ.get("OUT"), help="write bench_capture.json here")
     args = p.parse_args(argv)
     intervals = [int(n) for n in args.steps_per_copy.split(",")]
@@ -99,13 +117,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--steps-per-copy {args.steps_per_copy}: distinct intervals >= 1")
     if not torch.cuda.is_available():
         sys.exit("bench_capture needs a CUDA GPU")
+    ablations = [a for a in args.ablate.split(",") if a]
+    if any(a not in ABLATIONS for a in ablations):
+        sys.exit(f"--ablate {args.ablate}: a list of {', '.join(a for a in ABLATIONS if a)}")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))
+    shm = (
+        Path(tempfile.mkdtemp(prefix="bench_capture-", dir="/dev/shm"))
+        if "shm" in ablations
+        else None
+    )
     cfg = SynthConfig(layers=args.layers, requests=args.batch, context=args.context,
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
 
     cases = ["off"] + [f"{n}{part}" for n in intervals for part in
-                       ([":copies", ":transfers", ""] if args.ablate else [""])]  # fmt: skip
+                       [f":{a}" for a in ablations] + [""]]  # fmt: skip
     stats: dict[str, list[dict[str, float]]] = {case: [] for case in cases}
 
     def run(case: str, capture: Path | None) -> tuple[float, float]:
@@ -130,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(args.repeats):
         for case in order.sample(cases, len(cases)):
             gc.collect()
-            path = work / f"cap-{case.replace(':', '-')}-{i}.dsatrace" if case != "off" else None
+            where = shm if case.endswith(":shm") else work
+            path = where / f"cap-{case.replace(':', '-')}-{i}.dsatrace" if case != "off" else None
             times[case].append(run(case, path))
             if i and path is not None:  # the first repetition's traces are validated below
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -144,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases[1:]:
         per_copy, _, ablation = case.partition(":")
         rows = None
-        if not ablation:  # an ablated capture writes nothing
-            captured = open_trace(work / f"cap-{case}-0.dsatrace")
+        if ablation in ("", "shm"):  # the others write nothing
+            where = shm if ablation else work
+            captured = open_trace(where / f"cap-{case.replace(':', '-')}-0.dsatrace")
             captured.validate()
             rows = int(captured.manifest["totals"]["rows"])
         ratios = [c[0] / o for c, o in zip(times[case], off, strict=True)]
@@ -161,8 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             "ratio_to_close": end, "runs_with": [round(1e3 * c[0], 3) for c in times[case]],
             "runs_with_to_close": [round(1e3 * c[1], 3) for c in times[case]], **per_step,
             "captured_rows": rows}  # fmt: skip
-        what = {"": "capture", "copies": "ring copies alone", "transfers": "copies + transfers"}
-        print(f"  {what[ablation]}, {per_copy} step(s) per transfer: "
+        print(f"  {ABLATIONS[ablation]}, {per_copy} step(s) per transfer: "
               f"{1e3 * statistics.median(c[0] for c in times[case]):.3f} ms, ratio {ratio:.3f} "
               f"({100 * (ratio - 1):+.1f}%, 95% interval {100 * (low - 1):+.1f}% to "
               f"{100 * (high - 1):+.1f}%), {100 * (end - 1):+.1f}% to the end of the close; per "
@@ -176,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_capture.json").write_text(json.dumps(result, indent=1))
+    for folder in (work, shm):  # the traces of the first repetition, validated above
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
