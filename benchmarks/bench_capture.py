@@ -66,7 +66,95 @@ def median_interval(x: list[float], seed: int = 0, n: int = 10000) -> tuple[floa
 
 
 ABLATIONS = {"": "capture", "copies": "ring copies alone", "transfers": "copies + transfers",
-             "null": "spool to /dev/null", "shm": "capture on /dev/shm"}  # fmt: skip
+             "null": "spool to /dev/null", "shm": "capture on /dev/shm",
+             "memcpy": "spool copied in memory only", "direct": "spool data with O_DIRECT",
+             "proc": "spool written by another process"}  # fmt: skip
+
+# the "proc" ablation's writer: appends what the parent put in shared memory to a file
+_PROC_WRITER = """
+import os, sys
+from multiprocessing import resource_tracker, shared_memory
+shm = shared_memory.SharedMemory(name=sys.argv[1])
+resource_tracker.unregister(shm._name, "shared_memory")  # the parent owns it
+fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+for line in sys.stdin:
+    view = shm.buf[: int(line)]
+    while len(view):
+        view = view[os.write(fd, view) :]
+    print(line, end="", flush=True)
+del view
+os.close(fd)
+shm.close()
+"""
+
+
+def _records(steps: list) -> list[np.ndarray]:
+    return [dense for _, _, dense in steps]
+
+
+@contextlib.contextmanager
+def _spool_elsewhere(part: str, scratch: Path) -> Iterator:
+    """A stand-in for ``StepSpool.append_many`` that moves the records' index arrays as
+    ``part`` says, to ``scratch`` (the trace's own spool gets nothing)."""
+    if part == "memcpy":
+        held: list[np.ndarray] = []
+
+        def append(spool: StepSpool, steps: list) -> None:
+            records = _records(steps)
+            if not held or held[0].size < sum(r.size for r in records):
+                held[:] = [np.empty(sum(r.size for r in records), np.int32)]
+            np.concatenate(
+                [r.ravel() for r in records], out=held[0][: sum(r.size for r in records)]
+            )
+
+        yield append
+    elif part == "direct":
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+
+        def append(spool: StepSpool, steps: list) -> None:
+            records = _records(steps)
+            if any(r.ctypes.data % 4096 or r.nbytes % 4096 for r in records):
+                raise ValueError(
+                    "O_DIRECT needs records aligned to 4096 bytes (k = 2048 gives them)"
+                )
+            os.writev(fd, records)
+
+        try:
+            yield append
+        finally:
+            os.close(fd)
+    else:  # proc
+        import subprocess
+        from multiprocessing import shared_memory
+
+        shm: list = []
+        child: list = []
+
+        def append(spool: StepSpool, steps: list) -> None:
+            records = _records(steps)
+            size = sum(r.nbytes for r in records)
+            if shm and shm[0].size < size:
+                raise ValueError(f"a spool batch of {size} bytes after one of {shm[0].size}")
+            if not shm:
+                shm.append(shared_memory.SharedMemory(create=True, size=size))
+                child.append(subprocess.Popen([sys.executable, "-c", _PROC_WRITER, shm[0].name, str(scratch)],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
+            view = np.frombuffer(shm[0].buf, np.int32, size // 4)
+            np.concatenate([r.ravel() for r in records], out=view)
+            del view
+            child[0].stdin.write(f"{size}\n")
+            child[0].stdin.flush()
+            child[0].stdout.readline()  # written
+
+        try:
+            yield append
+        finally:
+            if child:
+                child[0].stdin.close()
+                child[0].wait()
+            if shm:
+                shm[0].close()
+                shm[0].unlink()
 
 
 @contextlib.contextmanager
@@ -74,7 +162,10 @@ def ablated(part: str) -> Iterator[None]:
     """Run the capture with its later stages left out: ``copies`` (the ring copies alone:
     no transfer to the host, nothing spooled), ``transfers`` (nothing spooled; the capture's
     thread still waits for each transfer and returns its buffer) or ``null`` (the spool's
-    records written to /dev/null). ``shm`` changes where the trace goes, not the capture."""
+    records written to /dev/null). ``shm`` changes where the trace goes, not the capture.
+    ``memcpy``, ``direct`` and ``proc`` move the spool's index arrays another way instead: a
+    copy in memory alone, written with O_DIRECT (no copy by the CPU), or copied to shared
+    memory and written by another process."""
     if part not in ABLATIONS:
         raise ValueError(f"ablation {part!r}: one of {sorted(ABLATIONS)}")
     with contextlib.ExitStack() as stack:
@@ -94,6 +185,11 @@ def ablated(part: str) -> Iterator[None]:
 
             stack.callback(os.close, null)
             stack.enter_context(mock.patch.object(StepSpool, "append_many", to_null))
+        if part in ("memcpy", "direct", "proc"):
+            scratch = Path(tempfile.mkdtemp(prefix="bench_capture-")) / "records"
+            append = stack.enter_context(_spool_elsewhere(part, scratch))
+            stack.callback(shutil.rmtree, scratch.parent, True)
+            stack.enter_context(mock.patch.object(StepSpool, "append_many", append))
         yield
 
 
