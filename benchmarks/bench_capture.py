@@ -10,8 +10,8 @@ thread that waits for it and appends those steps to a raw spool, encoded into th
 close), in a shuffled order (seeded), so that neither drift nor the run before favours one.
 ``--ablate`` adds, per interval, runs with the ring copies alone, with copies and
 transfers but no spool, with the spool's records written to /dev/null (all of the spool's
-work but the file system's), and with the trace and its spool on /dev/shm (a file system in
-memory), to show which stage costs what.
+work but the file system's), and with the spool written through the page cache instead of
+with O_DIRECT, to show which stage costs what.
 
 Reported per case: the median over repetitions of the ratio of the time per decode step
 with capture to the one without in the same repetition, with a 95% bootstrap interval of
@@ -53,6 +53,7 @@ from dsacache.kernels.decode_step import run_trace  # noqa: E402
 from dsacache.kernels.index_capture import IndexCapture  # noqa: E402
 from dsacache.tracer import SynthConfig, synthesize  # noqa: E402
 from dsacache.traces import open_trace  # noqa: E402
+from dsacache.traces import spool as spool_module  # noqa: E402
 from dsacache.traces.spool import StepSpool  # noqa: E402
 
 DEEPSEEK = {"name": "deepseek-v3.2-shape", "attention": "MLA", "heads": 128}
@@ -66,95 +67,7 @@ def median_interval(x: list[float], seed: int = 0, n: int = 10000) -> tuple[floa
 
 
 ABLATIONS = {"": "capture", "copies": "ring copies alone", "transfers": "copies + transfers",
-             "null": "spool to /dev/null", "shm": "capture on /dev/shm",
-             "memcpy": "spool copied in memory only", "direct": "spool data with O_DIRECT",
-             "proc": "spool written by another process"}  # fmt: skip
-
-# the "proc" ablation's writer: appends what the parent put in shared memory to a file
-_PROC_WRITER = """
-import os, sys
-from multiprocessing import resource_tracker, shared_memory
-shm = shared_memory.SharedMemory(name=sys.argv[1])
-resource_tracker.unregister(shm._name, "shared_memory")  # the parent owns it
-fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-for line in sys.stdin:
-    view = shm.buf[: int(line)]
-    while len(view):
-        view = view[os.write(fd, view) :]
-    print(line, end="", flush=True)
-del view
-os.close(fd)
-shm.close()
-"""
-
-
-def _records(steps: list) -> list[np.ndarray]:
-    return [dense for _, _, dense in steps]
-
-
-@contextlib.contextmanager
-def _spool_elsewhere(part: str, scratch: Path) -> Iterator:
-    """A stand-in for ``StepSpool.append_many`` that moves the records' index arrays as
-    ``part`` says, to ``scratch`` (the trace's own spool gets nothing)."""
-    if part == "memcpy":
-        held: list[np.ndarray] = []
-
-        def append(spool: StepSpool, steps: list) -> None:
-            records = _records(steps)
-            if not held or held[0].size < sum(r.size for r in records):
-                held[:] = [np.empty(sum(r.size for r in records), np.int32)]
-            np.concatenate(
-                [r.ravel() for r in records], out=held[0][: sum(r.size for r in records)]
-            )
-
-        yield append
-    elif part == "direct":
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
-
-        def append(spool: StepSpool, steps: list) -> None:
-            records = _records(steps)
-            if any(r.ctypes.data % 4096 or r.nbytes % 4096 for r in records):
-                raise ValueError(
-                    "O_DIRECT needs records aligned to 4096 bytes (k = 2048 gives them)"
-                )
-            os.writev(fd, records)
-
-        try:
-            yield append
-        finally:
-            os.close(fd)
-    else:  # proc
-        import subprocess
-        from multiprocessing import shared_memory
-
-        shm: list = []
-        child: list = []
-
-        def append(spool: StepSpool, steps: list) -> None:
-            records = _records(steps)
-            size = sum(r.nbytes for r in records)
-            if shm and shm[0].size < size:
-                raise ValueError(f"a spool batch of {size} bytes after one of {shm[0].size}")
-            if not shm:
-                shm.append(shared_memory.SharedMemory(create=True, size=size))
-                child.append(subprocess.Popen([sys.executable, "-c", _PROC_WRITER, shm[0].name, str(scratch)],
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))  # fmt: skip
-            view = np.frombuffer(shm[0].buf, np.int32, size // 4)
-            np.concatenate([r.ravel() for r in records], out=view)
-            del view
-            child[0].stdin.write(f"{size}\n")
-            child[0].stdin.flush()
-            child[0].stdout.readline()  # written
-
-        try:
-            yield append
-        finally:
-            if child:
-                child[0].stdin.close()
-                child[0].wait()
-            if shm:
-                shm[0].close()
-                shm[0].unlink()
+             "null": "spool to /dev/null", "buffered": "spool through the page cache"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -162,34 +75,28 @@ def ablated(part: str) -> Iterator[None]:
     """Run the capture with its later stages left out: ``copies`` (the ring copies alone:
     no transfer to the host, nothing spooled), ``transfers`` (nothing spooled; the capture's
     thread still waits for each transfer and returns its buffer) or ``null`` (the spool's
-    records written to /dev/null). ``shm`` changes where the trace goes, not the capture.
-    ``memcpy``, ``direct`` and ``proc`` move the spool's index arrays another way instead: a
-    copy in memory alone, written with O_DIRECT (no copy by the CPU), or copied to shared
-    memory and written by another process."""
+    records written to /dev/null); or ``buffered``: the spool written without O_DIRECT."""
     if part not in ABLATIONS:
         raise ValueError(f"ablation {part!r}: one of {sorted(ABLATIONS)}")
     with contextlib.ExitStack() as stack:
         if part in ("copies", "transfers"):
-            stack.enter_context(mock.patch.object(StepSpool, "append_many", lambda *a: None))
+            stack.enter_context(mock.patch.object(StepSpool, "append_batch", lambda *a: None))
         if part == "copies":
             stack.enter_context(mock.patch.object(IndexCapture, "_transfer", lambda *a: None))
         if part == "null":
-            null, append_many = os.open(os.devnull, os.O_WRONLY), StepSpool.append_many
+            null, append_batch = os.open(os.devnull, os.O_WRONLY), StepSpool.append_batch
 
-            def to_null(spool: StepSpool, steps: list) -> None:
-                fd, spool._fd = spool._fd, null
+            def to_null(spool: StepSpool, *args: object) -> None:
+                fds, (spool._fd, spool._direct) = (spool._fd, spool._direct), (null, -1)
                 try:
-                    append_many(spool, steps)
+                    append_batch(spool, *args)
                 finally:
-                    spool._fd = fd
+                    spool._fd, spool._direct = fds
 
             stack.callback(os.close, null)
-            stack.enter_context(mock.patch.object(StepSpool, "append_many", to_null))
-        if part in ("memcpy", "direct", "proc"):
-            scratch = Path(tempfile.mkdtemp(prefix="bench_capture-")) / "records"
-            append = stack.enter_context(_spool_elsewhere(part, scratch))
-            stack.callback(shutil.rmtree, scratch.parent, True)
-            stack.enter_context(mock.patch.object(StepSpool, "append_many", append))
+            stack.enter_context(mock.patch.object(StepSpool, "append_batch", to_null))
+        if part == "buffered":
+            stack.enter_context(mock.patch.object(spool_module, "_O_DIRECT", 0))
         yield
 
 
@@ -217,11 +124,6 @@ def main(argv: list[str] | None = None) -> None:
     if any(a not in ABLATIONS for a in ablations):
         sys.exit(f"--ablate {args.ablate}: a list of {', '.join(a for a in ABLATIONS if a)}")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))
-    shm = (
-        Path(tempfile.mkdtemp(prefix="bench_capture-", dir="/dev/shm"))
-        if "shm" in ablations
-        else None
-    )
     cfg = SynthConfig(layers=args.layers, requests=args.batch, context=args.context,
                       steps=args.steps, k=2048, seed=0, model=DEEPSEEK)  # fmt: skip
     trace = open_trace(synthesize(cfg, work / "src.dsatrace"))
@@ -252,8 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for i in range(args.repeats):
         for case in order.sample(cases, len(cases)):
             gc.collect()
-            where = shm if case.endswith(":shm") else work
-            path = where / f"cap-{case.replace(':', '-')}-{i}.dsatrace" if case != "off" else None
+            path = work / f"cap-{case.replace(':', '-')}-{i}.dsatrace" if case != "off" else None
             times[case].append(run(case, path))
             if i and path is not None:  # the first repetition's traces are validated below
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -267,9 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases[1:]:
         per_copy, _, ablation = case.partition(":")
         rows = None
-        if ablation in ("", "shm"):  # the others write nothing
-            where = shm if ablation else work
-            captured = open_trace(where / f"cap-{case.replace(':', '-')}-0.dsatrace")
+        if ablation in ("", "buffered"):  # the others write nothing
+            captured = open_trace(work / f"cap-{case.replace(':', '-')}-0.dsatrace")
             captured.validate()
             rows = int(captured.manifest["totals"]["rows"])
         ratios = [c[0] / o for c, o in zip(times[case], off, strict=True)]
@@ -299,9 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_capture.json").write_text(json.dumps(result, indent=1))
-    for folder in (work, shm):  # the traces of the first repetition, validated above
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # the traces of the first repetition, validated above
 
 
 if __name__ == "__main__":

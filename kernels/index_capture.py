@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsacache.traces.spool import ALIGN, StepSpool, record_stride, spool_path
+
 # a ring of 2 x R step slots per step shape: at most this many bytes, at most
 # MAX_STEPS_PER_COPY steps per half (a process that dies loses the steps not yet moved)
 RING_BYTES = 256 << 20
@@ -31,13 +33,14 @@ _STORE_BLOCK = 1024
 
 
 @triton.jit
-def _ring_store(src_ptr, ring_ptr, counter_ptr, n, slots, BLOCK: tl.constexpr):
-    """Copy ``n`` int32 values from ``src`` into slot ``counter % slots`` of the ring."""
+def _ring_store(src_ptr, ring_ptr, counter_ptr, n, stride, slots, BLOCK: tl.constexpr):
+    """Copy ``n`` int32 values from ``src`` into slot ``counter % slots`` of the ring (slots
+    ``stride`` values apart)."""
     slot = tl.load(counter_ptr) % slots
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     values = tl.load(src_ptr + offs, mask=mask)
-    tl.store(ring_ptr + slot * n + offs, values.to(tl.int32), mask=mask)
+    tl.store(ring_ptr + slot * stride + offs, values.to(tl.int32), mask=mask)
 
 
 @triton.jit
@@ -77,7 +80,8 @@ class _Batch:
     """Steps copied from a ring to one host buffer with one transfer."""
 
     steps: list[_StepRecord]
-    host: torch.Tensor | None  # int32 [R, L, B, G, W], pinned on CUDA; the first len(steps) used
+    shape: tuple[int, ...]  # (L, B, G, W)
+    host: torch.Tensor | None  # int32 [R, stride] (spool rows), pinned on CUDA; len(steps) used
     pool: queue.Queue | None = None  # where the thread returns the host buffer
     done: Any = None  # CUDA event after the transfer (None: already on the host)
     failed: bool = False  # the transfer raised: nothing to spool
@@ -89,8 +93,8 @@ class _Ring:
 
     shape: tuple[int, ...]
     per_copy: int
-    data: torch.Tensor  # int32 [2R, L, B, G, W]
-    slots: list[torch.Tensor]  # data's slots as views (indexing costs the loop ~us)
+    data: torch.Tensor  # int32 [2R, stride]: a slot per row, as the spool's rows are laid out
+    slots: list[torch.Tensor]  # data's slots as [L, B, G, W] views (indexing costs the loop ~us)
     counter: torch.Tensor  # int64 [1]: the slot graph_store writes next (mod 2R)
     full: np.ndarray  # int64 [L, 2]: every layer written whole
     transferred: list[Any]  # per half: CUDA event after its last transfer (empty on the CPU)
@@ -136,7 +140,6 @@ class IndexCapture:
     def __init__(self, path: str, cuda: bool, buffers: int = 3, steps_per_copy: int | None = None,
                  **writer_kwargs: Any) -> None:  # fmt: skip
         from dsacache.traces import TraceWriter
-        from dsacache.traces.spool import StepSpool, spool_path
 
         if steps_per_copy is not None and steps_per_copy < 1:
             raise ValueError(f"IndexCapture needs steps_per_copy >= 1, got {steps_per_copy}")
@@ -251,7 +254,7 @@ class IndexCapture:
     def _launch_store(idx: torch.Tensor, ring: _Ring, counter: torch.Tensor) -> None:
         n = idx.numel()
         _ring_store[(triton.cdiv(n, _STORE_BLOCK),)](
-            idx, ring.data, counter, n, 2 * ring.per_copy, BLOCK=_STORE_BLOCK
+            idx, ring.data, counter, n, ring.data.shape[1], 2 * ring.per_copy, BLOCK=_STORE_BLOCK
         )
         _ring_advance[(1,)](counter)
 
@@ -309,7 +312,9 @@ class IndexCapture:
         per_copy = self._steps_per_copy or max(
             1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * step_bytes))
         )
-        data = torch.empty((2 * per_copy, *shape), dtype=torch.int32, device=device)
+        # each slot a spool row (zero padding, never written again: a transfer moves whole rows)
+        numel = int(np.prod(shape))
+        data = torch.zeros((2 * per_copy, record_stride(shape)), dtype=torch.int32, device=device)
         counter = torch.zeros(1, dtype=torch.int64, device=device)
         full = np.tile(np.array(shape[2:], np.int64), (shape[0], 1))
         transferred = []
@@ -318,16 +323,21 @@ class IndexCapture:
                 self._side = torch.cuda.Stream(device)
                 self._copied = _copy_event()
             transferred = [_copy_event(), _copy_event()]
-        ring = _Ring(shape, per_copy, data, list(data.unbind(0)), counter, full, transferred)
+        slots = [row[:numel].view(shape) for row in data.unbind(0)]
+        ring = _Ring(shape, per_copy, data, slots, counter, full, transferred)
         self._rings[shape] = ring
         while ring.made < self._buffers:  # its host buffers too, up front
             ring.free.put(self._new_host_buffer(ring))
         return ring
 
     def _new_host_buffer(self, ring: _Ring) -> torch.Tensor:
-        buf = torch.empty((ring.per_copy, *ring.shape), dtype=torch.int32, pin_memory=self._cuda)
+        """``int32 [R, stride]`` host rows starting on an ``ALIGN``-byte boundary (the spool
+        writes them with O_DIRECT), pinned on CUDA."""
+        count = ring.data[: ring.per_copy].numel()
+        raw = torch.empty(count + ALIGN // 4, dtype=torch.int32, pin_memory=self._cuda)
+        skip = (-raw.data_ptr() % ALIGN) // 4
         ring.made += 1
-        return buf
+        return raw[skip : skip + count].view(ring.per_copy, -1)
 
     def _host_buffer(self, ring: _Ring) -> torch.Tensor:
         if ring.made < self._buffers:
@@ -350,7 +360,7 @@ class IndexCapture:
         first = ring.half * ring.per_copy
         batch = None
         try:
-            batch = _Batch(steps, self._host_buffer(ring), ring.free)
+            batch = _Batch(steps, ring.shape, self._host_buffer(ring), ring.free)
             self._transfer(ring, first, batch)
         except BaseException as e:
             if batch is not None:
@@ -451,15 +461,17 @@ class IndexCapture:
                 batch.done.synchronize()
             t1 = time.perf_counter()
             if not batch.failed and not self._spool_failed:
-                dense = batch.host.numpy()
+                n, shape = len(batch.steps), batch.shape
+                rows = batch.host.numpy()[:n]
                 written = np.stack([s.written for s in batch.steps])  # [n, L, 2]
-                short = (written[..., 0] < dense.shape[3]) | (written[..., 1] < dense.shape[4])
+                short = (written[..., 0] < shape[2]) | (written[..., 1] < shape[3])
                 for i, layer in zip(*np.nonzero(short), strict=True):
                     groups, width = written[i, layer]
-                    dense[i, layer, :, groups:] = -1
-                    dense[i, layer, :, :groups, width:] = -1
-                self._spool.append_many([(s.step, s.positions, dense[i])
-                                         for i, s in enumerate(batch.steps)])  # fmt: skip
+                    dense = rows[i, : int(np.prod(shape))].reshape(shape)  # a view of the row
+                    dense[layer, :, groups:] = -1
+                    dense[layer, :, :groups, width:] = -1
+                positions = np.stack([s.positions for s in batch.steps])
+                self._spool.append_batch([s.step for s in batch.steps], positions, rows, shape)
             self.stats["copy_wait_s"] += t1 - t0
             self.stats["spool_s"] += time.perf_counter() - t1
         except BaseException as e:

@@ -19,7 +19,7 @@ INDEXER = {"kind": "oracle", "k": 6}
 
 
 def _step(rng, layers, batch, groups, width):
-    positions = rng.integers(width, 50, size=(layers, batch))
+    positions = rng.integers(width, 50 if width < 50 else 2 * width, size=(layers, batch))
     dense = np.full((layers, batch, groups, width), -1, np.int32)
     for (layer, req, grp), _ in np.ndenumerate(dense[..., 0]):
         n = int(rng.integers(0, width + 1))
@@ -27,26 +27,100 @@ def _step(rng, layers, batch, groups, width):
     return positions, dense
 
 
-def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path):
+@pytest.mark.parametrize("direct", [True, False])
+def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path, monkeypatch, direct):
+    """Single steps and batches of steps, of varying shapes, from aligned rows (O_DIRECT
+    where the file system has it) and from rows that are not: every step comes back; a
+    record cut by a crash ends the spool; garbage and the older spool format are refused."""
+    from dsacache.traces import spool as spool_mod
+
+    if not direct:
+        monkeypatch.setattr(spool_mod, "_O_DIRECT", 0)
     rng = np.random.default_rng(0)
     path = tmp_path / "s.spool"
     spool = StepSpool(path, sync_seconds=0.0)
+    assert not direct or spool.direct == _has_direct_io(tmp_path)
     sent = [(s, *_step(rng, 2, 3, 1 + s % 2, 4 + s)) for s in range(5)]  # shapes vary
-    for step, pos, dense in sent:
+    for step, pos, dense in sent[:3]:
         spool.append(step, pos, dense)
+    batch = [(s, *_step(rng, 3, 2, 1, 2048)) for s in range(5, 8)]  # rows of 6 x 8 KiB
+    shape = batch[0][2].shape
+    stride = spool_mod.record_stride(shape)
+    assert stride == 6 * 2048 and spool_mod.record_stride((2, 3, 1, 5)) == 1024
+    aligned = spool_mod.aligned_empty(3 * stride + 1).reshape(-1)
+    for rows in (aligned[: 3 * stride].reshape(3, stride),  # on a page boundary
+                 aligned[1:].reshape(3, stride)):  # 4 bytes off: written through the cache  # fmt: skip
+        rows[:] = 7  # padding: never read back
+        for i, (_, _, dense) in enumerate(batch):
+            rows[i, : dense.size] = dense.ravel()
+        spool.append_batch([b[0] for b in batch], np.stack([b[1] for b in batch]), rows, shape)
+    spool.append(4, *sent[4][1:])
+    with pytest.raises(ValueError, match=r"rows must be C-contiguous int32 \[1, 12288\]"):
+        spool.append_batch(
+            [9], batch[0][1][None], aligned[:stride].reshape(1, stride)[:, :-1], shape
+        )
+    with pytest.raises(ValueError, match=r"positions must be \[1, 3, 2\]"):
+        spool.append_batch([9], batch[0][1], aligned[:stride].reshape(1, stride), shape)
     spool.close()
+    want = sent[:3] + batch + batch + sent[4:]
     got = list(read_spool(path))
-    assert len(got) == 5
-    for (step, pos, dense), (s2, p2, d2) in zip(sent, got, strict=True):
-        assert step == s2
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for (_, pos, dense), (_, p2, d2) in zip(want, got, strict=True):
         np.testing.assert_array_equal(pos, p2)
         np.testing.assert_array_equal(dense, d2)
     data = path.read_bytes()
+    assert len(data) % spool_mod.ALIGN == 0
     path.write_bytes(data[:-7])  # a crash in the middle of the last record
-    assert [s for s, _, _ in read_spool(path)] == [0, 1, 2, 3]
+    assert [s for s, _, _ in read_spool(path)] == [w[0] for w in want[:-1]]
+    path.write_bytes(data[: -7 - 2 * 4096])  # in the middle of a batch: all of it is lost
+    assert [s for s, _, _ in read_spool(path)] == [w[0] for w in want[:-4]]
     path.write_bytes(b"garbage!" * 4)
     with pytest.raises(TraceError, match="not a dsacache step spool"):
         list(read_spool(path))
+    path.write_bytes(np.array([0x44534153, 0, 1, 1, 1, 1, 0, 0], np.int32).tobytes())
+    with pytest.raises(TraceError, match="spool of dsacache before 2026-12-07"):
+        list(read_spool(path))
+
+
+def _has_direct_io(folder) -> bool:
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        os.close(os.open(folder / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_device_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
+    """O_DIRECT writes refused with EINVAL (a device with larger blocks): the record is
+    written through the page cache, and so is every later one."""
+    from dsacache.traces import spool as spool_mod
+
+    spool = StepSpool(tmp_path / "e.spool", sync_seconds=0.0)
+    if not spool.direct:
+        spool.close()
+        pytest.skip("this file system has no direct I/O")
+    writev, direct_fd, buffered_fd, calls = os.writev, spool._direct, spool._fd, []
+
+    def picky(fd, parts):
+        calls.append(fd)
+        if fd == direct_fd:
+            raise OSError(22, "Invalid argument")
+        return writev(fd, parts)
+
+    monkeypatch.setattr(spool_mod.os, "writev", picky)
+    rng = np.random.default_rng(3)
+    sent = [(s, *_step(rng, 2, 2, 1, 1024)) for s in range(3)]
+    for step, pos, dense in sent:
+        spool.append(step, pos, dense)
+    spool.close()
+    assert calls == [direct_fd, buffered_fd, buffered_fd, buffered_fd]
+    assert not spool.direct
+    got = list(read_spool(tmp_path / "e.spool"))
+    for (step, _, dense), (s2, _, d2) in zip(sent, got, strict=True):
+        assert step == s2
+        np.testing.assert_array_equal(dense, d2)
 
 
 def test_fsync_runs_off_the_appending_thread_and_its_failure_is_raised(tmp_path, monkeypatch):
@@ -204,14 +278,14 @@ def test_index_capture_writes_every_step_when_the_thread_is_slow(
     from dsacache.traces.spool import StepSpool
 
     writes = []
-    append_many = StepSpool.append_many
+    append_batch = StepSpool.append_batch
 
-    def slow_append(self, steps):
+    def slow_append(self, steps, *rest):
         time.sleep(0.002 * (len(writes) % 3))
-        writes.append([s[0] for s in steps])
-        append_many(self, steps)
+        writes.append(list(steps))
+        append_batch(self, steps, *rest)
 
-    monkeypatch.setattr(StepSpool, "append_many", slow_append)
+    monkeypatch.setattr(StepSpool, "append_batch", slow_append)
     with pytest.raises(ValueError, match="at least 1 host buffer, got buffers=0"):
         index_capture.IndexCapture(str(tmp_path / "none.dsatrace"), cuda=False, buffers=0)
     with pytest.raises(ValueError, match="steps_per_copy >= 1, got 0"):
@@ -300,13 +374,13 @@ def test_index_capture_keeps_its_host_buffer_limit_across_shape_changes(
     from dsacache.kernels import index_capture
     from dsacache.traces.spool import StepSpool
 
-    append_many = StepSpool.append_many
+    append_batch = StepSpool.append_batch
 
-    def slow_append(self, steps):
+    def slow_append(self, *args):
         time.sleep(0.003)
-        append_many(self, steps)
+        append_batch(self, *args)
 
-    monkeypatch.setattr(StepSpool, "append_many", slow_append)
+    monkeypatch.setattr(StepSpool, "append_batch", slow_append)
     cap = index_capture.IndexCapture(str(tmp_path / "w.dsatrace"), cuda=False, buffers=buffers,
                                      model=MODEL, indexer=INDEXER, capture={},
                                      steps_per_copy=1)  # fmt: skip

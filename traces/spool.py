@@ -4,29 +4,40 @@ Encoding rows (validation, delta + zstd Parquet) costs milliseconds of CPU per d
 and on the machines measured that time is taken from the launch-bound decode loop wherever
 it runs: in a thread it holds the GIL, in another process it shares the CPU (see
 docs/results/h200-kernels/README.md). While the GPU decodes, the capture therefore only
-appends each step's dense index array to ``TRACE.spool`` beside the trace (one ``write``,
-which releases the GIL); ``to_trace`` encodes the spool into the trace's Parquet parts
-afterwards.
+appends steps' dense index arrays to ``TRACE.spool`` beside the trace (one ``writev`` per
+batch of steps, which releases the GIL); ``to_trace`` encodes the spool into the trace's
+Parquet parts afterwards.
 
-Record: ``int32[6]`` header (magic, step, layers, batch, groups, width), ``int32`` positions
-``[layers, batch]``, ``int32`` indices ``[layers, batch, groups, width]`` (``-1`` pads a row).
-A process that dies loses nothing it wrote (the page cache keeps it). Against a machine
-crash a background thread fsyncs the spool every ``sync_seconds`` (1 s) while steps arrive,
-so a crash loses at most the last second or so of steps. The decode loop never waits for
-the disk: an fsync in ``append`` every 8 steps cost +16% per decode step on the H200 (batch
-8 x 8 layers, 6.80 vs 5.86 ms; 5.89 without fsync), and one at close, of every step not yet
-synced, cost +21% over a 64-step capture (docs/results/h200-kernels/capture/). Close does
-not fsync: the spool is encoded into the trace right away, and the trace's writer makes
-the trace durable. ``sync_seconds=0`` fsyncs in every ``append`` instead (no thread). After
-a crash, ``recover(trace_path)`` (``dsacache recover TRACE``) writes every complete record
-into the trace and completes it.
+Even the copy of those arrays into the page cache slowed the decode: on the H100 (batch 8 x
+8 layers, CUDA graphs, 2026-12-07) the whole capture cost +14% a step, +1.7% with its writes
+sent to /dev/null, +10.7% with a plain memory copy in their place, +3.5% with O_DIRECT
+(docs/results/h100-kernels/capture/spool-1207/). So records are laid out for direct I/O:
+a record is a batch of ``n`` steps of one shape ``(L, B, G, W)``: a meta block (``int32``
+header ``[magic, n, L, B, G, W, stride, 0]``, the ``n`` step numbers, positions ``[n, L,
+B]``) zero-padded to ``ALIGN`` bytes, then ``int32 [n, stride]`` rows, each a step's
+indices ``[L, B, G, W]`` flattened and padded to ``ALIGN`` bytes (``-1`` pads a row of
+indices; the padding after it is never read). Aligned rows are written with O_DIRECT where
+the file system allows it, other writes through the page cache.
+
+A process that dies loses nothing it wrote. Against a machine crash a background thread
+fsyncs the spool every ``sync_seconds`` (1 s) while steps arrive, so a crash loses at most
+the last second or so of steps. The decode loop never waits for the disk: an fsync in
+``append`` every 8 steps cost +16% per decode step on the H200 (batch 8 x 8 layers, 6.80 vs
+5.86 ms; 5.89 without fsync), and one at close, of every step not yet synced, cost +21% over
+a 64-step capture (docs/results/h200-kernels/capture/). Close does not fsync: the spool is
+encoded into the trace right away, and the trace's writer makes the trace durable.
+``sync_seconds=0`` fsyncs in every ``append`` instead (no thread). After a crash,
+``recover(trace_path)`` (``dsacache recover TRACE``) writes every complete record into the
+trace and completes it.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +45,33 @@ import numpy as np
 from dsacache.errors import TraceError
 from dsacache.traces.format import SelectionBatch, TraceWriter, open_trace
 
-MAGIC = 0x44534153  # "DSAS"
-HEADER = 6
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else -1
-_IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 16  # none reported: POSIX's least (_XOPEN_IOV_MAX)
+MAGIC = 0x44534232  # "DSB2": a batch record (the older per-step "DSAS" spool is refused)
+_OLD_MAGIC = 0x44534153
+HEADER = 8  # int32: magic, steps, layers, batch, groups, width, row stride, 0
+ALIGN = 4096  # bytes: records, and the rows handed to append_batch, for O_DIRECT
+_O_DIRECT = getattr(os, "O_DIRECT", 0)  # (none on macOS: buffered writes there)
 
 
 def spool_path(trace_path: str | os.PathLike) -> Path:
     """Where the spool of the trace at ``trace_path`` lives (beside it)."""
     return Path(f"{os.fspath(trace_path).rstrip('/')}.spool")
+
+
+def record_stride(shape: tuple[int, ...]) -> int:
+    """int32 values a step of ``shape`` ``(L, B, G, W)`` takes in a spool record: its indices,
+    padded to ``ALIGN`` bytes."""
+    return -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN // 4
+
+
+def aligned_empty(count: int) -> np.ndarray:
+    """An ``int32 [count]`` array whose memory starts on an ``ALIGN``-byte boundary (an
+    anonymous mapping: zeroed, page-aligned)."""
+    return np.frombuffer(mmap.mmap(-1, max(4 * count, 1)), np.int32, count)
+
+
+def _meta_values(count: int, layers: int, batch: int) -> int:
+    """int32 values of a record's meta block (header, steps, positions), padded to ALIGN."""
+    return -(-(HEADER + count + count * layers * batch) * 4 // ALIGN) * ALIGN // 4
 
 
 class StepSpool:
@@ -60,6 +89,13 @@ class StepSpool:
                 f"{self.path} exists: a capture was interrupted; recover it with "
                 "`dsacache recover TRACE` or remove it"
             ) from None
+        self._direct = -1  # the same file opened for O_DIRECT writes; -1: none
+        if _O_DIRECT:
+            try:
+                self._direct = os.open(self.path, os.O_WRONLY | os.O_APPEND | _O_DIRECT)
+            except OSError:  # the file system has no direct I/O (tmpfs): buffered writes
+                pass
+        self._meta = aligned_empty(0)  # the records' meta blocks, grown as needed
         self.sync_seconds = sync_seconds
         self._dirty = False  # written since the last fsync
         self._error: OSError | None = None  # the fsync thread's, raised by append / close
@@ -69,6 +105,11 @@ class StepSpool:
             self._syncer = threading.Thread(target=self._sync_loop, name="dsa-spool-fsync",
                                             daemon=True)  # fmt: skip
             self._syncer.start()
+
+    @property
+    def direct(self) -> bool:
+        """Whether aligned records are written with O_DIRECT."""
+        return self._direct >= 0
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.sync_seconds):
@@ -86,26 +127,53 @@ class StepSpool:
 
     def append(self, step: int, positions: np.ndarray, dense: np.ndarray) -> None:
         """Write one step: ``positions`` ``[L, B]``, ``dense`` ``int32 [L, B, G, W]``."""
-        self.append_many([(step, positions, dense)])
+        rows = aligned_empty(record_stride(dense.shape)).reshape(1, -1)
+        rows[0, : dense.size] = dense.ravel()
+        self.append_batch([step], np.asarray(positions)[None], rows, dense.shape)
 
-    def append_many(self, steps: list[tuple[int, np.ndarray, np.ndarray]]) -> None:
-        """Write several ``(step, positions, dense)`` records with one system call (one per
-        ``IOV_MAX`` buffers, three per record)."""
+    def append_batch(self, steps: Sequence[int], positions: np.ndarray, rows: np.ndarray,
+                     shape: tuple[int, ...]) -> None:  # fmt: skip
+        """Write ``len(steps)`` steps of one ``shape`` ``(L, B, G, W)`` as one record, with one
+        system call: ``positions`` ``[n, L, B]``; ``rows`` ``int32 [n, record_stride(shape)]``,
+        C-contiguous, each row a step's indices ``[L, B, G, W]`` flattened, then padding.
+
+        ``rows`` that start on an ``ALIGN``-byte boundary go to the disk with O_DIRECT where
+        the file system takes it: no copy by the CPU. A copy into the page cache, even in
+        this thread with the GIL released, slowed a launch-bound decode loop on the H100 as
+        much as the rest of the capture (docs/results/h100-kernels/capture/spool-1207/)."""
         self._raise()
-        parts = []
-        for step, positions, dense in steps:
-            layers, batch, groups, width = dense.shape
-            parts += [np.array([MAGIC, step, layers, batch, groups, width], np.int32),
-                      np.ascontiguousarray(positions, dtype=np.int32),
-                      np.ascontiguousarray(dense, dtype=np.int32)]  # fmt: skip
-        for first in range(0, len(parts), _IOV_MAX):  # writev takes at most IOV_MAX buffers
-            group = parts[first : first + _IOV_MAX]
-            written = os.writev(self._fd, group)  # the GIL is released during it
-            # a short write (a signal, a full disk): finish it or fail loudly
-            if written < sum(p.nbytes for p in group):
-                rest = memoryview(b"".join(p.tobytes() for p in group))[written:]
-                while len(rest):
-                    rest = rest[os.write(self._fd, rest) :]
+        layers, batch, groups, width = (int(v) for v in shape)
+        count, stride = len(steps), record_stride(shape)
+        if rows.shape != (count, stride) or rows.dtype != np.int32 or not rows.flags.c_contiguous:
+            raise ValueError(f"rows must be C-contiguous int32 [{count}, {stride}], got "
+                             f"{rows.dtype} {list(rows.shape)}")  # fmt: skip
+        if np.shape(positions) != (count, layers, batch):
+            raise ValueError(f"positions must be [{count}, {layers}, {batch}], got "
+                             f"{list(np.shape(positions))}")  # fmt: skip
+        need = _meta_values(count, layers, batch)
+        if self._meta.size < need:
+            self._meta = aligned_empty(need)
+        meta = self._meta[:need]
+        meta[:HEADER] = (MAGIC, count, layers, batch, groups, width, stride, 0)
+        meta[HEADER : HEADER + count] = steps
+        meta[HEADER + count : HEADER + count + count * layers * batch] = np.ravel(positions)
+        meta[HEADER + count + count * layers * batch :] = 0
+        parts = [meta, rows]
+        if self._direct >= 0 and rows.ctypes.data % ALIGN == 0:
+            try:
+                written = os.writev(self._direct, parts)  # the GIL is released during it
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct)  # alignment the device refuses: buffered from now on
+                self._direct = -1
+                written = os.writev(self._fd, parts)
+        else:
+            written = os.writev(self._fd, parts)
+        if written < 4 * (meta.size + rows.size):  # cut short (a signal, a full disk): finish
+            rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
+            while len(rest):
+                rest = rest[os.write(self._fd, rest) :]
         if self._syncer is None:
             os.fsync(self._fd)
         else:
@@ -118,33 +186,42 @@ class StepSpool:
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
+        if self._direct >= 0:
+            os.close(self._direct)
+            self._direct = -1
         os.close(self._fd)
         self._fd = -1
         self._raise()
 
 
 def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """The complete records of a spool as ``(step, positions, dense)``; a record cut short by
-    a crash ends the iteration."""
+    """The steps of a spool's complete records as ``(step, positions, dense)``; a record cut
+    short by a crash ends the iteration."""
     with open(path, "rb") as f:
         while True:
             raw = f.read(4 * HEADER)
             if len(raw) < 4 * HEADER:
                 return
             header = np.frombuffer(raw, np.int32)
-            if header[0] != MAGIC or (header[2:] < 0).any():
+            if header[0] == _OLD_MAGIC:
+                raise TraceError(f"{path}: a spool of dsacache before 2026-12-07 (one record "
+                                 "per step); recover it with that version")  # fmt: skip
+            count, layers, batch, groups, width, stride = (int(v) for v in header[1:7])
+            shape = (layers, batch, groups, width)
+            if header[0] != MAGIC or min(header[1:7]) < 0 or stride != record_stride(shape):
                 raise TraceError(f"{path}: not a dsacache step spool (bad record header)")
-            step, layers, batch, groups, width = (int(v) for v in header[1:])
-            count = layers * batch
-            pos = f.read(4 * count)
-            dense = f.read(4 * count * groups * width)
-            if len(pos) < 4 * count or len(dense) < 4 * count * groups * width:
+            meta = f.read(4 * (_meta_values(count, layers, batch) - HEADER))
+            rows = f.read(4 * count * stride)
+            if (
+                len(meta) < 4 * (_meta_values(count, layers, batch) - HEADER)
+                or len(rows) < 4 * count * stride
+            ):
                 return
-            yield (
-                step,
-                np.frombuffer(pos, np.int32).reshape(layers, batch),
-                np.frombuffer(dense, np.int32).reshape(layers, batch, groups, width),
-            )
+            values = np.frombuffer(meta, np.int32)
+            positions = values[count : count + count * layers * batch].reshape(count, layers, batch)
+            dense = np.frombuffer(rows, np.int32).reshape(count, stride)[:, : int(np.prod(shape))]
+            for i, step in enumerate(values[:count].tolist()):
+                yield step, positions[i], dense[i].reshape(shape)
 
 
 def to_trace(spool: str | os.PathLike, writer: TraceWriter) -> int:
