@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--steps-per-copy {args.steps_per_copy}: distinct intervals >= 1")
     if not torch.cuda.is_available():
         sys.exit("bench_capture needs a CUDA GPU")
-    ablations = [a for a in args.ablate.split(",") if a]
+    ablations = list(dict.fromkeys(a for a in args.ablate.split(",") if a))
     if any(a not in ABLATIONS for a in ablations):
         sys.exit(f"--ablate {args.ablate}: a list of {', '.join(a for a in ABLATIONS if a)}")
     work = Path(tempfile.mkdtemp(prefix="bench_capture-"))

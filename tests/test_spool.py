@@ -92,9 +92,11 @@ def _has_direct_io(folder) -> bool:
         return False
 
 
-def test_a_device_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch):
-    """O_DIRECT writes refused with EINVAL (a device with larger blocks): the record is
-    written through the page cache, and so is every later one."""
+@pytest.mark.parametrize("refusal", [(22, "Invalid argument"), (95, "Operation not supported")])
+def test_a_device_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkeypatch, refusal):
+    """O_DIRECT writes refused (EINVAL: a device with larger blocks; EOPNOTSUPP: a file system
+    that took O_DIRECT at open only): the record is written through the page cache, and so is
+    every later one."""
     from dsacache.traces import spool as spool_mod
 
     spool = StepSpool(tmp_path / "e.spool", sync_seconds=0.0)
@@ -106,7 +108,7 @@ def test_a_device_that_refuses_direct_writes_gets_buffered_ones(tmp_path, monkey
     def picky(fd, parts):
         calls.append(fd)
         if fd == direct_fd:
-            raise OSError(22, "Invalid argument")
+            raise OSError(*refusal)
         return writev(fd, parts)
 
     monkeypatch.setattr(spool_mod.os, "writev", picky)

@@ -33,7 +33,6 @@ trace and completes it.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import threading
@@ -96,6 +95,7 @@ class StepSpool:
             except OSError:  # the file system has no direct I/O (tmpfs): buffered writes
                 pass
         self._meta = aligned_empty(0)  # the records' meta blocks, grown as needed
+        self._lock = threading.Lock()  # one append at a time (they share _meta)
         self.sync_seconds = sync_seconds
         self._dirty = False  # written since the last fsync
         self._error: OSError | None = None  # the fsync thread's, raised by append / close
@@ -112,11 +112,12 @@ class StepSpool:
         return self._direct >= 0
 
     def _sync_loop(self) -> None:
+        fd = self._fd  # the file's, whatever an append writes through
         while not self._stop.wait(self.sync_seconds):
             if self._dirty:
                 self._dirty = False
                 try:
-                    os.fsync(self._fd)  # releases the GIL; appends go on meanwhile
+                    os.fsync(fd)  # releases the GIL; appends go on meanwhile
                 except OSError as e:
                     self._error = e
                     return
@@ -141,6 +142,11 @@ class StepSpool:
         the file system takes it: no copy by the CPU. A copy into the page cache, even in
         this thread with the GIL released, slowed a launch-bound decode loop on the H100 as
         much as the rest of the capture (docs/results/h100-kernels/capture/spool-1207/)."""
+        with self._lock:
+            self._append_batch(steps, positions, rows, shape)
+
+    def _append_batch(self, steps: Sequence[int], positions: np.ndarray, rows: np.ndarray,
+                      shape: tuple[int, ...]) -> None:  # fmt: skip
         self._raise()
         layers, batch, groups, width = (int(v) for v in shape)
         count, stride = len(steps), record_stride(shape)
@@ -162,11 +168,9 @@ class StepSpool:
         if self._direct >= 0 and rows.ctypes.data % ALIGN == 0:
             try:
                 written = os.writev(self._direct, parts)  # the GIL is released during it
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                os.close(self._direct)  # alignment the device refuses: buffered from now on
-                self._direct = -1
+            except OSError:  # nothing written (alignment the device refuses, a file system
+                os.close(self._direct)  # that takes O_DIRECT at open only): buffered from now
+                self._direct = -1  # on, where a real I/O error raises again
                 written = os.writev(self._fd, parts)
         else:
             written = os.writev(self._fd, parts)
