@@ -2,6 +2,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsacache.errors import DsacacheError
 from dsacache.tracer import PRESETS, SynthConfig, preset, synthesize
@@ -140,3 +142,76 @@ def test_a_synth_spec_names_a_reproducible_trace(tmp_path):
     ):
         with pytest.raises(DsacacheError, match=re.escape(msg)):
             parse_spec(bad)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    k=st.integers(1, 300),
+    context=st.integers(1, 5000),
+    keep=st.floats(0.0, 1.0),
+    weights=st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 1.0)),
+    history=st.integers(0, 5),
+    sinks=st.integers(0, 8),
+    recency_window=st.integers(0, 600),
+    seed=st.integers(0, 2**31),
+)
+def test_selector_draws_what_the_set_operation_reference_draws(
+    k, context, keep, weights, history, sinks, recency_window, seed
+):
+    """The selector keeps its sets as masks; the reference (tests/synth_reference.py) uses
+    sorted-array set operations. Same generator draws, so the same selections, step by step."""
+    from synth_reference import ReferenceSelector
+
+    from dsacache.tracer.synth import _Selector
+
+    # some draws from all positions (else a step may never fill: the next test)
+    recency, back = weights[0], weights[1] * (0.9 - weights[0])
+    cfg = SynthConfig(k=k, context=context, keep=keep, recency_weight=recency,
+                      return_weight=back, history=history, sinks=sinks,
+                      recency_window=recency_window, seed=seed)  # fmt: skip
+    fast = _Selector(cfg, keep, np.random.default_rng(seed))
+    slow = ReferenceSelector(cfg, keep, np.random.default_rng(seed))
+    for step in range(6):
+        a, b = fast.next(context + step), slow.next(context + step)
+        assert a.dtype == b.dtype == np.int64
+        np.testing.assert_array_equal(a, b)
+    assert fast.rng.random() == slow.rng.random()  # no draw more or less
+
+
+def test_a_spec_gives_the_trace_it_gave_when_the_gpu_profiles_were_measured(tmp_path):
+    """Profiles bundled in dsacache/data name their traces by synth spec and are compared with
+    traces made again from it: a change to the generator must not change what a spec gives."""
+    import hashlib
+
+    from dsacache.tracer.synth import materialize
+
+    spec = "synth:deepseek-v3.2:context=3000,k=256,requests=2,layers=3,steps=4"
+    got = open_trace(materialize(spec, tmp_path)).read_all()
+    digest = hashlib.sha256(
+        got.indices.astype("<i8").tobytes() + got.offsets.astype("<i8").tobytes()
+    )
+    assert digest.hexdigest() == "d7d1cf98387998a48cbe32f0aa69bda592fcbfc7c1fd7d2361b166234ecbf04e"
+
+
+def test_draws_that_can_never_fill_a_step_are_refused(tmp_path):
+    """Every draw from a 16-token recency window, or from it and the few tokens that return:
+    a step of k = 64 can never fill. The generator used to loop forever."""
+    from dsacache.tracer.synth import _Selector
+
+    cfg = SynthConfig(k=64, context=1000, steps=4, keep=0.5, recency_window=16, sinks=4,
+                      recency_weight=1.0, return_weight=0.0)  # fmt: skip
+    with pytest.raises(DsacacheError, match=r"recency_weight \+ return_weight = 1 .* widen"):
+        synthesize(cfg, tmp_path / "x.dsatrace")
+    ok = SynthConfig(k=12, context=1000, steps=4, recency_window=16, sinks=4,
+                     recency_weight=1.0, return_weight=0.0)  # fmt: skip
+    assert open_trace(synthesize(ok, tmp_path / "y.dsatrace")).validate()["k"] == 12
+    mixed = SynthConfig(k=64, context=1000, keep=0.0, recency_window=16, sinks=4, history=2,
+                        recency_weight=0.6, return_weight=0.4)  # fmt: skip
+    sel = _Selector(mixed, 0.0, np.random.default_rng(0))
+    sel.past.append(np.arange(95, 164))
+    sel.prev = np.arange(100, 164)
+    sel.past.append(sel.prev)  # 5 tokens return; with the window, 21 for the 60 needed
+    with pytest.raises(DsacacheError, match="21 of those are left for the 60"):
+        sel.next(1000)
+    sel.past.clear()  # none return: those draws fall back to all positions
+    assert len(sel.next(1000)) == 64

@@ -174,23 +174,32 @@ class _Selector:
         self.past: deque[np.ndarray] = deque(maxlen=max(cfg.history, 1))
 
     def next(self, position: int) -> np.ndarray:
+        """The sorted token positions selected at a step with ``position`` tokens cached.
+
+        The sets are kept as boolean masks over the positions (the set operations on sorted
+        arrays, ``np.union1d`` and ``np.setdiff1d``, were most of a DeepSeek-scale synthesis);
+        the draws from the generator are the same, so a spec gives the same trace."""
         cfg, rng = self.cfg, self.rng
         if cfg.k >= position:
             chosen = np.arange(position, dtype=np.int64)
         else:
-            sinks = np.arange(min(cfg.sinks, position, cfg.k), dtype=np.int64)
-            chosen = sinks
-            candidates = np.setdiff1d(self.prev, sinks, assume_unique=True)
-            n_keep = min(int(round(self.keep * cfg.k)), len(candidates), cfg.k - len(chosen))
+            n_sinks = min(cfg.sinks, position, cfg.k)
+            taken = np.zeros(position, bool)
+            taken[:n_sinks] = True
+            pieces = [np.arange(n_sinks, dtype=np.int64)]  # disjoint parts of the selection
+            count = n_sinks
+            candidates = self.prev[self.prev >= n_sinks]  # the last selection, sinks apart
+            n_keep = min(int(round(self.keep * cfg.k)), len(candidates), cfg.k - count)
             if n_keep:
-                chosen = np.union1d(chosen, rng.choice(candidates, n_keep, replace=False))
-            returning = (
-                np.setdiff1d(np.concatenate(list(self.past)), self.prev)
-                if self.past and cfg.history
-                else np.zeros(0, np.int64)
-            )
-            while len(chosen) < cfg.k:
-                need = cfg.k - len(chosen)
+                pieces.append(rng.choice(candidates, n_keep, replace=False))
+                taken[pieces[-1]] = True
+                count += n_keep
+            returning = None  # dropped since the last `history` steps: made when first drawn
+            if cfg.recency_weight + cfg.return_weight >= 1.0:  # no draw from all positions
+                returning = self._returning(position) if self.past and cfg.history else None
+                self._check_reachable(position, taken, cfg.k - count, returning)
+            while count < cfg.k:
+                need = cfg.k - count
                 draw = max(2 * need, 16)
                 source = rng.random(draw)
                 window_lo = max(0, position - max(cfg.recency_window, 1))
@@ -200,15 +209,52 @@ class _Selector:
                 back = (source >= cfg.recency_weight) & (
                     source < cfg.recency_weight + cfg.return_weight
                 )
-                if len(returning) and back.any():
-                    picks[back] = rng.choice(returning, int(back.sum()))
-                fresh = np.setdiff1d(np.unique(picks), chosen, assume_unique=True)
+                if back.any() and self.past and cfg.history:
+                    if returning is None:
+                        returning = self._returning(position)
+                    if len(returning):
+                        picks[back] = rng.choice(returning, int(back.sum()))
+                picks.sort()
+                fresh = picks[np.r_[True, picks[1:] != picks[:-1]]]  # unique, sorted
+                fresh = fresh[~taken[fresh]]
                 if len(fresh) > need:
                     fresh = rng.choice(fresh, need, replace=False)
-                chosen = np.union1d(chosen, fresh)
+                taken[fresh] = True
+                pieces.append(fresh)
+                count += len(fresh)
+            chosen = np.sort(np.concatenate(pieces))
         self.past.append(chosen)
         self.prev = chosen
         return chosen
+
+    def _check_reachable(self, position: int, taken: np.ndarray, need: int,
+                         returning: np.ndarray | None) -> None:  # fmt: skip
+        """With every draw from the recency window or the returning tokens, raise if fewer
+        than ``need`` of those are not ``taken`` yet (the draws could never fill the step)."""
+        cfg = self.cfg
+        reachable = np.zeros(position, bool)
+        if cfg.recency_weight > 0:
+            reachable[max(0, position - max(cfg.recency_window, 1)) :] = True
+        if cfg.return_weight > 0 and cfg.recency_weight < 1:
+            if returning is None or not len(returning):
+                return  # its draws fall back to all positions
+            reachable[returning] = True
+        left = int(np.count_nonzero(reachable & ~taken))
+        if left < need:
+            raise DsacacheError(
+                f"synth: recency_weight + return_weight = 1 draws every token from the last "
+                f"recency_window={cfg.recency_window} positions or from the returning tokens, "
+                f"and {left} of those are left for the {need} a step of k={cfg.k} still needs "
+                f"(at position {position}): lower the weights or widen recency_window"
+            )
+
+    def _returning(self, position: int) -> np.ndarray:
+        """Tokens of the selections in ``past`` that the last one dropped, sorted."""
+        seen = np.zeros(position, bool)
+        for earlier in self.past:
+            seen[earlier] = True
+        seen[self.prev] = False
+        return np.flatnonzero(seen).astype(np.int64, copy=False)
 
 
 def synthesize(
