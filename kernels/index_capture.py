@@ -53,6 +53,16 @@ def _copy_event() -> Any:
     return torch.cuda.Event(blocking=True)
 
 
+def _step_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, checked: ``(layers, batch, groups, width)``, each >= 1."""
+    dims = tuple(int(s) for s in shape)
+    if len(dims) != 4 or min(dims) < 1:
+        raise ValueError(
+            f"a step's shape is (layers, batch, groups, width), each >= 1; got {shape}"
+        )
+    return dims
+
+
 def _launcher_time(method: Callable) -> Callable:
     """Add the time the launching thread spends in an ``IndexCapture`` method to its
     ``stats["launcher_s"]``."""
@@ -180,7 +190,7 @@ class IndexCapture:
         """Start a step: ``positions`` ``[L, B]`` context lengths, ``shape`` ``(L, B, G, W)``."""
         self._raise()
         assert self._current is None, "end_step first"
-        self._current_shape = tuple(int(s) for s in shape)
+        self._current_shape = _step_shape(shape)
         self._current = _StepRecord(step, np.array(positions, dtype=np.int64),
                                     np.zeros((self._current_shape[0], 2), np.int64))  # fmt: skip
 
@@ -263,7 +273,7 @@ class IndexCapture:
         """Note a replay of the graph that stored a step of ``shape`` (``(L, B, G, W)``, as
         given to ``graph_store``): ``positions`` ``[L, B]`` context lengths."""
         self._raise()
-        shape = tuple(int(s) for s in shape)
+        shape = _step_shape(shape)
         ring = self._rings.get(shape)
         if ring is None or not ring.graph:
             raise ValueError(f"no graph_store of shape {shape} to note")
@@ -278,7 +288,7 @@ class IndexCapture:
         pinned memory takes milliseconds and stalls the GPU's queue). ``graph``: the steps
         will be stored by ``graph_store`` in a CUDA graph: its kernels are compiled now, as
         loading a module while a graph is being captured is not allowed."""
-        shape = tuple(int(s) for s in shape)
+        shape = _step_shape(shape)
         ring = self._rings.get(shape) or self._make_ring(shape, torch.device(device))
         if graph and not ring.compiled:  # (a scratch counter; slot 0 is written again)
             self._launch_store(torch.zeros(shape, dtype=torch.int32, device=ring.data.device),

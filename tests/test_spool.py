@@ -510,3 +510,39 @@ def test_index_capture_close_catches_a_replay_that_was_not_noted(tmp_path, devic
     with pytest.raises(RuntimeError, match="graph replays and stored"):
         cap.close()
     assert not open_trace(trace).manifest["complete"]
+
+
+def test_a_spool_refuses_appends_after_a_failed_write_and_a_capture_bad_shapes(
+    tmp_path, monkeypatch
+):
+    """A write that failed may have left a torn record: a record after it would be misread,
+    so the spool refuses more (the records before it still read back). A step shape with a
+    zero or missing dimension is refused by name."""
+    from dsacache.kernels.index_capture import IndexCapture
+    from dsacache.traces import spool as spool_mod
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.spool"
+    spool = StepSpool(path, sync_seconds=0.0)
+    spool.append(0, *_step(rng, 2, 2, 1, 8))
+    writev = os.writev
+
+    def full_disk(fd, parts):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_mod.os, "writev", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        spool.append(1, *_step(rng, 2, 2, 1, 8))
+    monkeypatch.setattr(spool_mod.os, "writev", writev)
+    with pytest.raises(TraceError, match="an earlier write failed .*nothing more is appended"):
+        spool.append(2, *_step(rng, 2, 2, 1, 8))
+    spool.close()
+    assert [s for s, _, _ in read_spool(path)] == [0]
+    cap = IndexCapture(str(tmp_path / "s.dsatrace"), cuda=False, model=MODEL, indexer=INDEXER,
+                       capture={})  # fmt: skip
+    for shape in [(2, 2, 1, 0), (2, 2, 8)]:
+        with pytest.raises(ValueError, match=r"\(layers, batch, groups, width\), each >= 1"):
+            cap.begin_step(0, np.full((2, 2), 9), shape)
+        with pytest.raises(ValueError, match="each >= 1"):
+            cap.reserve(shape, "cpu")
+    cap.close()

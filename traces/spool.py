@@ -99,6 +99,7 @@ class StepSpool:
         self.sync_seconds = sync_seconds
         self._dirty = False  # written since the last fsync
         self._error: OSError | None = None  # the fsync thread's, raised by append / close
+        self._torn: BaseException | None = None  # a write that failed: no record after it
         self._stop = threading.Event()
         self._syncer = None
         if sync_seconds > 0:
@@ -148,6 +149,9 @@ class StepSpool:
     def _append_batch(self, steps: Sequence[int], positions: np.ndarray, rows: np.ndarray,
                       shape: tuple[int, ...]) -> None:  # fmt: skip
         self._raise()
+        if self._torn is not None:  # a record after a torn one would be misread
+            raise TraceError(f"{self.path}: an earlier write failed ({self._torn}); its record "
+                             "may be torn, so nothing more is appended") from self._torn  # fmt: skip
         layers, batch, groups, width = (int(v) for v in shape)
         count, stride = len(steps), record_stride(shape)
         if rows.shape != (count, stride) or rows.dtype != np.int32 or not rows.flags.c_contiguous:
@@ -164,7 +168,20 @@ class StepSpool:
         meta[HEADER : HEADER + count] = steps
         meta[HEADER + count : HEADER + count + count * layers * batch] = np.ravel(positions)
         meta[HEADER + count + count * layers * batch :] = 0
-        parts = [meta, rows]
+        try:
+            self._write([meta, rows])
+        except BaseException as e:
+            self._torn = e
+            raise
+        if self._syncer is None:
+            os.fsync(self._fd)
+        else:
+            self._dirty = True
+
+    def _write(self, parts: list[np.ndarray]) -> None:
+        """Append ``parts`` (the meta block, the rows) with one system call, direct if the
+        rows are aligned and the file system takes it."""
+        meta, rows = parts
         if self._direct >= 0 and rows.ctypes.data % ALIGN == 0:
             try:
                 written = os.writev(self._direct, parts)  # the GIL is released during it
@@ -178,10 +195,6 @@ class StepSpool:
             rest = memoryview(b"".join(p.tobytes() for p in parts))[written:]
             while len(rest):
                 rest = rest[os.write(self._fd, rest) :]
-        if self._syncer is None:
-            os.fsync(self._fd)
-        else:
-            self._dirty = True
 
     def close(self) -> None:
         """Stop the fsync thread and close the spool (no final fsync: see the module doc)."""
