@@ -13,11 +13,17 @@ from collections import deque
 import numpy as np
 
 
-class ReferenceSelector:
-    """Selection state of one (request, layer, group) stream, as ``synth._Selector``."""
+class NeverFills(Exception):
+    """The selection loop ran ``max_rounds`` rounds without filling the step."""
 
-    def __init__(self, cfg, keep: float, rng: np.random.Generator) -> None:
-        self.cfg, self.keep, self.rng = cfg, keep, rng
+
+class ReferenceSelector:
+    """Selection state of one (request, layer, group) stream, as ``synth._Selector``; after
+    ``max_rounds`` rounds of draws in one step it raises ``NeverFills`` (the generator this
+    is looped forever where no draw could fill the step)."""
+
+    def __init__(self, cfg, keep: float, rng: np.random.Generator, max_rounds: int = 10000) -> None:
+        self.cfg, self.keep, self.rng, self.max_rounds = cfg, keep, rng, max_rounds
         self.prev = np.zeros(0, np.int64)
         self.past: deque[np.ndarray] = deque(maxlen=max(cfg.history, 1))
 
@@ -37,7 +43,11 @@ class ReferenceSelector:
                 if self.past and cfg.history
                 else np.zeros(0, np.int64)
             )
+            rounds = 0
             while len(chosen) < cfg.k:
+                rounds += 1
+                if rounds > self.max_rounds:
+                    raise NeverFills
                 need = cfg.k - len(chosen)
                 draw = max(2 * need, 16)
                 source = rng.random(draw)

@@ -144,37 +144,54 @@ def test_a_synth_spec_names_a_reproducible_trace(tmp_path):
             parse_spec(bad)
 
 
-@settings(max_examples=150, deadline=None)
+_ALL_FROM_WINDOW_OR_RETURNING = [(1.0, 0.0), (0.0, 1.0), (0.7, 0.3), (0.6, 0.4), (0.5, 0.5)]
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     k=st.integers(1, 300),
     context=st.integers(1, 5000),
     keep=st.floats(0.0, 1.0),
-    weights=st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 1.0)),
+    weights=st.one_of(
+        st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 1.0)).map(
+            lambda w: (w[0], w[1] * (0.9 - w[0]))  # some draws from all positions
+        ),
+        st.sampled_from(_ALL_FROM_WINDOW_OR_RETURNING),
+    ),
     history=st.integers(0, 5),
     sinks=st.integers(0, 8),
     recency_window=st.integers(0, 600),
+    advances=st.lists(st.integers(0, 300), min_size=6, max_size=6),
     seed=st.integers(0, 2**31),
 )
 def test_selector_draws_what_the_set_operation_reference_draws(
-    k, context, keep, weights, history, sinks, recency_window, seed
+    k, context, keep, weights, history, sinks, recency_window, advances, seed
 ):
     """The selector keeps its sets as masks; the reference (tests/synth_reference.py) uses
-    sorted-array set operations. Same generator draws, so the same selections, step by step."""
-    from synth_reference import ReferenceSelector
+    sorted-array set operations. Same generator draws, so the same selections, step by step;
+    where every draw comes from the recency window or the returning tokens, the selector
+    raises exactly where the reference could never fill the step."""
+    from synth_reference import NeverFills, ReferenceSelector
 
     from dsacache.tracer.synth import _Selector
 
-    # some draws from all positions (else a step may never fill: the next test)
-    recency, back = weights[0], weights[1] * (0.9 - weights[0])
-    cfg = SynthConfig(k=k, context=context, keep=keep, recency_weight=recency,
-                      return_weight=back, history=history, sinks=sinks,
+    cfg = SynthConfig(k=k, context=context, keep=keep, recency_weight=weights[0],
+                      return_weight=weights[1], history=history, sinks=sinks,
                       recency_window=recency_window, seed=seed)  # fmt: skip
     fast = _Selector(cfg, keep, np.random.default_rng(seed))
     slow = ReferenceSelector(cfg, keep, np.random.default_rng(seed))
-    for step in range(6):
-        a, b = fast.next(context + step), slow.next(context + step)
-        assert a.dtype == b.dtype == np.int64
-        np.testing.assert_array_equal(a, b)
+    position = context
+    for advance in advances:
+        position += advance
+        try:
+            want = slow.next(position)
+        except NeverFills:
+            with pytest.raises(DsacacheError, match="lower the weights or widen"):
+                fast.next(position)
+            return
+        got = fast.next(position)
+        assert got.dtype == want.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
     assert fast.rng.random() == slow.rng.random()  # no draw more or less
 
 
