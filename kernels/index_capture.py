@@ -134,16 +134,19 @@ class IndexCapture:
     GPU) for a half's transfer before it writes that half again. ``close`` encodes the spool.
 
     Why: copying every step to the host, with an event and a hand-over to the thread, cost
-    +37% per step with CUDA graphs on the H100 (batch 8 x 8 layers, 2026-12-07); with the
-    ring and host buffers reserved before the decode, the launching thread's own calls were
-    what was left (docs/results/h100-kernels/capture/ring-1207/). ``steps_per_copy``
+    +37% per step with CUDA graphs on the H100 (batch 8 x 8 layers, 2026-12-07); the ring
+    with reserved buffers +18% to +45%, the launching thread's calls most of it
+    (docs/results/h100-kernels/capture/ring-1207/); with the copy inside the graph, the
+    spool's copy into the page cache (hence O_DIRECT: ``StepSpool.append_batch``), and then
+    about 3-8% in all (docs/results/h100-kernels/capture/spool-1207/). ``steps_per_copy``
     (default: as many steps as fit ``RING_BYTES`` per ring, at most ``MAX_STEPS_PER_COPY``)
     trades that against what a dying process loses: the steps still in the rings, up to
     ``2 * steps_per_copy``. Each step shape has its own ring and ``buffers`` host buffers
     (default 3), kept until ``close`` (a CUDA graph holds the ring's address); the launching
     thread waits only when all of a shape's host buffers are in use. Rows a copy left out
-    (narrower groups or width, layers never added) are written as empty. ``path`` and ``writer_kwargs`` are ``TraceWriter``'s;
-    if the process dies before ``close``, ``dsacache recover PATH`` finishes the spool.
+    (narrower groups or width, layers never added) are written as empty. ``path`` and
+    ``writer_kwargs`` are ``TraceWriter``'s; if the process dies before ``close``,
+    ``dsacache recover PATH`` finishes the spool.
     ``cuda``: the indices live on a CUDA device (pinned host buffers).
     """
 
