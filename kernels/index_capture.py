@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsacache.traces.spool import ALIGN, StepSpool, record_stride, spool_path
+from dsacache.traces.spool import ALIGN, StepSpool, record_stride, spool_path, to_trace
 
 # a ring of 2 x R step slots per step shape: at most this many bytes, at most
 # MAX_STEPS_PER_COPY steps per half (a process that dies loses the steps not yet moved)
@@ -321,12 +321,11 @@ class IndexCapture:
             raise
 
     def _allocate(self, shape: tuple[int, ...], device: torch.device) -> _Ring:
-        step_bytes = 4 * int(np.prod(shape))
+        numel = int(np.prod(shape))
         per_copy = self._steps_per_copy or max(
-            1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * step_bytes))
+            1, min(MAX_STEPS_PER_COPY, RING_BYTES // (2 * 4 * numel))
         )
         # each slot a spool row (zero padding, never written again: a transfer moves whole rows)
-        numel = int(np.prod(shape))
         data = torch.zeros((2 * per_copy, record_stride(shape)), dtype=torch.int32, device=device)
         counter = torch.zeros(1, dtype=torch.int64, device=device)
         full = np.tile(np.array(shape[2:], np.int64), (shape[0], 1))
@@ -413,8 +412,6 @@ class IndexCapture:
         """Wait for the thread to spool every queued step, encode the spool into the trace and
         remove it (``complete=False``, or after an error: keep the rows, leave the trace marked
         incomplete); re-raises the thread's error."""
-        from dsacache.traces.spool import to_trace
-
         try:
             ring = self._ring
             if ring is not None and ring.graph and not self._pending:  # else _hand_over checks

@@ -194,15 +194,15 @@ class _Selector:
                 pieces.append(rng.choice(candidates, n_keep, replace=False))
                 taken[pieces[-1]] = True
                 count += n_keep
+            window_lo = max(0, position - max(cfg.recency_window, 1))  # the recency window
             returning = None  # dropped since the last `history` steps: made when first drawn
             if cfg.recency_weight + cfg.return_weight >= 1.0:  # no draw from all positions
                 returning = self._returning(position) if self.past and cfg.history else None
-                self._check_reachable(position, taken, cfg.k - count, returning)
+                self._check_reachable(position, window_lo, taken, cfg.k - count, returning)
             while count < cfg.k:
                 need = cfg.k - count
                 draw = max(2 * need, 16)
                 source = rng.random(draw)
-                window_lo = max(0, position - max(cfg.recency_window, 1))
                 picks = rng.integers(0, position, draw)
                 recent = source < cfg.recency_weight
                 picks[recent] = rng.integers(window_lo, position, int(recent.sum()))
@@ -227,14 +227,14 @@ class _Selector:
         self.prev = chosen
         return chosen
 
-    def _check_reachable(self, position: int, taken: np.ndarray, need: int,
+    def _check_reachable(self, position: int, window_lo: int, taken: np.ndarray, need: int,
                          returning: np.ndarray | None) -> None:  # fmt: skip
         """With every draw from the recency window or the returning tokens, raise if fewer
         than ``need`` of those are not ``taken`` yet (the draws could never fill the step)."""
         cfg = self.cfg
         reachable = np.zeros(position, bool)
         if cfg.recency_weight > 0:
-            reachable[max(0, position - max(cfg.recency_window, 1)) :] = True
+            reachable[window_lo:] = True
         if cfg.return_weight > 0 and cfg.recency_weight < 1:
             if returning is None or not len(returning):
                 return  # its draws fall back to all positions

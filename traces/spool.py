@@ -56,10 +56,15 @@ def spool_path(trace_path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(trace_path).rstrip('/')}.spool")
 
 
+def _padded(values: int) -> int:
+    """``values`` int32 values rounded up to a whole number of ``ALIGN``-byte blocks."""
+    return -(-values * 4 // ALIGN) * ALIGN // 4
+
+
 def record_stride(shape: tuple[int, ...]) -> int:
     """int32 values a step of ``shape`` ``(L, B, G, W)`` takes in a spool record: its indices,
     padded to ``ALIGN`` bytes."""
-    return -(-int(np.prod(shape)) * 4 // ALIGN) * ALIGN // 4
+    return _padded(int(np.prod(shape)))
 
 
 def aligned_empty(count: int) -> np.ndarray:
@@ -70,7 +75,7 @@ def aligned_empty(count: int) -> np.ndarray:
 
 def _meta_values(count: int, layers: int, batch: int) -> int:
     """int32 values of a record's meta block (header, steps, positions), padded to ALIGN."""
-    return -(-(HEADER + count + count * layers * batch) * 4 // ALIGN) * ALIGN // 4
+    return _padded(HEADER + count + count * layers * batch)
 
 
 class StepSpool:
@@ -227,12 +232,9 @@ def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.nd
             shape = (layers, batch, groups, width)
             if header[0] != MAGIC or min(header[1:7]) < 0 or stride != record_stride(shape):
                 raise TraceError(f"{path}: not a dsacache step spool (bad record header)")
-            meta = f.read(4 * (_meta_values(count, layers, batch) - HEADER))
-            rows = f.read(4 * count * stride)
-            if (
-                len(meta) < 4 * (_meta_values(count, layers, batch) - HEADER)
-                or len(rows) < 4 * count * stride
-            ):
+            meta_bytes = 4 * (_meta_values(count, layers, batch) - HEADER)
+            meta, rows = f.read(meta_bytes), f.read(4 * count * stride)
+            if len(meta) < meta_bytes or len(rows) < 4 * count * stride:
                 return
             values = np.frombuffer(meta, np.int32)
             positions = values[count : count + count * layers * batch].reshape(count, layers, batch)
