@@ -255,22 +255,84 @@ def _kv_bytes_per_token(layout: str, kv_heads: int, head_dim: int, groups: int) 
     return per_head if groups > 1 else per_head * kv_heads
 
 
-def _step_tensors(rows, batch: int, requests: int, layers: int, groups: int, width: int):
-    """Selections ``[L, B, G, W]`` (-1 padded) and context lengths ``[L, B]`` of one step."""
-    sel = np.full((layers, batch, groups, width), -1, dtype=np.int32)
-    pos = np.ones((layers, batch), dtype=np.int64)
-    slot_of = {}  # trace request -> batch slots that replay it
-    for b in range(batch):
-        slot_of.setdefault(b % requests, []).append(b)
-    for i in range(len(rows)):
-        layer, g = int(rows.layer[i]), int(rows.group[i])
-        if layer >= layers or g >= groups:
-            continue
-        idx = rows.row(i)[:width]
-        for b in slot_of.get(int(rows.request[i]), ()):
-            sel[layer, b, g, : len(idx)] = idx
-            pos[layer, b] = int(rows.position[i])
-    return sel, pos
+class StepStaging:
+    """The host side of each step's inputs: selections ``[L, B, G, W]`` (-1 padded) and
+    context lengths ``[L, B]`` built from the trace's rows with array operations (no Python
+    loop over rows when they are full), in buffers reused round robin. On CUDA the buffers
+    are pinned, so the copies to the device need no staging copy, and a buffer is written
+    again only once its last copy has run (``copied`` records the event). Batch slot ``b``
+    replays trace request ``b % requests``; rows of other layers, groups or requests are
+    left out; a request's groups share its context length. The launching thread's host work per step is what bounds a decode loop in
+    CUDA graphs, and what the capture's own host work competes with."""
+
+    def __init__(self, batch: int, requests: int, layers: int, groups: int,
+                 device: torch.device, buffers: int = 3) -> None:  # fmt: skip
+        self.shape = (layers, batch, groups)
+        self.requests = requests
+        self.slot_request = np.arange(batch) % requests
+        self.pinned = device.type == "cuda"
+        self._count = buffers
+        self._buffers: dict[int, list[list[Any]]] = {}  # width -> [sel, ctx, event] each
+        self._turn = 0
+        self._last: list[Any] | None = None
+
+    def reserve(self, width: int) -> None:
+        """Allocate the buffers for steps of ``width`` now (pinning memory takes milliseconds)."""
+        if width not in self._buffers:
+            layers, batch, groups = self.shape
+            self._buffers[width] = [
+                [torch.empty((layers, batch, groups, width), dtype=torch.int32,
+                             pin_memory=self.pinned),
+                 torch.empty((layers, batch), dtype=torch.int32, pin_memory=self.pinned), None]
+                for _ in range(self._count)
+            ]  # fmt: skip
+
+    def fill(self, rows: Any, width: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+        """One step's ``(selections, context lengths)`` as host tensors, the context lengths
+        as int64 numpy ``[L, B]`` as well, and how many selected tokens they hold (-1s left
+        out). The tensors stay valid until ``fill`` has been called ``buffers`` times more."""
+        self.reserve(width)
+        self._last = entry = self._buffers[width][self._turn]
+        self._turn = (self._turn + 1) % self._count
+        if entry[2] is not None:
+            entry[2].synchronize()  # this buffer's copy to the device has run
+        sel_t, ctx_t = entry[0], entry[1]
+        sel = sel_t.numpy().reshape(-1, width)
+        layers, _batch, groups = self.shape
+        n = len(rows)
+        row_of = np.full((layers, groups, self.requests), -1, np.int64)
+        keep = np.flatnonzero((rows.layer < layers) & (rows.group < groups)
+                              & (rows.request >= 0) & (rows.request < self.requests))  # fmt: skip
+        row_of[rows.layer[keep], rows.group[keep], rows.request[keep]] = keep
+        grid = row_of[:, :, self.slot_request].transpose(0, 2, 1)  # [L, B, G]: row or -1
+        missing = grid < 0
+        cells = np.maximum(grid, 0).reshape(-1)
+        lengths = rows.lengths
+        if n and lengths.min() == width == lengths.max():  # every row full: a view of them
+            padded = rows.indices.reshape(n, width)
+            valid = np.full(n, width) if rows.indices.min() >= 0 else (padded >= 0).sum(1)
+        else:
+            padded = np.full((max(n, 1), width), -1, np.int32)
+            for i in np.unique(grid[~missing]):  # only the rows a slot replays
+                row = rows.row(int(i))
+                padded[i, : len(row)] = row
+            valid = (padded >= 0).sum(1)
+        np.take(padded, cells, axis=0, out=sel, mode="clip")
+        if missing.any():
+            sel[missing.reshape(-1)] = -1
+        position = np.where(missing, -1, rows.position[cells].reshape(grid.shape) if n else -1)
+        pos = position.max(axis=2)
+        pos[pos < 0] = 1
+        ctx_t.numpy()[:] = pos
+        return sel_t, ctx_t, pos, int(np.where(missing, 0, valid[cells].reshape(grid.shape)).sum())
+
+    def copied(self) -> None:
+        """Note that the copies of the last ``fill``'s buffers to the device are queued on
+        the current stream: that buffer is written again only after they have run."""
+        if self.pinned and self._last is not None:
+            event = self._last[2] or torch.cuda.Event()
+            event.record()
+            self._last[2] = event
 
 
 @contextlib.contextmanager
@@ -430,6 +492,8 @@ def run_trace(
         store = cap.graph_store if cap is not None and cuda_graph else None
         if cap is not None:  # its buffers for the usual width, before the graphs and the clock
             cap.reserve(out_shape(k), dev, graph=cuda_graph)
+        staging = StepStaging(batch, requests, n_layers, groups, dev)
+        staging.reserve(k)
         graphs: dict[int, _StepGraph] = {}  # by selection width
         if cuda_graph:  # the usual width, built before the flush and the clock
             graphs[k] = _StepGraph(launch, (n_layers, batch, groups, k), capacity, dev, store,
@@ -460,23 +524,20 @@ def run_trace(
                 t0 = time.perf_counter()
                 step = int(rows.step[0])
                 width = max(k, int(rows.lengths.max()) if len(rows) else 0)
-                sel_np, pos_np = _step_tensors(rows, batch, requests, n_layers, groups, width)
-                sel_all = torch.from_numpy(sel_np)
-                ctx_all = torch.from_numpy(pos_np.astype(np.int32))
-                if dev.type == "cuda":
-                    sel_all = sel_all.pin_memory()
-                    ctx_all = ctx_all.pin_memory()
+                sel_all, ctx_all, pos_np, selected = staging.fill(rows, width)
                 if cuda_graph:
                     if width not in graphs:
                         if cap is not None:
                             cap.reserve(out_shape(width), dev, graph=True)
-                        graphs[width] = _StepGraph(launch, sel_np.shape, capacity, dev, store,
-                                                   indices_read)  # fmt: skip
+                        graphs[width] = _StepGraph(launch, tuple(sel_all.shape), capacity, dev,
+                                                   store, indices_read)  # fmt: skip
                     read = graphs[width].replay(sel_all, ctx_all)
                     sel_all = graphs[width].sel
                 else:
                     sel_all = sel_all.to(dev, non_blocking=True)
-                    read = launch(sel_all, ctx_all.to(dev, non_blocking=True), int(pos_np.max()))
+                    ctx_all = ctx_all.to(dev, non_blocking=True)
+                    read = launch(sel_all, ctx_all, int(pos_np.max()))
+                staging.copied()
                 if cap is not None and cuda_graph:  # the graph stored the step's indices
                     cap.stored(step, pos_np, out_shape(width))
                 elif cap is not None:
@@ -484,7 +545,7 @@ def run_trace(
                     cap.add_all(indices_read(sel_all, read))  # every layer: one copy
                     cap.end_step()
                 result.index_bytes += int(pos_np.sum()) * 132
-                result.kv_bytes += int((sel_np >= 0).sum()) * kv_tok
+                result.kv_bytes += selected * kv_tok
                 result.steps += 1
                 result.step_seconds.append(time.perf_counter() - t0)  # launch time (no sync)
             sync()

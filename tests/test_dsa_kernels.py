@@ -368,6 +368,60 @@ def _rows(trace):
     }
 
 
+def _staging_oracle(rows, batch, requests, layers, groups, width):
+    """What a step's staged inputs must hold, row by row: slot ``b`` replays request
+    ``b % requests``; rows of other layers, groups or requests are left out."""
+    sel = np.full((layers, batch, groups, width), -1, np.int32)
+    pos = np.ones((layers, batch), np.int64)
+    for i in range(len(rows)):
+        layer, g, req = int(rows.layer[i]), int(rows.group[i]), int(rows.request[i])
+        if layer >= layers or g >= groups or not 0 <= req < requests:
+            continue
+        for b in range(req, batch, requests):
+            sel[layer, b, g, : rows.lengths[i]] = rows.row(i)
+            pos[layer, b] = rows.position[i]
+    return sel, pos
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_step_staging_builds_what_a_row_by_row_copy_builds(full):
+    """The driver's staging (array operations, buffers reused round robin) against a plain
+    loop over the rows: ragged and full rows, rows missing, rows the run leaves out, -1s."""
+    from dsacache.kernels.decode_step import StepStaging
+    from dsacache.traces.format import SelectionBatch
+
+    rng = np.random.default_rng(3 + full)
+    layers, groups, requests, batch, width = 3, 2, 3, 5, 16
+    staging = StepStaging(batch, requests, layers, groups, torch.device("cpu"), buffers=2)
+    kept = []
+    for step in range(5):
+        keys = [
+            (lay, g, r)
+            for lay in range(layers + 1)
+            for g in range(groups)
+            for r in range(requests + 1)
+        ]
+        keys = [keys[i] for i in rng.permutation(len(keys))[: len(keys) - 4]]  # some missing
+        lengths = [width if full else int(rng.integers(0, width + 1)) for _ in keys]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        indices = rng.integers(-1 if step == 2 else 0, 500, offsets[-1]).astype(np.int32)
+        rows = SelectionBatch(
+            request=np.array([k[2] for k in keys]), step=np.full(len(keys), step),
+            position=np.array([7 * k[0] + 31 * k[2] + step + 1 for k in keys]),  # per request
+            layer=np.array([k[0] for k in keys]),
+            group=np.array([k[1] for k in keys]), offsets=offsets, indices=indices,
+        )  # fmt: skip
+        sel, ctx, pos, selected = staging.fill(rows, width)
+        want_sel, want_pos = _staging_oracle(rows, batch, requests, layers, groups, width)
+        np.testing.assert_array_equal(sel.numpy(), want_sel)
+        np.testing.assert_array_equal(pos, want_pos)
+        np.testing.assert_array_equal(ctx.numpy(), want_pos)
+        assert selected == int((want_sel >= 0).sum())
+        kept.append((sel, want_sel))
+    # two buffers: the step before the last still holds its own inputs
+    np.testing.assert_array_equal(kept[-2][0].numpy(), kept[-2][1])
+
+
 @pytest.mark.parametrize("layout", ["mla-fp8", "mla-bf16"])
 def test_run_trace_replays_and_captures_the_trace_selections(tmp_path, layout):
     from dsacache.traces import open_trace
