@@ -137,8 +137,10 @@ class IndexCapture:
     +37% per step with CUDA graphs on the H100 (batch 8 x 8 layers, 2026-12-07); the ring
     with reserved buffers +18% to +45%, the launching thread's calls most of it
     (docs/results/h100-kernels/capture/ring-1207/); with the copy inside the graph, the
-    spool's copy into the page cache (hence O_DIRECT: ``StepSpool.append_batch``), and then
-    about 3-8% in all (docs/results/h100-kernels/capture/spool-1207/). ``steps_per_copy``
+    spool's copy into the page cache (hence O_DIRECT: ``StepSpool.append_batch``), then
+    3-8% while the driver's loop was bound by its own host work, and +1.0-1.1% (batch 8 and
+    64) once it was bound by the GPU (docs/results/h100-kernels/capture/staging-1207/;
+    launched eagerly +7.9%, the calls above taking 0.08-0.1 ms a step). ``steps_per_copy``
     (default: as many steps as fit ``RING_BYTES`` per ring, at most ``MAX_STEPS_PER_COPY``)
     trades that against what a dying process loses: the steps still in the rings, up to
     ``2 * steps_per_copy``. Each step shape has its own ring and ``buffers`` host buffers
