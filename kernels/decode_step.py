@@ -289,10 +289,14 @@ class StepStaging:
                 for _ in range(self._count)
             ]  # fmt: skip
 
-    def fill(self, rows: Any, width: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
-        """One step's ``(selections, context lengths)`` as host tensors, the context lengths
-        as int64 numpy ``[L, B]`` as well, and how many selected tokens they hold (-1s left
-        out). The tensors stay valid until ``fill`` has been called ``buffers`` times more."""
+    def fill(self, rows: Any, min_width: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+        """One step's ``(selections, context lengths)`` as host tensors, the selections
+        ``min_width`` wide or as wide as the longest row, the context lengths as int64 numpy
+        ``[L, B]`` as well, and how many selected tokens they hold (-1s left out). The
+        tensors stay valid until ``fill`` has been called ``buffers`` times more."""
+        n = len(rows)
+        lengths = rows.lengths
+        width = max(min_width, int(lengths.max()) if n else 0)
         self.reserve(width)
         self._last = entry = self._buffers[width][self._turn]
         self._turn = (self._turn + 1) % self._count
@@ -301,7 +305,6 @@ class StepStaging:
         sel_t, ctx_t = entry[0], entry[1]
         sel = sel_t.numpy().reshape(-1, width)
         layers, _batch, groups = self.shape
-        n = len(rows)
         row_of = np.full((layers, groups, self.requests), -1, np.int64)
         keep = np.flatnonzero((rows.layer < layers) & (rows.group < groups)
                               & (rows.request >= 0) & (rows.request < self.requests))  # fmt: skip
@@ -309,7 +312,6 @@ class StepStaging:
         grid = row_of[:, :, self.slot_request].transpose(0, 2, 1)  # [L, B, G]: row or -1
         missing = grid < 0
         cells = np.maximum(grid, 0).reshape(-1)
-        lengths = rows.lengths
         if n and lengths.min() == width == lengths.max():  # every row full: a view of them
             padded = rows.indices.reshape(n, width)
             valid = np.full(n, width) if rows.indices.min() >= 0 else (padded >= 0).sum(1)
@@ -525,8 +527,8 @@ def run_trace(
                     break
                 t0 = time.perf_counter()
                 step = int(rows.step[0])
-                width = max(k, int(rows.lengths.max()) if len(rows) else 0)
-                sel_all, ctx_all, pos_np, selected = staging.fill(rows, width)
+                sel_all, ctx_all, pos_np, selected = staging.fill(rows, k)
+                width = sel_all.shape[-1]
                 if cuda_graph:
                     if width not in graphs:
                         if cap is not None:

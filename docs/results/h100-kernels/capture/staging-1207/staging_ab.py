@@ -35,7 +35,8 @@ DEEPSEEK = {"name": "deepseek-v3.2-shape", "attention": "MLA", "heads": 128}
 class LoopStaging(ds.StepStaging):
     """The staging before StepStaging: a loop over rows, a new pinned copy each step."""
 
-    def fill(self, rows, width):
+    def fill(self, rows, min_width):
+        width = max(min_width, int(rows.lengths.max()) if len(rows) else 0)
         layers, batch, groups = self.shape
         sel = np.full((layers, batch, groups, width), -1, dtype=np.int32)
         pos = np.ones((layers, batch), dtype=np.int64)
@@ -77,9 +78,9 @@ def main() -> None:
                 cls = staging[name]
                 spent: list[float] = []
 
-                def timed_fill(self, rows, width, _fill=cls.fill, _spent=spent):
+                def timed_fill(self, rows, min_width, _fill=cls.fill, _spent=spent):
                     t0 = time.perf_counter()
-                    res = _fill(self, rows, width)
+                    res = _fill(self, rows, min_width)
                     _spent.append(time.perf_counter() - t0)
                     return res
 
