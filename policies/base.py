@@ -103,6 +103,10 @@ class PolicyType:
     victim: Callable | None = None
     params: tuple[Param, ...] = ()
     set_words: int = 1
+    # Where set ``s``'s first state word lies: ``set_state[s * set_words]`` (set-major) or
+    # ``set_state[s]`` (False: the words are columns of ``n_sets``, as in LRU's head and tail
+    # arrays). The engine prefetches that word a few accesses ahead.
+    set_major: bool = True
     line_words: int = 1
     line_dtype: type = np.int64
     needs_future: bool = False
@@ -112,7 +116,7 @@ class PolicyType:
     # Optional ``prefetch(line_state, set_state, s, ways)``: start loading the policy state of
     # set ``s``, which the engine looks up a few accesses later (hints to the CPU's caches,
     # for policies whose per-set state spans several cache lines; the engine already
-    # prefetches ``set_state[s * set_words]``).
+    # prefetches the set's first word, see ``set_major``).
     prefetch: Callable | None = None
     # Optional ``check(ways, n_sets, policy)`` run when a cache is built: raises
     # ``DsacacheError`` for a geometry the policy cannot handle (e.g. tree-PLRU needs 2**k ways).

@@ -24,5 +24,6 @@ FIFO = register(
         reads_access=False,
         line_words=2,
         set_words=2,
+        set_major=False,
     )
 )

@@ -133,6 +133,7 @@ HINTS = register(
         line_dtype=np.int64,  # the packed recency order is one int64 per set
         line_words=3,
         set_words=3,
+        set_major=False,
     )
 )
 

@@ -109,5 +109,6 @@ LRU = register(
         reads_access=False,
         line_words=2,
         set_words=2,
+        set_major=False,
     )
 )

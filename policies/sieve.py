@@ -73,5 +73,6 @@ SIEVE = register(
         reads_access=False,
         line_words=3,
         set_words=3,
+        set_major=False,
     )
 )

@@ -243,24 +243,32 @@ def reader_partition(clock, partitions):
     return ((clock * _HASH_MUL) >> 32) & (partitions - 1)
 
 
-def _kernel(policy: Policy, ways: int, replicate: bool = False):
-    """The compiled replay loop for ``policy``'s type (compiled on first use, then kept in
-    this process and on disk, ``jitcache``).
-    Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own build with the way count a
-    constant: the tag match is then one compare without the chunk loop, and the policy's
-    branches on ``ways`` fold away.
+def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
+    """The compiled replay loop for ``policy``'s type on caches shaped like ``config``
+    (compiled on first use, then kept in this process and on disk, ``jitcache``).
+    Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own builds with the way count,
+    the set hash and a single partition as constants: the tag match is then one compare
+    without the chunk loop, the policy's branches on ``ways`` fold away, and the set index
+    is straight-line code (fewer live values, so the loop keeps its state in registers).
+    ``specialize=False`` gives the generic build (for same-process benchmarks).
 
     ``replicate`` builds the loop of a GPU L2 made of partitions joined by a fabric (GH100):
     a line's home partition comes from its address; a read by an SM of another partition
     (``reader_partition``) looks up that partition's near copy first, then the home, and
     leaves a copy in both; a write goes to the home and drops the copies elsewhere."""
-    fixed_ways = ways if ways == MATCH_WIDTH else 0
-    key = f"{policy.name}:{id(policy.type)}:{fixed_ways}:{int(replicate)}"
+    replicate = config.replicate
+    fixed_ways = config.ways if specialize and config.ways == MATCH_WIDTH else 0
+    fixed_hash = SET_HASHES.index(config.set_hash) if fixed_ways else -1
+    single_partition = bool(fixed_ways) and config.partitions == 1
+    shape = f"{fixed_ways}:{fixed_hash}:{int(single_partition)}:{int(replicate)}"
+    key = f"{policy.name}:{id(policy.type)}:{shape}"
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
     access_context = policy.type.reads_access  # constants of this build
     set_words = policy.type.set_words
+    # words from one set's first state word to the next set's
+    set_stride = set_words if policy.type.set_major else 1
     policy_prefetch = policy.type.prefetch or _no_prefetch
 
     @njit(inline="always")
@@ -306,6 +314,10 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
     ):
         if fixed_ways:
             ways = fixed_ways
+        if fixed_hash >= 0:
+            hash_kind = fixed_hash
+        if single_partition:
+            partitions = 1
         per = n_sets // partitions
         inv_per = 1.0 / per
         line_bytes = 1 << line_shift
@@ -341,8 +353,8 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
                 prefetch(tags, ahead * ways)
                 prefetch(tags, ahead * ways + ways - 1)
                 prefetch(valid, ahead * ways)
-                if ahead * set_words < set_state.shape[0]:  # set-major policy state
-                    prefetch(set_state, ahead * set_words)
+                if ahead * set_stride < set_state.shape[0]:
+                    prefetch(set_state, ahead * set_stride)
                 policy_prefetch(line_state, set_state, ahead, ways)
             a = addr[i]
             end = a + nbytes[i]
@@ -455,7 +467,7 @@ def _kernel(policy: Policy, ways: int, replicate: bool = False):
         return clock
 
     hooks = (on_hit, on_fill, victim, policy_prefetch)
-    build = f"{policy.name}:{fixed_ways}:{int(replicate)}:{int(access_context)}:{set_words}"
+    build = f"{policy.name}:{shape}:{int(access_context)}:{set_stride}"
     _KERNELS[key] = persist(run, build, hooks)
     return _KERNELS[key]
 
@@ -509,7 +521,7 @@ class Cache:
             )
         if self.policy.type.check is not None:
             self.policy.type.check(config.ways, config.n_sets, self.policy)
-        self._kernel = _kernel(self.policy, config.ways, config.replicate)
+        self._kernel = _kernel(self.policy, config)
         self._ring = np.zeros(PREFETCH_AHEAD, np.int64)  # sets of the next accesses (scratch)
         self._fill_mask = config.fill_masks()
         self.reset()

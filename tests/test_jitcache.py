@@ -18,13 +18,13 @@ CHILD = textwrap.dedent(
     import numpy as np
     from dsacache.policies import load_plugin, make_policy
     from dsacache.simulator import simulate_addresses
-    from dsacache.simulator.engine import _kernel
+    from dsacache.simulator.engine import CacheConfig, _kernel
     policy = sys.argv[1]
     if len(sys.argv) > 2:
         load_plugin(sys.argv[2])
     addrs = np.random.default_rng(0).integers(0, 4096, 20000) * 128
     out = simulate_addresses(addrs, size="64KiB", ways=16, policy=policy, nbytes=128)
-    kernel = _kernel(make_policy(policy), 16)
+    kernel = _kernel(make_policy(policy), CacheConfig.of("64KiB", ways=16))
     print(json.dumps({"misses": out["line_misses"],
                       "loaded": sum(kernel.stats.cache_hits.values())}))
     """
