@@ -247,9 +247,11 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
     """The compiled replay loop for ``policy``'s type on caches shaped like ``config``
     (compiled on first use, then kept in this process and on disk, ``jitcache``).
     Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own builds with the way count,
-    the set hash and a single partition as constants: the tag match is then one compare
-    without the chunk loop, the policy's branches on ``ways`` fold away, and the set index
-    is straight-line code (fewer live values, so the loop keeps its state in registers).
+    the set hash, a single partition and the line and sector sizes as constants: the tag
+    match is then one compare without the chunk loop, the policy's branches on ``ways`` fold
+    away, and the set index is straight-line code (fewer live values, so the loop keeps more
+    of its state in registers). Whether the policy reads the future (Belady) is a constant
+    of every build.
     ``specialize=False`` gives the generic build (for same-process benchmarks).
 
     ``replicate`` builds the loop of a GPU L2 made of partitions joined by a fabric (GH100):
@@ -260,12 +262,18 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
     fixed_ways = config.ways if specialize and config.ways == MATCH_WIDTH else 0
     fixed_hash = SET_HASHES.index(config.set_hash) if fixed_ways else -1
     single_partition = bool(fixed_ways) and config.partitions == 1
-    shape = f"{fixed_ways}:{fixed_hash}:{int(single_partition)}:{int(replicate)}"
+    fixed_line_shift = config.line.bit_length() - 1 if fixed_ways else -1
+    fixed_sector_shift = config.sector.bit_length() - 1 if fixed_ways else -1
+    shape = (
+        f"{fixed_ways}:{fixed_hash}:{int(single_partition)}:{fixed_line_shift}:"
+        f"{fixed_sector_shift}:{int(replicate)}"
+    )
     key = f"{policy.name}:{id(policy.type)}:{shape}"
     if key in _KERNELS:
         return _KERNELS[key]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
     access_context = policy.type.reads_access  # constants of this build
+    needs_future = policy.type.needs_future
     set_words = policy.type.set_words
     # words from one set's first state word to the next set's
     set_stride = set_words if policy.type.set_major else 1
@@ -318,12 +326,14 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
             hash_kind = fixed_hash
         if single_partition:
             partitions = 1
+        if fixed_line_shift >= 0:
+            line_shift = fixed_line_shift
+            sector_shift = fixed_sector_shift
         per = n_sets // partitions
         inv_per = 1.0 / per
         line_bytes = 1 << line_shift
         n_sectors = 1 << (line_shift - sector_shift)
         all_sectors = (1 << n_sectors) - 1
-        has_future = future.shape[0] > 0
         k = 0  # line accesses so far in this call: index into ``future``
         # Counters add up in locals while consecutive accesses share a bucket (streams have
         # long runs of one step, layer and class) and are flushed when the bucket changes.
@@ -383,9 +393,9 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
                     glob[2] = ln
                 way = _find_way(tags, base, ln, ways)
                 clock += 1
-                if has_future:
+                if needs_future:
                     glob[0] = future[k]
-                k += 1
+                    k += 1
                 if replicate:
                     home = s // per
                     if write:  # the home takes the write; copies elsewhere are stale
