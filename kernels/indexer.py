@@ -76,14 +76,15 @@ def dsa_indexer_logits(
     q_ptr, w_ptr, keys_u8, keys_f32, table_ptr, ctx_ptr, out_ptr,
     H, stride_qb, stride_qh, stride_wb, stride_tb, stride_ob, max_pages,
     BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGES_PER_PROG: tl.constexpr,
-    PAGES_PER_STEP: tl.constexpr, QUERY_FP8: tl.constexpr, EVICT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    PAGES_PER_STEP: tl.constexpr, QUERY_FP8: tl.constexpr, QUERY_QUANTISED: tl.constexpr,
+    EVICT: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Logits of ``PAGES_PER_PROG`` pages of one request: program (page block, request), in
     steps of ``PAGES_PER_STEP`` pages. Tokens at or past the request's context length get
     -inf. The product is computed as keys x queries (``[tokens, heads]``) so that the sum over
     heads stays inside each warp. ``UPCAST`` feeds float32 to ``tl.dot`` (only under the CPU
-    interpreter, whose bf16 dot is wrong in Triton 3.6)."""
+    interpreter, whose bf16 dot is wrong in Triton 3.6). ``QUERY_QUANTISED``: the query
+    arrives in fp8 with its per-head scales already folded into the weights."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
@@ -91,9 +92,13 @@ def dsa_indexer_logits(
     d = tl.arange(0, D)
     t = tl.arange(0, PAGES_PER_STEP * PAGE)
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=h[:, None] < H,
-                other=0.0).to(tl.float32)  # fmt: skip
+                other=0.0)  # fmt: skip
     w = tl.load(w_ptr + b * stride_wb + h, mask=h < H, other=0.0).to(tl.float32)
-    if QUERY_FP8:  # per-head scale, folded into the head's weight
+    if QUERY_QUANTISED:
+        if UPCAST:
+            q = q.to(tl.float32)
+    elif QUERY_FP8:  # per-head scale, folded into the head's weight
+        q = q.to(tl.float32)
         qs = tl.max(tl.abs(q), axis=1) / _FP8_MAX
         qs = tl.where(qs == 0.0, 1.0, qs)
         w = w * qs
@@ -101,7 +106,9 @@ def dsa_indexer_logits(
             q = _e4m3_grid(q / qs[:, None])
         else:
             q = (q / qs[:, None]).to(tl.float8e4nv)
-    elif not UPCAST:
+    elif UPCAST:
+        q = q.to(tl.float32)
+    else:
         q = q.to(tl.bfloat16)
     q_t = tl.trans(q)
     page_bytes = PAGE * (D + 4)
@@ -181,7 +188,9 @@ def indexer_logits(
 
     ``q`` ``[B, H, D]`` (bf16; D = the cache's key dim, 128 for DeepSeek-V3.2, any power of
     two >= 16), ``weights`` ``[B, H]`` (per-head weights, any float), ``context_lens`` int32
-    ``[B]`` on the device. ``max_context`` defaults to the page table's capacity (pass it to
+    ``[B]`` on the device. A query already in fp8 e4m3 (``quantise_index_query``, as
+    DeepSeek-V3.2's inference code quantises it before its indexer kernel) is used as it
+    is, its per-head scales being in ``weights``; otherwise each program quantises it. ``max_context`` defaults to the page table's capacity (pass it to
     avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
     "evict_last"; a hinted launch runs with one pipeline stage: ``pipeline_stages``).
     ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's indexer) rather than
@@ -191,7 +200,10 @@ def indexer_logits(
     """
     b, h, d = q.shape
     check_index_dim(d)
-    query_fp8 = query_fp8 and d >= FP8_DOT_MIN_DIM
+    quantised = q.dtype == torch.float8_e4m3fn
+    if quantised and d < FP8_DOT_MIN_DIM:
+        raise ValueError(f"fp8 queries need key dims >= {FP8_DOT_MIN_DIM}, got {d}")
+    query_fp8 = quantised or (query_fp8 and d >= FP8_DOT_MIN_DIM)
     if d != cache.dim:
         raise ValueError(f"indexer queries have {d} dims but the cached keys {cache.dim}")
     pt = cache.pages
@@ -211,10 +223,23 @@ def indexer_logits(
         q, weights, cache.pool, cache.pool.view(torch.float32), table, context_lens, out,
         h, q.stride(0), q.stride(1), weights.stride(0), table.stride(0), out.stride(0), max_pages,
         BLOCK_H=max(16, _pow2(h)), D=d, PAGE=pt.page_size, PAGES_PER_PROG=pages_per_prog,
-        PAGES_PER_STEP=pages_per_step, QUERY_FP8=query_fp8, EVICT=_check_evict(evict),
+        PAGES_PER_STEP=pages_per_step, QUERY_FP8=query_fp8, QUERY_QUANTISED=quantised,
+        EVICT=_check_evict(evict),
         UPCAST=INTERPRET, num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     return out[:, :max_context]
+
+
+def quantise_index_query(
+    q: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's query in fp8 e4m3, one scale per head (its largest magnitude maps to
+    the format's largest finite value), and ``weights`` (float32) times those scales: what
+    ``indexer_logits`` computes inside each program, done once per request."""
+    qf = q.float()
+    qs = qf.abs().amax(-1) / FP8_MAX
+    qs = torch.where(qs == 0, 1.0, qs)
+    return (qf / qs[..., None]).to(torch.float8_e4m3fn), weights.float() * qs
 
 
 def indexer_logits_reference(
@@ -227,16 +252,14 @@ def indexer_logits_reference(
     query_fp8: bool = True,
 ) -> torch.Tensor:
     """Plain torch (float32) reference of ``indexer_logits``: keys read through the pages,
-    the query quantised to fp8 per head exactly as the kernel does when ``query_fp8``."""
+    the query quantised to fp8 per head exactly as the kernel does when ``query_fp8`` (a
+    query already in fp8 is taken as it is)."""
     ctx = [int(c) for c in context_lens.tolist()]
     width = max(ctx) if max_context is None else max_context
     out = torch.full((q.shape[0], width), float("-inf"), dtype=torch.float32, device=q.device)
+    if q.dtype != torch.float8_e4m3fn and query_fp8 and q.shape[-1] >= FP8_DOT_MIN_DIM:
+        q, weights = quantise_index_query(q, weights)
     q, w = q.float(), weights.float()
-    if query_fp8 and q.shape[-1] >= FP8_DOT_MIN_DIM:
-        qs = q.abs().amax(-1) / FP8_MAX
-        qs = torch.where(qs == 0, 1.0, qs)
-        q = (q / qs[..., None]).to(torch.float8_e4m3fn).float()
-        w = w * qs
     for b, n in enumerate(ctx):
         if n == 0:
             continue

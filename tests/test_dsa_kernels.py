@@ -41,6 +41,7 @@ from dsacache.kernels.indexer import (  # noqa: E402
     INTERPRET,
     indexer_logits,
     indexer_logits_reference,
+    quantise_index_query,
     select_topk,
     select_topk_reference,
 )
@@ -177,6 +178,29 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     fin = torch.isfinite(ref)
     tol = _LOGIT_TOL if query_fp8 else {"rtol": 1e-4, "atol": 1e-3}
     torch.testing.assert_close(got[fin], ref[fin], **tol)
+
+
+@pytest.mark.parametrize("heads", [8, 20])
+def test_indexer_takes_a_query_quantised_beforehand(heads):
+    """A query quantised once per request (``quantise_index_query``: fp8 plus scales folded
+    into the weights) scores exactly as the kernel's own per-program quantisation; the
+    reference takes it as it is. Heads below the program's 16 rows are masked."""
+    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
+    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
+    q = _bf16(3, heads, 128, seed=1)
+    w = torch.rand((3, heads), generator=_gen(2)).to(DEVICE)
+    q8, w8 = quantise_index_query(q, w)
+    assert q8.dtype == torch.float8_e4m3fn and w8.dtype == torch.float32
+    inside = indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_prog=2)
+    before = indexer_logits(q8, w8, cache, _ctx(), max(CTX), pages_per_prog=2)
+    assert torch.equal(torch.isinf(before), torch.isinf(inside))
+    fin = torch.isfinite(inside)
+    torch.testing.assert_close(before[fin], inside[fin], rtol=1e-5, atol=1e-5)
+    ref = indexer_logits_reference(q8, w8, cache, _ctx())
+    torch.testing.assert_close(ref, indexer_logits_reference(q, w, cache, _ctx()))
+    with pytest.raises(ValueError, match="fp8 queries need key dims >= 32"):
+        small = paged.build_index_cache([torch.zeros(n, 16).to(DEVICE) for n in CTX], _table())
+        indexer_logits(quantise_index_query(q[..., :16], w)[0], w8, small, _ctx(), max(CTX))
 
 
 def test_indexer_grid_is_balanced_to_whole_waves(monkeypatch):
