@@ -7,7 +7,8 @@ DeepSeek-V3.2's inference code hands its indexer kernel a query quantised by its
 when the query projection upstream emits fp8); ``quantise + kernel`` (torch's quantisation
 ops in the graph as well). Checks that both give the same logits.
 Run from the repository root on a GPU:
-``OUT=DIR python docs/results/h100-kernels/indexer-prequant-1207/indexer_prequant_ab.py``.
+``OUT=DIR python docs/results/h100-kernels/indexer-prequant-1207/indexer_prequant_ab.py [SHAPES]``
+(``BATCHxCONTEXT,...``; default batch 8 and 64 at 64K and 128K).
 """
 
 import os
@@ -23,7 +24,8 @@ from dsacache.kernels.indexer import indexer_logits, quantise_index_query  # noq
 
 gen = torch.Generator(device="cuda").manual_seed(0)
 rows = []
-for bsz, ctx in [(8, 65536), (8, 131072), (64, 65536), (64, 131072)]:
+SHAPES = sys.argv[1] if len(sys.argv) > 1 else "8x65536,8x131072,64x65536,64x131072"
+for bsz, ctx in (map(int, s.split("x")) for s in SHAPES.split(",")):
     x = inputs(bsz, ctx, gen)
     nbytes = bsz * ctx * (132 + 4)  # keys and scales read, logits written
     q8, w8 = quantise_index_query(x["qi"], x["w"])
