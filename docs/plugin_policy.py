@@ -50,5 +50,6 @@ LIP = register(
         line_dtype=np.int32,
         line_words=2,
         set_words=2,
+        set_major=False,  # LRU's list: heads, then tails, one column of n_sets each
     )
 )

@@ -105,7 +105,8 @@ class PolicyType:
     set_words: int = 1
     # Where set ``s``'s first state word lies: ``set_state[s * set_words]`` (set-major) or
     # ``set_state[s]`` (False: the words are columns of ``n_sets``, as in LRU's head and tail
-    # arrays). The engine prefetches that word a few accesses ahead.
+    # arrays; a plug-in reusing LRU's list sets False). The engine prefetches that word a few
+    # accesses ahead.
     set_major: bool = True
     line_words: int = 1
     line_dtype: type = np.int64

@@ -243,7 +243,7 @@ def reader_partition(clock, partitions):
     return ((clock * _HASH_MUL) >> 32) & (partitions - 1)
 
 
-def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
+def _kernel(policy: Policy, config: CacheConfig):
     """The compiled replay loop for ``policy``'s type on caches shaped like ``config``
     (compiled on first use, then kept in this process and on disk, ``jitcache``).
     Sets of ``MATCH_WIDTH`` ways (the presets' 16) get their own builds with the way count,
@@ -252,14 +252,13 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
     away, and the set index is straight-line code (fewer live values, so the loop keeps more
     of its state in registers). Whether the policy reads the future (Belady) is a constant
     of every build.
-    ``specialize=False`` gives the generic build (for same-process benchmarks).
 
     ``replicate`` builds the loop of a GPU L2 made of partitions joined by a fabric (GH100):
     a line's home partition comes from its address; a read by an SM of another partition
     (``reader_partition``) looks up that partition's near copy first, then the home, and
     leaves a copy in both; a write goes to the home and drops the copies elsewhere."""
     replicate = config.replicate
-    fixed_ways = config.ways if specialize and config.ways == MATCH_WIDTH else 0
+    fixed_ways = config.ways if config.ways == MATCH_WIDTH else 0
     fixed_hash = SET_HASHES.index(config.set_hash) if fixed_ways else -1
     single_partition = bool(fixed_ways) and config.partitions == 1
     fixed_line_shift = config.line.bit_length() - 1 if fixed_ways else -1
@@ -477,7 +476,7 @@ def _kernel(policy: Policy, config: CacheConfig, specialize: bool = True):
         return clock
 
     hooks = (on_hit, on_fill, victim, policy_prefetch)
-    build = f"{policy.name}:{shape}:{int(access_context)}:{set_stride}"
+    build = f"{policy.name}:{shape}:{int(access_context)}:{int(needs_future)}:{set_stride}"
     _KERNELS[key] = persist(run, build, hooks)
     return _KERNELS[key]
 

@@ -43,7 +43,7 @@ PLUGIN = textwrap.dedent(
 
     register(PolicyType(name="fixed-way", description="always evicts one way",
                         init=init, on_hit=to_front, on_fill=to_front, victim=pick,
-                        line_dtype=np.int32, line_words=2, set_words=2))
+                        line_dtype=np.int32, line_words=2, set_words=2, set_major=False))
     """
 )
 
@@ -99,6 +99,29 @@ def test_changed_plugin_is_compiled_afresh(tmp_path):
     way15 = _child(tmp_path, "fixed-way", str(plugin))
     assert way15["loaded"] == 0  # a stale build would have been loaded and counted
     assert way15["misses"] != way0["misses"]  # and the new victim choice is what ran
+
+
+OPT_PLUGIN = textwrap.dedent(
+    """
+    import dataclasses
+    from dsacache.policies import register
+    from dsacache.policies.belady import BELADY
+    register(dataclasses.replace(BELADY, name="opt2", needs_future=NEEDS))
+    """
+)
+
+
+def test_a_plugin_changing_only_what_the_loop_reads_is_compiled_afresh(tmp_path):
+    """Belady's hooks registered from a plug-in: the hooks' files do not change when the
+    plug-in turns ``needs_future`` on, but the compiled loop does (it reads the future only
+    then), so the build without it must not be loaded for it."""
+    plugin = tmp_path / "opt2.py"
+    plugin.write_text(OPT_PLUGIN.replace("NEEDS", "False"))
+    _child(tmp_path, "opt2", str(plugin))
+    plugin.write_text(OPT_PLUGIN.replace("NEEDS", "True"))
+    with_future = _child(tmp_path, "opt2", str(plugin))
+    assert with_future["loaded"] == 0
+    assert with_future["misses"] == _child(tmp_path, "belady")["misses"]
 
 
 def test_hooks_without_a_source_file_are_compiled_in_every_process(tmp_path):
