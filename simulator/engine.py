@@ -109,7 +109,9 @@ class CacheConfig:
             )
 
 
-_KERNELS: dict[str, object] = {}
+# key -> (policy type, compiled loop); the type is kept so that its id, part of the key, is
+# never reused by a type registered later (a plug-in registered again under its name)
+_KERNELS: dict[str, tuple[object, object]] = {}
 MATCH_WIDTH = 16  # tags compared per vector compare; the tag array is padded by this many
 
 
@@ -269,7 +271,7 @@ def _kernel(policy: Policy, config: CacheConfig):
     )
     key = f"{policy.name}:{id(policy.type)}:{shape}"
     if key in _KERNELS:
-        return _KERNELS[key]
+        return _KERNELS[key][1]
     on_hit, on_fill, victim = policy.type.on_hit, policy.type.on_fill, policy.type.victim
     access_context = policy.type.reads_access  # constants of this build
     needs_future = policy.type.needs_future
@@ -477,8 +479,8 @@ def _kernel(policy: Policy, config: CacheConfig):
 
     hooks = (on_hit, on_fill, victim, policy_prefetch)
     build = f"{policy.name}:{shape}:{int(access_context)}:{int(needs_future)}:{set_stride}"
-    _KERNELS[key] = persist(run, build, hooks)
-    return _KERNELS[key]
+    _KERNELS[key] = (policy.type, persist(run, build, hooks))
+    return _KERNELS[key][1]
 
 
 def _aligned(count: int, dtype: type, fill: int, align: int = 128) -> np.ndarray:
