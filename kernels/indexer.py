@@ -93,12 +93,10 @@ def dsa_indexer_logits(
     t = tl.arange(0, PAGES_PER_STEP * PAGE)
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=h[:, None] < H,
                 other=0.0)  # fmt: skip
-    w = tl.load(w_ptr + b * stride_wb + h, mask=h < H, other=0.0).to(tl.float32)
-    if QUERY_QUANTISED:
-        if UPCAST:
-            q = q.to(tl.float32)
-    elif QUERY_FP8:  # per-head scale, folded into the head's weight
+    if UPCAST or not QUERY_QUANTISED:
         q = q.to(tl.float32)
+    w = tl.load(w_ptr + b * stride_wb + h, mask=h < H, other=0.0).to(tl.float32)
+    if QUERY_FP8 and not QUERY_QUANTISED:  # per-head scale, folded into the head's weight
         qs = tl.max(tl.abs(q), axis=1) / _FP8_MAX
         qs = tl.where(qs == 0.0, 1.0, qs)
         w = w * qs
@@ -106,9 +104,7 @@ def dsa_indexer_logits(
             q = _e4m3_grid(q / qs[:, None])
         else:
             q = (q / qs[:, None]).to(tl.float8e4nv)
-    elif UPCAST:
-        q = q.to(tl.float32)
-    else:
+    elif not QUERY_FP8 and not UPCAST:
         q = q.to(tl.bfloat16)
     q_t = tl.trans(q)
     page_bytes = PAGE * (D + 4)
@@ -190,8 +186,9 @@ def indexer_logits(
     two >= 16), ``weights`` ``[B, H]`` (per-head weights, any float), ``context_lens`` int32
     ``[B]`` on the device. A query already in fp8 e4m3 (``quantise_index_query``, as
     DeepSeek-V3.2's inference code quantises it before its indexer kernel) is used as it
-    is, its per-head scales being in ``weights``; otherwise each program quantises it. ``max_context`` defaults to the page table's capacity (pass it to
-    avoid scoring empty pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
+    is, its per-head scales being in ``weights``; otherwise each program quantises it.
+    ``max_context`` defaults to the page table's capacity (pass it to avoid scoring empty
+    pages). ``evict`` is the L2 hint of the key loads ("", "evict_first",
     "evict_last"; a hinted launch runs with one pipeline stage: ``pipeline_stages``).
     ``query_fp8``: quantise the query to fp8 per head (DeepSeek-V3.2's indexer) rather than
     multiply in bf16 (key dims >= 32 only; smaller ones stay bf16).
