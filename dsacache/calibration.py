@@ -86,11 +86,12 @@ class _Sim:
 
     def stream(
         self, buffer: int, nbytes: int, write: bool = False, block: int = 16384,
-        klass: str = "index",
+        klass: str = "index", offset: int = 0,
     ) -> float:  # fmt: skip
+        """Hit rate of one pass over ``nbytes`` of ``buffer`` from byte ``offset``."""
         starts = np.arange(0, nbytes, block, dtype=np.int64)
         sizes = np.minimum(block, nbytes - starts)
-        return self.access(buffer * _BASE_STRIDE + starts, sizes, write, klass)
+        return self.access(buffer * _BASE_STRIDE + offset + starts, sizes, write, klass)
 
     def gather(
         self, buffer: int, index_buffer: int, tokens: np.ndarray, row_bytes: int
@@ -259,6 +260,30 @@ def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
                 rows.append({"bytes": nbytes if role == "between" else size, "other_bytes": x,
                              "role": role, "simulated": hit,
                              "simulated_dram_bytes": sim.dram_bytes})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def simulate_beside(df: pd.DataFrame, model: Model) -> pd.DataFrame:
+    """Hit rate and DRAM bytes of each launch of a ``beside`` measurement (columns ``role``,
+    ``layer``, ``bytes``, ``other_bytes``, ``simulated``, ``simulated_dram_bytes``): per KV
+    size, after the probe's flush, each layer's normal buffer written, its KV read in the
+    ``kv`` class under ``hint_policy``, the normal buffer read back unhinted."""
+    args = probe_args(df)
+    sim = _Sim(hint_policy(model, args.evict))
+    beside = parse_size(args.beside)
+    rows = []
+    for size in [parse_size(s) for s in args.sizes.split(",")]:
+        fill_with_stale_lines(sim.model, model.capacity)
+        for layer in range(args.layers):
+            # one buffer each for the layers' KV and their normal data, as the probe allocates
+            sim.stream(2, beside, write=True, offset=layer * beside)
+            for role, buffer, nbytes, other, klass in (
+                ("kv", 1, size, beside, "kv"), ("normal", 2, beside, size, "index")
+            ):  # fmt: skip
+                offset = layer * nbytes
+                hit = sim.stream(buffer, nbytes, klass=klass, offset=offset)
+                rows.append({"role": role, "layer": layer, "bytes": nbytes, "other_bytes": other,
+                             "simulated": hit, "simulated_dram_bytes": sim.dram_bytes})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -671,10 +696,10 @@ def decode_policy(args, base: Model, l2_bytes: int) -> tuple[str, int]:
 
 
 def _measured(m: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """A probe measurement's first and second reads (roles ``together``, ``first``,
-    ``second``): ``keys``, ``measured`` (hit rate), ``measured_dram_bytes`` and
+    """A probe measurement's reads of its own buffers (every role but the other data
+    streamed ``between``): ``keys``, ``measured`` (hit rate), ``measured_dram_bytes`` and
     ``measured_read_bytes``."""
-    reads = m[m["role"].isin(["together", "first", "second"])][[*keys, "hit", DRAM, READ]]
+    reads = m[m["role"] != "between"][[*keys, "hit", DRAM, READ]]
     reads = reads.assign(**{READ: reads[READ] * SECTOR_BYTES})
     return reads.rename(columns={"hit": "measured", DRAM: "measured_dram_bytes",
                                  READ: "measured_read_bytes"})  # fmt: skip
@@ -721,6 +746,18 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
                 name, model, j,
                 lambda r: f"{r.role} read, {r.bytes / 2**20:g} MiB {args.evict or 'unhinted'}, "
                 f"{r.other_bytes / 2**20:g} MiB between",
+                policy=hint_policy(model, args.evict).policy,
+            )  # fmt: skip
+        return rows
+    if args.experiment == "beside":
+        meas = _measured(m, ["role", "layer", "bytes", "other_bytes"])
+        for model in models:
+            j = meas.merge(simulate_beside(m, model), on=["role", "layer", "bytes", "other_bytes"])
+            kv_bytes = j["bytes"].where(j["role"] == "kv", j["other_bytes"])
+            rows += _probe_rows(
+                name, model, j.assign(kv_bytes=kv_bytes),
+                lambda r: f"layer {r.layer} {r.role} read, {r.kv_bytes / 2**20:g} MiB "
+                f"{args.evict or 'unhinted'} KV per layer",
                 policy=hint_policy(model, args.evict).policy,
             )  # fmt: skip
         return rows

@@ -492,15 +492,22 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 
 
 @main.command()
-@click.argument("experiment", type=click.Choice(["reuse", "hint", "gather", "twice", "decode"]))
+@click.argument(
+    "experiment", type=click.Choice(["reuse", "hint", "beside", "gather", "twice", "decode"])
+)
 @click.option("--out", required=True, type=click.Path(), help="Measured counters (.parquet).")
-@click.option("--sizes", default=None, help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB.")
+@click.option(
+    "--sizes",
+    default=None,
+    help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB; beside: KV bytes per layer.",
+)
+@click.option("--beside", default=None, help="beside: bytes of the normal buffer per layer.")
 @click.option("--between", default=None, help="hint, gather: bytes streamed between the two reads.")
 @click.option(
     "--evict",
     type=click.Choice(["", "evict_first", "evict_last"]),
     default=None,
-    help="hint: L2 hint of the first read (default evict_last).",
+    help="hint: L2 hint of the first read; beside: of the KV reads (default evict_last).",
 )
 @click.option("--k", "k", type=int, default=None, help="gather, twice: tokens selected.")
 @click.option(
@@ -512,7 +519,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option(
     "--context", type=int, default=None, help="gather, twice, decode: tokens in the context."
 )
-@click.option("--layers", type=int, default=None, help="decode: layers.")
+@click.option("--layers", type=int, default=None, help="decode, beside: layers.")
 @click.option("--steps", type=int, default=None, help="decode: decode steps.")
 @click.option(
     "--keep", type=float, default=None, help="gather, twice, decode: share of picks kept per step."
@@ -545,7 +552,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
-    experiment, out, sizes, between, evict, k, row_bytes, context, layers, steps, keep,
+    experiment, out, sizes, beside, between, evict, k, row_bytes, context, layers, steps, keep,
     index_evict, kv_evict, kv_first_from, persist_layers, hit_ratio, set_aside, raw,
 ) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
@@ -554,6 +561,7 @@ def probe(
     Example:
       dsacache probe reuse --out reuse.parquet
       dsacache probe hint --evict evict_last --sizes 8MiB,24MiB --between 0,32MiB --out h.parquet
+      dsacache probe beside --evict evict_last --sizes 1MiB --beside 1MiB --layers 32 --out b.parquet
       dsacache probe gather --k 2048 --context 32768 --out gather.parquet
       dsacache probe twice --k 2048 --context 32768 --out twice.parquet
       dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
@@ -562,7 +570,7 @@ def probe(
 
     if row_bytes is not None and row_bytes % 4:
         raise click.BadParameter(f"{row_bytes} is not a multiple of 4", param_hint="--row-bytes")
-    options = {"--sizes": sizes, "--between": between, "--evict": evict, "--k": k,
+    options = {"--sizes": sizes, "--beside": beside, "--between": between, "--evict": evict, "--k": k,
                "--row-bytes": row_bytes,
                "--context": context,
                "--layers": layers, "--steps": steps, "--keep": keep,

@@ -12,6 +12,10 @@ Known-answer experiments, run under Nsight Compute with ``--cache-control none
   DeepSeek-V3.2's FP8 cache), for step t, then optionally stream X bytes of other traffic
   (the indexer's keys), then gather step t+1's selection: the hit rate of the second gather
   is what a token reservation is meant to raise.
+- ``beside``: per layer, write a normal buffer (as the query projection leaves a decode
+  step's queries in the L2), read that layer's KV with an L2 eviction hint, read the normal
+  buffer back: what a hinted KV stream leaves of the normal lines written just before it,
+  layer after layer (evict_last KV beside an attention kernel's query).
 - ``twice``: every selected row read twice, by two programs of one kernel at about the same
   time, and by two kernels one after the other: whether a read that arrives while the other
   read's miss is in flight counts as a hit (what two 64-head programs of a sparse MLA kernel
@@ -121,6 +125,34 @@ def run_hint(
                 launches.append(Launch("hint", "between", x, x))
             launches.append(Launch("hint", "second", size, x))
         del buf
+    return launches
+
+
+def run_beside(
+    sizes: list[int], beside: int, layers: int, evict: str, device: str = "cuda"
+) -> list[Launch]:
+    """For each KV size S: flush, then for each layer write ``beside`` bytes of that layer's
+    normal buffer (a torch fill, not measured), read the layer's S bytes of KV with the
+    ``evict`` hint (role ``kv``) and the normal buffer unhinted (role ``normal``). Returns
+    the measured launches in order (``bytes``: what the launch reads; ``other_bytes``: the
+    other buffer's bytes per layer)."""
+    import torch
+
+    if beside < 4 or layers < 1:
+        raise ValueError(f"beside={beside} B and layers={layers}: need >= 4 B and >= 1 layer")
+    flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+    normal = torch.empty(layers, beside // 4, dtype=torch.float32, device=device)
+    launches = []
+    for size in sizes:
+        kv = torch.rand(layers, size // 4, dtype=torch.float32, device=device)
+        flush(flush_buf)
+        for layer in range(layers):
+            normal[layer].fill_(float(layer))
+            read(kv[layer], evict)
+            read(normal[layer])
+            launches += [Launch("beside", "kv", size, beside, layer=layer),
+                         Launch("beside", "normal", beside, size, layer=layer)]  # fmt: skip
+        del kv
     return launches
 
 
@@ -268,7 +300,7 @@ def run_decode(
 def parser() -> argparse.ArgumentParser:
     """The probes' command line; ``calibration`` reads a measurement's command back with it."""
     p = argparse.ArgumentParser(prog="python -m dsacache.kernels.probes")
-    p.add_argument("experiment", choices=["reuse", "hint", "gather", "twice", "decode"])
+    p.add_argument("experiment", choices=["reuse", "hint", "beside", "gather", "twice", "decode"])
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--sizes", default="4MiB,8MiB,16MiB,24MiB,32MiB,40MiB,48MiB,64MiB")
@@ -278,7 +310,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--between", default="0,4MiB,8MiB,16MiB,24MiB,32MiB,48MiB")
     p.add_argument("--row-bytes", type=int, default=656, help="gather: bytes per token row")
     p.add_argument("--evict", default="evict_last", choices=["", "evict_first", "evict_last"],
-                   help="hint: the first read's L2 hint")  # fmt: skip
+                   help="hint: the first read's L2 hint; beside: the KV's")  # fmt: skip
+    p.add_argument("--beside", default="1MiB", help="beside: normal bytes per layer")
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-first-from", type=int, default=-1)
@@ -290,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m dsacache.kernels.probes reuse|hint|gather|twice|decode ... --plan FILE``
+    """``python -m dsacache.kernels.probes reuse|hint|beside|gather|twice|decode ... --plan FILE``
     (run under ncu)."""
     from dsacache.units import parse_size
 
@@ -300,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.experiment == "hint":
         launches = run_hint([parse_size(s) for s in args.sizes.split(",")],
                             [parse_size(s) for s in args.between.split(",")], args.evict)  # fmt: skip
+    elif args.experiment == "beside":
+        launches = run_beside([parse_size(s) for s in args.sizes.split(",")],
+                              parse_size(args.beside), args.layers, args.evict)  # fmt: skip
     elif args.experiment == "gather":
         between = [parse_size(s) for s in args.between.split(",")]
         launches = run_gather(args.k, args.context, args.keep, between, args.row_bytes)

@@ -10,6 +10,7 @@ import pytest
 from dsacache import calibration
 from dsacache.errors import DsacacheError
 from dsacache.tracer.synth import parse_spec
+from dsacache.units import parse_size
 
 
 def _reuse_error(model, gpu="h100"):
@@ -431,6 +432,42 @@ def test_hint_probe_known_answers_on_a_small_model():
     cold = rows[0]  # the first read at 0 between: every byte from memory
     assert cold["simulated_dram_bytes"] == 2**18 and cold["measured_dram_bytes"] == 1e5
     assert cold["measured_read_bytes"] == 2**18  # ncu's read sectors x 32 B
+
+
+def _beside_measurement(evict: str, beside: str, layers: int = 3) -> pd.DataFrame:
+    """A ``beside`` probe measurement as ``dsacache probe beside`` writes it (hit rates made
+    up: only the launch plan and the command matter to the simulation)."""
+    command = ("ncu --cache-control none --replay-mode application python -m "
+               f"dsacache.kernels.probes beside --plan p.json --sizes 128KiB --beside {beside} "
+               f"--layers {layers} --evict {evict}")  # fmt: skip
+    kv, normal = 2**17, parse_size(beside)
+    rows = []
+    for layer in range(layers):
+        rows += [("kv", layer, kv, normal), ("normal", layer, normal, kv)]
+    return pd.DataFrame(
+        [{"role": r, "layer": n, "bytes": b, "other_bytes": x, "hit": 0.5,
+          calibration.DRAM: 1e5, calibration.READ: b // 32, "meta_command": command}
+         for r, n, b, x in rows]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("evict", ["", "evict_first", "evict_last"])
+def test_beside_probe_known_answers_on_a_small_model(evict):
+    """Per layer: a normal buffer written, 128 KiB of KV read with a hint, the normal buffer
+    read back, in a 1 MiB L2. The KV is never read twice: every KV read is cold and fetches
+    its bytes. A 256 KiB normal buffer written just before comes back whole whatever the
+    KV's hint (LRU keeps it; evict_first KV lines go first; evict_last lines keep 6 of 16
+    ways); a 2 MiB one, twice the L2, streams out before it is read."""
+    model = calibration.Model(capacity=2**20, ways=16, last_ways=6)
+    for beside, normal_hit in (("256KiB", 1.0), ("2MiB", 0.0)):
+        sim = calibration.simulate_beside(_beside_measurement(evict, beside), model)
+        kv, normal = sim[sim["role"] == "kv"], sim[sim["role"] == "normal"]
+        assert kv["simulated"].tolist() == [0.0] * 3
+        assert kv["simulated_dram_bytes"].tolist() == [2**17] * 3
+        assert normal["simulated"].tolist() == pytest.approx([normal_hit] * 3, abs=0.01)
+    rows = calibration.compare_measurement("b", _beside_measurement(evict, "256KiB"), (model,))
+    assert len(rows) == 6 and rows[1]["measured"] == 0.5
+    assert rows[-1]["point"] == f"layer 2 normal read, 0.125 MiB {evict or 'unhinted'} KV per layer"
 
 
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():

@@ -74,6 +74,18 @@ def test_hint_probe_plans_what_it_launches(launched):
                         ("read", size, "evict_last"), ("read", 8192, ""), ("read", size, "")]  # fmt: skip
 
 
+def test_beside_probe_plans_what_it_launches(launched):
+    kv, normal = 2 * probes.READ_BLOCK * 4, probes.READ_BLOCK * 4
+    launches = probes.run_beside([kv], normal, 2, "evict_last", device=DEVICE)
+    assert [(x.role, x.layer, x.bytes, x.other_bytes) for x in launches] == [
+        ("kv", 0, kv, normal), ("normal", 0, normal, kv),
+        ("kv", 1, kv, normal), ("normal", 1, normal, kv),
+    ]  # fmt: skip
+    assert launched == [("read", kv, "evict_last"), ("read", normal, "")] * 2
+    with pytest.raises(ValueError, match="beside=0 B and layers=2"):
+        probes.run_beside([kv], 0, 2, "evict_last", device=DEVICE)
+
+
 def test_twice_probe_plans_what_it_launches(launched):
     launches = probes.run_twice(32, 500, 0.5, device=DEVICE)
     assert [(x.role, x.bytes) for x in launches] == [
