@@ -267,8 +267,12 @@ def simulate_beside(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     """Hit rate and DRAM bytes of each launch of a ``beside`` measurement (columns ``role``,
     ``layer``, ``bytes``, ``other_bytes``, ``simulated``, ``simulated_dram_bytes``): per KV
     size, after the probe's flush, each layer's normal buffer written, its KV read in the
-    ``kv`` class under ``hint_policy``, the normal buffer read back unhinted."""
+    ``kv`` class under ``hint_policy`` (``--kv-reads`` times), the normal buffer read back
+    unhinted."""
+    from dsacache.kernels.probes import BESIDE_KV_ROLES
+
     args = probe_args(df)
+    kv_roles = BESIDE_KV_ROLES[: args.kv_reads]
     sim = _Sim(hint_policy(model, args.evict))
     beside = parse_size(args.beside)
     rows = []
@@ -278,8 +282,9 @@ def simulate_beside(df: pd.DataFrame, model: Model) -> pd.DataFrame:
             # one buffer each for the layers' KV and their normal data, as the probe allocates
             sim.stream(2, beside, write=True, offset=layer * beside)
             for role, buffer, nbytes, other, klass in (
-                ("kv", 1, size, beside, "kv"), ("normal", 2, beside, size, "index")
-            ):  # fmt: skip
+                *[(kv, 1, size, beside, "kv") for kv in kv_roles],
+                ("normal", 2, beside, size, "index"),
+            ):
                 offset = layer * nbytes
                 hit = sim.stream(buffer, nbytes, klass=klass, offset=offset)
                 rows.append({"role": role, "layer": layer, "bytes": nbytes, "other_bytes": other,
@@ -753,7 +758,7 @@ def compare_measurement(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
         meas = _measured(m, ["role", "layer", "bytes", "other_bytes"])
         for model in models:
             j = meas.merge(simulate_beside(m, model), on=["role", "layer", "bytes", "other_bytes"])
-            kv_bytes = j["bytes"].where(j["role"] == "kv", j["other_bytes"])
+            kv_bytes = j["bytes"].where(j["role"] != "normal", j["other_bytes"])
             rows += _probe_rows(
                 name, model, j.assign(kv_bytes=kv_bytes),
                 lambda r: f"layer {r.layer} {r.role} read, {r.kv_bytes / 2**20:g} MiB "

@@ -502,6 +502,9 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB; beside: KV bytes per layer.",
 )
 @click.option("--beside", default=None, help="beside: bytes of the normal buffer per layer.")
+@click.option(
+    "--kv-reads", type=click.IntRange(1, 2), default=None, help="beside: KV reads per layer."
+)
 @click.option("--between", default=None, help="hint, gather: bytes streamed between the two reads.")
 @click.option(
     "--evict",
@@ -552,7 +555,7 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
-    experiment, out, sizes, beside, between, evict, k, row_bytes, context, layers, steps, keep,
+    experiment, out, sizes, beside, kv_reads, between, evict, k, row_bytes, context, layers, steps, keep,
     index_evict, kv_evict, kv_first_from, persist_layers, hit_ratio, set_aside, raw,
 ) -> None:  # fmt: skip
     """Measure a known-answer L2 experiment on the GPU under ncu (see kernels/probes.py).
@@ -570,7 +573,7 @@ def probe(
 
     if row_bytes is not None and row_bytes % 4:
         raise click.BadParameter(f"{row_bytes} is not a multiple of 4", param_hint="--row-bytes")
-    options = {"--sizes": sizes, "--beside": beside, "--between": between, "--evict": evict, "--k": k,
+    options = {"--sizes": sizes, "--beside": beside, "--kv-reads": kv_reads, "--between": between, "--evict": evict, "--k": k,
                "--row-bytes": row_bytes,
                "--context": context,
                "--layers": layers, "--steps": steps, "--keep": keep,

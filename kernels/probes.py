@@ -128,18 +128,26 @@ def run_hint(
     return launches
 
 
+BESIDE_KV_ROLES = ("kv", "kv again")  # the beside probe's KV reads of a layer, in order
+
+
 def run_beside(
-    sizes: list[int], beside: int, layers: int, evict: str, device: str = "cuda"
-) -> list[Launch]:
+    sizes: list[int], beside: int, layers: int, evict: str, kv_reads: int = 1,
+    device: str = "cuda",
+) -> list[Launch]:  # fmt: skip
     """For each KV size S: flush, then for each layer write ``beside`` bytes of that layer's
-    normal buffer (a torch fill, not measured), read the layer's S bytes of KV with the
-    ``evict`` hint (role ``kv``) and the normal buffer unhinted (role ``normal``). Returns
-    the measured launches in order (``bytes``: what the launch reads; ``other_bytes``: the
-    other buffer's bytes per layer)."""
+    normal buffer (a torch fill, not measured), read the layer's S bytes of KV ``kv_reads``
+    times (1 or 2) with the ``evict`` hint (roles ``BESIDE_KV_ROLES``: the second read is a
+    sparse kernel's second program reading its tokens again) and the normal buffer unhinted
+    (role ``normal``). Returns the measured launches in order (``bytes``: what the launch
+    reads; ``other_bytes``: the other buffer's bytes per layer)."""
     import torch
 
-    if beside < 4 or layers < 1:
-        raise ValueError(f"beside={beside} B and layers={layers}: need >= 4 B and >= 1 layer")
+    if beside < 4 or layers < 1 or kv_reads not in (1, 2):
+        raise ValueError(
+            f"beside={beside} B, layers={layers}, kv_reads={kv_reads}: need >= 4 B, >= 1 layer "
+            "and 1 or 2 KV reads"
+        )
     flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
     normal = torch.empty(layers, beside // 4, dtype=torch.float32, device=device)
     launches = []
@@ -148,10 +156,11 @@ def run_beside(
         flush(flush_buf)
         for layer in range(layers):
             normal[layer].fill_(float(layer))
-            read(kv[layer], evict)
+            for role in BESIDE_KV_ROLES[:kv_reads]:
+                read(kv[layer], evict)
+                launches.append(Launch("beside", role, size, beside, layer=layer))
             read(normal[layer])
-            launches += [Launch("beside", "kv", size, beside, layer=layer),
-                         Launch("beside", "normal", beside, size, layer=layer)]  # fmt: skip
+            launches.append(Launch("beside", "normal", beside, size, layer=layer))
         del kv
     return launches
 
@@ -312,6 +321,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--evict", default="evict_last", choices=["", "evict_first", "evict_last"],
                    help="hint: the first read's L2 hint; beside: the KV's")  # fmt: skip
     p.add_argument("--beside", default="1MiB", help="beside: normal bytes per layer")
+    p.add_argument("--kv-reads", type=int, default=1, help="beside: KV reads per layer (1, 2)")
     p.add_argument("--index-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-evict", default="", choices=["", "evict_first", "evict_last"])
     p.add_argument("--kv-first-from", type=int, default=-1)
@@ -335,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
                             [parse_size(s) for s in args.between.split(",")], args.evict)  # fmt: skip
     elif args.experiment == "beside":
         launches = run_beside([parse_size(s) for s in args.sizes.split(",")],
-                              parse_size(args.beside), args.layers, args.evict)  # fmt: skip
+                              parse_size(args.beside), args.layers, args.evict,
+                              args.kv_reads)  # fmt: skip
     elif args.experiment == "gather":
         between = [parse_size(s) for s in args.between.split(",")]
         launches = run_gather(args.k, args.context, args.keep, between, args.row_bytes)

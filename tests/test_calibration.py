@@ -434,16 +434,19 @@ def test_hint_probe_known_answers_on_a_small_model():
     assert cold["measured_read_bytes"] == 2**18  # ncu's read sectors x 32 B
 
 
-def _beside_measurement(evict: str, beside: str, layers: int = 3) -> pd.DataFrame:
+def _beside_measurement(
+    evict: str, beside: str, layers: int = 3, kv_reads: int = 1
+) -> pd.DataFrame:
     """A ``beside`` probe measurement as ``dsacache probe beside`` writes it (hit rates made
     up: only the launch plan and the command matter to the simulation)."""
     command = ("ncu --cache-control none --replay-mode application python -m "
                f"dsacache.kernels.probes beside --plan p.json --sizes 128KiB --beside {beside} "
-               f"--layers {layers} --evict {evict}")  # fmt: skip
+               f"--layers {layers} --kv-reads {kv_reads} --evict {evict}")  # fmt: skip
     kv, normal = 2**17, parse_size(beside)
     rows = []
     for layer in range(layers):
-        rows += [("kv", layer, kv, normal), ("normal", layer, normal, kv)]
+        rows += [(role, layer, kv, normal) for role in ("kv", "kv again")[:kv_reads]]
+        rows.append(("normal", layer, normal, kv))
     return pd.DataFrame(
         [{"role": r, "layer": n, "bytes": b, "other_bytes": x, "hit": 0.5,
           calibration.DRAM: 1e5, calibration.READ: b // 32, "meta_command": command}
@@ -468,6 +471,14 @@ def test_beside_probe_known_answers_on_a_small_model(evict):
     rows = calibration.compare_measurement("b", _beside_measurement(evict, "256KiB"), (model,))
     assert len(rows) == 6 and rows[1]["measured"] == 0.5
     assert rows[-1]["point"] == f"layer 2 normal read, 0.125 MiB {evict or 'unhinted'} KV per layer"
+    # read twice, the KV comes back from the L2 unless evict_first made its lines the first
+    # victims of their own later fills
+    sim = calibration.simulate_beside(_beside_measurement(evict, "256KiB", kv_reads=2), model)
+    again = sim[sim["role"] == "kv again"]
+    assert again["simulated"].tolist() == pytest.approx(
+        [float(evict != "evict_first")] * 3, abs=0.01
+    )
+    assert (sim[sim["role"] == "normal"]["simulated"] > 0.99).all()
 
 
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():

@@ -82,7 +82,11 @@ def test_beside_probe_plans_what_it_launches(launched):
         ("kv", 1, kv, normal), ("normal", 1, normal, kv),
     ]  # fmt: skip
     assert launched == [("read", kv, "evict_last"), ("read", normal, "")] * 2
-    with pytest.raises(ValueError, match="beside=0 B and layers=2"):
+    launched.clear()
+    twice = probes.run_beside([kv], normal, 1, "evict_last", kv_reads=2, device=DEVICE)
+    assert [x.role for x in twice] == ["kv", "kv again", "normal"]
+    assert launched == [("read", kv, "evict_last")] * 2 + [("read", normal, "")]
+    with pytest.raises(ValueError, match="beside=0 B, layers=2, kv_reads=1"):
         probes.run_beside([kv], 0, 2, "evict_last", device=DEVICE)
 
 
