@@ -374,6 +374,7 @@ def run_trace(
     backend: str = "triton",
     persist: Persist | None = None,
     cuda_graph: bool = False,
+    reserve: int = 0,
 ) -> RunResult:
     """Run ``steps`` decode steps of ``trace`` (a path, a bundled trace's name, a
     ``synth:PRESET:KNOB=VALUE,...`` spec or an opened trace) through the kernels.
@@ -391,8 +392,13 @@ def run_trace(
     layers as one CUDA graph (our kernels, no window), as serving engines run decode: the
     indexer then scores the page table's whole capacity (tokens past a context are masked,
     not read) and the loop is bound by the GPU rather than by its Python. The L2 is flushed
-    before the first step, so every run starts from the same state.
+    before the first step, so every run starts from the same state. ``reserve`` bytes of
+    device memory are taken before anything else and held through the run, so that the
+    caches lie at other device addresses: how much an L2 hint costs can depend on where they
+    lie (docs/results/h100-decode/evict-last-1207/).
     """
+    if reserve < 0:
+        raise ValueError(f"reserve={reserve} B: must be >= 0")
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     check_backend(backend, layout, hints, attn_options)
@@ -413,6 +419,7 @@ def run_trace(
         sink, window = int(tr.indexer.get("sink", 0)), int(tr.indexer.get("window", 0))
         capacity = int(totals.get("max_position", 1)) + 1
         dev = torch.device(device)
+        held = torch.empty(reserve, dtype=torch.uint8, device=dev) if reserve else None  # noqa: F841
         gen = torch.Generator(device=dev).manual_seed(seed)
         mla = layout.startswith("mla")
         if mla and groups > 1:
@@ -594,6 +601,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set-aside", default="0", help="persisting L2 set-aside, e.g. 30MiB")
     p.add_argument("--cuda-graph", action="store_true",
                    help="launch each step's layers as one CUDA graph (triton backend)")  # fmt: skip
+    p.add_argument("--reserve", default="0",
+                   help="device memory taken before the caches (e.g. 1543MiB): they lie elsewhere")  # fmt: skip
     return p
 
 
@@ -616,6 +625,7 @@ def main(argv: list[str] | None = None) -> None:
             use_trace_selection=not args.indexer_topk, capture=args.capture,
             capture_steps_per_copy=args.capture_steps_per_copy,
             backend=args.backend, seed=args.seed, persist=persist, cuda_graph=args.cuda_graph,
+            reserve=parse_size(args.reserve),
         )  # fmt: skip
     except (DsacacheError, ValueError) as e:  # run_trace's checks of its options raise ValueError
         raise SystemExit(f"error: {e}") from None

@@ -535,6 +535,21 @@ def test_slots_for_flashmla_padded_to_64(k):
     _check_slots(sel, pt)
 
 
+def test_run_trace_with_memory_reserved_first_runs_the_same_workload(tmp_path):
+    """``reserve`` only moves the caches (device memory taken first): the same steps and
+    bytes; a negative amount is refused by name."""
+    from dsacache.traces import open_trace
+
+    src = open_trace(_small_trace(tmp_path))
+    plain = run_trace(src, batch=2, device=DEVICE, index_heads=8)
+    moved = run_trace(src, batch=2, device=DEVICE, index_heads=8, reserve=2**20)
+    assert (moved.steps, moved.kv_bytes, moved.index_bytes) == (
+        plain.steps, plain.kv_bytes, plain.index_bytes
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="reserve=-1 B: must be >= 0"):
+        run_trace(src, device=DEVICE, reserve=-1)
+
+
 def test_run_trace_rejects_backends_it_cannot_run(tmp_path):
     from dsacache.traces import open_trace
 
