@@ -38,6 +38,21 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+class SizeListType(click.ParamType):
+    """Comma-separated sizes (``8MiB,16MiB``), given on as a comma-separated list of bytes."""
+
+    name = "sizes"
+
+    def convert(self, value, param, ctx):
+        try:
+            return ",".join(str(parse_size(v)) for v in str(value).split(","))
+        except DsacacheError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZES = SizeListType()
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dsacache")
 def main() -> None:
@@ -498,14 +513,22 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
 @click.option("--out", required=True, type=click.Path(), help="Measured counters (.parquet).")
 @click.option(
     "--sizes",
+    type=SIZES,
     default=None,
     help="reuse, hint: buffer sizes, e.g. 8MiB,16MiB,32MiB; beside: KV bytes per layer.",
 )
-@click.option("--beside", default=None, help="beside: bytes of the normal buffer per layer.")
+@click.option(
+    "--beside", type=SIZE, default=None, help="beside: bytes of the normal buffer per layer."
+)
 @click.option(
     "--kv-reads", type=click.IntRange(1, 2), default=None, help="beside: KV reads per layer."
 )
-@click.option("--between", default=None, help="hint, gather: bytes streamed between the two reads.")
+@click.option(
+    "--between",
+    type=SIZES,
+    default=None,
+    help="hint, gather: bytes streamed between the two reads.",
+)
 @click.option(
     "--evict",
     type=click.Choice(["", "evict_first", "evict_last"]),
@@ -552,7 +575,9 @@ def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None
     help="decode: L2 persisting window over the KV of the first N layers.",
 )
 @click.option("--hit-ratio", type=float, default=None, help="decode: the window's hitRatio.")
-@click.option("--set-aside", default=None, help="decode: persisting L2 set-aside, e.g. 30MiB.")
+@click.option(
+    "--set-aside", type=SIZE, default=None, help="decode: persisting L2 set-aside, e.g. 30MiB."
+)
 @click.option("--raw", type=click.Path(), default=None, help="Also keep ncu's raw output here.")
 def probe(
     experiment, out, sizes, beside, kv_reads, between, evict, k, row_bytes, context, layers, steps, keep,

@@ -107,6 +107,21 @@ def test_probe_cli_refuses_a_row_width_it_cannot_read():
     assert out.exit_code == 2 and "658 is not a multiple of 4" in out.output
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--sizes", "8MiB,1XB"), ("--between", "0,x"), ("--beside", "-"),
+                    ("--set-aside", "30q")]
+)  # fmt: skip
+def test_probe_cli_refuses_a_size_it_cannot_read(flag, value):
+    """Before ncu starts: a bad size would otherwise fail inside the profiled process."""
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    out = CliRunner().invoke(main, ["probe", "beside", flag, value, "--out", "x.parquet"])
+    assert out.exit_code == 2 and f"Invalid value for '{flag}'" in out.output
+    assert "invalid size" in out.output
+
+
 def test_decode_probe_plans_what_it_launches():
     launches = probes.run_decode(2, 200, 3, 16, 0.5, device=DEVICE)
     assert [(x.role, x.layer, x.step) for x in launches[:4]] == [
