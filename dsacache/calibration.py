@@ -266,9 +266,10 @@ def simulate_hint(df: pd.DataFrame, model: Model) -> pd.DataFrame:
 def simulate_beside(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     """Hit rate and DRAM bytes of each launch of a ``beside`` measurement (columns ``role``,
     ``layer``, ``bytes``, ``other_bytes``, ``simulated``, ``simulated_dram_bytes``): per KV
-    size, after the probe's flush, each layer's normal buffer written, its KV read in the
-    ``kv`` class under ``hint_policy`` (``--kv-reads`` times), the normal buffer read back
-    unhinted."""
+    size, its KV buffer written (a new allocation per size, so no kept line of the size
+    before is found again), the probe's flush, then per layer the normal buffer written, the
+    layer's KV read in the ``kv`` class under ``hint_policy`` (``--kv-reads`` times), the
+    normal buffer read back unhinted."""
     from dsacache.kernels.probes import BESIDE_KV_ROLES
 
     args = probe_args(df)
@@ -276,14 +277,17 @@ def simulate_beside(df: pd.DataFrame, model: Model) -> pd.DataFrame:
     sim = _Sim(hint_policy(model, args.evict))
     beside = parse_size(args.beside)
     rows = []
-    for size in [parse_size(s) for s in args.sizes.split(",")]:
+    normal_buffer = 2
+    for i, size in enumerate(parse_size(s) for s in args.sizes.split(",")):
+        kv_buffer = 3 + i
+        sim.stream(kv_buffer, args.layers * size, write=True)  # the probe's torch.rand
         fill_with_stale_lines(sim.model, model.capacity)
         for layer in range(args.layers):
-            # one buffer each for the layers' KV and their normal data, as the probe allocates
-            sim.stream(2, beside, write=True, offset=layer * beside)
+            # layer rows of the normal buffer and of this size's KV, as the probe's tensors
+            sim.stream(normal_buffer, beside, write=True, offset=layer * beside)
             for role, buffer, nbytes, other, klass in (
-                *[(kv, 1, size, beside, "kv") for kv in kv_roles],
-                ("normal", 2, beside, size, "index"),
+                *[(kv, kv_buffer, size, beside, "kv") for kv in kv_roles],
+                ("normal", normal_buffer, beside, size, "index"),
             ):
                 offset = layer * nbytes
                 hit = sim.stream(buffer, nbytes, klass=klass, offset=offset)

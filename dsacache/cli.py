@@ -605,6 +605,16 @@ def probe(
                "--index-evict": index_evict, "--kv-evict": kv_evict,
                "--kv-first-from": kv_first_from, "--persist-layers": persist_layers,
                "--hit-ratio": hit_ratio, "--set-aside": set_aside}  # fmt: skip
+    if experiment == "beside":  # before ncu starts: the probe would refuse them under it
+        from dsacache.kernels import probes
+
+        words = [w for flag, v in options.items() if v is not None for w in (flag, str(v))]
+        a = probes.parser().parse_args([experiment, "--plan", "-", *words])
+        try:
+            probes.check_beside([parse_size(x) for x in a.sizes.split(",")],
+                                parse_size(a.beside), a.layers, a.kv_reads)  # fmt: skip
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     df = run_probe(experiment, options, raw)
     save_table(df, out)
     click.echo(f"{len(df)} kernel(s) measured -> {out}")

@@ -131,6 +131,19 @@ def run_hint(
 BESIDE_KV_ROLES = ("kv", "kv again")  # the beside probe's KV reads of a layer, in order
 
 
+def check_beside(sizes: list[int], beside: int, layers: int, kv_reads: int) -> None:
+    """Refuse a ``beside`` probe whose launches the model could not tell apart or place: KV
+    sizes and the normal buffer in whole float32 words (>= 4 B), sizes distinct, >= 1 layer,
+    1 or 2 KV reads."""
+    odd = [b for b in (*sizes, beside) if b < 4 or b % 4]
+    if odd or not sizes or len(set(sizes)) < len(sizes) or layers < 1 or kv_reads not in (1, 2):
+        raise ValueError(
+            f"sizes={sizes}, beside={beside} B, layers={layers}, kv_reads={kv_reads}: need "
+            "distinct sizes and a beside buffer in multiples of 4 B (>= 4), >= 1 layer and 1 "
+            "or 2 KV reads"
+        )
+
+
 def run_beside(
     sizes: list[int], beside: int, layers: int, evict: str, kv_reads: int = 1,
     device: str = "cuda",
@@ -143,11 +156,7 @@ def run_beside(
     reads; ``other_bytes``: the other buffer's bytes per layer)."""
     import torch
 
-    if beside < 4 or layers < 1 or kv_reads not in (1, 2):
-        raise ValueError(
-            f"beside={beside} B, layers={layers}, kv_reads={kv_reads}: need >= 4 B, >= 1 layer "
-            "and 1 or 2 KV reads"
-        )
+    check_beside(sizes, beside, layers, kv_reads)
     flush_buf = torch.ones(FLUSH_BYTES // 4, dtype=torch.float32, device=device)
     normal = torch.empty(layers, beside // 4, dtype=torch.float32, device=device)
     launches = []

@@ -481,6 +481,26 @@ def test_beside_probe_known_answers_on_a_small_model(evict):
     assert (sim[sim["role"] == "normal"]["simulated"] > 0.99).all()
 
 
+def test_beside_probe_model_gives_each_kv_size_its_own_buffer():
+    """The probe allocates each size's KV anew: evict_last lines that the H100 model keeps
+    (6 of 16 ways, through the flush) from the size before are not found by the next size's
+    reads, which stay cold (a shared buffer found half of them)."""
+    command = ("ncu --cache-control none --replay-mode application python -m "
+               "dsacache.kernels.probes beside --plan p.json --sizes 256KiB,512KiB "
+               "--beside 1MiB --layers 24 --evict evict_last")  # fmt: skip
+    rows = [(role, layer, kv, other)
+            for kv in (2**18, 2**19) for layer in range(24)
+            for role, other in (("kv", 2**20), ("normal", kv))]  # fmt: skip
+    m = pd.DataFrame(
+        [{"role": r, "layer": n, "bytes": b if r == "kv" else 2**20, "other_bytes": x,
+          "hit": 0.5, calibration.DRAM: 1e5, calibration.READ: 1, "meta_command": command}
+         for r, n, b, x in rows]
+    )  # fmt: skip
+    sim = calibration.simulate_beside(m, calibration.fitted("h100"))
+    kv = sim[sim["role"] == "kv"]
+    assert len(kv) == 48 and (kv["simulated"] == 0.0).all()
+
+
 def test_twice_probe_model_serves_every_repeat_from_the_first_fill():
     """The model has no misses in flight: a selection gathered twice in one kernel hits as
     often as two gathers in a row, half of the first's misses and all the second's."""

@@ -86,8 +86,9 @@ def test_beside_probe_plans_what_it_launches(launched):
     twice = probes.run_beside([kv], normal, 1, "evict_last", kv_reads=2, device=DEVICE)
     assert [x.role for x in twice] == ["kv", "kv again", "normal"]
     assert launched == [("read", kv, "evict_last")] * 2 + [("read", normal, "")]
-    with pytest.raises(ValueError, match="beside=0 B, layers=2, kv_reads=1"):
-        probes.run_beside([kv], 0, 2, "evict_last", device=DEVICE)
+    for sizes, beside in (([kv], 0), ([kv], 6), ([kv, kv], normal), ([2], normal)):
+        with pytest.raises(ValueError, match=rf"sizes=\[.*\], beside={beside} B, layers=2"):
+            probes.run_beside(sizes, beside, 2, "evict_last", device=DEVICE)
 
 
 def test_twice_probe_plans_what_it_launches(launched):
@@ -120,6 +121,18 @@ def test_probe_cli_refuses_a_size_it_cannot_read(flag, value):
     out = CliRunner().invoke(main, ["probe", "beside", flag, value, "--out", "x.parquet"])
     assert out.exit_code == 2 and f"Invalid value for '{flag}'" in out.output
     assert "invalid size" in out.output
+
+
+def test_beside_probe_cli_refuses_launches_it_could_not_tell_apart():
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+
+    out = CliRunner().invoke(
+        main, ["probe", "beside", "--sizes", "1MiB,1024KiB", "--out", "x.parquet"]
+    )
+    assert out.exit_code == 2 and "sizes=[1048576, 1048576]" in out.output
+    assert "distinct sizes" in out.output
 
 
 def test_decode_probe_plans_what_it_launches():
