@@ -12,6 +12,10 @@
 Only the selected tokens are gathered, through the page table (``indices`` hold token
 positions, -1 = none). For small batches the selected tokens are split over several programs
 (split-K); each writes a partial output and log-sum-exp, merged by ``dsa_merge_splits``.
+With ``pdl=True`` (Hopper and later, compiled kernels) the merge is launched as a
+programmatic dependent launch: its programs are scheduled while the attention kernel's last
+programs drain and wait (``griddepcontrol.wait``) for its writes, instead of the merge
+starting only after the attention kernel has ended.
 Each kernel sits beside its float32 torch reference. Tolerances against it (tests): outputs
 within 3e-2 (bf16 output and bf16 tensor-core products); LSE within 1e-3 for bf16 caches and
 2e-2 for fp8 ones (the dequantised tile is rounded to bf16 for the tensor cores). The KV
@@ -191,9 +195,13 @@ def dsa_gqa_sparse_decode(
 
 @triton.jit
 def dsa_merge_splits(o_part, lse_part, out_ptr, lse_ptr, H, S, DV: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                     WAIT_PRIOR: tl.constexpr):  # fmt: skip
     """Program (request x head, block of BLOCK_D output dims): merge the S splits,
-    ``out = sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s)``; one tile load."""
+    ``out = sum_s exp(lse_s - lse) o_s`` with ``lse = log sum_s exp(lse_s)``; one tile load.
+    ``WAIT_PRIOR``: launched dependent on the attention kernel, wait for its partials."""
+    if WAIT_PRIOR:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)  # b * H + h
     dblk = tl.program_id(1)
     b = row // H
@@ -231,15 +239,30 @@ def _plan_splits(work: int, k_sel: int, block_n: int, device: torch.device,
     return max(1, -(-k_sel // chunk)), chunk
 
 
-def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torch.dtype):
+def dependent_launch(pdl: bool, device: torch.device) -> bool:
+    """Whether to launch a kernel as a programmatic dependent launch when ``pdl`` asks for it:
+    only compiled kernels on a GPU of compute capability 9.0 or later (the CPU interpreter
+    runs kernels one after another and cannot execute ``griddepcontrol``)."""
+    return (
+        pdl
+        and not INTERPRET
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torch.dtype, pdl: bool = False):
     b, s, h, dv = o_part.shape
     out = torch.empty((b, h, dv), dtype=out_dtype, device=o_part.device)
     lse = torch.empty((b, h), dtype=torch.float32, device=o_part.device)
     block_s = max(2, _pow2(s))
     block_d = min(dv, max(16, 8192 // block_s))  # a [BLOCK_S, BLOCK_D] tile of <= 8K floats
+    dependent = dependent_launch(pdl, o_part.device)
+    extra = {"launch_pdl": True} if dependent else {}
     dsa_merge_splits[(b * h, dv // block_d)](
-        o_part, lse_part, out, lse, h, s, DV=dv, BLOCK_S=block_s, BLOCK_D=block_d
-    )
+        o_part, lse_part, out, lse, h, s, DV=dv, BLOCK_S=block_s, BLOCK_D=block_d,
+        WAIT_PRIOR=dependent, **extra,
+    )  # fmt: skip
     return out, lse
 
 
@@ -269,6 +292,7 @@ def mla_sparse_decode(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA decode: ``(out bf16 [B, H, 512], lse float32 [B, H])`` (natural log).
 
@@ -276,7 +300,8 @@ def mla_sparse_decode(
     positions, -1 = none; ``sm_scale`` multiplies ``q . k``. ``num_splits`` (split-K over the
     k tokens) defaults to one wave of programs, one per SM. ``evict``: the L2 hint of the KV
     loads ("", "evict_first", "evict_last"); a hinted launch runs with one pipeline stage,
-    since a pipelined load drops the hint (``pipeline_stages``).
+    since a pipelined load drops the hint (``pipeline_stages``). ``pdl``: launch the split
+    merge as a programmatic dependent launch (module docstring).
     """
     bsz, h, d = q.shape
     if d != MLA_DIM:
@@ -305,7 +330,7 @@ def mla_sparse_decode(
     )  # fmt: skip
     if splits == 1:
         return out, lse
-    return _merge(out, lse, torch.bfloat16)
+    return _merge(out, lse, torch.bfloat16, pdl)
 
 
 def gqa_sparse_decode(
@@ -319,13 +344,14 @@ def gqa_sparse_decode(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse GQA decode: ``(out bf16 [B, HQ, D], lse float32 [B, HQ])``.
 
     ``q`` ``[B, HQ, D]`` bf16; ``indices`` int32 ``[B, k]``, ``[B, 1, k]`` (one selection
     shared by all KV heads) or ``[B, kv_heads, k]`` (one per KV head); -1 = none.
     ``sm_scale`` defaults to ``D ** -0.5``; ``block_n`` (tokens per tile) to 256 when the
-    requests' KV heads fill the SMs, else 128. ``evict``: the L2 hint of the K/V loads, as in
+    requests' KV heads fill the SMs, else 128. ``evict`` and ``pdl`` as in
     ``mla_sparse_decode``.
     """
     bsz, hq, d = q.shape
@@ -360,7 +386,7 @@ def gqa_sparse_decode(
     )  # fmt: skip
     if splits == 1:
         return out, lse
-    return _merge(out, lse, torch.bfloat16)
+    return _merge(out, lse, torch.bfloat16, pdl)
 
 
 # -- references (float32 torch) -----------------------------------------------------------------

@@ -340,6 +340,20 @@ def test_gqa_sparse_decode_matches_reference(per_group, splits):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
 
 
+def test_dependent_launch_of_the_split_merge_is_only_for_compiled_gpu_kernels():
+    """``pdl`` asks for a programmatic dependent launch of the merge; the CPU interpreter
+    cannot run one (nor ``griddepcontrol``), so there it is the usual launch, same results."""
+    from dsacache.kernels.sparse_decode import dependent_launch
+
+    assert not dependent_launch(True, torch.device("cpu"))
+    assert not dependent_launch(False, torch.device(DEVICE))
+    cache = _gqa_cache()
+    q, sel = _bf16(3, 9, 64, seed=5), _selection(CTX, K, seed=6)
+    plain = gqa_sparse_decode(q, cache, sel, num_splits=2, block_n=16)
+    dependent = gqa_sparse_decode(q, cache, sel, num_splits=2, block_n=16, pdl=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, dependent, strict=True))
+
+
 def test_empty_selection_gives_zero_output_and_minus_inf_lse():
     cache = _gqa_cache(ctx=[50], kv_heads=1, dim=32)
     sel = torch.full((1, 16), -1, dtype=torch.int32, device=DEVICE)
@@ -618,6 +632,11 @@ def test_gpu_mla_deepseek_shapes(fp8):
         ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
         torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=2e-2 if fp8 else 1e-3)
+    # the split merge launched dependent (it waits for the partials): the same bits
+    plain = mla_sparse_decode(q, cache, sel, SCALE, num_splits=8)
+    for _ in range(3):
+        dependent = mla_sparse_decode(q, cache, sel, SCALE, num_splits=8, pdl=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, dependent, strict=True))
 
 
 @gpu
@@ -645,6 +664,9 @@ def test_gpu_indexer_and_gqa_deepseek_smollm_shapes():
     ref_out, ref_lse = gqa_sparse_reference(qg, gcache, sel)
     torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
+    for _ in range(3):  # the split merge launched dependent: the same bits
+        dependent = gqa_sparse_decode(qg, gcache, sel, pdl=True)
+        assert torch.equal(dependent[0], out) and torch.equal(dependent[1], lse)
 
 
 @gpu

@@ -84,16 +84,38 @@ def compiled_ptx(name: str, evict: str, cache_dir) -> str:
     stages = import_module("dsacache.kernels.indexer").pipeline_stages(evict, default)
     spec = dict(module=module, kernel=kernel, signature=signature, num_warps=warps,
                 num_stages=stages, constants=dict(constants, EVICT=evict))  # fmt: skip
+    return sm90_ptx(spec, cache_dir)
+
+
+def sm90_ptx(spec: dict, cache_dir) -> str:
+    """PTX of ``spec["kernel"]`` compiled for sm_90 in a fresh process (``COMPILE``)."""
     # the interpreter would not compile; a cache of its own keeps other Triton runs out
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir))
     done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     if done.returncode:
         pytest.fail(
-            f"compiling {kernel} for sm_90 failed (exit status {done.returncode}):\n"
+            f"compiling {spec['kernel']} for sm_90 failed (exit status {done.returncode}):\n"
             f"{done.stderr[-3000:]}{done.stdout[-500:]}"
         )
     return done.stdout
+
+
+@pytest.mark.parametrize("wait_prior", [False, True])
+def test_split_merge_waits_for_the_attention_kernel_only_when_launched_dependent(
+    wait_prior, tmp_path
+):
+    """A merge launched as a programmatic dependent launch (``pdl=True``) starts before the
+    attention kernel has ended, so it must wait (``griddepcontrol.wait``) before reading the
+    partials; launched normally it carries no wait."""
+    spec = dict(module="dsacache.kernels.sparse_decode", kernel="dsa_merge_splits",
+                signature=dict(o_part="*fp32", lse_part="*fp32", out_ptr="*bf16",
+                               lse_ptr="*fp32", H="i32", S="i32"),
+                constants=dict(DV=512, BLOCK_S=16, BLOCK_D=256, WAIT_PRIOR=wait_prior),
+                num_warps=4, num_stages=2)  # fmt: skip
+    ptx = sm90_ptx(spec, tmp_path)
+    assert ("griddepcontrol.wait" in ptx) is wait_prior
+    assert "ld.global" in ptx  # the kernel itself compiled
 
 
 def global_loads(ptx: str) -> list[str]:
