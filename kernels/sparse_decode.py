@@ -13,9 +13,10 @@ Only the selected tokens are gathered, through the page table (``indices`` hold 
 positions, -1 = none). For small batches the selected tokens are split over several programs
 (split-K); each writes a partial output and log-sum-exp, merged by ``dsa_merge_splits``.
 With ``pdl=True`` (Hopper and later, compiled kernels) the merge is launched as a
-programmatic dependent launch: its programs are scheduled while the attention kernel's last
-programs drain and wait (``griddepcontrol.wait``) for its writes, instead of the merge
-starting only after the attention kernel has ended.
+programmatic dependent launch: the attention kernel's programs release it as they start
+(``griddepcontrol.launch_dependents``), so its programs are scheduled while the attention
+kernel's last ones drain, and wait (``griddepcontrol.wait``) for its writes, instead of the
+merge starting only after the attention kernel has ended.
 Each kernel sits beside its float32 torch reference. Tolerances against it (tests): outputs
 within 3e-2 (bf16 output and bf16 tensor-core products); LSE within 1e-3 for bf16 caches and
 2e-2 for fp8 ones (the dequantised tile is rounded to bf16 for the tensor cores). The KV
@@ -90,10 +91,13 @@ def dsa_mla_sparse_decode(
     H, K_SEL, qk_scale, stride_qb, stride_qh, stride_tb, stride_ib,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PAGE: tl.constexpr,
     IS_FP8: tl.constexpr, EVICT: tl.constexpr, UPCAST: tl.constexpr,
+    LAUNCH_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program (request x head block, split): attention of BLOCK_H heads over the split's
     ``CHUNK`` selected tokens. Writes rows ``(b * splits + split) * H + h`` of ``out``
-    ``[.., 512]`` and ``lse``."""
+    ``[.., 512]`` and ``lse``. ``LAUNCH_MERGE``: let the dependent merge be scheduled."""
+    if LAUNCH_MERGE:  # the merge waits for this kernel's end before it reads anything
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_hb = tl.cdiv(H, BLOCK_H)
@@ -151,10 +155,13 @@ def dsa_gqa_sparse_decode(
     q_ptr, k_ptr, v_ptr, table_ptr, idx_ptr, out_ptr, lse_ptr,
     HQ, HKV, GROUP, K_SEL, qk_scale, stride_qb, stride_qh, stride_tb, stride_ib, stride_ig,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-    PAGE: tl.constexpr, EVICT: tl.constexpr, UPCAST: tl.constexpr,
+    PAGE: tl.constexpr, EVICT: tl.constexpr, UPCAST: tl.constexpr, LAUNCH_MERGE: tl.constexpr,
 ):  # fmt: skip
     """Program (request x KV head, split): the GROUP query heads of one KV head over the
-    split's selected tokens. K/V pools are contiguous ``[P, PAGE, HKV, D]``."""
+    split's selected tokens. K/V pools are contiguous ``[P, PAGE, HKV, D]``.
+    ``LAUNCH_MERGE`` as in ``dsa_mla_sparse_decode``."""
+    if LAUNCH_MERGE:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -326,6 +333,7 @@ def mla_sparse_decode(
         h, k_sel, sm_scale * LOG2E, q.stride(0), q.stride(1), table.stride(0),
         indices.stride(0), BLOCK_H=block_h, BLOCK_N=block_n, CHUNK=chunk,
         PAGE=cache.pages.page_size, IS_FP8=fp8, EVICT=_check_evict(evict), UPCAST=INTERPRET,
+        LAUNCH_MERGE=splits > 1 and dependent_launch(pdl, q.device),
         num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:
@@ -382,6 +390,7 @@ def gqa_sparse_decode(
         indices.stride(0), indices.stride(1) if indices.shape[1] > 1 else 0,
         BLOCK_H=max(16, _pow2(group)), BLOCK_N=block_n, CHUNK=chunk, D=d,
         PAGE=cache.pages.page_size, EVICT=_check_evict(evict), UPCAST=INTERPRET,
+        LAUNCH_MERGE=splits > 1 and dependent_launch(pdl, q.device),
         num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:

@@ -44,7 +44,8 @@ KERNELS = {
         dict(q_ptr="*bf16", kv_bf16="*bf16", kv_u8="*u8", kv_f32="*fp32", table_ptr="*i32",
              idx_ptr="*i32", out_ptr="*fp32", lse_ptr="*fp32", H="i32", K_SEL="i32",
              qk_scale="fp32", stride_qb="i32", stride_qh="i32", stride_tb="i32", stride_ib="i32"),
-        dict(BLOCK_H=64, BLOCK_N=64, CHUNK=256, PAGE=64, IS_FP8=True, UPCAST=False),
+        dict(BLOCK_H=64, BLOCK_N=64, CHUNK=256, PAGE=64, IS_FP8=True, UPCAST=False,
+             LAUNCH_MERGE=False),
     ),
     "gqa": (
         "dsacache.kernels.sparse_decode", "dsa_gqa_sparse_decode", "gqa_sparse_decode", 4,
@@ -52,7 +53,8 @@ KERNELS = {
              out_ptr="*fp32", lse_ptr="*fp32", HQ="i32", HKV="i32", GROUP="i32", K_SEL="i32",
              qk_scale="fp32", stride_qb="i32", stride_qh="i32", stride_tb="i32",
              stride_ib="i32", stride_ig="i32"),
-        dict(BLOCK_H=16, BLOCK_N=128, CHUNK=512, D=64, PAGE=64, UPCAST=False),
+        dict(BLOCK_H=16, BLOCK_N=128, CHUNK=512, D=64, PAGE=64, UPCAST=False,
+             LAUNCH_MERGE=False),
     ),
 }  # fmt: skip
 
@@ -116,6 +118,18 @@ def test_split_merge_waits_for_the_attention_kernel_only_when_launched_dependent
     ptx = sm90_ptx(spec, tmp_path)
     assert ("griddepcontrol.wait" in ptx) is wait_prior
     assert "ld.global" in ptx  # the kernel itself compiled
+
+
+@pytest.mark.parametrize("name", ["mla", "gqa"])
+def test_sparse_kernels_release_the_dependent_merge_only_when_asked(name, tmp_path):
+    """With ``LAUNCH_MERGE`` (``pdl=True`` and a split merge) the attention kernel lets the
+    merge be scheduled (``griddepcontrol.launch_dependents``); otherwise it does not."""
+    module, kernel, _, warps, signature, constants = KERNELS[name]
+    for release in (False, True):
+        spec = dict(module=module, kernel=kernel, signature=signature, num_warps=warps,
+                    num_stages=2, constants=dict(constants, EVICT="", LAUNCH_MERGE=release))  # fmt: skip
+        ptx = sm90_ptx(spec, tmp_path)
+        assert ("griddepcontrol.launch_dependents" in ptx) is release
 
 
 def global_loads(ptx: str) -> list[str]:
