@@ -601,6 +601,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set-aside", default="0", help="persisting L2 set-aside, e.g. 30MiB")
     p.add_argument("--cuda-graph", action="store_true",
                    help="launch each step's layers as one CUDA graph (triton backend)")  # fmt: skip
+    p.add_argument("--pdl", action="store_true",
+                   help="launch the split merge of our sparse kernels as a dependent launch")  # fmt: skip
     p.add_argument("--reserve", default="0",
                    help="device memory taken before the caches (e.g. 1543MiB): they lie elsewhere")  # fmt: skip
     return p
@@ -625,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
             use_trace_selection=not args.indexer_topk, capture=args.capture,
             capture_steps_per_copy=args.capture_steps_per_copy,
             backend=args.backend, seed=args.seed, persist=persist, cuda_graph=args.cuda_graph,
-            reserve=parse_size(args.reserve),
+            reserve=parse_size(args.reserve), attn_options={"pdl": True} if args.pdl else None,
         )  # fmt: skip
     except (DsacacheError, ValueError) as e:  # run_trace's checks of its options raise ValueError
         raise SystemExit(f"error: {e}") from None

@@ -714,6 +714,10 @@ def test_driver_command_line_reports_a_bad_spec_in_one_line(capsys):
     spec = "synth:deepseek-v3.2:context=200,k=32,requests=2,layers=2,steps=2"
     with pytest.raises(SystemExit, match="error: cuda_graph runs our kernels .* device 'cpu'"):
         main([spec, "--device", "cpu", "--cuda-graph"])
+    with pytest.raises(SystemExit, match="error: .*options {'pdl': True}"):  # ours only
+        main([spec, "--device", DEVICE, "--pdl", "--backend", "flashmla"])
+    with pytest.raises(SystemExit, match="error: .*'lots'"):
+        main([spec, "--device", DEVICE, "--reserve", "lots"])
 
 
 def test_kv_reads_per_token_follow_each_kernels_tiling():
