@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         x = inputs(bsz, ctx, gen)
         for kernel in args.kernels.split(","):
             call, _ = cases(kernel, x)
+            # a sanity check only: the GPU tests run other inputs between, so that a merge
+            # reading too early would show (here the partials' blocks come back unchanged)
             plain, dependent = call(), call(pdl=True)
             same = all(torch.equal(a, b) for a, b in zip(plain, dependent, strict=True))
             for rep in range(args.repeats):

@@ -248,12 +248,14 @@ def _plan_splits(work: int, k_sel: int, block_n: int, device: torch.device,
 
 def dependent_launch(pdl: bool, device: torch.device) -> bool:
     """Whether to launch a kernel as a programmatic dependent launch when ``pdl`` asks for it:
-    only compiled kernels on a GPU of compute capability 9.0 or later (the CPU interpreter
-    runs kernels one after another and cannot execute ``griddepcontrol``)."""
+    only compiled kernels on an NVIDIA GPU of compute capability 9.0 or later (the CPU
+    interpreter runs kernels one after another and cannot execute ``griddepcontrol``; ROCm
+    has no such launch)."""
     return (
         pdl
         and not INTERPRET
         and device.type == "cuda"
+        and torch.version.hip is None
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
 

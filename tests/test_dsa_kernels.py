@@ -632,9 +632,12 @@ def test_gpu_mla_deepseek_shapes(fp8):
         ref_out, ref_lse = mla_sparse_reference(q, cache, sel, SCALE)
         torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
         torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=2e-2 if fp8 else 1e-3)
-    # the split merge launched dependent (it waits for the partials): the same bits
+    # the split merge launched dependent (it waits for the partials): the same bits. Another
+    # query runs between, so that a merge reading too early would find its partials in the
+    # blocks the allocator hands out again, not this call's
     plain = mla_sparse_decode(q, cache, sel, SCALE, num_splits=8)
     for _ in range(3):
+        mla_sparse_decode(-q, cache, sel, SCALE, num_splits=8)
         dependent = mla_sparse_decode(q, cache, sel, SCALE, num_splits=8, pdl=True)
         assert all(torch.equal(a, b) for a, b in zip(plain, dependent, strict=True))
 
@@ -664,7 +667,8 @@ def test_gpu_indexer_and_gqa_deepseek_smollm_shapes():
     ref_out, ref_lse = gqa_sparse_reference(qg, gcache, sel)
     torch.testing.assert_close(out.float(), ref_out, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-3)
-    for _ in range(3):  # the split merge launched dependent: the same bits
+    for _ in range(3):  # the split merge launched dependent: the same bits (another query
+        gqa_sparse_decode(-qg, gcache, sel)  # between: its partials would be read too early)
         dependent = gqa_sparse_decode(qg, gcache, sel, pdl=True)
         assert torch.equal(dependent[0], out) and torch.equal(dependent[1], lse)
 

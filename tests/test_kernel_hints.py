@@ -118,6 +118,8 @@ def test_split_merge_waits_for_the_attention_kernel_only_when_launched_dependent
     ptx = sm90_ptx(spec, tmp_path)
     assert ("griddepcontrol.wait" in ptx) is wait_prior
     assert "ld.global" in ptx  # the kernel itself compiled
+    if wait_prior:  # before any read of the partials
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
 
 
 @pytest.mark.parametrize("name", ["mla", "gqa"])
