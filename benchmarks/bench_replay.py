@@ -14,7 +14,9 @@ peer's input and Numba's compilation are outside the timer), median of 3 runs:
   over an oracleGeneral file (its C fast path), next to dsacache's own fully-associative
   engine (``token-lru``) on the same objects;
 - dsacache's pure-Python ``ReferenceCache`` on a prefix of the stream.
-A peer library that does not import is named and its rows left out. Miss counts of engines
+A peer library that does not import is named and its rows left out; without libCacheSim the
+token engine's misses are checked against ``ReferenceCache`` as one fully-associative set
+over the whole stream (untimed, about a minute). Miss counts of engines
 that model the same cache must be identical; a difference is printed
 as MISMATCH and the script exits with status 1. All in one process, pinned to one core.
 
@@ -248,6 +250,12 @@ def bench_lines(
         token_setup, lambda m: token_run(m, addr, nbytes, reads, klass, layer, bucket), repeat
     )
     rows.append(Row("dsacache token-lru", FULLY_ASSOC, name, n, t, miss, "full"))
+    if "libcachesim" not in peers:  # the misses still checked: the Python reference, untimed
+        from dsacache.simulator.reference import ReferenceCache
+
+        print(f"{name}: token-lru checked against the Python reference instead (slow)")
+        miss = reference_run(ReferenceCache(SIZE, OBJECTS), addr.tolist())
+        rows.append(Row("dsacache reference (Python)", FULLY_ASSOC, name, n, 0.0, miss, "full"))
 
     m = min(ref_prefix, n)
     prefix = addr[:m].tolist()
