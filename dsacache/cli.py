@@ -594,6 +594,7 @@ def probe(
       dsacache probe twice --k 2048 --context 32768 --out twice.parquet
       dsacache probe decode --layers 8 --context 8192 --steps 4 --out decode.parquet
     """
+    from dsacache.kernels.ncu import option_words
     from dsacache.kernels.ncu import probe as run_probe
 
     if row_bytes is not None and row_bytes % 4:
@@ -608,8 +609,7 @@ def probe(
     if experiment == "beside":  # before ncu starts: the probe would refuse them under it
         from dsacache.kernels import probes
 
-        words = [w for flag, v in options.items() if v is not None for w in (flag, str(v))]
-        a = probes.parser().parse_args([experiment, "--plan", "-", *words])
+        a = probes.parser().parse_args([experiment, "--plan", "-", *option_words(options)])
         try:
             probes.check_beside([parse_size(x) for x in a.sizes.split(",")],
                                 parse_size(a.beside), a.layers, a.kv_reads)  # fmt: skip

@@ -149,13 +149,16 @@ def profile(
     return df
 
 
+def option_words(options: dict[str, object]) -> list[str]:
+    """``{"--sizes": "8MiB", "--k": None}`` as command-line words (``None`` values left out)."""
+    return [word for flag, v in options.items() if v is not None for word in (flag, str(v))]
+
+
 def probe(experiment: str, options: dict[str, object], raw_path: str | None = None) -> pd.DataFrame:
     """Measure one known-answer probe (``python -m dsacache.kernels.probes EXPERIMENT``) under
     ncu; ``options`` are its flags (``{"--sizes": "8MiB,16MiB"}``; ``None`` values left out)."""
     with tempfile.TemporaryDirectory() as tmp:
         plan = str(Path(tmp) / "plan.json")
         cmd = [sys.executable, "-m", "dsacache.kernels.probes", experiment, "--plan", plan]
-        for flag, value in options.items():
-            if value is not None:
-                cmd += [flag, str(value)]
+        cmd += option_words(options)
         return profile(cmd, "^l2probe", plan, raw_path=raw_path)

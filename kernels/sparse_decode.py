@@ -260,13 +260,16 @@ def dependent_launch(pdl: bool, device: torch.device) -> bool:
     )
 
 
-def _merge(o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torch.dtype, pdl: bool = False):
+def _merge(
+    o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torch.dtype, dependent: bool = False
+):
+    """The split merge's launch; ``dependent``: as a programmatic dependent launch (the
+    launcher's ``dependent_launch``)."""
     b, s, h, dv = o_part.shape
     out = torch.empty((b, h, dv), dtype=out_dtype, device=o_part.device)
     lse = torch.empty((b, h), dtype=torch.float32, device=o_part.device)
     block_s = max(2, _pow2(s))
     block_d = min(dv, max(16, 8192 // block_s))  # a [BLOCK_S, BLOCK_D] tile of <= 8K floats
-    dependent = dependent_launch(pdl, o_part.device)
     extra = {"launch_pdl": True} if dependent else {}
     dsa_merge_splits[(b * h, dv // block_d)](
         o_part, lse_part, out, lse, h, s, DV=dv, BLOCK_S=block_s, BLOCK_D=block_d,
@@ -322,6 +325,7 @@ def mla_sparse_decode(
     # a program holds a [BLOCK_H, 512] float32 accumulator: 8 warps fill an SM's registers
     splits, chunk = _plan_splits(bsz * n_hb, k_sel, block_n, q.device, num_splits, per_sm=1)
     out, lse = _outputs(bsz, splits, h, MLA_LATENT, q.device)
+    dependent = splits > 1 and dependent_launch(pdl, q.device)
     pool = cache.pool
     fp8 = cache.fp8
     if fp8 and pool.shape[-1] != MLA_FP8_BYTES:
@@ -335,12 +339,12 @@ def mla_sparse_decode(
         h, k_sel, sm_scale * LOG2E, q.stride(0), q.stride(1), table.stride(0),
         indices.stride(0), BLOCK_H=block_h, BLOCK_N=block_n, CHUNK=chunk,
         PAGE=cache.pages.page_size, IS_FP8=fp8, EVICT=_check_evict(evict), UPCAST=INTERPRET,
-        LAUNCH_MERGE=splits > 1 and dependent_launch(pdl, q.device),
+        LAUNCH_MERGE=dependent,
         num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:
         return out, lse
-    return _merge(out, lse, torch.bfloat16, pdl)
+    return _merge(out, lse, torch.bfloat16, dependent)
 
 
 def gqa_sparse_decode(
@@ -384,6 +388,7 @@ def gqa_sparse_decode(
     # small programs, several resident per SM (3 per SM measured best on the H200)
     splits, chunk = _plan_splits(bsz * hkv, k_sel, block_n, q.device, num_splits, per_sm=3)
     out, lse = _outputs(bsz, splits, hq, d, q.device)
+    dependent = splits > 1 and dependent_launch(pdl, q.device)
     table = cache.pages.table
     scale = d**-0.5 if sm_scale is None else sm_scale
     dsa_gqa_sparse_decode[(bsz * hkv, splits)](
@@ -392,12 +397,12 @@ def gqa_sparse_decode(
         indices.stride(0), indices.stride(1) if indices.shape[1] > 1 else 0,
         BLOCK_H=max(16, _pow2(group)), BLOCK_N=block_n, CHUNK=chunk, D=d,
         PAGE=cache.pages.page_size, EVICT=_check_evict(evict), UPCAST=INTERPRET,
-        LAUNCH_MERGE=splits > 1 and dependent_launch(pdl, q.device),
+        LAUNCH_MERGE=dependent,
         num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     if splits == 1:
         return out, lse
-    return _merge(out, lse, torch.bfloat16, pdl)
+    return _merge(out, lse, torch.bfloat16, dependent)
 
 
 # -- references (float32 torch) -----------------------------------------------------------------

@@ -435,18 +435,19 @@ def test_hint_probe_known_answers_on_a_small_model():
 
 
 def _beside_measurement(
-    evict: str, beside: str, layers: int = 3, kv_reads: int = 1
+    evict: str, beside: str, layers: int = 3, kv_reads: int = 1, sizes: str = "128KiB"
 ) -> pd.DataFrame:
     """A ``beside`` probe measurement as ``dsacache probe beside`` writes it (hit rates made
     up: only the launch plan and the command matter to the simulation)."""
     command = ("ncu --cache-control none --replay-mode application python -m "
-               f"dsacache.kernels.probes beside --plan p.json --sizes 128KiB --beside {beside} "
+               f"dsacache.kernels.probes beside --plan p.json --sizes {sizes} --beside {beside} "
                f"--layers {layers} --kv-reads {kv_reads} --evict {evict}")  # fmt: skip
-    kv, normal = 2**17, parse_size(beside)
+    normal = parse_size(beside)
     rows = []
-    for layer in range(layers):
-        rows += [(role, layer, kv, normal) for role in ("kv", "kv again")[:kv_reads]]
-        rows.append(("normal", layer, normal, kv))
+    for kv in (parse_size(x) for x in sizes.split(",")):
+        for layer in range(layers):
+            rows += [(role, layer, kv, normal) for role in ("kv", "kv again")[:kv_reads]]
+            rows.append(("normal", layer, normal, kv))
     return pd.DataFrame(
         [{"role": r, "layer": n, "bytes": b, "other_bytes": x, "hit": 0.5,
           calibration.DRAM: 1e5, calibration.READ: b // 32, "meta_command": command}
@@ -485,17 +486,7 @@ def test_beside_probe_model_gives_each_kv_size_its_own_buffer():
     """The probe allocates each size's KV anew: evict_last lines that the H100 model keeps
     (6 of 16 ways, through the flush) from the size before are not found by the next size's
     reads, which stay cold (a shared buffer found half of them)."""
-    command = ("ncu --cache-control none --replay-mode application python -m "
-               "dsacache.kernels.probes beside --plan p.json --sizes 256KiB,512KiB "
-               "--beside 1MiB --layers 24 --evict evict_last")  # fmt: skip
-    rows = [(role, layer, kv, other)
-            for kv in (2**18, 2**19) for layer in range(24)
-            for role, other in (("kv", 2**20), ("normal", kv))]  # fmt: skip
-    m = pd.DataFrame(
-        [{"role": r, "layer": n, "bytes": b if r == "kv" else 2**20, "other_bytes": x,
-          "hit": 0.5, calibration.DRAM: 1e5, calibration.READ: 1, "meta_command": command}
-         for r, n, b, x in rows]
-    )  # fmt: skip
+    m = _beside_measurement("evict_last", "1MiB", layers=24, sizes="256KiB,512KiB")
     sim = calibration.simulate_beside(m, calibration.fitted("h100"))
     kv = sim[sim["role"] == "kv"]
     assert len(kv) == 48 and (kv["simulated"] == 0.0).all()
