@@ -5,11 +5,11 @@ decode batch of a few requests leaves the GPU idle (on the H200: ~100 us at batc
 ~350 us at batch 64 for 128K tokens). Here every row is split into chunks, many programs per
 row, and the k-th largest key is found by a radix select over the order-preserving integer
 image of the scores: four histogram passes of 8 bits narrow the k-th key down to one value
-``T``; a fifth pass counts per chunk the tokens above ``T`` and those equal to it, and the
-last one writes every token above ``T`` plus the lowest-positioned ties needed to make k, each
-chunk at the offset the counts of the chunks before it give, so the row comes out in
-ascending order without a sort (a sort of the [B, k] result and its padding took as long
-as the select's own passes). Each pass derives the
+``T``. The last of them also keeps per chunk the count of keys above the 24 bits found so
+far and the suffix counts of the last digit, from which the fifth and final pass knows, for
+every chunk, how many tokens above ``T`` and equal to it the chunks before it hold: it
+writes every token above ``T`` plus the lowest-positioned ties needed to make k, each chunk
+at its offset, so the row comes out in ascending order without a sort. Each pass derives the
 prefix found so far from the previous passes' histograms itself, so no host sync and no extra
 launch are needed between passes. (Three passes of 11-bit histograms ran 3.6x slower than
 ``torch.topk`` at batch 64 x 128K on the H200: Triton's histogram cost grows with the bins.)
@@ -71,11 +71,14 @@ def topk_radix_pass(
     CHUNK: tl.constexpr, PASS: tl.constexpr, BITS: tl.constexpr, PAD_STEPS: tl.constexpr,
 ):  # fmt: skip
     """Program (chunk, row). ``PASS`` < 32 / BITS: histogram of the next BITS key bits among
-    the keys sharing the prefix found so far; then: count this chunk's keys above the k-th
-    key and equal to it (``counts`` [B, 2, n_chunks]); last: write the chosen positions of
-    this chunk in ascending order after those of the chunks before it, and -1 in the row's
-    slots past ``min(context, K)``."""
+    the keys sharing the prefix found so far; the last of these passes also keeps, per chunk,
+    how many keys lie above that prefix and how many of those sharing it have a last digit
+    >= each value (``counts`` [B, n_chunks, 2 + 2**BITS]); then: write the chosen positions
+    of this chunk in ascending order after those of the chunks before it, and -1 in the
+    row's slots past ``min(context, K)``."""
     N_HIST: tl.constexpr = 32 // BITS
+    NB: tl.constexpr = 1 << BITS
+    ROW: tl.constexpr = 2 + NB  # above the prefix, then digit >= 0 .. NB - 1, then 0
     chunk = tl.program_id(0)
     b = tl.program_id(1)
     ctx = tl.minimum(tl.load(ctx_ptr + b), W)
@@ -83,36 +86,42 @@ def topk_radix_pass(
     if (chunk * CHUNK < ctx) & (need > 0):
         pos = chunk * CHUNK + tl.arange(0, CHUNK)
         key, valid = _keys(logits_ptr, b, stride_lb, pos, ctx, SINK, WINDOW, W)
-        prefix, rest = _prefix(hist_ptr, b, B, need, PASS if PASS < N_HIST else N_HIST, BITS)
+        prefix, rest = _prefix(hist_ptr, b, B, need, PASS, BITS)
         if PASS < N_HIST:
             shift: tl.constexpr = 32 - BITS * (PASS + 1)
             if PASS == 0:
                 same = valid
             else:
                 same = valid & ((key >> (shift + BITS)) == (prefix >> (shift + BITS)))
-            digit = ((key >> shift) & ((1 << BITS) - 1)).to(tl.int32)
-            h = tl.histogram(digit, 1 << BITS, mask=same)
-            bins = tl.arange(0, 1 << BITS)
-            tl.atomic_add(hist_ptr + (PASS * B + b) * (1 << BITS) + bins, h, mask=h > 0)
+            digit = ((key >> shift) & (NB - 1)).to(tl.int32)
+            h = tl.histogram(digit, NB, mask=same)
+            bins = tl.arange(0, NB)
+            tl.atomic_add(hist_ptr + (PASS * B + b) * NB + bins, h, mask=h > 0)
+            if PASS == N_HIST - 1:
+                mine = counts_ptr + (b * n_chunks + chunk) * ROW
+                higher = valid & ((key >> BITS) > (prefix >> BITS))
+                tl.store(mine, tl.sum(higher.to(tl.int32), 0))
+                tl.store(mine + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # digit >= bin
         else:
-            above = valid & (key > prefix)
+            # the k-th key is ``prefix``; its last digit j splits each earlier chunk's keys
+            # sharing the first 24 bits into above (digit > j) and tied (digit == j)
+            j = (prefix & (NB - 1)).to(tl.int32)
+            c = tl.arange(0, 128)  # the row's earlier chunks (n_chunks <= 128)
+            rows = counts_ptr + (b * n_chunks + c) * ROW
+            before = c < chunk
+            ge_j = tl.load(rows + 1 + j, mask=before, other=0)
+            ge_next = tl.load(rows + 2 + j, mask=before, other=0)
+            above_before = tl.sum(tl.load(rows, mask=before, other=0) + ge_next, 0)
+            ties_before = tl.sum(ge_j - ge_next, 0)
             tie = valid & (key == prefix)
-            row = counts_ptr + b * 2 * n_chunks
-            if PASS == N_HIST:
-                tl.store(row + chunk, tl.sum(above.to(tl.int32), 0))
-                tl.store(row + n_chunks + chunk, tl.sum(tie.to(tl.int32), 0))
-            else:
-                c = tl.arange(0, 128)  # the row's earlier chunks (n_chunks <= 128)
-                above_before = tl.sum(tl.load(row + c, mask=c < chunk, other=0), 0)
-                ties_before = tl.sum(tl.load(row + n_chunks + c, mask=c < chunk, other=0), 0)
-                tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0) - 1
-                take = above | (tie & (tie_rank < rest))
-                # the lowest-positioned ``rest`` ties are taken, so the chunks before this one
-                # took min(ties_before, rest) of theirs
-                first = above_before + tl.minimum(ties_before, rest)
-                slot = first + tl.cumsum(take.to(tl.int32), 0) - 1
-                tl.store(out_ptr + b * stride_ob + slot, pos, mask=take)
-    if PASS == N_HIST + 1:
+            tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), 0) - 1
+            take = (valid & (key > prefix)) | (tie & (tie_rank < rest))
+            # the lowest-positioned ``rest`` ties are taken, so the chunks before this one
+            # took min(ties_before, rest) of theirs
+            first = above_before + tl.minimum(ties_before, rest)
+            slot = first + tl.cumsum(take.to(tl.int32), 0) - 1
+            tl.store(out_ptr + b * stride_ob + slot, pos, mask=take)
+    if PASS == N_HIST:
         if chunk == 0:  # the padding of a context shorter than K
             for i in range(0, PAD_STEPS):  # constexpr trip count (the interpreter needs it)
                 slot = i * CHUNK + tl.arange(0, CHUNK)
@@ -138,14 +147,14 @@ def radix_topk(
     chunk = max(1024, _pow2(-(-width // 128)), min(8192, _pow2(width * bsz // (2 * sms))))
     n_chunks = -(-width // chunk)
     n_hist = PASSES * bsz * BINS
-    scratch = torch.zeros(n_hist + 2 * bsz * n_chunks, dtype=torch.int32, device=dev)
+    scratch = torch.zeros(n_hist + bsz * n_chunks * (BINS + 2), dtype=torch.int32, device=dev)
     hist, counts = scratch[:n_hist], scratch[n_hist:]
     out = torch.empty((bsz, k), dtype=torch.int32, device=dev)
     ctx = context_lens.to(device=dev, dtype=torch.int32)
-    for p in range(PASSES + 2):
+    for p in range(PASSES + 1):
         topk_radix_pass[(n_chunks, bsz)](
             logits, ctx, hist, counts, out, bsz, width, k, sink, window,
             logits.stride(0), out.stride(0), n_chunks, CHUNK=chunk, PASS=p, BITS=RADIX_BITS,
-            PAD_STEPS=-(-k // chunk) if p == PASSES + 1 else 0,
+            PAD_STEPS=-(-k // chunk) if p == PASSES else 0,
         )  # fmt: skip
     return out

@@ -41,6 +41,19 @@ def test_radix_topk_ranks_ties_nonfinite_and_forced_tokens_as_documented():
     _check(logits, [3000, 2500, 2999, 0], 64, sink=2, window=4)
 
 
+def test_radix_topk_places_each_chunk_after_the_chunks_before_it():
+    """Rows of several 1024-token chunks: tokens above the k-th in every chunk and a run of
+    ties across three chunk boundaries, cut by k inside the third chunk; each row must come
+    out whole and ascending (the last pass writes each chunk at an offset counted from the
+    chunks before it)."""
+    logits = torch.full((2, 5000), -1.0)
+    logits[:, 900:3100] = 0.5  # ties spanning chunks 0-3
+    logits[:, [50, 2000, 4000, 4500]] = 1.0  # above the k-th, in chunks 0, 1 and 3, 4
+    logits[1, 4990:] = float("nan")
+    _check(logits, [5000, 4995], 4 + 1500)
+    _check(logits, [5000, 4995], 4 + 1500, sink=3, window=7)
+
+
 @pytest.mark.parametrize("ctx", [[10, 64, 65, 200], [1, 0, 3, 70]])
 def test_radix_topk_short_contexts_take_every_token_and_pad(ctx):
     logits = torch.randn((4, 200), generator=torch.Generator().manual_seed(1))
