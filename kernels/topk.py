@@ -37,10 +37,11 @@ def _keys(logits_ptr, b, stride_lb, pos, ctx, SINK, WINDOW, W):
     valid = (pos < ctx) & (pos < W)
     x = tl.load(logits_ptr + b * stride_lb + pos, mask=valid, other=0.0).to(tl.float32)
     finite = (x == x) & (tl.abs(x) <= 3.4028234663852886e38)
-    x = tl.where(finite, x, -3.4028234663852886e38)  # NaN and +-inf rank lowest
     bits = x.to(tl.uint32, bitcast=True)
     negative = x < 0
     key = tl.where(negative, bits ^ 0xFFFFFFFF, bits | 0x80000000)  # negative: all flipped
+    # NaN and +-inf rank below every finite score (the lowest, -FLT_MAX, has key 0x00800000)
+    key = tl.where(finite, key, 0)
     forced = (pos < SINK) | (pos >= ctx - WINDOW)
     key = tl.where(forced, 0xFFFFFFFF, key)
     return key, valid
@@ -150,7 +151,7 @@ def radix_topk(
     scratch = torch.zeros(n_hist + bsz * n_chunks * (BINS + 2), dtype=torch.int32, device=dev)
     hist, counts = scratch[:n_hist], scratch[n_hist:]
     out = torch.empty((bsz, k), dtype=torch.int32, device=dev)
-    ctx = context_lens.to(device=dev, dtype=torch.int32)
+    ctx = context_lens.to(device=dev, dtype=torch.int32).contiguous()  # read as ctx_ptr + b
     for p in range(PASSES + 1):
         topk_radix_pass[(n_chunks, bsz)](
             logits, ctx, hist, counts, out, bsz, width, k, sink, window,

@@ -36,9 +36,16 @@ def test_radix_topk_ranks_ties_nonfinite_and_forced_tokens_as_documented():
     logits[0, 10:20] = float("nan")
     logits[0, 30] = float("inf")  # non-finite: ranks lowest, like NaN
     logits[0, 31] = float("-inf")
+    logits[3, :4] = torch.tensor([float("nan"), -3.4028234663852886e38, float("inf"), -1e30])
     logits[1, 40:400] = 0.5  # a long run of equal scores straddling the k-th: lower positions win
     logits[2, :] = 1.0  # every score equal
     _check(logits, [3000, 2500, 2999, 0], 64, sink=2, window=4)
+    # the lowest finite score still ranks above NaN and +-inf; a strided context-length view
+    _check(logits[3:, :4], [4], 3)
+    strided = torch.tensor([[3000, 0], [2500, 0]], dtype=torch.int32, device=DEVICE)[:, 0]
+    got = radix_topk(logits[:2].to(DEVICE), strided, 64, 2, 4).cpu()
+    for b, want in enumerate(select_topk_reference(logits[:2], strided.cpu(), 64, 2, 4)):
+        assert torch.equal(got[b].long(), want)
 
 
 def test_radix_topk_places_each_chunk_after_the_chunks_before_it():
