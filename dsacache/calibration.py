@@ -947,7 +947,12 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
     ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""
     import tempfile
 
-    from dsacache.kernels.decode_step import INDEX_HEADS, kv_reads_per_token
+    from dsacache.kernels.decode_step import (
+        FLASHMLA_LOADS,
+        INDEX_HEADS,
+        flashmla_query_reads,
+        kv_reads_per_token,
+    )
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.tracer.synth import materialize
     from dsacache.traces import open_trace
@@ -962,13 +967,17 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
                 "a bundled trace or a synth:PRESET:KNOB=VALUE,... spec"
             ) from None
         heads = args.heads or int(trace.model.get("heads", 128))
+        # each kernel's loads as its source issues them (decode_step.FLASHMLA_LOADS; ours
+        # loads a block's latents, scales and RoPE apart, Plane.loads)
+        flashmla = args.backend == "flashmla"
+        k = int(trace.indexer.get("k", 2048))
         wl = Workload(
             layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
             classes=("index", "kv", "query"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
             kv_loads_apart=args.backend == "triton", heads=heads, index_heads=INDEX_HEADS,
+            kv_loads=FLASHMLA_LOADS if flashmla else (),
+            query_reads=flashmla_query_reads(args.batch, k) if flashmla else 1.0,
         )  # fmt: skip
-        # our kernel's loads are known from its source; FlashMLA keeps its empirical stand-in
-        # (FLASHMLA_READS whole-record reads: its DSMEM exchange and 256-B prefetch unmodelled)
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
         cache = make_model(model.config(), model.policy, layers)

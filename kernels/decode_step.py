@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -53,17 +54,32 @@ from dsacache.simulator.workload import INDEXER_HEADS
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
 # FlashMLA's SM90 sparse FP8 decode (128 heads), as the model takes it (FlashMLA 9241ae3,
-# csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh; docs/decode_compare.md). Its grid is
-# (2, 1, partitions): a cluster of two 64-head CTAs that split each 64-token block and share
-# the halves through distributed shared memory, so the source reads each selected token once.
-# Measured alone on the H200 it reads 1.12-1.14 sectors per selected sector (1.46 at batch 1
-# x k 2048), and its query again per split part (docs/results/h200-decode/flashmla-parts.
-# parquet). The model takes 2 all the same: with 1 (and the query once) the hit rates at
-# batch 1 fall 11-23 points below the measured ones, and with 1 and the query read again per
-# part as measured, the batch-8/64 ones fall 20-43 points below (docs/results/h100-decode/
-# flashmla_tiling_experiment.py): the within-step hits most likely come from its 256-B L2
-# prefetch, which the engine cannot model yet. An empirical stand-in until it can.
-FLASHMLA_READS = 2
+# csrc/sm90/decode/sparse_fp8/splitkv_mla.cuh; docs/decode_compare.md). A cluster of two
+# 64-head CTAs splits each 64-token block and shares the halves through distributed shared
+# memory, so each selected token is read once. Four lanes of a producer warp read a token,
+# 16 B each per ld.global.nc: the scales (issued a block ahead), the 512-B latent as eight
+# 64-B loads, the RoPE as two; what the L1 already holds of the token (the sector two loads
+# share) does not reach the L2 (Workload.kv_loads). Replayed so, the batch-1 and batch-64
+# profiles come within 2-7 points where two whole-record reads (the stand-in before
+# 2026-12-07) were 10-17 points off (docs/results/h100-decode/flashmla_loads_experiment.py).
+FLASHMLA_LOADS = ((512, 16), *((64 * d, 64) for d in range(8)), (528, 64), (592, 64))
+# Reads of each request's query per call, measured alone on the H200 with an empty selection
+# (docs/results/h200-decode/flashmla-parts.parquet): the split parts load it again.
+FLASHMLA_QUERY_READS = {(1, 512): 5.1, (1, 2048): 9.3, (8, 256): 1.8, (8, 2048): 6.8,
+                        (64, 2048): 1.1}  # fmt: skip
+
+
+def flashmla_query_reads(batch: int, k: int) -> float:
+    """FlashMLA's reads of a request's query per call at ``batch`` x ``k``: as measured
+    (``FLASHMLA_QUERY_READS``), else the measured shape nearest in log2 batch and log2 k (an
+    estimate: the shapes were measured on one GPU)."""
+    if (batch, k) in FLASHMLA_QUERY_READS:
+        return FLASHMLA_QUERY_READS[batch, k]
+    near = min(FLASHMLA_QUERY_READS,
+               key=lambda s: abs(math.log2(s[0] / batch)) + abs(math.log2(s[1] / k)))  # fmt: skip
+    return FLASHMLA_QUERY_READS[near]
+
+
 # Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on
 # the same selection reads about its query again from DRAM (docs/results/h200-decode/
 # flashmla-repeat.parquet), where ours reads nothing. calibration.query_hint carries it.
@@ -231,11 +247,10 @@ def kv_reads_per_token(backend: str, layout: str, heads: int) -> int:
     """How many CTAs of the sparse attention kernel read each selected token per step (the
     tiling the simulator's ``Workload.reads_per_token`` models). Ours: one program per block
     of up to 64 heads reads the whole token (``mla_sparse_decode``); GQA: one program per KV
-    head reads that head's K and V, each byte once. FlashMLA: see ``FLASHMLA_READS``."""
-    if layout == "gqa":
+    head reads that head's K and V, each byte once. FlashMLA: one cluster reads each token
+    once (``FLASHMLA_LOADS``)."""
+    if layout == "gqa" or backend == "flashmla":
         return 1
-    if backend == "flashmla":
-        return FLASHMLA_READS
     return -(-heads // mla_head_block(heads))
 
 

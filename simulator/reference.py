@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from dsacache.simulator.workload import CLASS_ID, CLASSES, WRITE_CLASSES, AddressMap, page_tier
+import numpy as np
+
+from dsacache.simulator.workload import (
+    CLASS_ID,
+    CLASSES,
+    WRITE_CLASSES,
+    AddressMap,
+    page_tier,
+    query_repeats,
+)
 from dsacache.traces import SelectionBatch
 
 COUNTERS = (
@@ -216,13 +225,17 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                 first = amap.query_base + wl.batch * amap.index_query_bytes
                 for request in positions:
                     addr = first + request * amap.kv_query_bytes
-                    yield addr, amap.kv_query_bytes, "query", step, layer, 0
+                    for _ in range(int(query_repeats(wl.query_reads, np.array([request]))[0])):
+                        yield addr, amap.kv_query_bytes, "query", step, layer, 0
             for i in mine:
                 request, group = int(rows.request[i]), int(rows.group[i])
                 tokens = [int(t) for t in rows.row(i)]
                 for start in range(0, len(tokens), wl.block_tokens):
                     block = tokens[start : start + wl.block_tokens]
                     for _cta in range(wl.reads_per_token):
+                        if wl.kv_loads:
+                            yield from _l1_filtered_loads(amap, layer, request, block, step)
+                            continue
                         for p, plane in enumerate(layout.planes):
                             for offset, size in layout.plane_loads(
                                 plane, amap.groups, wl.kv_loads_apart
@@ -248,6 +261,24 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                         layer,
                         0,
                     )
+
+
+def _l1_filtered_loads(amap, layer: int, request: int, block: list[int], step: int):
+    """One CTA's ``Workload.kv_loads`` of a block of tokens, load by load, as the L2 sees them:
+    a load asks only for the sectors (32 B) that no earlier load of its token brought to the
+    L1, as one access from the first to the last of them (nothing if none)."""
+    wl = amap.workload
+    seen: dict[int, set[int]] = {t: set() for t in block}
+    for offset, size in wl.kv_loads:
+        for t in block:
+            start = amap.kv_address(layer, 0, request, t, 0) + offset
+            sectors = set(range(start // 32, (start + size - 1) // 32 + 1))
+            new = sectors - seen[t]
+            seen[t] |= sectors
+            if new:
+                phys = amap.page_table[request, t // wl.page_tokens]
+                tier = int(page_tier(phys, wl.peer_share, wl.remote_share))
+                yield min(new) * 32, (max(new) - min(new) + 1) * 32, "kv", step, layer, tier
 
 
 def reference_replay(cache: ReferenceCache, amap: AddressMap, steps) -> dict[tuple, dict[str, int]]:

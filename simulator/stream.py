@@ -19,7 +19,13 @@ import numpy as np
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.layouts import KVLayout, trace_layout
-from dsacache.simulator.workload import CLASS_ID, AddressMap, Workload, page_tier
+from dsacache.simulator.workload import (
+    CLASS_ID,
+    AddressMap,
+    Workload,
+    page_tier,
+    query_repeats,
+)
 from dsacache.traces import SelectionBatch, Trace
 
 
@@ -99,13 +105,17 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     slot_global = phys * pt + tok % pt
     layer = rows.layer[row_of].astype(np.int64)
     group = rows.group[row_of].astype(np.int64)
-    loads = [  # (plane, byte offset in the token's record, bytes) in CTA, plane, load order
-        (p, plane, offset + (group * layout.read_bytes(plane, amap.groups)
-                             if plane.grouped and amap.groups > 1 else 0), nbytes)
-        for _rep in range(wl.reads_per_token)
-        for p, plane in enumerate(layout.planes)
-        for offset, nbytes in layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
-    ]  # fmt: skip
+    if wl.kv_loads:  # one plane, read whole (AddressMap.build checks)
+        loads = [(0, layout.planes[0], offset, nbytes)
+                 for _rep in range(wl.reads_per_token) for offset, nbytes in wl.kv_loads]  # fmt: skip
+    else:
+        loads = [  # (plane, byte offset in the token's record, bytes) in CTA, plane, load order
+            (p, plane, offset + (group * layout.read_bytes(plane, amap.groups)
+                                 if plane.grouped and amap.groups > 1 else 0), nbytes)
+            for _rep in range(wl.reads_per_token)
+            for p, plane in enumerate(layout.planes)
+            for offset, nbytes in layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
+        ]  # fmt: skip
     n = len(loads)
     # each row's accesses start at n x its first index; a block after n x the full blocks
     base = n * (starts[row_of] + block * wl.block_tokens) + in_block
@@ -113,14 +123,43 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     nbytes = np.empty(n * len(tok), np.int64)
     where = np.empty(n * len(tok), np.int64)  # the token of every access
     token = np.arange(len(tok))
-    for c, (p, plane, offset, size) in enumerate(loads):
+    record = [amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
+              for p, plane in enumerate(layout.planes)]  # fmt: skip
+    if wl.kv_loads:  # per token, what each load of a CTA asks the L2 for
+        spans = [_new_sectors(record[0], wl.kv_loads[:c], *load)
+                 for c, load in enumerate(wl.kv_loads)]  # fmt: skip
+    for c, (p, _plane, offset, size) in enumerate(loads):
         at = base + c * block_len
-        addr[at] = amap.plane_base[layer, p] + slot_global * plane.bytes_per_token + offset
-        nbytes[at] = size
+        if wl.kv_loads:
+            addr[at], nbytes[at] = spans[c % len(wl.kv_loads)]
+        else:
+            addr[at], nbytes[at] = record[p] + offset, size
         where[at] = token
+    if wl.kv_loads:  # loads whose sectors an earlier load of the CTA read reach no L2
+        kept = nbytes > 0
+        addr, nbytes, where = addr[kept], nbytes[kept], where[kept]
     tier = page_tier(phys, wl.peer_share, wl.remote_share)[where]
     score = None if rows.scores is None else np.asarray(rows.scores, np.float32)[where]
     return _Section("kv", addr, nbytes, layer[where], tier, score)
+
+
+L1_SECTOR = 32  # bytes: an SM's L1 keeps what a CTA's loads fetched at this granularity
+
+
+def _new_sectors(
+    record: np.ndarray, earlier: tuple[tuple[int, int], ...], offset: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(address, bytes) of what a load of ``size`` bytes at ``offset`` into each record asks
+    the L2 for when the CTA's ``earlier`` loads of that record are in its L1: its sectors, less
+    those at either end that an earlier load covered (0 bytes: none left)."""
+    lo = (record + offset) // L1_SECTOR
+    hi = (record + offset + size - 1) // L1_SECTOR
+    covered = [((record + o) // L1_SECTOR, (record + o + n - 1) // L1_SECTOR) for o, n in earlier]
+    for _ in range(len(covered)):  # past each covered range in turn, however they chain
+        for a, b in covered:
+            lo = np.where((lo >= a) & (lo <= b), b + 1, lo)
+            hi = np.where((hi >= a) & (hi <= b), a - 1, hi)
+    return lo * L1_SECTOR, np.maximum(hi - lo + 1, 0) * L1_SECTOR
 
 
 def _appends(
@@ -179,8 +218,12 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
         sections.append(_index_reads(amap, layer, requests, positions))
     if "kv" in wl.classes:
         if amap.kv_query_bytes:
-            addr = amap.query_address("kv", requests)
-            sections.append(_Section("query", addr, np.full(len(addr), amap.kv_query_bytes), layer))
+            reads = query_repeats(wl.query_reads, requests)
+            addr = np.repeat(amap.query_address("kv", requests), reads)
+            sections.append(
+                _Section("query", addr, np.full(len(addr), amap.kv_query_bytes),
+                         np.repeat(layer, reads))
+            )  # fmt: skip
         sections.append(_kv_gathers(amap, rows))
     if "append" in wl.classes:
         sections.append(_appends(amap, layer, requests, positions, "index" in wl.classes))

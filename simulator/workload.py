@@ -33,6 +33,15 @@ def page_tier(phys_page: np.ndarray, peer_share: float, remote_share: float) -> 
     )
 
 
+def query_repeats(query_reads: float, requests: np.ndarray) -> np.ndarray:
+    """Reads of each request's attention query (``Workload.query_reads``): the whole part for
+    every request, one more for a share of the requests equal to the fraction, picked by a
+    golden-ratio sequence over the request ids (deterministic, even over any batch)."""
+    whole = int(query_reads)
+    extra = ((np.asarray(requests, np.int64) + 1) * 0.6180339887498949) % 1.0 < query_reads - whole
+    return whole + extra.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Workload:
     """A batched DSA decode workload replayed from a trace.
@@ -43,11 +52,18 @@ class Workload:
     tiling: how many CTAs read each selected token per step, and how many tokens a CTA
     loads per stage; ``kv_loads_apart``, whether it loads a record's parts with separate
     loads (``Plane.loads``: the MLA latent, scales and RoPE, as our kernels and FlashMLA
-    do; token policies see each part as an access of the token). The ``query`` class
+    do; token policies see each part as an access of the token). ``kv_loads`` instead lists
+    the (offset, bytes) loads a kernel makes per token of a one-plane layout, in its order,
+    each reading only the sectors no earlier load of that token read (the SM's L1 keeps
+    those: FlashMLA's 16-B-per-lane loads, ``kernels.decode_step.FLASHMLA_LOADS``). The
+    ``query`` class
     streams each kernel's query, once per request and layer before the kernel's own reads:
     the indexer's (``index_heads`` x ``indexer_dim``) and the attention kernel's (``heads`` x
     the layout's query width; 0: the trace model's heads), both bf16, at fixed addresses past
-    the pools (one query buffer reused by every layer, as a serving engine keeps it).
+    the pools (one query buffer reused by every layer, as a serving engine keeps it);
+    ``query_reads`` is how often the attention kernel reads each request's query, back to
+    back (FlashMLA's split parts each load it): a fraction is spread over the requests
+    (``query_repeats``).
     """
 
     layout: str = ""
@@ -61,6 +77,8 @@ class Workload:
     reads_per_token: int = 1
     block_tokens: int = 64
     kv_loads_apart: bool = False
+    kv_loads: tuple[tuple[int, int], ...] = ()
+    query_reads: float = 1.0
     heads: int = 0
     index_heads: int = INDEXER_HEADS
     peer_share: float = 0.0
@@ -75,6 +93,12 @@ class Workload:
         for name in ("weight_bytes", "heads", "index_heads"):
             if getattr(self, name) < 0:
                 raise DsacacheError(f"workload: {name} must be >= 0, got {getattr(self, name)}")
+        if not self.query_reads >= 1.0:
+            raise DsacacheError(f"workload: query_reads must be >= 1, got {self.query_reads}")
+        if any(offset < 0 or size < 1 for offset, size in self.kv_loads):
+            raise DsacacheError(
+                f"workload: kv_loads must be (offset >= 0, bytes >= 1) pairs, got {self.kv_loads}"
+            )
         for name in ("peer_share", "remote_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise DsacacheError(
@@ -135,6 +159,18 @@ class AddressMap:
         workload.check()
         layout = make_layout(workload.layout or default_layout(model), model)
         layout.check_groups(groups)
+        if workload.kv_loads:
+            record = layout.planes[0].bytes_per_token
+            if (
+                len(layout.planes) != 1
+                or groups > 1
+                or any(offset + size > record for offset, size in workload.kv_loads)
+            ):
+                raise DsacacheError(
+                    f"workload: kv_loads {workload.kv_loads} need a one-plane layout read whole "
+                    f"and loads inside its {record}-byte record; layout {layout.name} has "
+                    f"{len(layout.planes)} plane(s), the trace {groups} group(s)"
+                )
         pt = workload.page_tokens
         pages = -(-(max_position + 1) // pt)
         total_pages = pages * workload.batch

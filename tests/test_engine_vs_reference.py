@@ -108,6 +108,15 @@ workloads = st.builds(
     reads_per_token=st.integers(1, 3),
     block_tokens=st.sampled_from([8, 64]),
     kv_loads_apart=st.booleans(),
+    # FlashMLA's loads, and overlapping, unaligned ones (both fit a 656-B record)
+    kv_loads=st.sampled_from(
+        [
+            (),
+            ((512, 16), *((64 * d, 64) for d in range(8)), (528, 64), (592, 64)),
+            ((0, 100), (50, 100), (8, 16), (300, 20), (40, 200)),
+        ]
+    ),  # fmt: skip
+    query_reads=st.sampled_from([1.0, 1.8, 3.0]),
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )
@@ -158,6 +167,9 @@ def test_kv_gathers_carry_their_tokens_scores(tmp_path):
 def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups, heads):
     if groups > 1 and wl.layout.startswith("mla"):
         wl = Workload(**{**wl.__dict__, "layout": "gqa:kv_heads=2,head_dim=64"})
+    if wl.kv_loads and (groups > 1 or not wl.layout.startswith("mla")):  # one plane, whole
+        wl = Workload(**{**wl.__dict__, "layout": "mla-fp8"})
+        groups = 1
     if "query" in wl.classes:
         wl = Workload(**{**wl.__dict__, "heads": heads})
     trace = _trace(tmp_path_factory.mktemp("s"), seed, groups)
@@ -334,3 +346,51 @@ def test_next_use_across_table_growth():
 def test_next_use_refuses_what_is_not_integer_keys():
     with pytest.raises(DsacacheError, match="next_use needs a 1-D integer array, got float64"):
         next_use(np.array([1.0, 2.0]))
+
+
+def test_flashmla_loads_ask_the_l2_for_each_sector_of_a_token_once(tmp_path):
+    """FlashMLA's loads (scales first, eight 64-B latent loads, two RoPE loads): on 656-B
+    records, half of which start mid-sector, the loads that reach the L2 cover every sector
+    of each selected record exactly once, sector-aligned; the attention query is read
+    ``query_reads`` times per request, back to back."""
+    from dsacache.kernels.decode_step import FLASHMLA_LOADS
+    from dsacache.simulator.workload import query_repeats
+
+    trace = _trace(tmp_path, 0)
+    wl = Workload(layout="mla-fp8", batch=2, kv_loads=FLASHMLA_LOADS, query_reads=2.5,
+                  classes=("kv", "query"), heads=8)  # fmt: skip
+    amap = plan_replay(trace, wl)
+    rows = next(trace.iter_steps())
+    chunk = build_step(amap, rows)
+    kv = chunk.cls == CLASSES.index("kv")
+    assert (chunk.addr[kv] % 32 == 0).all() and (chunk.nbytes[kv] % 32 == 0).all()
+    got = np.concatenate([np.arange(a, a + n, 32) for a, n in
+                          zip(chunk.addr[kv], chunk.nbytes[kv], strict=True)]) // 32  # fmt: skip
+    want = []
+    for i in range(len(rows)):
+        for t in rows.row(i):
+            start = amap.kv_address(int(rows.layer[i]), 0, int(rows.request[i]), int(t), 0)
+            want.append(np.arange(start // 32, (start + 655) // 32 + 1))
+    assert sorted(got.tolist()) == sorted(np.concatenate(want).tolist())  # each once
+    query = chunk.addr[chunk.cls == CLASSES.index("query")]
+    per_layer = query_repeats(2.5, np.arange(2)).sum()
+    assert len(query) == per_layer * amap.layers and set(query_repeats(2.5, np.arange(100))) == {
+        2,
+        3,
+    }
+    assert query_repeats(2.5, np.arange(1000)).mean() == pytest.approx(2.5, abs=0.01)
+
+
+def test_kv_loads_and_query_reads_are_checked():
+    with pytest.raises(DsacacheError, match="query_reads must be >= 1, got 0.5"):
+        Workload(query_reads=0.5).check()
+    with pytest.raises(DsacacheError, match=r"kv_loads must be .* got \(\(0, 0\),\)"):
+        Workload(kv_loads=((0, 0),)).check()
+
+
+def test_kv_loads_need_a_one_plane_layout_holding_them(tmp_path):
+    trace = _trace(tmp_path, 0)
+    with pytest.raises(DsacacheError, match="kv_loads .* inside its 656-byte record"):
+        plan_replay(trace, Workload(layout="mla-fp8", kv_loads=((600, 64),)))
+    with pytest.raises(DsacacheError, match="one-plane layout"):
+        plan_replay(trace, Workload(layout="gqa:kv_heads=2,head_dim=64", kv_loads=((0, 64),)))

@@ -69,7 +69,7 @@ def token_loads(g):
     for i, (off, nb, blk) in enumerate(seq):
         lo = (a0 + off) >> 5
         hi = (a0 + off + nb - 1) >> 5
-        if i > 0:
+        if i > 0 and not os.environ.get("NODEDUP"):
             lo = np.where((lo == prev_hi) | (lo == scale_sec), lo + 1, lo)
             hi = np.where(hi == scale_sec, hi - 1, hi)
             prev_hi = np.maximum(prev_hi, hi)
@@ -97,8 +97,15 @@ def build(amap, rows):
             t, p = token_loads(seg)
             out.append(t); pfs.append(p)
         elif ch.cls[lo] == CLASS_ID["query"] and ch.addr[lo] >= qkv:
-            for _ in range(max(1, int(round(state["mult"])))):
+            reps = max(1, int(round(state["mult"])))
+            if os.environ.get("QTOGETHER"):  # each query line read reps times in a row
+                mult = state["mult"]
+                per = np.floor(mult) + (rng.random(len(seg)) < mult - np.floor(mult))
+                seg = sub(seg, np.repeat(np.arange(len(seg)), per.astype(int)))
                 out.append(seg); pfs.append(np.zeros(len(seg), bool))
+            else:
+                for _ in range(reps):
+                    out.append(seg); pfs.append(np.zeros(len(seg), bool))
         else:
             out.append(seg); pfs.append(np.zeros(len(seg), bool))
     res = AccessChunk.concat(out)
