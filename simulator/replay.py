@@ -206,6 +206,8 @@ def replay(
         classes=",".join(workload.classes),
         page_order=workload.page_order,
         reads_per_token=workload.reads_per_token,
+        kv_loads=[list(load) for load in workload.kv_loads],
+        query_reads=workload.query_reads,
         query_bytes=[amap.index_query_bytes, amap.kv_query_bytes],  # per request: index, kv
         trace=str(trace.path),
     )

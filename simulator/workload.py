@@ -36,9 +36,12 @@ def page_tier(phys_page: np.ndarray, peer_share: float, remote_share: float) -> 
 def query_repeats(query_reads: float, requests: np.ndarray) -> np.ndarray:
     """Reads of each request's attention query (``Workload.query_reads``): the whole part for
     every request, one more for a share of the requests equal to the fraction, picked by a
-    golden-ratio sequence over the request ids (deterministic, even over any batch)."""
+    ``round`` sequence over the request ids, so that requests 0..n-1 read ``round(n x
+    query_reads)`` times in all (a batch of one reads the nearest whole number)."""
     whole = int(query_reads)
-    extra = ((np.asarray(requests, np.int64) + 1) * 0.6180339887498949) % 1.0 < query_reads - whole
+    r = np.asarray(requests, np.int64)
+    frac = query_reads - whole
+    extra = np.floor((r + 1) * frac + 0.5) - np.floor(r * frac + 0.5)
     return whole + extra.astype(np.int64)
 
 
@@ -93,11 +96,15 @@ class Workload:
         for name in ("weight_bytes", "heads", "index_heads"):
             if getattr(self, name) < 0:
                 raise DsacacheError(f"workload: {name} must be >= 0, got {getattr(self, name)}")
-        if not self.query_reads >= 1.0:
-            raise DsacacheError(f"workload: query_reads must be >= 1, got {self.query_reads}")
-        if any(offset < 0 or size < 1 for offset, size in self.kv_loads):
+        if not 1.0 <= self.query_reads < 2**20:  # also refuses NaN and inf
             raise DsacacheError(
-                f"workload: kv_loads must be (offset >= 0, bytes >= 1) pairs, got {self.kv_loads}"
+                f"workload: query_reads must be a number >= 1, got {self.query_reads}"
+            )
+        if any(not isinstance(v, int | np.integer) for load in self.kv_loads for v in load) or any(
+            offset < 0 or size < 1 for offset, size in self.kv_loads
+        ):
+            raise DsacacheError(
+                f"workload: kv_loads must be integer (offset >= 0, bytes >= 1) pairs, got {self.kv_loads}"
             )
         for name in ("peer_share", "remote_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:

@@ -44,6 +44,10 @@ MULT = {(1, 2048): 9.3, (1, 512): 5.1, (8, 256): 1.8, (8, 2048): 6.8, (64, 2048)
 gpu = sys.argv[1]
 use_pf = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 ds.FLASHMLA_READS = 1
+# since 2026-12-07 the model itself reads FlashMLA's loads and query passes; undo that so
+# this script starts, as it did, from one whole-record read per token and one query read
+ds.FLASHMLA_LOADS = ()
+ds.flashmla_query_reads = lambda batch, k: 1.0
 import os
 if os.environ.get("QNOHINT"): ds.FLASHMLA_QUERY_EVICT = ""
 orig_build = st.build_step

@@ -22,6 +22,10 @@ from dsacache.simulator.engine import COUNTERS
 MULT = {(1, 2048): 9.3, (1, 512): 5.1, (8, 256): 1.8, (8, 2048): 6.8, (64, 2048): 1.1}
 gpu, use_q, use_pf = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ds.FLASHMLA_READS = 1
+# since 2026-12-07 the model itself reads FlashMLA's loads and query passes; undo that so
+# this script starts, as it did, from one whole-record read per token and one query read
+ds.FLASHMLA_LOADS = ()
+ds.flashmla_query_reads = lambda batch, k: 1.0
 orig_build = st.build_step
 state = {}
 PF = len(CLASSES)  # extra counters row

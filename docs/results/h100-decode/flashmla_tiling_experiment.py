@@ -20,6 +20,12 @@ MULT = {(1, 2048): 9.3, (1, 512): 5.1, (8, 256): 1.8, (8, 2048): 6.8, (64, 2048)
 gpu = sys.argv[1]
 reads = int(sys.argv[2])
 ds.FLASHMLA_READS = reads
+# since 2026-12-07 the model itself reads FlashMLA's loads and query passes; undo that so
+# this script starts, as it did, from one whole-record read per token and one query read
+ds.FLASHMLA_LOADS = ()
+ds.flashmla_query_reads = lambda batch, k: 1.0
+if reads != 1:  # the stand-in's whole-record reads per token
+    ds.kv_reads_per_token = lambda backend, layout, heads: reads
 orig_build = st.build_step
 state = {}
 
