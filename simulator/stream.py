@@ -106,11 +106,11 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     layer = rows.layer[row_of].astype(np.int64)
     group = rows.group[row_of].astype(np.int64)
     if wl.kv_loads:  # one plane, read whole (AddressMap.build checks)
-        loads = [(0, layout.planes[0], offset, nbytes)
+        loads = [(0, offset, nbytes)
                  for _rep in range(wl.reads_per_token) for offset, nbytes in wl.kv_loads]  # fmt: skip
     else:
         loads = [  # (plane, byte offset in the token's record, bytes) in CTA, plane, load order
-            (p, plane, offset + (group * layout.read_bytes(plane, amap.groups)
+            (p, offset + (group * layout.read_bytes(plane, amap.groups)
                                  if plane.grouped and amap.groups > 1 else 0), nbytes)
             for _rep in range(wl.reads_per_token)
             for p, plane in enumerate(layout.planes)
@@ -128,7 +128,7 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     if wl.kv_loads:  # per token, what each load of a CTA asks the L2 for
         spans = [_new_sectors(record[0], wl.kv_loads[:c], *load)
                  for c, load in enumerate(wl.kv_loads)]  # fmt: skip
-    for c, (p, _plane, offset, size) in enumerate(loads):
+    for c, (p, offset, size) in enumerate(loads):
         at = base + c * block_len
         if wl.kv_loads:
             addr[at], nbytes[at] = spans[c % len(wl.kv_loads)]
