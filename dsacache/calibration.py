@@ -35,7 +35,7 @@ from dsacache.simulator.presets import (
     load_profile,
 )
 from dsacache.simulator.reference import COUNTERS
-from dsacache.simulator.workload import CLASS_ID, CLASSES, Workload
+from dsacache.simulator.workload import CLASS_ID, CLASSES, WRITE_CLASSES, Workload
 from dsacache.units import parse_size
 
 READ = "lts__t_sectors_srcunit_tex_op_read.sum"
@@ -355,7 +355,8 @@ def run_step(
         klass[as_weights] = CLASS_ID["weights"]
     counters = np.zeros((len(CLASSES), len(COUNTERS)), np.int64)
     bucket = chunk.cls if counted_as is None else counted_as
-    cache.run_chunk(chunk.addr, chunk.nbytes, np.zeros(len(chunk), bool), klass, chunk.layer,
+    write = np.isin(chunk.cls, [CLASS_ID[c] for c in WRITE_CLASSES])
+    cache.run_chunk(chunk.addr, chunk.nbytes, write, klass, chunk.layer,
                     bucket.astype(np.int64), counters)  # fmt: skip
     return counters
 
@@ -939,12 +940,15 @@ def measured_steps(m: pd.DataFrame, layers: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFrame, int]:
+def simulate_steps(
+    args, model: Model, first_from: int = -1, sms: int = 132
+) -> tuple[pd.DataFrame, int]:
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
-    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``) and each
-    kernel's query (the ``query`` class, counted in its kernel's class: ``kernel_classes``);
-    ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""
+    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``), each
+    kernel's query (the ``query`` class, counted in its kernel's class: ``kernel_classes``)
+    and the split-K partials it writes on a GPU of ``sms`` SMs (``partials``, compared in no
+    class); ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""
     import tempfile
 
     from dsacache.kernels.decode_step import (
@@ -952,6 +956,7 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         INDEX_HEADS,
         flashmla_query_reads,
         kv_reads_per_token,
+        split_partial_bytes,
     )
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.tracer.synth import materialize
@@ -973,10 +978,11 @@ def simulate_steps(args, model: Model, first_from: int = -1) -> tuple[pd.DataFra
         k = int(trace.indexer.get("k", 2048))
         wl = Workload(
             layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
-            classes=("index", "kv", "query"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
+            classes=("index", "kv", "query", "partials"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
             kv_loads_apart=args.backend == "triton", heads=heads, index_heads=INDEX_HEADS,
             kv_loads=FLASHMLA_LOADS if flashmla else (),
             query_reads=flashmla_query_reads(args.batch, k) if flashmla else 1.0,
+            partial_bytes=split_partial_bytes(args.backend, args.layout, args.batch, k, heads, sms),
         )  # fmt: skip
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
@@ -1014,7 +1020,8 @@ def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
     for base in models:
         policy, first_from = decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
         model = base.with_policy(policy)
-        sim, layers = simulate_steps(args, model, first_from)
+        sms = int(m["meta_sms"].iloc[0]) if "meta_sms" in m else 132
+        sim, layers = simulate_steps(args, model, first_from, sms)
         j = measured_steps(m, layers).merge(sim, on=["step", "role"])
         extra = np.maximum(j[READ] - j["sim_sectors"], 0)
         j["measured"] = ((j[READ_HIT] - extra) / (j[READ] - extra)).clip(0, 1)

@@ -39,6 +39,7 @@ from dsacache.kernels.indexer import indexer_logits, select_topk
 from dsacache.kernels.paged import (
     MLA_DIM,
     MLA_FP8_BYTES,
+    MLA_LATENT,
     GQACache,
     IndexKeyCache,
     MLACache,
@@ -49,7 +50,14 @@ from dsacache.kernels.paged import (
     random_mla_cache,
 )
 from dsacache.kernels.probes import FLUSH_BYTES, flush
-from dsacache.kernels.sparse_decode import gqa_sparse_decode, mla_head_block, mla_sparse_decode
+from dsacache.kernels.sparse_decode import (
+    MLA_BLOCK_N,
+    MLA_PER_SM,
+    gqa_sparse_decode,
+    mla_head_block,
+    mla_sparse_decode,
+    plan_splits,
+)
 from dsacache.simulator.workload import INDEXER_HEADS
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
@@ -78,6 +86,25 @@ def flashmla_query_reads(batch: int, k: int) -> float:
     near = min(FLASHMLA_QUERY_READS,
                key=lambda s: abs(math.log2(s[0] / batch)) + abs(math.log2(s[1] / k)))  # fmt: skip
     return FLASHMLA_QUERY_READS[near]
+
+
+def split_partial_bytes(backend: str, layout: str, batch: int, k: int, heads: int, sms: int) -> int:
+    """Bytes of fp32 split-K partial outputs (``heads`` x 512 per split) the sparse MLA kernel
+    writes per request and layer when it splits a request's selection (0 when it does not):
+    ours as ``plan_splits`` plans it on ``sms`` SMs; FlashMLA's scheduler
+    (get_decoding_sched_meta.cu) spreads each request's 64-token blocks plus 5 of overhead
+    over ``sms / 2`` parts, so a request's blocks fall into ceil(blocks / blocks per part)
+    parts (32, 8, 2, 7 and 1 at the five shapes measured). GQA: 0 (a few KB)."""
+    if layout == "gqa":
+        return 0
+    if backend == "flashmla":
+        blocks = -(-k // 64)
+        per_part = -(-batch * (blocks + 5) // max(1, sms // 2))
+        splits = -(-blocks // per_part)
+    else:
+        work = batch * -(-heads // mla_head_block(heads))
+        splits, _ = plan_splits(work, k, MLA_BLOCK_N, sms, None, MLA_PER_SM)
+    return splits * heads * MLA_LATENT * 4 if splits > 1 else 0
 
 
 # Its query is loaded by TMA with EVICT_FIRST (splitkv_mla.cuh:151, 279); a repeated call on

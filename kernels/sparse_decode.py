@@ -49,6 +49,8 @@ from dsacache.kernels.paged import (
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 128
+MLA_PER_SM = 1  # sparse MLA programs resident per SM (255 registers a thread)
+MLA_BLOCK_N = 64  # selected tokens per tile of mla_sparse_decode
 _LATENT = tl.constexpr(MLA_LATENT)  # a global a Triton kernel may read
 
 
@@ -232,15 +234,16 @@ def dsa_merge_splits(o_part, lse_part, out_ptr, lse_ptr, H, S, DV: tl.constexpr,
 
 
 # -- launchers ----------------------------------------------------------------------------------
-def _plan_splits(work: int, k_sel: int, block_n: int, device: torch.device,
-                 num_splits: int | None, per_sm: int) -> tuple[int, int]:  # fmt: skip
-    """(splits, tokens per split) for ``work`` programs before the split: enough splits for
-    one wave of ``per_sm`` programs per SM (no more: a second wave and the merge of more
-    partials cost more than they hide), but at least ``MIN_SPLIT_TOKENS`` tokens per split
-    (each program also loads its query heads)."""
+def plan_splits(work: int, k_sel: int, block_n: int, sms: int,
+                num_splits: int | None, per_sm: int) -> tuple[int, int]:  # fmt: skip
+    """(splits, tokens per split) for ``work`` programs before the split on ``sms`` SMs:
+    enough splits for one wave of ``per_sm`` programs per SM (no more: a second wave and the
+    merge of more partials cost more than they hide), but at least ``MIN_SPLIT_TOKENS``
+    tokens per split (each program also loads its query heads). The simulator sizes the
+    split-K partials with it (``decode_step.split_partial_bytes``)."""
     if num_splits is None:
         most = max(1, k_sel // max(block_n, MIN_SPLIT_TOKENS))
-        num_splits = max(1, min(per_sm * _sm_count(device) // work, most))
+        num_splits = max(1, min(per_sm * sms // work, most))
     chunk = -(-k_sel // max(1, num_splits))
     chunk = -(-chunk // block_n) * block_n
     return max(1, -(-k_sel // chunk)), chunk
@@ -301,7 +304,7 @@ def mla_sparse_decode(
     evict: str = "",
     num_splits: int | None = None,
     block_h: int | None = None,
-    block_n: int = 64,
+    block_n: int = MLA_BLOCK_N,
     num_warps: int = 8,
     num_stages: int = 2,
     pdl: bool = False,
@@ -323,7 +326,9 @@ def mla_sparse_decode(
     block_h = block_h or mla_head_block(h)
     n_hb = -(-h // block_h)
     # a program holds a [BLOCK_H, 512] float32 accumulator: 8 warps fill an SM's registers
-    splits, chunk = _plan_splits(bsz * n_hb, k_sel, block_n, q.device, num_splits, per_sm=1)
+    splits, chunk = plan_splits(
+        bsz * n_hb, k_sel, block_n, _sm_count(q.device), num_splits, per_sm=MLA_PER_SM
+    )
     out, lse = _outputs(bsz, splits, h, MLA_LATENT, q.device)
     dependent = splits > 1 and dependent_launch(pdl, q.device)
     pool = cache.pool
@@ -386,7 +391,9 @@ def gqa_sparse_decode(
     if block_n is None:  # H200 sweep (tune_kernels.csv): 256 tokens per tile is 5% faster
         block_n = 256 if bsz * hkv >= _sm_count(q.device) else 128  # once programs fill the SMs
     # small programs, several resident per SM (3 per SM measured best on the H200)
-    splits, chunk = _plan_splits(bsz * hkv, k_sel, block_n, q.device, num_splits, per_sm=3)
+    splits, chunk = plan_splits(
+        bsz * hkv, k_sel, block_n, _sm_count(q.device), num_splits, per_sm=3
+    )
     out, lse = _outputs(bsz, splits, hq, d, q.device)
     dependent = splits > 1 and dependent_launch(pdl, q.device)
     table = cache.pages.table

@@ -245,6 +245,10 @@ def reference_stream(amap: AddressMap, rows: SelectionBatch) -> Iterator[tuple]:
                                     phys = amap.page_table[request, t // pt]
                                     tier = int(page_tier(phys, wl.peer_share, wl.remote_share))
                                     yield addr, size, "kv", step, layer, tier
+            if "partials" in wl.classes and wl.partial_bytes:
+                for request in positions:
+                    addr = amap.partials_base + request * wl.partial_bytes
+                    yield addr, wl.partial_bytes, "partials", step, layer, 0
         if "append" in wl.classes:
             for request, position in positions.items():
                 for p, plane in enumerate(layout.planes):

@@ -225,6 +225,9 @@ def build_step(amap: AddressMap, rows: SelectionBatch) -> AccessChunk:
                          np.repeat(layer, reads))
             )  # fmt: skip
         sections.append(_kv_gathers(amap, rows))
+        if "partials" in wl.classes and wl.partial_bytes:
+            addr = amap.partials_base + requests * wl.partial_bytes
+            sections.append(_Section("partials", addr, np.full(len(addr), wl.partial_bytes), layer))
     if "append" in wl.classes:
         sections.append(_appends(amap, layer, requests, positions, "index" in wl.classes))
     return _interleave(sections, step, amap.layers) if sections else AccessChunk.concat([])

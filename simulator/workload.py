@@ -11,10 +11,11 @@ from dsacache.errors import DsacacheError
 from dsacache.simulator.layouts import KVLayout, default_layout, make_layout
 
 # Traffic classes; counters are kept per class. In a decode layer: weights, then the
-# indexer's query and keys, then the attention kernel's query and KV gathers, then appends.
-CLASSES = ("weights", "index", "kv", "append", "query")
+# indexer's query and keys, then the attention kernel's query, KV gathers and split-K
+# partial outputs, then appends.
+CLASSES = ("weights", "index", "kv", "append", "query", "partials")
 CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
-WRITE_CLASSES = frozenset({"append"})
+WRITE_CLASSES = frozenset({"append", "partials"})
 DEFAULT_CLASSES = ("index", "kv", "append")
 PAGE_ORDERS = ("contiguous", "shuffled")
 INDEXER_HEADS = 64  # DeepSeek-V3.2's lightning indexer: 64 heads of 128 dims
@@ -66,7 +67,10 @@ class Workload:
     the pools (one query buffer reused by every layer, as a serving engine keeps it);
     ``query_reads`` is how often the attention kernel reads each request's query, back to
     back (FlashMLA's split parts each load it): a fraction is spread over the requests
-    (``query_repeats``).
+    (``query_repeats``). The ``partials`` class writes the attention kernel's split-K partial
+    outputs after its gathers, ``partial_bytes`` per request and layer, into one scratch
+    buffer past the queries that every layer reuses (the merge's reads of them, which find
+    what was just written, are left out).
     """
 
     layout: str = ""
@@ -82,6 +86,7 @@ class Workload:
     kv_loads_apart: bool = False
     kv_loads: tuple[tuple[int, int], ...] = ()
     query_reads: float = 1.0
+    partial_bytes: int = 0
     heads: int = 0
     index_heads: int = INDEXER_HEADS
     peer_share: float = 0.0
@@ -93,7 +98,7 @@ class Workload:
         for name in ("batch", "page_tokens", "indexer_dim", "reads_per_token", "block_tokens"):
             if getattr(self, name) < 1:
                 raise DsacacheError(f"workload: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("weight_bytes", "heads", "index_heads"):
+        for name in ("weight_bytes", "heads", "index_heads", "partial_bytes"):
             if getattr(self, name) < 0:
                 raise DsacacheError(f"workload: {name} must be >= 0, got {getattr(self, name)}")
         if not 1.0 <= self.query_reads < 2**20:  # also refuses NaN and inf
@@ -117,6 +122,11 @@ class Workload:
             raise DsacacheError(
                 f"workload: page order {self.page_order!r} unknown; choose one of: "
                 + ", ".join(PAGE_ORDERS)
+            )
+        if self.partial_bytes and "partials" not in self.classes:
+            raise DsacacheError(
+                f"workload: partial_bytes={self.partial_bytes} sizes the split-K partials, which "
+                "are streamed only with the partials traffic class; add partials to the classes"
             )
         if self.heads and "query" not in self.classes:
             raise DsacacheError(
@@ -216,6 +226,12 @@ class AddressMap:
             workload, layout, layers, groups, pages, table, plane_base, index_base, addr,
             index_bytes, align(addr + layers * workload.weight_bytes), *query_bytes,
         )  # fmt: skip
+
+    @property
+    def partials_base(self) -> int:
+        """Byte address of the attention kernel's split-K partials (past the queries)."""
+        end = self.query_base + self.workload.batch * (self.index_query_bytes + self.kv_query_bytes)
+        return -(-end // POOL_ALIGN) * POOL_ALIGN
 
     def kv_address(self, layer: int, plane: int, request: int, token: int, group: int) -> int:
         """Byte address of a token's record (its group's slice) in one plane; scalar helper."""

@@ -732,3 +732,18 @@ def test_kv_reads_per_token_follow_each_kernels_tiling():
     assert kv_reads_per_token("triton", "mla-fp8", 16) == 1
     assert kv_reads_per_token("triton", "gqa", 9) == 1  # one program per KV head, own bytes
     assert kv_reads_per_token("flashmla", "mla-fp8", 128) == 1  # a cluster shares each token
+
+
+def test_split_partial_bytes_follow_each_kernels_split_plan():
+    from dsacache.kernels.decode_step import split_partial_bytes
+
+    part = 128 * 512 * 4  # one split's fp32 [heads, 512]
+    # FlashMLA's scheduler on 132 SMs: 32, 8, 2, 7, 1 parts at the shapes measured
+    for (b, k), parts in {(1, 2048): 32, (1, 512): 8, (8, 256): 2, (8, 2048): 7}.items():
+        assert split_partial_bytes("flashmla", "mla-fp8", b, k, 128, 132) == parts * part
+    assert split_partial_bytes("flashmla", "mla-fp8", 64, 2048, 128, 132) == 0  # one part
+    # ours: one wave of 64-head programs, at least 128 tokens a split
+    assert split_partial_bytes("triton", "mla-fp8", 1, 2048, 128, 132) == 16 * part
+    assert split_partial_bytes("triton", "mla-fp8", 8, 512, 128, 132) == 4 * part
+    assert split_partial_bytes("triton", "mla-fp8", 64, 2048, 128, 132) == 0
+    assert split_partial_bytes("triton", "gqa", 8, 2048, 9, 132) == 0

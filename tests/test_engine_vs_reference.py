@@ -102,6 +102,7 @@ workloads = st.builds(
             ("weights", "kv", "append"),
             ("weights", "index", "kv", "append", "query"),
             ("kv", "query"),
+            ("index", "kv", "query", "partials"),
         ]
     ),
     weight_bytes=st.sampled_from([0, 5000]),
@@ -117,6 +118,7 @@ workloads = st.builds(
         ]
     ),  # fmt: skip
     query_reads=st.sampled_from([1.0, 1.8, 3.0]),
+    partial_bytes=st.sampled_from([0, 3000]),
     peer_share=st.sampled_from([0.0, 0.3]),
     remote_share=st.sampled_from([0.0, 0.2]),
 )
@@ -172,16 +174,24 @@ def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups, hea
         groups = 1
     if "query" in wl.classes:
         wl = Workload(**{**wl.__dict__, "heads": heads})
+    if "partials" not in wl.classes:
+        wl = Workload(**{**wl.__dict__, "partial_bytes": 0})
     trace = _trace(tmp_path_factory.mktemp("s"), seed, groups)
     amap = plan_replay(trace, wl)
     for rows in trace.iter_steps():
         rows = rows.take(rows.request < wl.batch)
         chunk = build_step(amap, rows)
         query = chunk.cls == CLASSES.index("query")
+        partials = chunk.cls == CLASSES.index("partials")
         assert query.any() == ("query" in wl.classes)
-        # the queries lie past the pools and the weights, and nothing else does
+        assert partials.any() == ("partials" in wl.classes and wl.partial_bytes > 0)
+        # the queries lie past the pools and the weights, the partials past the queries, and
+        # nothing else does
         assert (chunk.addr[query] >= amap.weights_base + amap.layers * wl.weight_bytes).all()
-        assert (chunk.addr[~query] + chunk.nbytes[~query] <= amap.query_base).all()
+        assert (chunk.addr[query] + chunk.nbytes[query] <= amap.partials_base).all()
+        assert (chunk.addr[partials] >= amap.partials_base).all()
+        pools = ~(query | partials)
+        assert (chunk.addr[pools] + chunk.nbytes[pools] <= amap.query_base).all()
         expect = list(reference_stream(amap, rows))
         got = list(
             zip(
@@ -396,3 +406,21 @@ def test_kv_loads_need_a_one_plane_layout_holding_them(tmp_path):
         plan_replay(trace, Workload(layout="mla-fp8", kv_loads=((600, 64),)))
     with pytest.raises(DsacacheError, match="one-plane layout"):
         plan_replay(trace, Workload(layout="gqa:kv_heads=2,head_dim=64", kv_loads=((0, 64),)))
+
+
+def test_partials_are_written_after_the_gathers_per_request_and_checked(tmp_path):
+    """The split-K partials: one write of ``partial_bytes`` per request after each layer's
+    KV gathers, at the same scratch addresses every layer; sized only with their class."""
+    trace = _trace(tmp_path, 0)
+    wl = Workload(layout="mla-fp8", batch=2, classes=("kv", "partials"), partial_bytes=4096)
+    amap = plan_replay(trace, wl)
+    chunk = build_step(amap, next(trace.iter_steps()))
+    part = chunk.cls == CLASSES.index("partials")
+    assert part.sum() == 2 * amap.layers and (chunk.nbytes[part] == 4096).all()
+    assert set(chunk.addr[part].tolist()) == {amap.partials_base, amap.partials_base + 4096}
+    last_kv = np.flatnonzero(chunk.cls == CLASSES.index("kv"))
+    for layer in range(amap.layers):  # after every gather of its layer
+        mine = chunk.layer == layer
+        assert np.flatnonzero(part & mine).min() > last_kv[chunk.layer[last_kv] == layer].max()
+    with pytest.raises(DsacacheError, match="partial_bytes=4096 .* add partials to the classes"):
+        Workload(partial_bytes=4096).check()
