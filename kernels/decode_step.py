@@ -93,13 +93,14 @@ def split_partial_bytes(backend: str, layout: str, batch: int, k: int, heads: in
     writes per request and layer when it splits a request's selection (0 when it does not):
     ours as ``plan_splits`` plans it on ``sms`` SMs; FlashMLA's scheduler
     (get_decoding_sched_meta.cu) spreads each request's 64-token blocks plus 5 of overhead
-    over ``sms / 2`` parts, so a request's blocks fall into ceil(blocks / blocks per part)
-    parts (32, 8, 2, 7 and 1 at the five shapes measured). GQA: 0 (a few KB)."""
+    over ``sms / (heads / 64)`` parts, so a request's blocks fall into ceil(blocks / blocks
+    per part) parts (32, 8, 2, 7 and 1 at the five shapes measured, 128 heads). GQA: 0 (a
+    few KB)."""
     if layout == "gqa":
         return 0
     if backend == "flashmla":
         blocks = -(-k // 64)
-        per_part = -(-batch * (blocks + 5) // max(1, sms // 2))
+        per_part = -(-batch * (blocks + 5) // max(1, sms // max(1, heads // 64)))
         splits = -(-blocks // per_part)
     else:
         work = batch * -(-heads // mla_head_block(heads))

@@ -224,7 +224,7 @@ def _futures(model, chunks: list) -> list[np.ndarray]:
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per policy: sector hit rates (all reads and KV gathers only), bytes from memory
     and estimated memory time per decode step."""
-    reads = df[df["class"] != "append"]
+    reads = df[~df["class"].isin(list(WRITE_CLASSES))]
     kv = df[df["class"] == "kv"]
     steps = df.groupby("policy", observed=True)["step"].nunique()
     g = reads.groupby("policy", observed=True)

@@ -123,10 +123,11 @@ class Workload:
                 f"workload: page order {self.page_order!r} unknown; choose one of: "
                 + ", ".join(PAGE_ORDERS)
             )
-        if self.partial_bytes and "partials" not in self.classes:
+        if self.partial_bytes and not {"partials", "kv"} <= set(self.classes):
             raise DsacacheError(
                 f"workload: partial_bytes={self.partial_bytes} sizes the split-K partials, which "
-                "are streamed only with the partials traffic class; add partials to the classes"
+                "are streamed only with the partials and kv traffic classes; add partials to the "
+                "classes"
             )
         if self.heads and "query" not in self.classes:
             raise DsacacheError(

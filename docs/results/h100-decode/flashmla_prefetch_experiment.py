@@ -26,6 +26,7 @@ ds.FLASHMLA_READS = 1
 # this script starts, as it did, from one whole-record read per token and one query read
 ds.FLASHMLA_LOADS = ()
 ds.flashmla_query_reads = lambda batch, k: 1.0
+ds.split_partial_bytes = lambda *args: 0  # nor the split-K partials (also since 2026-12-07)
 orig_build = st.build_step
 state = {}
 PF = len(CLASSES)  # extra counters row

@@ -24,6 +24,7 @@ ds.FLASHMLA_READS = reads
 # this script starts, as it did, from one whole-record read per token and one query read
 ds.FLASHMLA_LOADS = ()
 ds.flashmla_query_reads = lambda batch, k: 1.0
+ds.split_partial_bytes = lambda *args: 0  # nor the split-K partials (also since 2026-12-07)
 if reads != 1:  # the stand-in's whole-record reads per token
     ds.kv_reads_per_token = lambda backend, layout, heads: reads
 orig_build = st.build_step

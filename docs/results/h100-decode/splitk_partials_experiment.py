@@ -27,6 +27,10 @@ from dsacache.tracer.synth import parse_spec
 
 gpu = sys.argv[1]
 cfgs = sys.argv[2].split(",")
+from dsacache.kernels import decode_step as ds
+
+# since 2026-12-07 the model streams the partials itself; this script adds its own
+ds.split_partial_bytes = lambda *args: 0
 orig = st.build_step
 state = {}
 F = list(AccessChunk.__dataclass_fields__)
