@@ -105,35 +105,29 @@ def _kv_gathers(amap: AddressMap, rows: SelectionBatch) -> _Section:
     slot_global = phys * pt + tok % pt
     layer = rows.layer[row_of].astype(np.int64)
     group = rows.group[row_of].astype(np.int64)
-    if wl.kv_loads:  # one plane, read whole (AddressMap.build checks)
-        loads = [(0, offset, nbytes)
-                 for _rep in range(wl.reads_per_token) for offset, nbytes in wl.kv_loads]  # fmt: skip
+    record = [amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
+              for p, plane in enumerate(layout.planes)]  # fmt: skip
+    # (address, bytes) of each load of one CTA, per token, in plane and load order
+    if wl.kv_loads:  # one plane, read whole (AddressMap.build checks); what reaches the L2
+        spans = [_new_sectors(record[0], wl.kv_loads[:c], *load)
+                 for c, load in enumerate(wl.kv_loads)]  # fmt: skip
     else:
-        loads = [  # (plane, byte offset in the token's record, bytes) in CTA, plane, load order
-            (p, offset + (group * layout.read_bytes(plane, amap.groups)
-                                 if plane.grouped and amap.groups > 1 else 0), nbytes)
-            for _rep in range(wl.reads_per_token)
+        spans = [
+            (record[p] + offset + (group * layout.read_bytes(plane, amap.groups)
+                                   if plane.grouped and amap.groups > 1 else 0), size)
             for p, plane in enumerate(layout.planes)
-            for offset, nbytes in layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
+            for offset, size in layout.plane_loads(plane, amap.groups, wl.kv_loads_apart)
         ]  # fmt: skip
-    n = len(loads)
+    n = len(spans) * wl.reads_per_token  # every CTA makes the same loads
     # each row's accesses start at n x its first index; a block after n x the full blocks
     base = n * (starts[row_of] + block * wl.block_tokens) + in_block
     addr = np.empty(n * len(tok), np.int64)
     nbytes = np.empty(n * len(tok), np.int64)
     where = np.empty(n * len(tok), np.int64)  # the token of every access
     token = np.arange(len(tok))
-    record = [amap.plane_base[layer, p] + slot_global * plane.bytes_per_token
-              for p, plane in enumerate(layout.planes)]  # fmt: skip
-    if wl.kv_loads:  # per token, what each load of a CTA asks the L2 for
-        spans = [_new_sectors(record[0], wl.kv_loads[:c], *load)
-                 for c, load in enumerate(wl.kv_loads)]  # fmt: skip
-    for c, (p, offset, size) in enumerate(loads):
+    for c in range(n):
         at = base + c * block_len
-        if wl.kv_loads:
-            addr[at], nbytes[at] = spans[c % len(wl.kv_loads)]
-        else:
-            addr[at], nbytes[at] = record[p] + offset, size
+        addr[at], nbytes[at] = spans[c % len(spans)]
         where[at] = token
     if wl.kv_loads:  # loads whose sectors an earlier load of the CTA read reach no L2
         kept = nbytes > 0
