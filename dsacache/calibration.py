@@ -951,13 +951,7 @@ def simulate_steps(
     class); ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""
     import tempfile
 
-    from dsacache.kernels.decode_step import (
-        FLASHMLA_LOADS,
-        INDEX_HEADS,
-        flashmla_query_reads,
-        kv_reads_per_token,
-        split_partial_bytes,
-    )
+    from dsacache.kernels.decode_step import INDEX_HEADS, with_kernel_tiling
     from dsacache.simulator.stream import build_step, plan_replay
     from dsacache.tracer.synth import materialize
     from dsacache.traces import open_trace
@@ -971,19 +965,16 @@ def simulate_steps(
                 f"cannot re-simulate the profiled decode: its trace is not here ({e}); profile "
                 "a bundled trace or a synth:PRESET:KNOB=VALUE,... spec"
             ) from None
-        heads = args.heads or int(trace.model.get("heads", 128))
-        # each kernel's loads as its source issues them (decode_step.FLASHMLA_LOADS; ours
-        # loads a block's latents, scales and RoPE apart, Plane.loads)
-        flashmla = args.backend == "flashmla"
-        k = int(trace.indexer.get("k", 2048))
         wl = Workload(
-            layout=args.layout, batch=args.batch, page_order=args.page_order, seed=args.seed,
-            classes=("index", "kv", "query", "partials"), reads_per_token=kv_reads_per_token(args.backend, args.layout, heads),
-            kv_loads_apart=args.backend == "triton", heads=heads, index_heads=INDEX_HEADS,
-            kv_loads=FLASHMLA_LOADS if flashmla else (),
-            query_reads=flashmla_query_reads(args.batch, k) if flashmla else 1.0,
-            partial_bytes=split_partial_bytes(args.backend, args.layout, args.batch, k, heads, sms),
-        )  # fmt: skip
+            layout=args.layout,
+            batch=args.batch,
+            page_order=args.page_order,
+            seed=args.seed,
+            classes=("index", "kv", "query", "partials"),
+            heads=args.heads or int(trace.model.get("heads", 128)),
+            index_heads=INDEX_HEADS,
+        )
+        wl = with_kernel_tiling(wl, trace, args.backend, sms)
         amap = plan_replay(trace, wl)
         layers = min(amap.layers, args.layers or amap.layers)
         cache = make_model(model.config(), model.policy, layers)

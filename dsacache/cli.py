@@ -202,6 +202,23 @@ def _workload(
     )
 
 
+def _backend_workload(workload, trace, backend: str, gpu: str):
+    """``workload`` with ``backend``'s kernel tiling, its split-K plan on ``gpu``'s SMs."""
+    from dsacache.kernels.decode_step import with_kernel_tiling
+    from dsacache.simulator.presets import gpu_preset
+
+    if workload.reads_per_token != 1 or workload.kv_loads_apart:
+        raise DsacacheError(
+            f"--backend {backend} sets the kernel tiling; drop --reads-per-token and --kv-loads-apart"
+        )
+    sms = gpu_preset(gpu).sms
+    if sms < 1:
+        raise DsacacheError(
+            f"GPU {gpu!r} gives no SM count, which --backend needs to plan the splits"
+        )
+    return with_kernel_tiling(workload, trace, backend, sms)
+
+
 def _replay_options(f):
     options = [
         click.option(
@@ -260,9 +277,11 @@ def _replay_options(f):
             "--classes",
             default="index,kv,append",
             show_default=True,
-            help="Traffic classes: weights,index,kv,append,query (query: each kernel's query "
-            "read per request and layer before its own reads: the indexer's 64 heads x 128 and "
-            "the attention kernel's heads x the layout's query width, bf16).",
+            help="Traffic classes: weights,index,kv,append,query,partials (query: each "
+            "kernel's query read per request and layer before its own reads: the indexer's 64 "
+            "heads x 128 and the attention kernel's heads x the layout's query width, bf16; "
+            "partials: the split-K partial outputs the attention kernel writes, sized by "
+            "--backend).",
         ),
         click.option(
             "--weight-bytes",
@@ -289,6 +308,14 @@ def _replay_options(f):
             is_flag=True,
             help="Read each KV record's parts with separate loads (MLA latent, scales, RoPE), "
             "as our sparse MLA kernel does (kernel tiling; token policies then see each part).",
+        ),
+        click.option(
+            "--backend",
+            default=None,
+            help="Read the KV, the query and the split-K partials as this attention kernel "
+            "does (triton: ours, flashmla: DeepSeek's FP8 sparse decode), the tiling the "
+            "decode comparison checks against ncu; takes the place of --reads-per-token and "
+            "--kv-loads-apart. Add the query and partials classes to stream those.",
         ),
         click.option(
             "--plugin",
@@ -328,8 +355,9 @@ def _replay_options(f):
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(
-    trace, policies, gpu, cache_size, ways, set_hash, fill, plugins, out, threads, quiet, **wl
-) -> None:
+    trace, policies, gpu, cache_size, ways, set_hash, fill, plugins, backend, out, threads, quiet,
+    **wl,
+) -> None:  # fmt: skip
     """Replay a trace through a GPU L2 model under one or more policies.
 
     \b
@@ -345,6 +373,9 @@ def replay(
     for spec in policies:  # bad policy specs fail before any trace is read
         make_policy(spec)
     tr = load_trace(trace)
+    workload = _workload(**wl)
+    if backend:
+        workload = _backend_workload(workload, tr, backend, gpu)
     df = run_replay(
         tr,
         policies=list(policies),
@@ -353,7 +384,7 @@ def replay(
         ways=ways,
         set_hash=set_hash,
         fill=fill,
-        workload=_workload(**wl),
+        workload=workload,
         progress=not quiet,
         threads=threads,
     )

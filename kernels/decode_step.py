@@ -26,7 +26,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,8 @@ from dsacache.kernels.sparse_decode import (
     mla_sparse_decode,
     plan_splits,
 )
-from dsacache.simulator.workload import INDEXER_HEADS
+from dsacache.simulator.layouts import trace_layout
+from dsacache.simulator.workload import INDEXER_HEADS, Workload
 from dsacache.tracer.synth import SPEC_PREFIX, materialize
 
 # FlashMLA's SM90 sparse FP8 decode (128 heads), as the model takes it (FlashMLA 9241ae3,
@@ -280,6 +281,43 @@ def kv_reads_per_token(backend: str, layout: str, heads: int) -> int:
     if layout == "gqa" or backend == "flashmla":
         return 1
     return -(-heads // mla_head_block(heads))
+
+
+def kernel_tiling(backend: str, layout: str, batch: int, k: int, heads: int, sms: int) -> dict:
+    """The ``Workload`` fields that make a replayed stream read the KV, query and split-K
+    partials as the attention kernel of ``backend`` does at ``batch`` x ``k`` with ``heads``
+    query heads on a GPU of ``sms`` SMs (the model the decode comparison checks against ncu):
+    ``reads_per_token``, ``kv_loads_apart``, ``kv_loads``, ``query_reads`` and
+    ``partial_bytes``."""
+    if backend not in BACKENDS:
+        raise DsacacheError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if layout not in LAYOUTS or (backend == "flashmla" and layout != "mla-fp8"):
+        allowed = "mla-fp8" if backend == "flashmla" else ", ".join(LAYOUTS)
+        raise DsacacheError(f"backend {backend} reads the layouts {allowed}, got {layout!r}")
+    if min(batch, k, heads, sms) < 1:
+        raise DsacacheError(f"need batch, k, heads and sms >= 1, got {batch}, {k}, {heads}, {sms}")
+    flashmla = backend == "flashmla"
+    return {
+        "reads_per_token": kv_reads_per_token(backend, layout, heads),
+        "kv_loads_apart": not flashmla,
+        "kv_loads": FLASHMLA_LOADS if flashmla else (),
+        "query_reads": flashmla_query_reads(batch, k) if flashmla else 1.0,
+        "partial_bytes": split_partial_bytes(backend, layout, batch, k, heads, sms),
+    }
+
+
+def with_kernel_tiling(workload: Workload, trace: Any, backend: str, sms: int) -> Workload:
+    """``workload`` reading the trace's selections as ``backend``'s attention kernel does
+    (``kernel_tiling``): its layout (or the trace model's), batch and query heads (0: the
+    model's), the trace's k. The split-K partials count only where ``workload`` streams the
+    ``partials`` class."""
+    layout = trace_layout(trace, workload.layout).name
+    heads = workload.heads or int(trace.model.get("heads", 128))
+    k = int(trace.indexer.get("k", 2048))
+    tiling = kernel_tiling(backend, layout, workload.batch, k, heads, sms)
+    if "partials" not in workload.classes:
+        tiling["partial_bytes"] = 0
+    return replace(workload, **tiling)
 
 
 def _persisted_pools(pt: PageTable, layout: str, layers: int, dev: torch.device) -> torch.Tensor:

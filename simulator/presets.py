@@ -38,6 +38,7 @@ class GPUPreset:
     set_hash: str = "mod"  # engine.SET_HASHES
     reported_l2_bytes: int | None = None  # calibrated presets: the L2 the GPU reports
     evict_last_ways: int = 0  # ways per set where evict_last lines keep priority unasked
+    sms: int = 0  # streaming multiprocessors (sizes the kernels' split-K plans); 0: unknown
 
     def policy(self, spec: Any, ways: int | None = None) -> Any:
         """The policy ``spec`` as this GPU runs it: a ``hints`` policy with an evict_last level
@@ -69,6 +70,7 @@ PRESETS = {
         l2_bandwidth=10.0e12,
         hbm_latency=0.8e-6,
         fill=64,
+        sms=132,
         verified="L2 size read on the lent H100 (torch / NVML); DRAM read in 64-B units "
         "(ncu, dsacache/data/h100/l2-gather); ways, hash and bandwidths assumed",
     ),
@@ -81,6 +83,7 @@ PRESETS = {
         l2_bandwidth=10.0e12,
         hbm_latency=0.8e-6,
         fill=64,
+        sms=132,
         verified="L2 size read on the lent H200 (torch / NVML); DRAM read in 64-B units "
         "(ncu, dsacache/data/h200/l2-gather-rows-*); ways, hash and bandwidths assumed",
     ),
@@ -92,6 +95,7 @@ PRESETS = {
         hbm_bandwidth=2.0e12,
         l2_bandwidth=5.0e12,
         hbm_latency=0.9e-6,
+        sms=108,
         verified="unverified: datasheet values; calibrate before trusting",
     ),
 }
@@ -171,6 +175,7 @@ def preset_from_profile(profile: dict[str, Any]) -> GPUPreset:
         set_hash=str(l2["set_hash"]),
         reported_l2_bytes=int(gpu["l2_bytes"]),
         evict_last_ways=int(l2.get("evict_last_ways", 0)),
+        sms=int(gpu.get("sms") or 0),
     )
 
 

@@ -747,3 +747,75 @@ def test_split_partial_bytes_follow_each_kernels_split_plan():
     assert split_partial_bytes("triton", "mla-fp8", 8, 512, 128, 132) == 4 * part
     assert split_partial_bytes("triton", "mla-fp8", 64, 2048, 128, 132) == 0
     assert split_partial_bytes("triton", "gqa", 8, 2048, 9, 132) == 0
+
+
+def test_kernel_tiling_declares_each_backends_reads_and_refuses_other_layouts():
+    from dsacache.errors import DsacacheError
+    from dsacache.kernels.decode_step import FLASHMLA_LOADS, kernel_tiling
+
+    part = 128 * 512 * 4
+    assert kernel_tiling("flashmla", "mla-fp8", 1, 2048, 128, 132) == {
+        "reads_per_token": 1, "kv_loads_apart": False, "kv_loads": FLASHMLA_LOADS,
+        "query_reads": 9.3, "partial_bytes": 32 * part,
+    }  # fmt: skip
+    assert kernel_tiling("triton", "mla-fp8", 1, 2048, 128, 132) == {
+        "reads_per_token": 2, "kv_loads_apart": True, "kv_loads": (), "query_reads": 1.0,
+        "partial_bytes": 16 * part,
+    }  # fmt: skip
+    assert kernel_tiling("triton", "gqa", 8, 2048, 9, 132)["partial_bytes"] == 0
+    with pytest.raises(
+        DsacacheError, match="backend flashmla reads the layouts mla-fp8, got 'gqa'"
+    ):
+        kernel_tiling("flashmla", "gqa", 1, 2048, 9, 132)
+    with pytest.raises(DsacacheError, match="backend triton reads the layouts .*, got 'gla'"):
+        kernel_tiling("triton", "gla", 1, 2048, 8, 132)
+    with pytest.raises(DsacacheError, match="unknown backend 'cutlass'; known: triton, flashmla"):
+        kernel_tiling("cutlass", "mla-fp8", 1, 2048, 128, 132)
+    with pytest.raises(DsacacheError, match="sms >= 1, got 1, 2048, 128, 0"):
+        kernel_tiling("triton", "mla-fp8", 1, 2048, 128, 0)
+
+
+def test_replay_backend_streams_the_kernels_reads(tmp_path):
+    """``dsacache replay --backend`` replays what a Workload with the kernel's tiling written
+    out by hand replays; FlashMLA reads each selected token's sectors once, ours (two 64-head
+    programs, the record's parts apart) more than twice as many."""
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from dsacache.cli import main
+    from dsacache.kernels.decode_step import FLASHMLA_LOADS, flashmla_query_reads
+    from dsacache.simulator import Workload, replay
+    from dsacache.tracer import SynthConfig, synthesize
+    from dsacache.traces import open_trace
+
+    model = {"name": "t", "attention": "MLA", "heads": 128}
+    cfg = SynthConfig(layers=2, requests=2, context=700, steps=3, k=256, seed=3, model=model)
+    path = synthesize(cfg, tmp_path / "t.dsatrace")
+    classes = "kv,query,partials"
+    sectors = {}
+    for backend in ("flashmla", "triton"):
+        out = tmp_path / f"{backend}.csv"
+        args = ["replay", str(path), "--layout", "mla-fp8", "--batch", "2", "--classes", classes,
+                "--backend", backend, "--out", str(out), "--quiet"]  # fmt: skip
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        got = pd.read_csv(out)
+        sectors[backend] = got.loc[got["class"] == "kv", "sectors"].sum()
+        if backend == "flashmla":
+            by_hand = Workload(
+                layout="mla-fp8", batch=2, classes=tuple(classes.split(",")),
+                kv_loads=FLASHMLA_LOADS, query_reads=flashmla_query_reads(2, 256),
+                partial_bytes=4 * 128 * 512 * 4,  # 2 x (4 blocks + 5) over 66 parts: 4 parts
+            )  # fmt: skip
+            want = replay(open_trace(path), workload=by_hand)
+            cols = ["step", "layer", "class", "sectors", "sector_hits", "bytes_from_memory"]
+            mine, theirs = (
+                f[cols].astype({"class": str}).reset_index(drop=True) for f in (got, want)
+            )
+            pd.testing.assert_frame_equal(mine, theirs, check_dtype=False)
+    assert sectors["triton"] > 2 * sectors["flashmla"]
+    bad = CliRunner().invoke(main, [*args[:-1], "--reads-per-token", "2", "--quiet"])
+    assert bad.exit_code == 2 and "drop --reads-per-token and --kv-loads-apart" in bad.output
+    gqa = ["--layout", "gqa:kv_heads=2,head_dim=64", "--backend", "flashmla"]
+    bad = CliRunner().invoke(main, [*args, *gqa])  # the last of a repeated option counts
+    assert bad.exit_code == 2 and "backend flashmla reads the layouts mla-fp8" in bad.output
