@@ -143,9 +143,12 @@ def radix_topk(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     dev = logits.device
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-    # about two programs per SM over the batch, from 1K to 8K tokens each, <= 128 per row
-    chunk = max(1024, _pow2(-(-width // 128)), min(8192, _pow2(width * bsz // (2 * sms))))
+    # Small chunks, many programs: every pass costs about the same (the last, which builds no
+    # histogram, too), so a pass is bound by how many programs overlap their loads, not by
+    # the histogram. On the H100, 2048 tokens a chunk beat 4096-8192 by 1.2-1.4x at batch 64
+    # x 64K-128K, and 1024 was best below 512K tokens in all (docs/results/h100-kernels/
+    # topk-chunks-1207/). At most 128 chunks a row (the last pass reads that many counts).
+    chunk = max(1024 if bsz * width < 2**19 else 2048, _pow2(-(-width // 128)))
     n_chunks = -(-width // chunk)
     n_hist = PASSES * bsz * BINS
     scratch = torch.zeros(n_hist + bsz * n_chunks * (BINS + 2), dtype=torch.int32, device=dev)
