@@ -202,23 +202,6 @@ def _workload(
     )
 
 
-def _backend_workload(workload, trace, backend: str, gpu: str):
-    """``workload`` with ``backend``'s kernel tiling, its split-K plan on ``gpu``'s SMs."""
-    from dsacache.kernels.decode_step import with_kernel_tiling
-    from dsacache.simulator.presets import gpu_preset
-
-    if workload.reads_per_token != 1 or workload.kv_loads_apart:
-        raise DsacacheError(
-            f"--backend {backend} sets the kernel tiling; drop --reads-per-token and --kv-loads-apart"
-        )
-    sms = gpu_preset(gpu).sms
-    if sms < 1:
-        raise DsacacheError(
-            f"GPU {gpu!r} gives no SM count, which --backend needs to plan the splits"
-        )
-    return with_kernel_tiling(workload, trace, backend, sms)
-
-
 def _replay_options(f):
     options = [
         click.option(
@@ -375,7 +358,9 @@ def replay(
     tr = load_trace(trace)
     workload = _workload(**wl)
     if backend:
-        workload = _backend_workload(workload, tr, backend, gpu)
+        from dsacache.kernels.decode_step import backend_workload
+
+        workload = backend_workload(workload, tr, backend, gpu)
     df = run_replay(
         tr,
         policies=list(policies),

@@ -42,7 +42,8 @@ def sweep(trace, grid_file, params, out, jobs, scheduler, resume, force, quiet) 
       policy           policy spec (dsacache policies), e.g. token-lru
       reservation      bytes reserved by 'reserve' policies; ignored by others
       gpu, cache_size, ways, set_hash, layout, batch, page_tokens, page_order,
-      seed, classes (index+kv+append), reads_per_token, weight_bytes
+      seed, classes (index+kv+append), reads_per_token, heads, weight_bytes
+      backend          triton or flashmla: the stream reads as that kernel does
     A policy spec's own key=value items stay with it: policy=lru,reserve:bytes=8MiB,inner=lru
     is two policies. A plug-in policy is named FILE.py:NAME (workers load the file; with
     --scheduler, trace and plug-in paths must exist on the workers too).

@@ -320,6 +320,22 @@ def with_kernel_tiling(workload: Workload, trace: Any, backend: str, sms: int) -
     return replace(workload, **tiling)
 
 
+def backend_workload(workload: Workload, trace: Any, backend: str, gpu: str) -> Workload:
+    """``workload`` with ``backend``'s kernel tiling (``with_kernel_tiling``), its split-K plan
+    on the SMs of ``gpu`` (a preset or profile name); refuses a tiling already set by hand."""
+    from dsacache.simulator.presets import gpu_preset
+
+    if workload.reads_per_token != 1 or workload.kv_loads_apart or workload.kv_loads:
+        raise DsacacheError(
+            f"backend {backend} sets the kernel tiling; leave reads_per_token at 1 and the "
+            "KV loads unset"
+        )
+    sms = gpu_preset(gpu).sms
+    if sms < 1:
+        raise DsacacheError(f"GPU {gpu!r} gives no SM count, which a backend needs for its splits")
+    return with_kernel_tiling(workload, trace, backend, sms)
+
+
 def _persisted_pools(pt: PageTable, layout: str, layers: int, dev: torch.device) -> torch.Tensor:
     """One buffer holding ``layers`` MLA pools back to back (a window covers one range)."""
     fp8 = layout == "mla-fp8"

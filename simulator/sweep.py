@@ -110,11 +110,18 @@ PARAMS: dict[str, Param] = {
             "(0/default: the trace model's)",
         ),
         Param("weight_bytes", _size, 0, "weights read per layer per step"),
+        Param(
+            "backend",
+            _text,
+            "",
+            "attention kernel whose KV, query and partials reads the stream follows: triton, "
+            "flashmla (empty: reads_per_token as given)",
+        ),
     )
 }
 
 
-ADDED_LATER = ("heads",)  # in a cell's key only when not at their default
+ADDED_LATER = ("heads", "backend")  # in a cell's key only when not at their default
 
 
 def _policy_with_reservation(policy: str, reservation: int) -> tuple[str, int]:
@@ -251,10 +258,10 @@ def trace_identity(trace) -> str:
     return h.hexdigest()[:16]
 
 
-def _workload(cfg: Mapping[str, Any]):
+def _workload(cfg: Mapping[str, Any], trace):
     from dsacache.simulator.workload import Workload
 
-    return Workload(
+    workload = Workload(
         layout=cfg["layout"],
         batch=cfg["batch"],
         page_tokens=cfg["page_tokens"],
@@ -265,6 +272,11 @@ def _workload(cfg: Mapping[str, Any]):
         reads_per_token=cfg["reads_per_token"],
         heads=cfg["heads"],
     )
+    if not cfg["backend"]:
+        return workload
+    from dsacache.kernels.decode_step import backend_workload
+
+    return backend_workload(workload, trace, cfg["backend"], cfg["gpu"])
 
 
 def check_cell(trace, cfg: Mapping[str, Any]) -> None:
@@ -285,7 +297,7 @@ def check_cell(trace, cfg: Mapping[str, Any]) -> None:
     if cfg["ways"]:
         overrides["ways"] = cfg["ways"]
     config = gpu_preset(cfg["gpu"]).cache(cfg["cache_size"] or None, **overrides)
-    amap = plan_replay(trace, _workload(cfg))
+    amap = plan_replay(trace, _workload(cfg, trace))
     make_model(config, policy, amap.layers)  # checks policy against cache (e.g. reserved ways)
 
 
@@ -294,14 +306,15 @@ def run_cell(trace_path: str, cfg: dict[str, Any], key: str) -> pd.DataFrame:
     from dsacache.simulator.replay import replay
     from dsacache.traces import open_trace
 
+    trace = open_trace(trace_path)
     df = replay(
-        open_trace(trace_path),
+        trace,
         policies=[cfg["policy"]],
         gpu=cfg["gpu"],
         cache_size=cfg["cache_size"] or None,
         ways=cfg["ways"] or None,
         set_hash=cfg["set_hash"],
-        workload=_workload(cfg),
+        workload=_workload(cfg, trace),
     )
     resolved = {
         **cfg,

@@ -815,7 +815,7 @@ def test_replay_backend_streams_the_kernels_reads(tmp_path):
             pd.testing.assert_frame_equal(mine, theirs, check_dtype=False)
     assert sectors["triton"] > 2 * sectors["flashmla"]
     bad = CliRunner().invoke(main, [*args[:-1], "--reads-per-token", "2", "--quiet"])
-    assert bad.exit_code == 2 and "drop --reads-per-token and --kv-loads-apart" in bad.output
+    assert bad.exit_code == 2 and "leave reads_per_token at 1" in bad.output
     gqa = ["--layout", "gqa:kv_heads=2,head_dim=64", "--backend", "flashmla"]
     bad = CliRunner().invoke(main, [*args, *gqa])  # the last of a repeated option counts
     assert bad.exit_code == 2 and "backend flashmla reads the layouts mla-fp8" in bad.output

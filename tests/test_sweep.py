@@ -260,8 +260,37 @@ def test_a_parameter_added_later_keeps_older_sweeps_resumable(trace_path, tmp_pa
     for part in out.glob("*.parquet"):  # as written before heads existed
         table = pq.read_table(part)
         pq.write_table(
-            table.drop_columns(["heads"]).replace_schema_metadata(table.schema.metadata), part
+            table.drop_columns(list(ADDED_LATER)).replace_schema_metadata(table.schema.metadata),
+            part,
         )
     again = run_sweep(trace_path, {"policy": ["lru", "fifo"]}, out, client=client, resume=True)
     assert not again.ran and len(again.skipped) == 2
-    assert (load_sweep(out)["heads"] == 0).all()
+    old_rows = load_sweep(out)
+    assert (old_rows["heads"] == 0).all() and (old_rows["backend"] == "").all()
+
+
+def test_backend_sweep_reads_as_each_kernel(trace_path, tmp_path, client):
+    """``backend`` cells equal the direct replay of the workload with that kernel's tiling
+    (``backend_workload``); a tiling also set by hand fails before a worker starts."""
+    from dsacache.kernels.decode_step import backend_workload
+
+    classes = "index,kv,append,query,partials"
+    grid = {"backend": ["triton", "flashmla"], "layout": ["mla-fp8"], "classes": [classes],
+            "heads": [128]}  # fmt: skip
+    with pytest.raises(DsacacheError, match="leave reads_per_token at 1"):
+        run_sweep(trace_path, {**grid, "reads_per_token": [2]}, tmp_path / "bad", client=client)
+    out = tmp_path / "backend"
+    run_sweep(trace_path, grid, out, client=client)
+    df = load_sweep(out)
+    trace = open_trace(trace_path)
+    kv_sectors = {}
+    for backend in grid["backend"]:
+        cell = df[df["backend"] == backend]
+        plain = Workload(layout="mla-fp8", classes=tuple(classes.split(",")), heads=128)
+        wl = backend_workload(plain, trace, backend, "h100")
+        direct = replay(trace, policies=["lru"], workload=wl)
+        ours = cell[list(direct.columns.drop("policy"))].reset_index(drop=True)
+        direct = direct.drop(columns=["policy"]).astype({"class": str, "tier": str})
+        assert_frame_equal(ours, direct, check_dtype=False)
+        kv_sectors[backend] = cell.loc[cell["class"] == "kv", "sectors"].sum()
+    assert kv_sectors["triton"] > 2 * kv_sectors["flashmla"]
