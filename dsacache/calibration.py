@@ -940,9 +940,7 @@ def measured_steps(m: pd.DataFrame, layers: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def simulate_steps(
-    args, model: Model, first_from: int = -1, sms: int = 132
-) -> tuple[pd.DataFrame, int]:
+def simulate_steps(args, model: Model, first_from: int, sms: int) -> tuple[pd.DataFrame, int]:
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
     layers and steps, with the attention kernel's tiling (``kv_reads_per_token``), each
@@ -1007,11 +1005,14 @@ def compare_decode_step(name: str, m: pd.DataFrame, models: tuple[Model, ...]) -
     ``extra = reads - simulated sectors`` (taken as hits; ``raw_measured`` keeps ncu's own
     rate)."""
     args = driver_args(m)
+    for col in ("meta_l2_bytes", "meta_sms"):  # the L2 and SM count of the GPU profiled
+        if col not in m:
+            raise DsacacheError(f"profile {name} lacks {col}: profile it again (dsacache profile)")
+    sms = int(m["meta_sms"].iloc[0])
     rows = []
     for base in models:
         policy, first_from = decode_policy(args, base, int(m["meta_l2_bytes"].iloc[0]))
         model = base.with_policy(policy)
-        sms = int(m["meta_sms"].iloc[0]) if "meta_sms" in m else 132
         sim, layers = simulate_steps(args, model, first_from, sms)
         j = measured_steps(m, layers).merge(sim, on=["step", "role"])
         extra = np.maximum(j[READ] - j["sim_sectors"], 0)

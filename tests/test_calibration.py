@@ -395,6 +395,8 @@ def test_flashmla_query_is_simulated_evict_first():
     kv = got[got["point"].str.endswith("kv")]
     assert (kv["simulated_dram_bytes"] / kv["measured_dram_bytes"] - 1).abs().max() < 0.05
     assert (kv["simulated"] - kv["measured"]).abs().max() < 0.07  # 6.3 points at worst
+    with pytest.raises(DsacacheError, match="profile f07 lacks meta_sms: profile it again"):
+        calibration.compare_decode_step("f07", m.drop(columns=["meta_sms"]), (base,))
 
 
 def _hint_measurement(evict: str) -> pd.DataFrame:
