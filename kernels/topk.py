@@ -13,6 +13,8 @@ at its offset, so the row comes out in ascending order without a sort. Each pass
 prefix found so far from the previous passes' histograms itself, so no host sync and no extra
 launch are needed between passes. (Three passes of 11-bit histograms ran 3.6x slower than
 ``torch.topk`` at batch 64 x 128K on the H200: Triton's histogram cost grows with the bins.)
+At batch 64 x 128K the passes are bound by integer instructions, not memory: about 85 per
+key, most of them ``tl.histogram``'s (ncu, docs/results/h100-kernels/topk-chunks-1207/ncu/).
 
 Ranking, as ``indexer.select_topk`` documents it: the first ``sink`` and last ``window``
 tokens of each context rank above everything; NaN and infinite scores rank below every
