@@ -99,12 +99,22 @@ def topk_radix_pass(
             digit = ((key >> shift) & (NB - 1)).to(tl.int32)
             h = tl.histogram(digit, NB, mask=same)
             bins = tl.arange(0, NB)
-            tl.atomic_add(hist_ptr + (PASS * B + b) * NB + bins, h, mask=h > 0)
+            total = hist_ptr + (PASS * B + b) * NB + bins  # the row's histogram of this pass
             if PASS == N_HIST - 1:
+                # The chunk's histogram goes to its row first and is read back for the row's
+                # total and the suffix sums: with h used by two ops the compiler may give them
+                # different layouts and build the whole histogram twice (it did, Triton 3.6).
                 mine = counts_ptr + (b * n_chunks + chunk) * ROW
+                tl.store(mine + 1 + bins, h)
+                tl.debug_barrier()  # the block's stores are visible to all its threads
+                h = tl.load(mine + 1 + bins)
+                tl.debug_barrier()  # every thread has read before the row is overwritten
+                tl.atomic_add(total, h, mask=h > 0)
                 higher = valid & ((key >> BITS) > (prefix >> BITS))
                 tl.store(mine, tl.sum(higher.to(tl.int32), 0))
                 tl.store(mine + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # digit >= bin
+            else:
+                tl.atomic_add(total, h, mask=h > 0)
         else:
             # the k-th key is ``prefix``; its last digit j splits each earlier chunk's keys
             # sharing the first 24 bits into above (digit > j) and tied (digit == j)
