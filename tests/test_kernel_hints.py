@@ -13,14 +13,11 @@ check runs on what Triton compiled there through the launchers.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from sm90 import sm90_ptx
 
 # As in the other kernel tests: Triton must be imported with the interpreter on (the CPU
 # suite runs kernels interpreted), whichever test file pytest collects first.
@@ -58,22 +55,6 @@ KERNELS = {
     ),
 }  # fmt: skip
 
-COMPILE = textwrap.dedent(
-    """
-    import importlib, json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    spec = json.loads(sys.argv[1])
-    fn = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    sig = dict(spec["signature"], **{name: "constexpr" for name in spec["constants"]})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t[0] == "*"}
-    src = ASTSource(fn=fn, signature=sig, constexprs=spec["constants"], attrs=attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
-    print(triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options).asm["ptx"])
-    """
-)
-
 
 def compiled_ptx(name: str, evict: str, cache_dir) -> str:
     """PTX of kernel ``name`` with hint ``evict``, at the launcher's default pipeline stages
@@ -87,20 +68,6 @@ def compiled_ptx(name: str, evict: str, cache_dir) -> str:
     spec = dict(module=module, kernel=kernel, signature=signature, num_warps=warps,
                 num_stages=stages, constants=dict(constants, EVICT=evict))  # fmt: skip
     return sm90_ptx(spec, cache_dir)
-
-
-def sm90_ptx(spec: dict, cache_dir) -> str:
-    """PTX of ``spec["kernel"]`` compiled for sm_90 in a fresh process (``COMPILE``)."""
-    # the interpreter would not compile; a cache of its own keeps other Triton runs out
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(cache_dir))
-    done = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(spec)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    if done.returncode:
-        pytest.fail(
-            f"compiling {spec['kernel']} for sm_90 failed (exit status {done.returncode}):\n"
-            f"{done.stderr[-3000:]}{done.stdout[-500:]}"
-        )
-    return done.stdout
 
 
 @pytest.mark.parametrize("wait_prior", [False, True])

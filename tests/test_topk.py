@@ -104,3 +104,23 @@ def test_gpu_radix_topk_deepseek_scale():
     logits = torch.randn((4, 131072), generator=g)
     logits[1, 5000:9000] = 3.0  # ties at the top
     _check(logits, [131072, 70000, 2048, 100], 2048, sink=4, window=64)
+
+
+def test_every_histogram_pass_builds_its_histogram_once(tmp_path):
+    """Compiled for sm_90, the last histogram pass (which also keeps the chunk's suffix sums)
+    votes as often as the first: Triton 3.6 had built its 256-bin histogram twice, once per
+    layout its two uses were given, until the chunk's histogram went through its counts row."""
+    from sm90 import sm90_ptx
+
+    from dsacache.kernels.topk import PASSES, RADIX_BITS
+
+    signature = dict(logits_ptr="*fp32", ctx_ptr="*i32", hist_ptr="*i32", counts_ptr="*i32",
+                     out_ptr="*i32", B="i32", W="i32", K="i32", SINK="i32", WINDOW="i32",
+                     stride_lb="i32", stride_ob="i32", n_chunks="i32")  # fmt: skip
+    votes = []
+    for p in (0, PASSES - 1):
+        spec = dict(module="dsacache.kernels.topk", kernel="topk_radix_pass", num_warps=4,
+                    num_stages=3, signature=signature,
+                    constants=dict(CHUNK=2048, PASS=p, BITS=RADIX_BITS, PAD_STEPS=0))  # fmt: skip
+        votes.append(sm90_ptx(spec, tmp_path).count("vote."))
+    assert votes[0] > 0 and votes[1] == votes[0]
