@@ -31,6 +31,7 @@ import triton.language as tl
 RADIX_BITS = 8  # key bits per histogram pass: 4 passes over 32-bit keys
 BINS = 1 << RADIX_BITS
 PASSES = 32 // RADIX_BITS
+FEW_KEYS = tl.constexpr(32)  # at most this many keys of a chunk to histogram: atomics instead
 
 
 @triton.jit
@@ -97,24 +98,36 @@ def topk_radix_pass(
             else:
                 same = valid & ((key >> (shift + BITS)) == (prefix >> (shift + BITS)))
             digit = ((key >> shift) & (NB - 1)).to(tl.int32)
-            h = tl.histogram(digit, NB, mask=same)
             bins = tl.arange(0, NB)
-            total = hist_ptr + (PASS * B + b) * NB + bins  # the row's histogram of this pass
+            row = hist_ptr + (PASS * B + b) * NB  # the row's histogram of this pass
+            total = row + bins
+            mine = counts_ptr + (b * n_chunks + chunk) * ROW
+            # ``tl.histogram`` is most of a pass's instructions (about 75 per key over 256
+            # bins). After the first two passes a chunk holds about one key sharing the
+            # prefix, and a chunk with at most FEW_KEYS such keys adds them one atomic each.
+            n_same = tl.sum(same.to(tl.int32), 0)
             if PASS == N_HIST - 1:
-                # The chunk's histogram goes to its row first and is read back for the row's
-                # total and the suffix sums: with h used by two ops the compiler may give them
-                # different layouts and build the whole histogram twice (it did, Triton 3.6).
-                mine = counts_ptr + (b * n_chunks + chunk) * ROW
-                tl.store(mine + 1 + bins, h)
-                tl.debug_barrier()  # the block's stores are visible to all its threads
-                h = tl.load(mine + 1 + bins)
-                tl.debug_barrier()  # every thread has read before the row is overwritten
+                # The chunk's histogram is built in its counts row (zeroed) and read back for
+                # the row's total and the suffix sums: used twice, ``tl.histogram`` would be
+                # built twice, once per layout the compiler gives its uses (Triton 3.6).
+                if n_same > 0:
+                    if n_same > FEW_KEYS:
+                        tl.store(mine + 1 + bins, tl.histogram(digit, NB, mask=same))
+                    else:
+                        tl.atomic_add(mine + 1 + digit, 1, mask=same)
+                    tl.debug_barrier()  # the block's writes are visible to all its threads
+                    h = tl.load(mine + 1 + bins, cache_modifier=".cg")
+                    tl.debug_barrier()  # every thread has read before the row is overwritten
+                    tl.atomic_add(total, h, mask=h > 0)
+                    tl.store(mine + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # >= bin
+            elif n_same > FEW_KEYS:
+                h = tl.histogram(digit, NB, mask=same)
                 tl.atomic_add(total, h, mask=h > 0)
+            else:
+                tl.atomic_add(row + digit, 1, mask=same)
+            if PASS == N_HIST - 1:
                 higher = valid & ((key >> BITS) > (prefix >> BITS))
                 tl.store(mine, tl.sum(higher.to(tl.int32), 0))
-                tl.store(mine + 1 + bins, tl.sum(h, 0) - tl.cumsum(h, 0) + h)  # digit >= bin
-            else:
-                tl.atomic_add(total, h, mask=h > 0)
         else:
             # the k-th key is ``prefix``; its last digit j splits each earlier chunk's keys
             # sharing the first 24 bits into above (digit > j) and tied (digit == j)

@@ -61,6 +61,22 @@ def test_radix_topk_places_each_chunk_after_the_chunks_before_it():
     _check(logits, [5000, 4995], 4 + 1500, sink=3, window=7)
 
 
+def test_radix_topk_counts_few_and_many_keys_sharing_the_prefix_alike():
+    """A chunk with at most 32 keys sharing the prefix of the k-th adds them to the
+    histograms one atomic each, several on one bin; a chunk with more builds the histogram:
+    ties split between such chunks, and keys one last digit above or below the k-th."""
+    bits = torch.tensor([0x3F000000, 0x3F000001, 0x3F000002], dtype=torch.int32)
+    below, tie, above = bits.view(torch.float32).tolist()  # 0.5 and its next floats up
+    logits = torch.full((1, 4096), -1.0)
+    logits[0, 100:160] = tie  # 60 ties in chunk 0: its histogram
+    logits[0, [1500, 1600, 1700]] = tie  # 3 ties in chunk 1: atomics on one bin
+    logits[0, [1550, 3000]] = above
+    logits[0, [1650, 3001, 3002]] = below
+    logits[0, 2500:2505] = tie  # 5 ties in chunk 2
+    for k in (10, 62, 66, 70, 74):
+        _check(logits, [4096], k)
+
+
 @pytest.mark.parametrize("ctx", [[10, 64, 65, 200], [1, 0, 3, 70]])
 def test_radix_topk_short_contexts_take_every_token_and_pad(ctx):
     logits = torch.randn((4, 200), generator=torch.Generator().manual_seed(1))
