@@ -168,11 +168,11 @@ def radix_topk(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     dev = logits.device
-    # Small chunks, many programs: every pass costs about the same (the last, which builds no
-    # histogram, too), so a pass is bound by how many programs overlap their loads, not by
-    # the histogram. On the H100, 2048 tokens a chunk beat 4096-8192 by 1.2-1.4x at batch 64
-    # x 64K-128K, and 1024 was best below 512K tokens in all (docs/results/h100-kernels/
-    # topk-chunks-1207/). At most 128 chunks a row (the last pass reads that many counts).
+    # Small chunks, many programs: the passes are bound by integer instructions in long
+    # dependent chains (ncu), which smaller programs, more of them resident, hide better. On
+    # the H100, 2048 tokens a chunk beat 4096-8192 by 1.2-1.4x at batch 64 x 64K-128K, and
+    # 1024 was best below 512K tokens in all (docs/results/h100-kernels/topk-chunks-1207/).
+    # At most 128 chunks a row (the last pass reads that many counts).
     chunk = max(1024 if bsz * width < 2**19 else 2048, _pow2(-(-width // 128)))
     n_chunks = -(-width // chunk)
     n_hist = PASSES * bsz * BINS
