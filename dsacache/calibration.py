@@ -943,7 +943,7 @@ def measured_steps(m: pd.DataFrame, layers: int) -> pd.DataFrame:
 def simulate_steps(args, model: Model, first_from: int, sms: int) -> tuple[pd.DataFrame, int]:
     """Per (step, class) simulated sectors, hits and DRAM bytes of the driver's workload: the
     same trace (bundled, or regenerated from its ``synth:`` spec), layout, batch, page order,
-    layers and steps, with the attention kernel's tiling (``kv_reads_per_token``), each
+    layers and steps, with the attention kernel's tiling (``with_kernel_tiling``), each
     kernel's query (the ``query`` class, counted in its kernel's class: ``kernel_classes``)
     and the split-K partials it writes on a GPU of ``sms`` SMs (``partials``, compared in no
     class); ``first_from`` as in ``run_step``. Returns the rows and the number of layers run."""

@@ -101,12 +101,14 @@ def topk_radix_pass(
             bins = tl.arange(0, NB)
             row = hist_ptr + (PASS * B + b) * NB  # the row's histogram of this pass
             total = row + bins
-            mine = counts_ptr + (b * n_chunks + chunk) * ROW
             # ``tl.histogram`` is most of a pass's instructions (about 75 per key over 256
             # bins). After the first two passes a chunk holds about one key sharing the
             # prefix, and a chunk with at most FEW_KEYS such keys adds them one atomic each.
             n_same = tl.sum(same.to(tl.int32), 0)
             if PASS == N_HIST - 1:
+                mine = counts_ptr + (b * n_chunks + chunk) * ROW
+                higher = valid & ((key >> BITS) > (prefix >> BITS))
+                tl.store(mine, tl.sum(higher.to(tl.int32), 0))
                 # The chunk's histogram is built in its counts row (zeroed) and read back for
                 # the row's total and the suffix sums: used twice, ``tl.histogram`` would be
                 # built twice, once per layout the compiler gives its uses (Triton 3.6).
@@ -125,9 +127,6 @@ def topk_radix_pass(
                 tl.atomic_add(total, h, mask=h > 0)
             else:
                 tl.atomic_add(row + digit, 1, mask=same)
-            if PASS == N_HIST - 1:
-                higher = valid & ((key >> BITS) > (prefix >> BITS))
-                tl.store(mine, tl.sum(higher.to(tl.int32), 0))
         else:
             # the k-th key is ``prefix``; its last digit j splits each earlier chunk's keys
             # sharing the first 24 bits into above (digit > j) and tied (digit == j)
