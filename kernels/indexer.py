@@ -31,14 +31,16 @@ EVICT_POLICIES = ("", "evict_first", "evict_last")
 _FP8_MAX = tl.constexpr(FP8_MAX)  # a global a Triton kernel may read
 FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims stay bf16
 # launch defaults from benchmarks/tune_kernels.py on the H200 (docs/results/h200-kernels/
-# tune_kernels.csv): one page per loop step, 4 warps, 2 stages were fastest at batch 8-64 x
-# context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages. Pages per program
-# are sized per grid (balanced_pages_per_prog; H100 A/B against the fixed 16 pages of that
-# sweep: docs/results/h100-kernels/waves-1207/)
+# tune_kernels.csv): one page per loop step, 4 warps (and then 2 stages) were fastest at
+# batch 8-64 x context 64K-128K, 1.07-1.32x faster than 2 pages per step, 3 stages. Since
+# each program reads its pages once, before its loop, 3 stages are 7-8% faster than 2 on
+# the H100 (docs/results/h100-kernels/pipeline-1208/). Pages per program are sized per grid
+# (balanced_pages_per_prog; H100 A/B against the fixed 16 pages of that sweep:
+# docs/results/h100-kernels/waves-1207/)
 PAGES_PER_STEP = 1
 MAX_PAGES_PER_PROG = 32
 # Resident programs per SM of the default launch: 4 warps at 94 registers a thread, so the
-# registers allow 5 (ncu on the H100, 2026-12-06). 16 pages per program left a batch-8 x 64K
+# registers allow 5 (ncu on the H100, 2026-12-06; 95 with the pages read once, sm_90 build). 16 pages per program left a batch-8 x 64K
 # grid (512 programs) at 0.78 of one wave of 660, with DRAM throughput at 58%.
 PROGRAMS_PER_SM = 5
 PROGRAM_OVERHEAD_PAGES = 2  # a program's query load and quantisation, in pages of keys
@@ -72,12 +74,38 @@ def _e4m3_grid(x):
 
 
 @triton.jit
+def _step_pages(mine, slots, i, t, PAGE: tl.constexpr, PAGES_PER_STEP: tl.constexpr):
+    """Page of each token ``t`` of step ``i``, picked from the program's pages ``mine``
+    (one pick per step when a step is one page)."""
+    if PAGES_PER_STEP == 1:
+        page = tl.sum(tl.where(slots == i, mine, 0), axis=0) + tl.zeros_like(t)
+    else:
+        own = i * PAGES_PER_STEP + t // PAGE
+        page = tl.sum(tl.where(slots[None, :] == own[:, None], mine[None, :], 0), axis=1)
+    return page
+
+
+@triton.jit
+def _step_scales(keys_f32, mine, slots, pid, i, ctx, t, PAGE: tl.constexpr, D: tl.constexpr,
+                 PAGES_PER_PROG: tl.constexpr, PAGES_PER_STEP: tl.constexpr,
+                 EVICT: tl.constexpr):  # fmt: skip
+    """Per-token key scales of step ``i`` of an indexer program whose pages are ``mine``
+    (0 past the context and past the program's last step)."""
+    tok = (pid * PAGES_PER_PROG + i * PAGES_PER_STEP) * PAGE + t
+    own = i * PAGES_PER_STEP + t // PAGE
+    page = _step_pages(mine, slots, i, t, PAGE, PAGES_PER_STEP)
+    words = page.to(tl.int64) * (PAGE * (D + 4) // 4) + (PAGE * D) // 4 + t % PAGE
+    live = (tok < ctx) & (own < PAGES_PER_PROG)
+    return tl.load(keys_f32 + words, mask=live, other=0.0, eviction_policy=EVICT)
+
+
+@triton.jit
 def dsa_indexer_logits(
     q_ptr, w_ptr, keys_u8, keys_f32, table_ptr, ctx_ptr, out_ptr,
     H, stride_qb, stride_qh, stride_wb, stride_tb, stride_ob, max_pages,
     BLOCK_H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, PAGES_PER_PROG: tl.constexpr,
     PAGES_PER_STEP: tl.constexpr, QUERY_FP8: tl.constexpr, QUERY_QUANTISED: tl.constexpr,
-    EVICT: tl.constexpr, UPCAST: tl.constexpr,
+    EVICT: tl.constexpr, UPCAST: tl.constexpr, PROG_SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Logits of ``PAGES_PER_PROG`` pages of one request: program (page block, request), in
     steps of ``PAGES_PER_STEP`` pages. Tokens at or past the request's context length get
@@ -108,16 +136,26 @@ def dsa_indexer_logits(
         q = q.to(tl.bfloat16)
     q_t = tl.trans(q)
     page_bytes = PAGE * (D + 4)
+    # The program's pages, read from the page table once (PROG_SLOTS: PAGES_PER_PROG rounded
+    # up to a power of two). Read in the loop, each step's page made that step's key copy
+    # and scale load wait for it, and the pipeliner could not issue the keys early.
+    slots = tl.arange(0, PROG_SLOTS)
+    first_page = pid * PAGES_PER_PROG
+    mine = tl.load(table_ptr + b * stride_tb + first_page + slots,
+                   mask=(slots < PAGES_PER_PROG) & ((first_page + slots) * PAGE < ctx), other=0)
+    # each step's scales are loaded a step ahead: they are first needed after the product
+    scale = _step_scales(keys_f32, mine, slots, pid, 0, ctx, t, PAGE, D, PAGES_PER_PROG,
+                         PAGES_PER_STEP, EVICT)  # fmt: skip
     for i in range(PAGES_PER_PROG // PAGES_PER_STEP):  # constexpr (the interpreter needs it)
         tok = (pid * PAGES_PER_PROG + i * PAGES_PER_STEP) * PAGE + t
         p = tok // PAGE
         live = tok < ctx
-        page = tl.load(table_ptr + b * stride_tb + p, mask=live, other=0).to(tl.int64)
-        base = page * page_bytes
+        page = _step_pages(mine, slots, i, t, PAGE, PAGES_PER_STEP)
+        base = page.to(tl.int64) * page_bytes
         k = tl.load(keys_u8 + base[:, None] + (t % PAGE)[:, None] * D + d[None, :],
                     mask=live[:, None], other=0, eviction_policy=EVICT)  # fmt: skip
-        scale = tl.load(keys_f32 + base // 4 + (PAGE * D) // 4 + t % PAGE, mask=live, other=0.0,
-                        eviction_policy=EVICT)  # fmt: skip
+        scale_next = _step_scales(keys_f32, mine, slots, pid, i + 1, ctx, t, PAGE, D,
+                                  PAGES_PER_PROG, PAGES_PER_STEP, EVICT)  # fmt: skip
         k = k.to(tl.float8e4nv, bitcast=True)
         if UPCAST:
             k = k.to(tl.float32)
@@ -126,6 +164,7 @@ def dsa_indexer_logits(
         s = tl.dot(k, q_t)  # [tokens, heads], float32
         score = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1) * scale
         score = tl.where(live, score, float("-inf"))
+        scale = scale_next
         tl.store(out_ptr + b * stride_ob + tok, score, mask=p < max_pages)
 
 
@@ -178,7 +217,7 @@ def indexer_logits(
     pages_per_prog: int | None = None,
     pages_per_step: int = PAGES_PER_STEP,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Indexer logits ``[B, max_context]`` float32 (-inf past each request's context).
 
@@ -221,7 +260,7 @@ def indexer_logits(
         h, q.stride(0), q.stride(1), weights.stride(0), table.stride(0), out.stride(0), max_pages,
         BLOCK_H=max(16, _pow2(h)), D=d, PAGE=pt.page_size, PAGES_PER_PROG=pages_per_prog,
         PAGES_PER_STEP=pages_per_step, QUERY_FP8=query_fp8, QUERY_QUANTISED=quantised,
-        EVICT=_check_evict(evict),
+        EVICT=_check_evict(evict), PROG_SLOTS=_pow2(pages_per_prog),
         UPCAST=INTERPRET, num_warps=num_warps, num_stages=pipeline_stages(evict, num_stages),
     )  # fmt: skip
     return out[:, :max_context]

@@ -33,8 +33,8 @@ KERNELS = {
         dict(q_ptr="*bf16", w_ptr="*fp32", keys_u8="*u8", keys_f32="*fp32", table_ptr="*i32",
              ctx_ptr="*i32", out_ptr="*fp32", H="i32", stride_qb="i32", stride_qh="i32",
              stride_wb="i32", stride_tb="i32", stride_ob="i32", max_pages="i32"),
-        dict(BLOCK_H=64, D=128, PAGE=64, PAGES_PER_PROG=16, PAGES_PER_STEP=1, QUERY_FP8=True,
-             QUERY_QUANTISED=False, UPCAST=False),
+        dict(BLOCK_H=64, D=128, PAGE=64, PAGES_PER_PROG=16, PROG_SLOTS=16, PAGES_PER_STEP=1,
+             QUERY_FP8=True, QUERY_QUANTISED=False, UPCAST=False),
     ),
     "mla": (
         "dsacache.kernels.sparse_decode", "dsa_mla_sparse_decode", "mla_sparse_decode", 8,
