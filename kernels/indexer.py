@@ -39,9 +39,10 @@ FP8_DOT_MIN_DIM = 32  # fp8 tensor-core products need K >= 32: smaller key dims 
 # docs/results/h100-kernels/waves-1207/)
 PAGES_PER_STEP = 1
 MAX_PAGES_PER_PROG = 32
-# Resident programs per SM of the default launch: 4 warps at 94 registers a thread, so the
-# registers allow 5 (ncu on the H100, 2026-12-06; 95 with the pages read once, sm_90 build). 16 pages per program left a batch-8 x 64K
-# grid (512 programs) at 0.78 of one wave of 660, with DRAM throughput at 58%.
+# Resident programs per SM of the default launch: 4 warps at 94 registers a thread (95 with
+# the pages read once, sm_90 build), so the registers allow 5 (ncu on the H100, 2026-12-06).
+# 16 pages per program left a batch-8 x 64K grid (512 programs) at 0.78 of one wave of 660,
+# with DRAM throughput at 58%.
 PROGRAMS_PER_SM = 5
 PROGRAM_OVERHEAD_PAGES = 2  # a program's query load and quantisation, in pages of keys
 
@@ -141,8 +142,11 @@ def dsa_indexer_logits(
     # and scale load wait for it, and the pipeliner could not issue the keys early.
     slots = tl.arange(0, PROG_SLOTS)
     first_page = pid * PAGES_PER_PROG
-    mine = tl.load(table_ptr + b * stride_tb + first_page + slots,
-                   mask=(slots < PAGES_PER_PROG) & ((first_page + slots) * PAGE < ctx), other=0)
+    mine = tl.load(
+        table_ptr + b * stride_tb + first_page + slots,
+        mask=(slots < PAGES_PER_PROG) & ((first_page + slots) * PAGE < ctx),
+        other=0,
+    )
     # each step's scales are loaded a step ahead: they are first needed after the product
     scale = _step_scales(keys_f32, mine, slots, pid, 0, ctx, t, PAGE, D, PAGES_PER_PROG,
                          PAGES_PER_STEP, EVICT)  # fmt: skip
