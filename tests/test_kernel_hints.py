@@ -169,3 +169,14 @@ def test_unhinted_kernels_keep_their_pipeline(tmp_path):
     loads = global_loads(compiled_ptx("mla", "", tmp_path))
     assert any(x.startswith("cp.async") for x in loads)
     assert not any("cache_hint" in x for x in loads)
+
+
+def test_indexer_keeps_the_next_steps_keys_in_flight_while_it_computes(tmp_path):
+    """At its default launch the indexer's loop waits for a step's key copy with the next
+    step's copy still in flight (``cp.async.wait_group 1``). With the page-table entry read
+    inside the loop, the pipeliner issued each copy only after that load and waited for
+    every copy at once (``wait_group 0``), a third stage or not."""
+    ptx = compiled_ptx("indexer", "", tmp_path)
+    waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)]
+    assert waits, "the indexer's key loads are no longer cp.async copies"
+    assert max(waits) >= 1, f"every wait drains all copies: wait_group {waits}"
