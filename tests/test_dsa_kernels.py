@@ -180,6 +180,22 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     torch.testing.assert_close(got[fin], ref[fin], **tol)
 
 
+@pytest.mark.parametrize("pages_per_prog", [1, 3, 5])
+def test_indexer_programs_of_any_page_count_read_their_own_pages(pages_per_prog):
+    """Each program reads its pages from the page table once (rounded up to a power of two
+    of slots) and a step's scales a step ahead: programs of 1, 3 or 5 pages, over shuffled
+    pages and contexts that end inside a program, give the reference's logits."""
+    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
+    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
+    q = _bf16(3, 8, 128, seed=1)
+    w = torch.rand((3, 8), generator=_gen(2)).to(DEVICE)
+    got = indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_prog=pages_per_prog)
+    ref = indexer_logits_reference(q, w, cache, _ctx())
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], **_LOGIT_TOL)
+
+
 @pytest.mark.parametrize("heads", [8, 20])
 def test_indexer_takes_a_query_quantised_beforehand(heads):
     """A query quantised once per request (``quantise_index_query``: fp8 plus scales folded
