@@ -180,20 +180,28 @@ def test_indexer_logits_match_reference(heads, evict, query_fp8):
     torch.testing.assert_close(got[fin], ref[fin], **tol)
 
 
+def _indexer_matches_reference(**launch):
+    """Indexer logits of 8 heads over the ragged ``CTX`` (shuffled pages) launched with
+    ``launch`` equal the reference's (-inf exactly past each context); returns the inputs
+    ``(q, w, cache)``."""
+    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
+    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
+    q = _bf16(3, 8, 128, seed=1)
+    w = torch.rand((3, 8), generator=_gen(2)).to(DEVICE)
+    got = indexer_logits(q, w, cache, _ctx(), max(CTX), **launch)
+    ref = indexer_logits_reference(q, w, cache, _ctx())
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], **_LOGIT_TOL)
+    return q, w, cache
+
+
 @pytest.mark.parametrize("pages_per_prog", [1, 3, 5])
 def test_indexer_programs_of_any_page_count_read_their_own_pages(pages_per_prog):
     """Each program reads its pages from the page table once (rounded up to a power of two
     of slots) and a step's scales a step ahead: programs of 1, 3 or 5 pages, over shuffled
     pages and contexts that end inside a program, give the reference's logits."""
-    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
-    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
-    q = _bf16(3, 8, 128, seed=1)
-    w = torch.rand((3, 8), generator=_gen(2)).to(DEVICE)
-    got = indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_prog=pages_per_prog)
-    ref = indexer_logits_reference(q, w, cache, _ctx())
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    fin = torch.isfinite(ref)
-    torch.testing.assert_close(got[fin], ref[fin], **_LOGIT_TOL)
+    _indexer_matches_reference(pages_per_prog=pages_per_prog)
 
 
 @pytest.mark.parametrize("heads", [8, 20])
@@ -247,15 +255,7 @@ def test_indexer_grid_is_balanced_to_whole_waves(monkeypatch):
 def test_indexer_default_program_size_holds_whole_steps(pages_per_step):
     """With ``pages_per_prog`` left to the default, any ``pages_per_step`` (even more than
     the default's 16 pages) gives a program of whole loop steps and the same logits."""
-    keys = [torch.randn((n, 128), generator=_gen(n)) for n in CTX]
-    cache = paged.build_index_cache([k.to(DEVICE) for k in keys], _table())
-    q = _bf16(3, 8, 128, seed=1)
-    w = torch.rand((3, 8), generator=_gen(2)).to(DEVICE)
-    got = indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_step=pages_per_step)
-    ref = indexer_logits_reference(q, w, cache, _ctx())
-    fin = torch.isfinite(ref)
-    assert torch.equal(torch.isinf(got), torch.isinf(ref))
-    torch.testing.assert_close(got[fin], ref[fin], **_LOGIT_TOL)
+    q, w, cache = _indexer_matches_reference(pages_per_step=pages_per_step)
     for bad in (0, 3):
         with pytest.raises(ValueError, match=f"power of two >= 1, got {bad}"):
             indexer_logits(q, w, cache, _ctx(), max(CTX), pages_per_step=bad)
