@@ -350,6 +350,7 @@ def replay(
     from dsacache.policies import load_plugin, make_policy
     from dsacache.simulator import replay as run_replay
     from dsacache.simulator import summarize
+    from dsacache.simulator.workload import check_partials_backend
 
     for plugin in plugins:
         load_plugin(plugin)
@@ -357,6 +358,7 @@ def replay(
         make_policy(spec)
     tr = load_trace(trace)
     workload = _workload(**wl)
+    check_partials_backend(workload.classes, backend)
     if backend:
         from dsacache.kernels.decode_step import backend_workload
 

@@ -259,7 +259,7 @@ def trace_identity(trace) -> str:
 
 
 def _workload(cfg: Mapping[str, Any], trace):
-    from dsacache.simulator.workload import Workload
+    from dsacache.simulator.workload import Workload, check_partials_backend
 
     workload = Workload(
         layout=cfg["layout"],
@@ -272,6 +272,7 @@ def _workload(cfg: Mapping[str, Any], trace):
         reads_per_token=cfg["reads_per_token"],
         heads=cfg["heads"],
     )
+    check_partials_backend(workload.classes, cfg["backend"])
     if not cfg["backend"]:
         return workload
     from dsacache.kernels.decode_step import backend_workload

@@ -24,6 +24,16 @@ POOL_ALIGN = 4096
 TIERS = ("hbm", "peer", "remote")
 
 
+def check_partials_backend(classes: tuple[str, ...], backend: str | None) -> None:
+    """Refuse the ``partials`` class without an attention kernel to size it: its bytes come
+    from the kernel's split plan (``--backend``), and without one it would stream nothing."""
+    if "partials" in classes and not backend:
+        raise DsacacheError(
+            "traffic class partials: the split-K partials are sized by the attention kernel's "
+            "split plan; give a backend (triton or flashmla) or drop partials from the classes"
+        )
+
+
 def page_tier(phys_page: np.ndarray, peer_share: float, remote_share: float) -> np.ndarray:
     """Tier (index into ``TIERS``) homing each physical KV page: a hash of the page id picks
     ``peer_share`` of the pages for the peer GPU and ``remote_share`` for the remote node."""

@@ -78,6 +78,7 @@ def test_checksum_error_via_cli(tmp_path):
         (["--classes", "index,kv,query", "--heads", "-1"], "heads must be >= 0, got -1"),
         (["--heads", "4"], "add query to the classes"),
         (["--classes", "index,kv,query"], "the trace's model names none; set heads"),
+        (["--classes", "index,kv,partials"], "give a backend (triton or flashmla)"),
     ],
 )
 def test_replay_bad_options(small_trace, args, needle):

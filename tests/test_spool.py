@@ -546,3 +546,24 @@ def test_a_spool_refuses_appends_after_a_failed_write_and_a_capture_bad_shapes(
         with pytest.raises(ValueError, match="each >= 1"):
             cap.reserve(shape, "cpu")
     cap.close()
+
+
+def test_a_spool_refuses_steps_and_positions_beyond_int32(tmp_path):
+    """Steps and positions are stored as int32: one that does not fit is refused by name
+    (a position used to wrap to a negative context silently), and nothing is written."""
+    rng = np.random.default_rng(6)
+    path = tmp_path / "t.spool"
+    spool = StepSpool(path, sync_seconds=0.0)
+    positions, dense = _step(rng, 2, 2, 1, 8)
+    with pytest.raises(ValueError, match="step 2147483648 does not fit the spool's int32"):
+        spool.append(2**31, positions, dense)
+    far = positions.copy()
+    far[1, 0] = 2**31 + 5
+    with pytest.raises(ValueError, match="position 2147483653 does not fit"):
+        spool.append(0, far, dense)
+    with pytest.raises(ValueError, match="position -1 does not fit"):
+        spool.append(0, -np.ones_like(positions), dense)
+    spool.append(2**31 - 1, positions, dense)
+    spool.close()
+    [(step, back, _)] = list(read_spool(path))
+    assert step == 2**31 - 1 and (back == positions).all()

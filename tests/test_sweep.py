@@ -279,6 +279,8 @@ def test_backend_sweep_reads_as_each_kernel(trace_path, tmp_path, client):
             "heads": [128]}  # fmt: skip
     with pytest.raises(DsacacheError, match="leave reads_per_token at 1"):
         run_sweep(trace_path, {**grid, "reads_per_token": [2]}, tmp_path / "bad", client=client)
+    with pytest.raises(DsacacheError, match="traffic class partials: .* give a backend"):
+        run_sweep(trace_path, {**grid, "backend": [""]}, tmp_path / "unsized", client=client)
     out = tmp_path / "backend"
     run_sweep(trace_path, grid, out, client=client)
     df = load_sweep(out)

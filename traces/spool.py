@@ -46,6 +46,7 @@ from dsacache.traces.format import SelectionBatch, TraceWriter, open_trace
 
 MAGIC = 0x44534232  # "DSB2": a batch record (the older per-step "DSAS" spool is refused)
 _OLD_MAGIC = 0x44534153
+INT32_MAX = np.iinfo(np.int32).max
 HEADER = 8  # int32: magic, steps, layers, batch, groups, width, row stride, 0
 ALIGN = 4096  # bytes: records, and the rows handed to append_batch, for O_DIRECT
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # (none on macOS: buffered writes there)
@@ -165,6 +166,11 @@ class StepSpool:
         if np.shape(positions) != (count, layers, batch):
             raise ValueError(f"positions must be [{count}, {layers}, {batch}], got "
                              f"{list(np.shape(positions))}")  # fmt: skip
+        for name, values in (("step", steps), ("position", positions)):
+            values = np.asarray(values, np.int64)
+            if values.size and (values.min() < 0 or values.max() > INT32_MAX):
+                bad = values.min() if values.min() < 0 else values.max()
+                raise ValueError(f"{name} {bad} does not fit the spool's int32 (0..{INT32_MAX})")
         need = _meta_values(count, layers, batch)
         if self._meta.size < need:
             self._meta = aligned_empty(need)
