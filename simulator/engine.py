@@ -170,6 +170,19 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, types.int64), codegen
 
 
+@intrinsic
+def item_bytes(typingctx, arr):
+    """Bytes per element of ``arr``, a constant of the compiled code (branches on it fold)."""
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.int64, arr.dtype.bitwidth // 8)
+
+    return types.int64(arr), codegen
+
+
+HOST_LINE = 64  # bytes per cache line of the host CPU
+
+
 @njit(inline="always")
 def _no_prefetch(line_state, set_state, s, ways):
     pass
@@ -335,6 +348,11 @@ def _kernel(policy: Policy, config: CacheConfig):
         line_bytes = 1 << line_shift
         n_sectors = 1 << (line_shift - sector_shift)
         all_sectors = (1 << n_sectors) - 1
+        # a set's tags lie in one host line when their bytes are a power of two up to it
+        # (the array is 128-B aligned): then one prefetch brings them (16 int32 tags, where
+        # the fixed way count makes this a constant)
+        set_bytes = item_bytes(tags) * ways
+        tags_span_lines = set_bytes > HOST_LINE or set_bytes & (set_bytes - 1) != 0
         k = 0  # line accesses so far in this call: index into ``future``
         # Counters add up in locals while consecutive accesses share a bucket (streams have
         # long runs of one step, layer and class) and are flushed when the bucket changes.
@@ -362,9 +380,10 @@ def _kernel(policy: Policy, config: CacheConfig):
                                    hash_kind)  # fmt: skip
                 ring[j & (PREFETCH_AHEAD - 1)] = ahead
                 prefetch(tags, ahead * ways)
-                prefetch(tags, ahead * ways + ways - 1)
+                if tags_span_lines:
+                    prefetch(tags, ahead * ways + ways - 1)
                 prefetch(valid, ahead * ways)
-                if ahead * set_stride < set_state.shape[0]:
+                if set_words:  # set_state holds n_sets * set_words words
                     prefetch(set_state, ahead * set_stride)
                 policy_prefetch(line_state, set_state, ahead, ways)
             a = addr[i]
