@@ -8,6 +8,9 @@ saturating counter (``psel_bits``) counts the leaders' misses and the other sets
 leader group that misses less. ``glob[4]`` is the counter, ``glob[5]`` the xorshift state.
 """
 
+import sys
+from pathlib import Path
+
 import numpy as np
 from numba import njit
 
@@ -15,29 +18,10 @@ from dsacache.policies import Param, PolicyType, register
 from dsacache.policies.lru import init as lru_list_init
 from dsacache.policies.lru import tail, to_front
 
+sys.path.insert(0, str(Path(__file__).parents[3]))  # docs/: the LIP plug-in's to_back
+from plugin_policy import to_back  # noqa: E402
+
 LEADER_PERIOD = 32  # one set in 32 leads for each rule
-
-
-@njit(inline="always")
-def to_back(line_state, set_state, glob, s, way, ways, clock, params):
-    """Make ``way`` the least recently used way of set ``s``."""
-    n_sets = set_state.shape[0] // 2
-    n = line_state.shape[0] // 2
-    base = s * ways
-    old_tail = set_state[n_sets + s]
-    if old_tail == way:
-        return
-    prev = line_state[base + way]
-    nxt = line_state[n + base + way]
-    if prev >= 0:
-        line_state[n + base + prev] = nxt
-    else:
-        set_state[s] = nxt
-    line_state[base + nxt] = prev
-    line_state[n + base + old_tail] = way
-    line_state[base + way] = old_tail
-    line_state[n + base + way] = -1
-    set_state[n_sets + s] = way
 
 
 @njit(inline="always")
