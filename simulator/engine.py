@@ -763,7 +763,8 @@ def simulate_addresses(
             f"addresses must be a 1-D integer array, got {addrs.dtype} {addrs.shape}"
         )
     if len(addrs) and (addrs.min() < 0 or addrs.max() >= 2**62):
-        raise DsacacheError("addresses must be in [0, 2**62)")
+        bad = addrs[(addrs < 0) | (addrs >= 2**62)][0]
+        raise DsacacheError(f"addresses must be in [0, 2**62), got {bad}")
     bound = make_policy(policy)
     if bound.type.engine != "lines":
         raise DsacacheError(

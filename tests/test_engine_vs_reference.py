@@ -277,8 +277,10 @@ def test_bad_cache_shapes(kwargs, needle):
 def test_bad_addresses():
     with pytest.raises(DsacacheError, match="1-D integer"):
         simulate_addresses(np.zeros((2, 2), int), size="4KiB", ways=4)
-    with pytest.raises(DsacacheError, match=r"\[0, 2\*\*62\)"):
-        simulate_addresses(np.array([-1]), size="4KiB", ways=4)
+    with pytest.raises(DsacacheError, match=r"\[0, 2\*\*62\), got -1"):
+        simulate_addresses(np.array([128, -1]), size="4KiB", ways=4)
+    with pytest.raises(DsacacheError, match=r"got 4611686018427387904"):
+        simulate_addresses(np.array([0, 2**62]), size="4KiB", ways=4)
 
 
 @pytest.mark.parametrize("sets", [1, 3, 5])
