@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dsacache.cli_common import load_trace, save_table
+from dsacache.cli_common import TABLE, load_trace, save_table
 from dsacache.errors import DsacacheError
 from dsacache.simulator.engine import SET_HASHES
 from dsacache.units import format_size, parse_size
@@ -20,7 +20,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DsacacheError as e:
+        # OSError: a path the user gave is missing, a directory, not writable, or the disk full
+        except (DsacacheError, OSError) as e:
             click.echo(f"dsacache: error: {e}", err=True)
             sys.exit(2)
 
@@ -326,7 +327,7 @@ def _replay_options(f):
 @_replay_options
 @click.option(
     "--out",
-    type=click.Path(),
+    type=TABLE,
     default=None,
     help="Save per (policy, step, layer, class) counters (.parquet or .csv).",
 )
@@ -503,9 +504,7 @@ def demo(steps, quiet, report_path) -> None:
 )
 @click.option("--launch-skip", type=int, default=0, show_default=True)
 @click.option("--launch-count", type=int, default=None)
-@click.option(
-    "--out", required=True, type=click.Path(), help="Measured counters (.parquet or .csv)."
-)
+@click.option("--out", required=True, type=TABLE, help="Measured counters (.parquet or .csv).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def profile(kernel_regex, plan, launch_skip, launch_count, out, command) -> None:
     """Run COMMAND under Nsight Compute (no cache flush between kernels, application replay)
@@ -658,7 +657,7 @@ def probe(
     help="Compare the bundled profiles of the real decode kernels (the decode-step driver "
     "under ncu) instead of the probes.",
 )
-@click.option("--out", type=click.Path(), default=None, help="Save the table (.parquet or .csv).")
+@click.option("--out", type=TABLE, default=None, help="Save the table (.parquet or .csv).")
 def compare(gpu, measured_paths, kernels, out) -> None:
     """Simulated vs measured L2 hit rates and DRAM bytes: on the GPU probes bundled with
     dsacache, on the bundled profiles of the real decode kernels (--kernels), or on your own

@@ -4,7 +4,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
+
 from dsacache.errors import DsacacheError
+
+TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+class TablePath(click.Path):
+    """``--out`` for a table: a .parquet or .csv file in a directory that exists, checked when
+    the command line is read, before any work (``save_table`` writes it)."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = Path(super().convert(value, param, ctx))
+        if path.suffix not in TABLE_SUFFIXES:
+            self.fail(f"{value}: use a .parquet or .csv file name", param, ctx)
+        if not path.parent.is_dir():
+            self.fail(f"{value}: its directory {path.parent} does not exist", param, ctx)
+        return str(path)
+
+
+TABLE = TablePath()
 
 
 def load_trace(path: str):

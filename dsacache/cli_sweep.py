@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dsacache.cli_common import load_trace, save_table
+from dsacache.cli_common import TABLE, load_trace, save_table
 from dsacache.errors import DsacacheError
 
 
@@ -137,7 +137,7 @@ def _show(df, limit: int) -> str:
 @_placement_options
 @click.option(
     "--out",
-    type=click.Path(),
+    type=TABLE,
     default=None,
     help="Save tokens per (step, layer, request, group, owner) (.parquet/.csv).",
 )
@@ -201,7 +201,7 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
 @click.option("--plot", type=click.Path(), default=None, help="Save a plot (.png).")
 @click.option(
     "--out",
-    type=click.Path(),
+    type=TABLE,
     default=None,
     help="Save costs per (step, layer, request, group) (.parquet/.csv).",
 )

@@ -45,6 +45,16 @@ def test_unknown_preset(tmp_path):
     assert_one_line_error(code, out, "unknown preset 'gpt-9'", "deepseek-v3.2")
 
 
+def test_a_path_the_system_refuses_is_one_line(tmp_path):
+    """An OSError from a path the user gave (here a trace under a file) ends as
+    one line and exit 2, like every other input error."""
+    (tmp_path / "a-file").write_text("")
+    under_a_file = tmp_path / "a-file" / "t.dsatrace"
+    code, out = run("synth", "--layers", 2, "--steps", 2, "--k", 8, "--context", 64, "--out",
+                    under_a_file, "--quiet")  # fmt: skip
+    assert_one_line_error(code, out, "Not a directory", "a-file")
+
+
 def test_bad_size_is_one_line():
     code, out = run("replay", "nothing.dsatrace", "--cache-size", "50XB")
     assert code == 2 and "50XB" in out and "MiB" in out and "Traceback" not in out
@@ -79,6 +89,7 @@ def test_checksum_error_via_cli(tmp_path):
         (["--heads", "4"], "add query to the classes"),
         (["--classes", "index,kv,query"], "the trace's model names none; set heads"),
         (["--classes", "index,kv,partials"], "give a backend (triton or flashmla)"),
+        (["--out", "no-such-dir/r.parquet"], "its directory no-such-dir does not exist"),
     ],
 )
 def test_replay_bad_options(small_trace, args, needle):
