@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ def parse_size(text: str | int) -> int:
             "B, KB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 50MiB, 16MB, 4096)"
         )
     value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(value):
+        raise DsacacheError(f"invalid size {text!r}: too large")
     if value != int(value):
         raise DsacacheError(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)

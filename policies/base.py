@@ -31,6 +31,7 @@ without editing the package.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,10 @@ class Param:
                 "choice": "one of " + ", ".join(self.choices),
             }[self.kind]
             raise DsacacheError(f"policy {policy}: {self.name}={raw!r} is not {allowed}") from None
+        if self.kind == "float" and not math.isfinite(value):
+            raise DsacacheError(f"policy {policy}: {self.name}={raw} is not a finite number")
+        if self.kind == "int" and abs(value) > 2**53:  # the compiled hooks get float64 params
+            raise DsacacheError(f"policy {policy}: {self.name}={raw} is beyond +-2**53")
         if (self.low is not None and value < self.low) or (
             self.high is not None and value > self.high
         ):
@@ -222,6 +227,8 @@ def load_plugin(path: str | Path) -> None:
     if not path.is_file():
         raise DsacacheError(f"policy plug-in {path}: no such file")
     spec = importlib.util.spec_from_file_location(f"dsacache_plugin_{path.stem}", path)
+    if spec is None:
+        raise DsacacheError(f"policy plug-in {path}: not a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

@@ -22,6 +22,7 @@ from dsacache.simulator.reference import COUNTERS
 from dsacache.units import format_size, parse_size
 
 SET_HASHES = ("mod", "xor", "hash", "mix")
+MAX_CACHE_BYTES = 2**36  # 64 GiB: far beyond any GPU cache, state of about 7 GiB
 _HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
 _HASH_MUL_U = np.uint64(0x9E3779B97F4A7C15)
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -72,6 +73,11 @@ class CacheConfig:
 
     def check(self) -> None:
         """Raise ``DsacacheError`` naming the first impossible value."""
+        if self.size > MAX_CACHE_BYTES:  # its state (about 14 B a line) would not fit in memory
+            raise DsacacheError(
+                f"cache size {self.size} B is larger than the {format_size(MAX_CACHE_BYTES)} "
+                "the simulator models"
+            )
         if self.line < 1 or self.line & (self.line - 1):
             raise DsacacheError(f"cache line {self.line} B must be a power of two")
         if self.sector < 1 or self.sector & (self.sector - 1) or self.line % self.sector:
@@ -772,9 +778,19 @@ def simulate_addresses(
         )
     config = CacheConfig.of(size, ways=ways, line=line, sector=sector, set_hash=set_hash, fill=fill)
     cache = Cache(config, bound)
-    sizes = np.broadcast_to(np.asarray(sector if nbytes is None else nbytes, np.int64), addrs.shape)
+    sizes = np.asarray(sector if nbytes is None else nbytes)
+    if (
+        not np.issubdtype(sizes.dtype, np.integer)
+        or sizes.ndim > 1
+        or sizes.shape not in ((), addrs.shape)
+    ):
+        raise DsacacheError(
+            f"nbytes must be an integer or an integer array shaped like the addresses "
+            f"{addrs.shape}, got {sizes.dtype} {sizes.shape}"
+        )
+    sizes = np.broadcast_to(sizes.astype(np.int64), addrs.shape)
     if len(sizes) and sizes.min() < 1:
-        raise DsacacheError("access sizes (nbytes) must be >= 1")
+        raise DsacacheError(f"access sizes (nbytes) must be >= 1, got {sizes.min()}")
     counters = np.zeros((1, len(COUNTERS)), np.int64)
     future = next_use(line_numbers(addrs, sizes, line)) if bound.type.needs_future else None
     n = len(addrs)

@@ -57,7 +57,7 @@ class GPUPreset:
         kw = dict(ways=self.ways, line=self.line, sector=self.sector, partitions=self.partitions,
                   fill=self.fill, set_hash=self.set_hash)  # fmt: skip
         kw.update(overrides)
-        return CacheConfig.of(size or self.l2_bytes, **kw)
+        return CacheConfig.of(self.l2_bytes if size is None else size, **kw)
 
 
 PRESETS = {

@@ -397,9 +397,12 @@ def coefficient_keys() -> tuple[str, ...]:
 
 def _float(key: str, value: float | str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise DsacacheError(f"coefficient {key}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise DsacacheError(f"coefficient {key}={value!r} is not a finite number")
+    return number
 
 
 def model_for_trace(

@@ -108,7 +108,7 @@ class Workload:
         for name in ("batch", "page_tokens", "indexer_dim", "reads_per_token", "block_tokens"):
             if getattr(self, name) < 1:
                 raise DsacacheError(f"workload: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("weight_bytes", "heads", "index_heads", "partial_bytes"):
+        for name in ("seed", "weight_bytes", "heads", "index_heads", "partial_bytes"):
             if getattr(self, name) < 0:
                 raise DsacacheError(f"workload: {name} must be >= 0, got {getattr(self, name)}")
         if not 1.0 <= self.query_reads < 2**20:  # also refuses NaN and inf
@@ -138,6 +138,11 @@ class Workload:
                 f"workload: partial_bytes={self.partial_bytes} sizes the split-K partials, which "
                 "are streamed only with the partials and kv traffic classes; add partials to the "
                 "classes"
+            )
+        if self.weight_bytes and "weights" not in self.classes:
+            raise DsacacheError(
+                f"workload: weight_bytes={self.weight_bytes} sizes the weights, which are "
+                "streamed only with the weights traffic class; add weights to the classes"
             )
         if self.heads and "query" not in self.classes:
             raise DsacacheError(

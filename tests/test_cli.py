@@ -45,6 +45,11 @@ def test_unknown_preset(tmp_path):
     assert_one_line_error(code, out, "unknown preset 'gpt-9'", "deepseek-v3.2")
 
 
+def test_a_plugin_that_is_not_python_is_one_line(small_trace):
+    code, out = run("replay", small_trace, "--quiet", "--plugin", f"{small_trace}/manifest.json")
+    assert_one_line_error(code, out, "not a Python file (.py)")
+
+
 def test_a_path_the_system_refuses_is_one_line(tmp_path):
     """An OSError from a path the user gave (here a trace under a file) ends as
     one line and exit 2, like every other input error."""
@@ -90,6 +95,14 @@ def test_checksum_error_via_cli(tmp_path):
         (["--classes", "index,kv,query"], "the trace's model names none; set heads"),
         (["--classes", "index,kv,partials"], "give a backend (triton or flashmla)"),
         (["--out", "no-such-dir/r.parquet"], "its directory no-such-dir does not exist"),
+        (["--cache-size", "0"], "cache size 0 B"),  # was the GPU's whole L2, silently
+        (["--cache-size", "99999999TiB"], "larger than the 64 GiB the simulator models"),
+        (["--cache-size", "1" + "0" * 400], "too large"),
+        (["--policy", "brrip:epsilon=nan"], "epsilon=nan is not a finite number"),
+        (["--policy", "reserve:admit=frequent,decay=nan"], "decay=nan is not a finite number"),
+        (["--policy", "random:seed=9007199254740993"], "beyond +-2**53"),
+        (["--page-order", "shuffled", "--seed", "-5"], "seed must be >= 0, got -5"),
+        (["--weight-bytes", "1MiB"], "add weights to the classes"),
     ],
 )
 def test_replay_bad_options(small_trace, args, needle):

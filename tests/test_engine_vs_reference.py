@@ -1,6 +1,8 @@
 """Differential tests: the Numba engine and the vectorized stream builder against the slow
 pure-Python reference models, counter for counter."""
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -176,6 +178,8 @@ def test_stream_builder_equals_reference(tmp_path_factory, wl, seed, groups, hea
         wl = Workload(**{**wl.__dict__, "heads": heads})
     if "partials" not in wl.classes:
         wl = Workload(**{**wl.__dict__, "partial_bytes": 0})
+    if "weights" not in wl.classes:
+        wl = Workload(**{**wl.__dict__, "weight_bytes": 0})
     trace = _trace(tmp_path_factory.mktemp("s"), seed, groups)
     amap = plan_replay(trace, wl)
     for rows in trace.iter_steps():
@@ -281,6 +285,13 @@ def test_bad_addresses():
         simulate_addresses(np.array([128, -1]), size="4KiB", ways=4)
     with pytest.raises(DsacacheError, match=r"got 4611686018427387904"):
         simulate_addresses(np.array([0, 2**62]), size="4KiB", ways=4)
+    for nbytes, needle in [
+        (np.full(2, 1.7), "got float64 (2,)"),  # was truncated to 1 B
+        (np.array([32, 32, 32]), "shaped like the addresses (2,), got int64 (3,)"),
+        (np.array([32, 0]), ">= 1, got 0"),
+    ]:
+        with pytest.raises(DsacacheError, match=re.escape(needle)):
+            simulate_addresses(np.array([0, 128]), size="4KiB", ways=4, nbytes=nbytes)
 
 
 @pytest.mark.parametrize("sets", [1, 3, 5])

@@ -225,6 +225,8 @@ def test_cli_route(tmp_path):
         (["--coef", "nope=1"], "nope"),
         (["--coef", "ib.probe_s"], "NAME=VALUE"),
         (["--nodes", "0"], "--nodes"),
+        (["--coef", "nvlink.bandwidth=nan"], "nvlink.bandwidth='nan' is not a finite number"),
+        (["--coef", "query_bytes=inf"], "query_bytes='inf' is not a finite number"),
     ):
         result = runner.invoke(main, ["route", str(path), *bad])
         assert result.exit_code == 2 and needle in result.output, result.output
