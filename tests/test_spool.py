@@ -74,6 +74,10 @@ def test_records_come_back_as_written_and_a_cut_record_is_dropped(tmp_path, monk
     assert [s for s, _, _ in read_spool(path)] == [w[0] for w in want[:-1]]
     path.write_bytes(data[: -7 - 2 * 4096])  # in the middle of a batch: all of it is lost
     assert [s for s, _, _ in read_spool(path)] == [w[0] for w in want[:-4]]
+    huge = np.frombuffer(data, np.int32).copy()
+    huge[1] = 2**30  # the first record's step count damaged: read as cut, not allocated
+    path.write_bytes(huge.tobytes())
+    assert list(read_spool(path)) == []
     path.write_bytes(b"garbage!" * 4)
     with pytest.raises(TraceError, match="not a dsacache step spool"):
         list(read_spool(path))

@@ -81,6 +81,23 @@ def test_iter_steps_sorts_unordered_traces(tmp_path):
     assert [int(b.step[0]) for b in tr.iter_steps()] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("part_rows", [1, 3, 100])  # the two copies in one part or apart
+def test_a_row_written_twice_is_refused_by_validate_and_by_every_reader(tmp_path, part_rows):
+    """Two rows for one (step, layer, request, group) would be replayed twice (the hit rate
+    changed, silently): validate and iter_steps name them."""
+    path = tmp_path / "d.dsatrace"
+    with TraceWriter(path, model=MODEL, indexer=INDEXER, part_rows=part_rows) as w:
+        for layer in (0, 1, 1):
+            w.append(request=0, step=0, position=10, layer=layer, group=0, indices=[1, 2])
+        w.append(request=0, step=1, position=11, layer=0, group=0, indices=[1, 2])
+    tr = open_trace(path)
+    needle = "two rows for step 0, layer 1, request 0, group 0"
+    with pytest.raises(TraceError, match=needle):
+        tr.validate()
+    with pytest.raises(TraceError, match=needle):
+        list(tr.iter_steps())
+
+
 def test_bytes_per_index_below_two_on_realistic_rows(tmp_path):
     from dsacache.tracer import preset, synthesize
 

@@ -589,6 +589,7 @@ class Trace:
             order = np.lexsort((part.group, part.request, part.layer, part.step))
             if np.any(order[1:] < order[:-1]):  # the writer's order usually is this one already
                 part = part.take(order)
+            self._refuse_duplicate_rows(part.step, part.layer, part.request, part.group)
             steps = part.step
             cut = np.flatnonzero(np.diff(steps)) + 1
             bounds = [0, *cut.tolist(), len(part)]
@@ -598,6 +599,19 @@ class Trace:
             carry = part.slice(bounds[finished], len(part)) if self.step_major else None
         if carry is not None and len(carry):
             yield carry
+
+    def _refuse_duplicate_rows(self, step, layer, request, group) -> None:
+        """Raise ``TraceError`` if two rows, sorted by (step, layer, request, group), share
+        all four: a replay would count that selection twice."""
+        same = (np.diff(step) == 0) & (np.diff(layer) == 0) & (np.diff(request) == 0)
+        same &= np.diff(group) == 0
+        if same.any():
+            i = int(np.flatnonzero(same)[0])
+            raise TraceError(
+                f"{self.path}: two rows for step {step[i]}, layer {layer[i]}, request "
+                f"{request[i]}, group {group[i]}; a trace holds one row per (step, layer, "
+                "request, group)"
+            )
 
     def read_all(self, verify: bool = True) -> SelectionBatch:
         """The whole trace in memory."""
@@ -614,13 +628,20 @@ class Trace:
         groups: set[int] = set()
         requests: set[int] = set()
         kmax = 0
+        keys = []
         for part in self.iter_parts(verify=True):
+            keys.append(
+                np.stack([part.step, part.layer, part.request, part.group]).astype(np.int64)
+            )
             steps.update(np.unique(part.step).tolist())
             layers.update(np.unique(part.layer).tolist())
             groups.update(np.unique(part.group).tolist())
             requests.update(np.unique(part.request).tolist())
             if len(part):
                 kmax = max(kmax, int(part.lengths.max()))
+        if keys:
+            key = np.concatenate(keys, axis=1)
+            self._refuse_duplicate_rows(*key[:, np.lexsort(key[::-1])])
         nidx = self.num_indices
         return {
             "path": str(self.path),

@@ -226,6 +226,7 @@ def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.nd
     """The steps of a spool's complete records as ``(step, positions, dense)``; a record cut
     short by a crash ends the iteration."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while True:
             raw = f.read(4 * HEADER)
             if len(raw) < 4 * HEADER:
@@ -239,6 +240,8 @@ def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.nd
             if header[0] != MAGIC or min(header[1:7]) < 0 or stride != record_stride(shape):
                 raise TraceError(f"{path}: not a dsacache step spool (bad record header)")
             meta_bytes = 4 * (_meta_values(count, layers, batch) - HEADER)
+            if meta_bytes + 4 * count * stride > size - f.tell():  # cut short (or a count
+                return  # beyond the file): not read, so a damaged header costs no memory
             meta, rows = f.read(meta_bytes), f.read(4 * count * stride)
             if len(meta) < meta_bytes or len(rows) < 4 * count * stride:
                 return
