@@ -8,26 +8,26 @@ import click
 
 from dsacache.errors import DsacacheError
 
-TABLE_SUFFIXES = (".parquet", ".csv")
 
+class OutputFile(click.Path):
+    """An output file option: one of ``suffixes``, in a directory that exists, checked when
+    the command line is read, before any work."""
 
-class TablePath(click.Path):
-    """``--out`` for a table: a .parquet or .csv file in a directory that exists, checked when
-    the command line is read, before any work (``save_table`` writes it)."""
-
-    def __init__(self) -> None:
+    def __init__(self, suffixes: tuple[str, ...]) -> None:
         super().__init__(dir_okay=False)
+        self.suffixes = suffixes
 
     def convert(self, value, param, ctx):
         path = Path(super().convert(value, param, ctx))
-        if path.suffix not in TABLE_SUFFIXES:
-            self.fail(f"{value}: use a .parquet or .csv file name", param, ctx)
+        if path.suffix not in self.suffixes:
+            self.fail(f"{value}: use a {' or '.join(self.suffixes)} file name", param, ctx)
         if not path.parent.is_dir():
             self.fail(f"{value}: its directory {path.parent} does not exist", param, ctx)
         return str(path)
 
 
-TABLE = TablePath()
+TABLE = OutputFile((".parquet", ".csv"))  # written by save_table
+PLOT = OutputFile((".png", ".pdf", ".svg"))
 
 
 def load_trace(path: str):

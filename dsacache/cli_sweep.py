@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from dsacache.cli_common import TABLE, load_trace, save_table
+from dsacache.cli_common import PLOT, TABLE, load_trace, save_table
 from dsacache.errors import DsacacheError
 
 
@@ -141,7 +141,9 @@ def _show(df, limit: int) -> str:
     default=None,
     help="Save tokens per (step, layer, request, group, owner) (.parquet/.csv).",
 )
-@click.option("--rows", type=int, default=16, show_default=True, help="Steps printed.")
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Steps printed."
+)
 def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     """Shard TRACE's KV over GPUs and nodes and count, per decode step, where the selected
     tokens live relative to the query's GPU and what fetching them would move.
@@ -198,14 +200,16 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     help="Use the coefficients measured on this GPU (bundled: h200): move, compute, launch, "
     "merge and the PCIe link; --coef still overrides them.",
 )
-@click.option("--plot", type=click.Path(), default=None, help="Save a plot (.png).")
+@click.option("--plot", type=PLOT, default=None, help="Save a plot (.png, .pdf or .svg).")
 @click.option(
     "--out",
     type=TABLE,
     default=None,
     help="Save costs per (step, layer, request, group) (.parquet/.csv).",
 )
-@click.option("--rows", type=int, default=16, show_default=True, help="Steps printed.")
+@click.option(
+    "--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Steps printed."
+)
 def route(
     trace, placement, gpus, nodes, layout, requests, fabric, coefs, calibrated, plot, out, rows
 ) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from dsacache.errors import DsacacheError
 from dsacache.simulator.mrc import token_object_bytes
-from dsacache.simulator.stream import trace_shape
+from dsacache.simulator.stream import check_requests, trace_shape
 from dsacache.traces import Trace
 
 MAX_REUSE_DISTANCE = 64  # reuse distances of 64 steps and more share the last bucket
@@ -147,11 +147,7 @@ def analyze(
     """
     layers, groups, n_requests, max_position = trace_shape(trace)
     if requests is not None:
-        if not 1 <= requests <= n_requests:
-            raise DsacacheError(
-                f"requests {requests} must be between 1 and the trace's {n_requests}"
-            )
-        n_requests = requests
+        n_requests = check_requests(trace, requests)
     if page_tokens < 1:
         raise DsacacheError(f"page_tokens must be >= 1, got {page_tokens}")
     windows = tuple(sorted({int(n) for n in windows}))

@@ -255,6 +255,14 @@ def _interleave(sections: list[_Section], step: int, layers: int) -> AccessChunk
     return out
 
 
+def check_requests(trace: Trace, requests: int, name: str = "requests") -> int:
+    """``requests`` if it is between 1 and the trace's request count, else ``DsacacheError``."""
+    total = trace_shape(trace)[2]
+    if not 1 <= requests <= total:
+        raise DsacacheError(f"{name} {requests} must be between 1 and the trace's {total}")
+    return requests
+
+
 def trace_shape(trace: Trace) -> tuple[int, int, int, int]:
     """(layers, groups, requests, max_position) of a trace, from its manifest or its rows."""
     totals = trace.manifest.get("totals", {})

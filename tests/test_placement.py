@@ -174,3 +174,7 @@ def test_cli_place_on_bundled_trace(tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
     result = runner.invoke(main, ["place", str(path), "--gpus", "0"])
     assert result.exit_code == 2 and "--gpus" in result.output
+    for requests in ("0", "999"):  # 999 was accepted, 0 failed without naming the value
+        result = runner.invoke(main, ["place", str(path), "--requests", requests])
+        assert result.exit_code == 2, result.output
+        assert f"requests {requests} must be between 1 and the trace's" in result.output

@@ -227,6 +227,9 @@ def test_cli_route(tmp_path):
         (["--nodes", "0"], "--nodes"),
         (["--coef", "nvlink.bandwidth=nan"], "nvlink.bandwidth='nan' is not a finite number"),
         (["--coef", "query_bytes=inf"], "query_bytes='inf' is not a finite number"),
+        (["--plot", str(tmp_path / "r.txt")], "use a .png or .pdf or .svg file name"),
+        (["--rows", "0"], "0 is not in the range x>=1"),
+        (["--requests", "999"], "requests 999 must be between 1 and the trace's"),
     ):
         result = runner.invoke(main, ["route", str(path), *bad])
         assert result.exit_code == 2 and needle in result.output, result.output
