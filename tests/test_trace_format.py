@@ -187,6 +187,23 @@ def test_unknown_schema_version(tmp_path):
         open_trace(path)
 
 
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("indexer", "k", "abc"),
+        ("indexer", "k", -3),
+        ("model", "layers", 0),
+        ("model", "layers", 1.5),
+    ],
+)
+def test_a_manifest_with_a_bad_k_or_layer_count_is_refused(tmp_path, section, key, value):
+    path = _write(tmp_path / "t.dsatrace")
+    m = json.loads((path / "manifest.json").read_text())
+    _edit_manifest(path, **{section: {**m[section], key: value}})
+    with pytest.raises(TraceError, match=rf"{section}.{key} must be an integer >= 1, got"):
+        open_trace(path)
+
+
 def test_not_a_trace(tmp_path):
     with pytest.raises(TraceError, match="no such trace"):
         open_trace(tmp_path / "nope.dsatrace")

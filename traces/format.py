@@ -757,4 +757,8 @@ def open_trace(path: str | os.PathLike) -> Trace:
     for key in ("model", "indexer", "capture"):
         if not isinstance(manifest.get(key, {}), dict):
             raise TraceError(f"{mpath}: '{key}' must be a JSON object")
+    for section, key in (("model", "layers"), ("indexer", "k")):
+        value = manifest.get(section, {}).get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise TraceError(f"{mpath}: {section}.{key} must be an integer >= 1, got {value!r}")
     return Trace(path, manifest)
