@@ -73,6 +73,10 @@ class CacheConfig:
 
     def check(self) -> None:
         """Raise ``DsacacheError`` naming the first impossible value."""
+        for name in ("size", "ways", "line", "sector", "partitions", "fill"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise DsacacheError(f"cache {name} must be an integer, got {value!r}")
         if self.size > MAX_CACHE_BYTES:  # its state (about 14 B a line) would not fit in memory
             raise DsacacheError(
                 f"cache size {self.size} B is larger than the {format_size(MAX_CACHE_BYTES)} "

@@ -270,6 +270,8 @@ def test_a_miss_fetches_its_whole_fill_unit():
         (dict(size=4096, ways=4, fill=256), "to the line (128 B), or 0 for one sector"),
         (dict(size=4096, ways=4, fill=16), "from the sector (32 B)"),
         (dict(size="4XB", ways=4), "invalid size '4XB'"),
+        (dict(size=4096, ways=4.0), "cache ways must be an integer, got 4.0"),
+        (dict(size=4096, ways=4, line=128.0), "cache line must be an integer, got 128.0"),
     ],
 )
 def test_bad_cache_shapes(kwargs, needle):
