@@ -116,6 +116,11 @@ def _placement_options(f):
     return f
 
 
+_ROWS = click.option(
+    "--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Steps printed."
+)
+
+
 def _positive(gpus: int, nodes: int) -> None:
     for name, value in (("--gpus", gpus), ("--nodes", nodes)):
         if value < 1:
@@ -141,9 +146,7 @@ def _show(df, limit: int) -> str:
     default=None,
     help="Save tokens per (step, layer, request, group, owner) (.parquet/.csv).",
 )
-@click.option(
-    "--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Steps printed."
-)
+@_ROWS
 def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     """Shard TRACE's KV over GPUs and nodes and count, per decode step, where the selected
     tokens live relative to the query's GPU and what fetching them would move.
@@ -207,9 +210,7 @@ def place(trace, placement, gpus, nodes, layout, requests, out, rows) -> None:
     default=None,
     help="Save costs per (step, layer, request, group) (.parquet/.csv).",
 )
-@click.option(
-    "--rows", type=click.IntRange(min=1), default=16, show_default=True, help="Steps printed."
-)
+@_ROWS
 def route(
     trace, placement, gpus, nodes, layout, requests, fabric, coefs, calibrated, plot, out, rows
 ) -> None:

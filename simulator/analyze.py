@@ -147,7 +147,7 @@ def analyze(
     """
     layers, groups, n_requests, max_position = trace_shape(trace)
     if requests is not None:
-        n_requests = check_requests(trace, requests)
+        n_requests = check_requests(requests, n_requests)
     if page_tokens < 1:
         raise DsacacheError(f"page_tokens must be >= 1, got {page_tokens}")
     windows = tuple(sorted({int(n) for n in windows}))

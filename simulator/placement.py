@@ -368,10 +368,10 @@ def iter_place(
     """Per decode step of ``trace``, the placement counts of its rows (requests
     ``0..requests-1`` if given). Bytes per token come from the layout (default: the trace's)."""
     placement.check()
-    from dsacache.simulator.stream import check_requests, layout_and_groups
+    from dsacache.simulator.stream import check_requests, layout_and_groups, trace_shape
 
     if requests is not None:
-        check_requests(trace, requests)
+        check_requests(requests, trace_shape(trace)[2])
     kv, groups = layout_and_groups(trace, layout)
     bpt = kv.selection_bytes(groups)
     lengths = None

@@ -255,11 +255,11 @@ def _interleave(sections: list[_Section], step: int, layers: int) -> AccessChunk
     return out
 
 
-def check_requests(trace: Trace, requests: int, name: str = "requests") -> int:
-    """``requests`` if it is between 1 and the trace's request count, else ``DsacacheError``."""
-    total = trace_shape(trace)[2]
+def check_requests(requests: int, total: int) -> int:
+    """``requests`` if it is between 1 and ``total`` (the trace's request count, from
+    ``trace_shape``), else ``DsacacheError``."""
     if not 1 <= requests <= total:
-        raise DsacacheError(f"{name} {requests} must be between 1 and the trace's {total}")
+        raise DsacacheError(f"requests {requests} must be between 1 and the trace's {total}")
     return requests
 
 

@@ -243,8 +243,6 @@ def read_spool(path: str | os.PathLike) -> Iterator[tuple[int, np.ndarray, np.nd
             if meta_bytes + 4 * count * stride > size - f.tell():  # cut short (or a count
                 return  # beyond the file): not read, so a damaged header costs no memory
             meta, rows = f.read(meta_bytes), f.read(4 * count * stride)
-            if len(meta) < meta_bytes or len(rows) < 4 * count * stride:
-                return
             values = np.frombuffer(meta, np.int32)
             positions = values[count : count + count * layers * batch].reshape(count, layers, batch)
             dense = np.frombuffer(rows, np.int32).reshape(count, stride)[:, : int(np.prod(shape))]
